@@ -1,0 +1,420 @@
+//! Issue 3: the shadow MMU.
+//!
+//! A guest whose shadow maps 1, 1,000 and 1,000,000 pages: guest RAM at gpa
+//! 0 in one memslot, mapped at gva `GVA_BASE` by 2 MiB guest large pages
+//! (cheap guest tables: 3 to 6 table pages), which the shadow MMU splits
+//! into 4 KiB sptes under direct level-1 shadow pages. Every page is
+//! write-faulted in once, when the size is first used (that first touch is
+//! reported as the cold fault cost per page), and the guest is reused by
+//! every benchmark of that size. The TLB flush is [`NoFlush`], so the
+//! numbers measure the MMU (and the simulated host mm), not a flush backend.
+//!
+//! * `mmu_zap/rmap`: `madvise_dontneed` of one page: the host mm's
+//!   `invalidate_range_start` → the MMU finds the spte through the rmap and
+//!   zaps it. Only the madvise is timed; the page is write-faulted back in
+//!   (untimed) after each one, so the next iteration has an spte to zap.
+//!   Each iteration takes a different page, scattered over the mapping;
+//!   `mmu_zap/rmap_same` always takes the same one (hot caches).
+//!   `mmu_zap/rmap_mmu_only[_same]`: only the MMU's share of that drop: the
+//!   notifier's `invalidate_range_start` + `invalidate_range_end` for the
+//!   page, called directly (the host page stays; the re-fault is warm).
+//! * `mmu_zap/scan`: the same single-gfn zap through
+//!   `ShadowMmu::zap_gfn_by_scan` (every shadow page read), the page then
+//!   re-faulted untimed (the host page is still there: a warm fault).
+//! * `mmu_fault/cold`: a write fault with no host page (dropped untimed by
+//!   `madvise_dontneed`): guest walk + host demand-zero + spte install.
+//!   `mmu_fault/warm`: host page present, spte dropped untimed by `invlpg`.
+//! * `mmu_aging`: `Mm::age_range(.., flush = true)` over N pages whose
+//!   sptes all have the Accessed bit set (set untimed before each pass, as
+//!   the CPU would on an access): one `clear_flush_young` per page through
+//!   the notifier → the MMU clears the spte's A bit. Throughput is sptes
+//!   harvested per second; every pass checks that all N were.
+//!
+//! Under `cargo test --benches` (criterion's test mode) the big size shrinks
+//! so that the routines are only smoke-tested.
+//!
+//! Run: `cargo bench --bench mmu`. Results: docs/PERFORMANCE.md.
+
+use std::cell::OnceCell;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use shadowvm::mm::{FrameAccess, Hva, Mm, MmapFlags, PAGE_SIZE, Pfn, Prot};
+use shadowvm::mmu::{
+    FaultOutcome, Memslot, Memslots, NoFlush, PfErrorCode, ShadowMmu, ShadowMmuConfig,
+};
+use shadowvm::notifier::{MmuNotifierRange, MmuNotifyEvent};
+
+/// Criterion's test mode (`cargo test --benches`, `cargo bench -- --test`):
+/// no `--bench` argument, or `--test`.
+fn test_mode() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    !args.iter().any(|a| a == "--bench") || args.iter().any(|a| a == "--test")
+}
+
+// Guest paging-entry bits.
+const P: u64 = 1;
+const RW: u64 = 1 << 1;
+const US: u64 = 1 << 2;
+const A: u64 = 1 << 5;
+const D: u64 = 1 << 6;
+const PS: u64 = 1 << 7;
+const ADDR: u64 = 0x000f_ffff_ffff_f000;
+
+/// Where the guest maps its RAM: PML4 slot 1, so PDPT slot 0 onwards.
+const GVA_BASE: u64 = 1 << 39;
+/// 4 KiB pages per 2 MiB guest page (and entries per table).
+const LARGE: u64 = 512;
+/// Coprime to 1,000 and 1,000,000 (and to 4,096): a full cycle of pages.
+const STRIDE: u64 = 618_033;
+
+/// A guest with `pages` pages mapped by sptes (gva page `i` → gfn `i`).
+struct Vm {
+    mm: Arc<Mm>,
+    mmu: ShadowMmu,
+    ram: Hva,
+    pages: u64,
+}
+
+impl Vm {
+    fn new(pages: u64) -> Self {
+        let chunks = pages.div_ceil(LARGE);
+        let data = chunks * LARGE;
+        let pds = chunks.div_ceil(LARGE);
+        let tables = 2 + pds;
+        let ram_pages = data + tables;
+        // Frames: the faulted data pages, the guest tables, the shadow pages
+        // (one direct level-1 page per 2 MiB, one level 2 per PD, a level 3
+        // and the root), and a few spare for the re-fault before a drop.
+        let frames = pages + tables + (chunks + pds + 2) + 64;
+        let mm = Mm::new_anonymous(frames).expect("machine memory");
+        let ram = mm
+            .mmap(
+                None,
+                ram_pages * PAGE_SIZE,
+                Prot::READ | Prot::WRITE,
+                MmapFlags::empty(),
+            )
+            .expect("mmap");
+        let mut slots = Memslots::default();
+        slots
+            .add(Memslot {
+                base_gfn: 0,
+                npages: ram_pages,
+                userspace_addr: ram,
+            })
+            .expect("memslot");
+        let mmu = ShadowMmu::new(
+            mm.clone(),
+            slots,
+            Arc::new(NoFlush),
+            ShadowMmuConfig::default(),
+        )
+        .expect("shadow MMU");
+
+        // Guest tables above the data: PML4, PDPT, then the PDs.
+        let (pml4, pdpt) = (data * PAGE_SIZE, (data + 1) * PAGE_SIZE);
+        let write_table = |gpa: u64, entries: &[(u64, u64)]| {
+            let mut buf = vec![0u8; PAGE_SIZE as usize];
+            for &(i, e) in entries {
+                buf[i as usize * 8..][..8].copy_from_slice(&e.to_le_bytes());
+            }
+            mm.write(ram + gpa, &buf).expect("guest table");
+        };
+        write_table(pml4, &[((GVA_BASE >> 39) & 511, pdpt | P | RW | US | A)]);
+        let pd = |j: u64| (data + 2 + j) * PAGE_SIZE;
+        let pdpt_entries: Vec<_> = (0..pds).map(|j| (j, pd(j) | P | RW | US | A)).collect();
+        write_table(pdpt, &pdpt_entries);
+        for j in 0..pds {
+            let entries: Vec<_> = (j * LARGE..chunks.min((j + 1) * LARGE))
+                .map(|c| {
+                    (
+                        c % LARGE,
+                        (c * LARGE * PAGE_SIZE) | PS | P | RW | US | A | D,
+                    )
+                })
+                .collect();
+            write_table(pd(j), &entries);
+        }
+        mmu.load_cr3(0, pml4).expect("load_cr3");
+
+        let vm = Vm {
+            mm,
+            mmu,
+            ram,
+            pages,
+        };
+        let t = Instant::now();
+        for i in 0..pages {
+            vm.fault(i);
+        }
+        let took = t.elapsed();
+        assert_eq!(vm.mmu.nr_sptes() as u64, pages);
+        println!(
+            "  ({pages} pages faulted in cold, first touch: {took:.2?}, {:.0} ns/page; {} shadow pages)",
+            took.as_nanos() as f64 / pages as f64,
+            vm.mmu.nr_shadow_pages()
+        );
+        vm
+    }
+
+    /// Unregisters the MMU and waits for the notifier's SRCU callbacks
+    /// before the mm goes. Without the wait, the retired notifier-list
+    /// snapshot freed on the SRCU callback thread can hold the last
+    /// reference to the MMU, hence to the mm, and the mm's notifier list
+    /// would then be dropped on its own callback thread, which panics
+    /// ("srcu_barrier called from an SRCU callback of the same domain").
+    fn teardown(self) {
+        let Vm { mm, mmu, .. } = self;
+        drop(mmu);
+        mm.notifiers().synchronize();
+        drop(mm);
+    }
+
+    fn gva(&self, i: u64) -> u64 {
+        GVA_BASE + i * PAGE_SIZE
+    }
+
+    fn hva(&self, i: u64) -> Hva {
+        self.ram + i * PAGE_SIZE
+    }
+
+    fn fault(&self, i: u64) {
+        let r = self
+            .mmu
+            .page_fault(0, self.gva(i), PfErrorCode::WRITE)
+            .expect("fault");
+        assert_eq!(r, FaultOutcome::Fixed);
+    }
+
+    /// The level-1 shadow page of each 2 MiB chunk, by a software walk of
+    /// the shadow tables from the root (as the CPU would walk them).
+    fn leaf_tables(&self) -> Vec<Pfn> {
+        let mem = self.mm.memory();
+        let root = self.mmu.root(0).expect("root");
+        (0..self.pages.div_ceil(LARGE))
+            .map(|c| {
+                let gva = self.gva(c * LARGE);
+                let mut t = root;
+                for level in (2..=4u32).rev() {
+                    let idx = ((gva >> (12 + 9 * (level - 1))) & 511) as usize;
+                    let e = mem
+                        .frame_word(t, idx)
+                        .expect("spte")
+                        .load(Ordering::Acquire);
+                    assert!(e & P != 0, "no shadow path for chunk {c}");
+                    t = (e & ADDR) >> 12;
+                }
+                t
+            })
+            .collect()
+    }
+}
+
+/// Sum of `iters` timed runs of `op(i)`, each followed by untimed `after(i)`;
+/// `i` walks the pages with `STRIDE` (or stays at the middle page).
+fn timed(
+    vm: &Vm,
+    iters: u64,
+    cursor: &mut u64,
+    scatter: bool,
+    mut before: impl FnMut(u64),
+    mut op: impl FnMut(u64),
+    mut after: impl FnMut(u64),
+) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let i = if scatter {
+            *cursor = (*cursor + STRIDE) % vm.pages;
+            *cursor
+        } else {
+            vm.pages / 2
+        };
+        before(i);
+        let t = Instant::now();
+        op(black_box(i));
+        total += t.elapsed();
+        after(i);
+    }
+    total
+}
+
+fn benches(c: &mut Criterion) {
+    let big = if test_mode() { 4_096 } else { 1_000_000 };
+    let sizes = [1u64, 1_000, big];
+    let cells: Vec<OnceCell<Vm>> = sizes.iter().map(|_| OnceCell::new()).collect();
+    let vm = |k: usize| cells[k].get_or_init(|| Vm::new(sizes[k]));
+
+    let mut g = c.benchmark_group("mmu_zap");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    for (k, &n) in sizes.iter().enumerate() {
+        // (name, scattered pages?, whole madvise (true) or only the MMU's
+        // notifier callbacks (false)).
+        let variants = [
+            ("rmap", true, true),
+            ("rmap_same", false, true),
+            ("rmap_mmu_only", true, false),
+            ("rmap_mmu_only_same", false, false),
+        ];
+        for (name, scatter, madvise) in variants {
+            g.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
+                let v = vm(k);
+                let notifiers = v.mm.notifiers().clone();
+                let before = v.mmu.stats().spte_zapped;
+                let mut cursor = 0;
+                let mut total_iters = 0;
+                b.iter_custom(|iters| {
+                    total_iters += iters;
+                    timed(
+                        v,
+                        iters,
+                        &mut cursor,
+                        scatter,
+                        |_| {},
+                        |i| {
+                            if madvise {
+                                v.mm.madvise_dontneed(v.hva(i), PAGE_SIZE)
+                                    .expect("dontneed");
+                            } else {
+                                // What zap_page_range calls around its own
+                                // work: start (the MMU zaps via the rmap),
+                                // then end (invalidate_range + seq bump).
+                                let r = MmuNotifierRange::new(
+                                    MmuNotifyEvent::Clear,
+                                    v.hva(i),
+                                    v.hva(i) + PAGE_SIZE,
+                                );
+                                notifiers.invalidate_range_start(&r).expect("start");
+                                notifiers.invalidate_range_end(&r, false);
+                            }
+                        },
+                        |i| v.fault(i),
+                    )
+                });
+                assert_eq!(
+                    v.mmu.stats().spte_zapped - before,
+                    total_iters,
+                    "one spte zapped per drop"
+                );
+            });
+        }
+        g.bench_with_input(BenchmarkId::new("scan", n), &n, |b, _| {
+            let v = vm(k);
+            let mut cursor = 0;
+            b.iter_custom(|iters| {
+                timed(
+                    v,
+                    iters,
+                    &mut cursor,
+                    true,
+                    |_| {},
+                    |i| assert_eq!(v.mmu.zap_gfn_by_scan(i), 1),
+                    |i| v.fault(i),
+                )
+            });
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("mmu_fault");
+    g.warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    for (k, &n) in sizes.iter().enumerate().skip(1) {
+        g.bench_with_input(BenchmarkId::new("cold", n), &n, |b, _| {
+            let v = vm(k);
+            let mut cursor = 0;
+            b.iter_custom(|iters| {
+                timed(
+                    v,
+                    iters,
+                    &mut cursor,
+                    true,
+                    |i| {
+                        v.mm.madvise_dontneed(v.hva(i), PAGE_SIZE)
+                            .expect("dontneed")
+                    },
+                    |i| v.fault(i),
+                    |_| {},
+                )
+            });
+        });
+        g.bench_with_input(BenchmarkId::new("warm", n), &n, |b, _| {
+            let v = vm(k);
+            let mut cursor = 0;
+            b.iter_custom(|iters| {
+                timed(
+                    v,
+                    iters,
+                    &mut cursor,
+                    true,
+                    |i| v.mmu.invlpg(0, v.gva(i)).expect("invlpg"),
+                    |i| v.fault(i),
+                    |_| {},
+                )
+            });
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("mmu_aging");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    for (k, window) in [(1usize, 1_000u64), (2, 1_000), (2, big.min(65_536))] {
+        let n = sizes[k];
+        g.throughput(Throughput::Elements(window));
+        g.bench_with_input(
+            BenchmarkId::new(format!("harvest_of_{n}"), window),
+            &window,
+            |b, _| {
+                let v = vm(k);
+                let mem = v.mm.memory().clone();
+                let leaves = v.leaf_tables();
+                let (start, end) = (v.hva(0), v.hva(window));
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        // The CPU's accesses: set A in every spte of the window.
+                        for i in 0..window {
+                            let w = mem
+                                .frame_word(leaves[(i / LARGE) as usize], (i % LARGE) as usize)
+                                .expect("spte");
+                            assert!(
+                                w.fetch_or(A, Ordering::AcqRel) & P != 0,
+                                "spte {i} not present"
+                            );
+                        }
+                        let flushed = v.mmu.stats().remote_tlb_flush_frames;
+                        let t = Instant::now();
+                        let r = v.mm.age_range(start, end, true).expect("age_range");
+                        total += t.elapsed();
+                        assert_eq!(r.young.len() as u64, window);
+                        // One AccessedCleared frame per spte whose A bit was cleared.
+                        assert_eq!(
+                            v.mmu.stats().remote_tlb_flush_frames - flushed,
+                            window,
+                            "sptes harvested"
+                        );
+                    }
+                    total
+                });
+            },
+        );
+    }
+    g.finish();
+
+    for v in cells.into_iter().filter_map(OnceCell::into_inner) {
+        v.mmu
+            .check_coherence()
+            .expect("coherent after the benchmarks");
+        v.teardown();
+    }
+}
+
+criterion_group!(mmu, benches);
+criterion_main!(mmu);

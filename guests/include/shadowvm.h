@@ -1,0 +1,272 @@
+/*
+ * shadowvm.h - the one header a shadowvm guest includes.
+ *
+ * Part 1 is the guest ABI (docs/guest-abi.md is the normative text; the
+ * constants here must match src/vmm/abi.rs).  Part 2 is the API of the small
+ * runtime in guests/rt/ that every built-in guest links against.
+ *
+ * A guest defines `int main(const struct svm_boot_info *bi)`, which runs on
+ * vCPU 0 in ring 0; its return value becomes shadowvm's exit code.  It may
+ * define `void ap_main(const struct svm_boot_info *bi, unsigned cpu)` for the
+ * other vCPUs (the default one halts).
+ *
+ * Ring 0 is emulated on our KVM backend (~1-3 us per instruction) while ring 3
+ * runs natively, so keep kernel-mode work tiny and run loops in user mode
+ * with run_user().
+ */
+#ifndef SHADOWVM_H
+#define SHADOWVM_H
+
+#ifndef __ASSEMBLER__
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#endif
+
+/* ===================================================================== */
+/* Part 1: the guest ABI                                                  */
+/* ===================================================================== */
+
+/* I/O ports. */
+#define SVM_PORT_SERIAL     0x3f8 /* 16550 UART, 8 registers; THR output -> stdout */
+#define SVM_PORT_EXIT       0xf4  /* out: shadowvm exits with (value & 0xff) */
+#define SVM_PORT_HYPERCALL  0xf5  /* outl %eax: hypercall number in eax */
+
+/* Hypercall numbers (rax).  Arguments in rdi, rsi, rdx, r10; results in rax
+ * (and rdx where stated).  Every other register is preserved. */
+#define SVM_HC_NOP          0 /* () -> 0 */
+#define SVM_HC_PRINT        1 /* (gpa, len) -> len written */
+#define SVM_HC_EXIT         2 /* (code) -> does not return */
+#define SVM_HC_LOAD_CR3     3 /* (cr3) -> 0 */
+#define SVM_HC_INVLPG       4 /* (gva) -> 0 */
+#define SVM_HC_FLUSH_TLB    5 /* (flags) -> 0 */
+#define SVM_HC_RESOLVE_PF   6 /* (cr2, error_code, rip) -> SVM_PF_*, rdx = error code */
+#define SVM_HC_BALLOON      7 /* (gpa, nr_pages) -> pages given back */
+#define SVM_HC_HOST_OP      8 /* (op, arg0, arg1) -> op-specific */
+#define SVM_HC_MAX          8
+
+/* SVM_HC_FLUSH_TLB flags. */
+#define SVM_FLUSH_GLOBAL    1u /* also drop global translations */
+
+/* SVM_HC_RESOLVE_PF results. */
+#define SVM_PF_RETRY        0 /* fixed: return from the #PF handler (iretq) */
+#define SVM_PF_GUEST_FAULT  1 /* the guest's own fault: rdx = architectural error code */
+
+/* SVM_HC_HOST_OP operations. */
+#define SVM_HOST_OP_PING    0 /* (cookie) -> cookie; every mode */
+#define SVM_HOST_OP_MAX     0
+
+/* Hypercall errors (negated Linux errno values). */
+#define SVM_EFAULT          (-14)
+#define SVM_EINVAL          (-22)
+#define SVM_ENOSYS          (-38)  /* unknown hypercall number */
+#define SVM_EOPNOTSUPP      (-95)  /* known, but not available in this paging mode */
+
+/* Paging modes (svm_boot_info.paging_mode). */
+#define SVM_PAGING_KVM      0
+#define SVM_PAGING_SHADOW   1
+
+/* GDT selectors set up by the VMM. */
+#define SVM_KERNEL_CS       0x08
+#define SVM_KERNEL_DS       0x10
+#define SVM_USER_DS         0x1b /* GDT entry 3, RPL 3 */
+#define SVM_USER_CS         0x23 /* GDT entry 4, RPL 3 */
+#define SVM_TSS_SEL(cpu)    (0x28 + 16 * (cpu))
+
+/* Guest physical memory layout (identity-mapped at boot: gva == gpa). */
+#define SVM_GDT_GPA         0x1000
+#define SVM_BOOT_INFO_GPA   0x2000
+#define SVM_CMDLINE_GPA     0x2800
+#define SVM_CMDLINE_MAX     2048   /* bytes, including the NUL */
+#define SVM_TSS_GPA         0x4000 /* 256 bytes per vCPU */
+#define SVM_BOOT_PML4_GPA   0x8000
+#define SVM_PERCPU_GPA      0x100000 /* 32 KiB per vCPU, see below */
+#define SVM_PERCPU_STRIDE   0x8000
+#define SVM_IMAGE_MIN_GPA   0x200000 /* ELF segments must lie at or above 2 MiB */
+#define SVM_MAX_VCPUS       32
+
+/* The per-vCPU area (GS.base points at its first byte). */
+#define SVM_PERCPU_PAGE     0x0000 /* 4 KiB: quadword 0 = its own address, 1 = vCPU index */
+#define SVM_PERCPU_IST      0x2000 /* top of the 4 KiB IST1 stack (NMI, #DF, #MC) */
+#define SVM_PERCPU_TRAP     0x4000 /* top of the 8 KiB TSS.RSP0 stack (traps from ring 3) */
+#define SVM_PERCPU_KSTACK   0x8000 /* top of the 16 KiB kernel stack (RSP at entry) */
+
+#define SVM_BOOT_INFO_MAGIC   0x424d5653u /* "SVMB" */
+#define SVM_BOOT_INFO_VERSION 1
+
+#ifndef __ASSEMBLER__
+/* At SVM_BOOT_INFO_GPA; rdi points at it on entry.  Read-only for the guest. */
+struct svm_boot_info {
+    uint32_t magic;        /*   0: SVM_BOOT_INFO_MAGIC */
+    uint32_t version;      /*   4: SVM_BOOT_INFO_VERSION */
+    uint64_t mem_size;     /*   8: bytes of RAM, gpa [0, mem_size) */
+    uint32_t paging_mode;  /*  16: SVM_PAGING_* */
+    uint32_t nr_vcpus;     /*  20 */
+    uint64_t cmdline_gpa;  /*  24: NUL-terminated command line */
+    uint32_t cmdline_len;  /*  32: bytes, without the NUL */
+    uint32_t reserved0;    /*  36 */
+    uint64_t image_start;  /*  40: lowest gpa of the ELF's PT_LOAD segments */
+    uint64_t image_end;    /*  48: end of the highest one (page aligned up) */
+    uint64_t free_start;   /*  56: first free gpa (page aligned; RAM is zero there) */
+    uint64_t free_end;     /*  64: end of free RAM (== mem_size) */
+    uint64_t boot_cr3;     /*  72: the boot PML4 */
+    uint64_t percpu_base;  /*  80: SVM_PERCPU_GPA */
+    uint64_t percpu_stride;/*  88: SVM_PERCPU_STRIDE */
+    uint64_t user_start;   /*  96: boot tables map [user_start, user_end) with U=1 */
+    uint64_t user_end;     /* 104 */
+};
+
+/* Architectural page-table bits. */
+#endif /* __ASSEMBLER__ */
+
+#define PTE_P    (1ull << 0)
+#define PTE_W    (1ull << 1)
+#define PTE_U    (1ull << 2)
+#define PTE_PWT  (1ull << 3)
+#define PTE_PCD  (1ull << 4)
+#define PTE_A    (1ull << 5)
+#define PTE_D    (1ull << 6)
+#define PTE_PS   (1ull << 7)
+#define PTE_G    (1ull << 8)
+#define PTE_NX   (1ull << 63)
+#define PTE_ADDR_MASK 0x000ffffffffff000ull
+
+/* #PF error code bits. */
+#define PF_P     (1u << 0)
+#define PF_W     (1u << 1)
+#define PF_U     (1u << 2)
+#define PF_RSVD  (1u << 3)
+#define PF_I     (1u << 4)
+
+#define PAGE_SIZE 4096ull
+
+/* ===================================================================== */
+/* Part 2: the runtime (guests/rt/)                                       */
+/* ===================================================================== */
+
+/* Exit code the runtime uses when the guest panics (unexpected exception). */
+#define SVM_EXIT_PANIC 99
+
+#ifndef __ASSEMBLER__
+
+struct svm_hc_result {
+    long rax;
+    long rdx;
+};
+
+/* Raw hypercall; only valid in ring 0 (ring 3 gets #GP). */
+static inline struct svm_hc_result svm_hypercall(long nr, long a0, long a1, long a2, long a3)
+{
+    register long r10 __asm__("r10") = a3;
+    long rax = nr, rdx = a2;
+    __asm__ volatile("outl %%eax, %[port]"
+                     : "+a"(rax), "+d"(rdx)
+                     : [port] "i"(SVM_PORT_HYPERCALL), "D"(a0), "S"(a1), "r"(r10)
+                     : "memory");
+    return (struct svm_hc_result){ rax, rdx };
+}
+
+/* The boot info, valid after entry on every vCPU. */
+extern const struct svm_boot_info *svm_boot;
+
+/* Console; all work in ring 0 and ring 3.  rt_write (and so printf, puts)
+ * uses the PRINT hypercall, one exit per call; serial_write goes through
+ * the UART's data register, one exit per byte.  Output longer than 511
+ * bytes per printf call is truncated. */
+void rt_write(const char *buf, size_t len);
+void serial_write(const char *buf, size_t len);
+void puts(const char *s); /* appends a newline */
+int printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+int vsnprintf(char *buf, size_t size, const char *fmt, va_list ap);
+int snprintf(char *buf, size_t size, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* Leave the VM; work in ring 0 and ring 3. */
+__attribute__((noreturn)) void exit(int code);
+__attribute__((noreturn)) void panic(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Small libc pieces. */
+size_t strlen(const char *s);
+int strncmp(const char *a, const char *b, size_t n);
+void *memset(void *d, int c, size_t n);
+void *memcpy(void *d, const void *s, size_t n);
+unsigned long strtoul(const char *s, const char **end, int base);
+/* Value of `key=` in the command line, or NULL; *len gets its length. */
+const char *cmdline_get(const char *key, size_t *len);
+/* `key=N` parsed as a number with an optional K/M/G suffix, or `dflt`. */
+uint64_t cmdline_u64(const char *key, uint64_t dflt);
+
+/* vCPU identity (ring 0 only). */
+unsigned cpu_id(void);
+unsigned nr_cpus(void);
+static inline bool in_user_mode(void)
+{
+    uint16_t cs;
+    __asm__ volatile("mov %%cs, %0" : "=r"(cs));
+    return (cs & 3) == 3;
+}
+
+/* Page allocator: bump allocation from svm_boot->free_start.  The pages are
+ * zero (RAM starts zeroed and is never reused), identity-mapped and
+ * user-accessible in the boot tables.  Returns NULL when RAM runs out.
+ * Safe on any vCPU, ring 0 or 3. */
+void *alloc_pages(size_t nr_pages);
+
+/* Paging: always through these wrappers (hypercalls), never the native
+ * instructions, so the same guest runs in kvm and shadow mode. */
+void load_cr3(uint64_t cr3);
+uint64_t read_cr3(void);
+void invlpg(uint64_t va);
+void flush_tlb(unsigned flags);
+long balloon(uint64_t gpa, uint64_t nr_pages);
+long host_op(long op, long arg0, long arg1);
+
+/* Page-table helpers over identity-mapped tables.  `pml4` is a table's
+ * address; missing intermediate tables come from alloc_pages() with
+ * P|W|U set.  pt_map maps one 4 KiB page: pte = pa | flags. */
+int pt_map(uint64_t *pml4, uint64_t va, uint64_t pa, uint64_t flags);
+/* The leaf PTE's address, or NULL if an intermediate level is missing
+ * (2 MiB leaves: returns the PDE). */
+uint64_t *pt_lookup(uint64_t *pml4, uint64_t va);
+/* Clear the PTE; returns the old value (0 if none).  Flush with invlpg(). */
+uint64_t pt_unmap(uint64_t *pml4, uint64_t va);
+
+/* Fault probes: one access that may fault.  Return 0 on success or -1 if it
+ * faulted, with *fault (if not NULL) filled in.  They work in ring 0 and
+ * ring 3 (the fault is fixed up and the probe returns; nothing is retried). */
+struct svm_fault {
+    uint64_t vector;
+    uint64_t error_code;
+    uint64_t cr2;
+};
+long probe_read64(const volatile void *addr, uint64_t *out, struct svm_fault *fault);
+long probe_write64(volatile void *addr, uint64_t val, struct svm_fault *fault);
+
+/* Run fn(arg) in ring 3 on this vCPU's user stack and come back.
+ * Returns RUN_USER_OK with *ret = fn's return value, or RUN_USER_FAULT if
+ * the user code took an unexpected exception (details in *fault). */
+#define RUN_USER_OK    0
+#define RUN_USER_FAULT 1
+int run_user(long (*fn)(void *), void *arg, long *ret, struct svm_fault *fault);
+
+/* Atomics for SMP guests. */
+static inline uint64_t atomic_add(volatile uint64_t *p, uint64_t v)
+{
+    return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+}
+static inline uint64_t atomic_load(const volatile uint64_t *p)
+{
+    return __atomic_load_n(p, __ATOMIC_SEQ_CST);
+}
+static inline void cpu_relax(void)
+{
+    __asm__ volatile("pause" ::: "memory");
+}
+__attribute__((noreturn)) void halt_forever(void);
+
+/* Guest entry points. */
+int main(const struct svm_boot_info *bi);
+void ap_main(const struct svm_boot_info *bi, unsigned cpu);
+
+#endif /* __ASSEMBLER__ */
+#endif /* SHADOWVM_H */

@@ -1,0 +1,109 @@
+/*
+ * paging.c - CR3/TLB operations (always hypercalls, so the same guest runs
+ * in kvm and shadow mode) and page-table helpers.
+ */
+#include "rt.h"
+
+void load_cr3(uint64_t cr3)
+{
+    struct svm_hc_result r = svm_hypercall(SVM_HC_LOAD_CR3, (long)cr3, 0, 0, 0);
+
+    if (r.rax != 0)
+        panic("LOAD_CR3(%lx) failed: %ld", cr3, r.rax);
+    this_cpu()->cr3 = cr3;
+}
+
+/* The guest's CR3.  Never `mov %cr3`: in shadow mode that is the VMM's root. */
+uint64_t read_cr3(void)
+{
+    return this_cpu()->cr3;
+}
+
+void invlpg(uint64_t va)
+{
+    struct svm_hc_result r = svm_hypercall(SVM_HC_INVLPG, (long)va, 0, 0, 0);
+
+    if (r.rax != 0)
+        panic("INVLPG(%lx) failed: %ld", va, r.rax);
+}
+
+void flush_tlb(unsigned flags)
+{
+    struct svm_hc_result r = svm_hypercall(SVM_HC_FLUSH_TLB, flags, 0, 0, 0);
+
+    if (r.rax != 0)
+        panic("FLUSH_TLB(%x) failed: %ld", flags, r.rax);
+}
+
+long balloon(uint64_t gpa, uint64_t nr_pages)
+{
+    return svm_hypercall(SVM_HC_BALLOON, (long)gpa, (long)nr_pages, 0, 0).rax;
+}
+
+long host_op(long op, long arg0, long arg1)
+{
+    return svm_hypercall(SVM_HC_HOST_OP, op, arg0, arg1, 0).rax;
+}
+
+static unsigned pt_index(uint64_t va, int level)
+{
+    return (unsigned)((va >> (12 + 9 * level)) & 511);
+}
+
+/* Walk down to the level-0 table for `va`, allocating tables if `alloc`. */
+static uint64_t *pt_walk(uint64_t *pml4, uint64_t va, bool alloc, bool *huge)
+{
+    uint64_t *table = pml4;
+
+    *huge = false;
+    for (int level = 3; level > 0; level--) {
+        uint64_t *e = &table[pt_index(va, level)];
+
+        if (!(*e & PTE_P)) {
+            uint64_t *next;
+
+            if (!alloc)
+                return NULL;
+            next = alloc_pages(1);
+            if (!next)
+                return NULL;
+            *e = (uint64_t)next | PTE_P | PTE_W | PTE_U;
+        } else if (*e & PTE_PS) {
+            *huge = true;
+            return e;
+        }
+        table = (uint64_t *)(*e & PTE_ADDR_MASK);
+    }
+    return &table[pt_index(va, 0)];
+}
+
+int pt_map(uint64_t *pml4, uint64_t va, uint64_t pa, uint64_t flags)
+{
+    bool huge;
+    uint64_t *pte = pt_walk(pml4, va, true, &huge);
+
+    if (!pte || huge)
+        return -1;
+    *pte = (pa & PTE_ADDR_MASK) | flags;
+    return 0;
+}
+
+uint64_t *pt_lookup(uint64_t *pml4, uint64_t va)
+{
+    bool huge;
+
+    return pt_walk(pml4, va, false, &huge);
+}
+
+uint64_t pt_unmap(uint64_t *pml4, uint64_t va)
+{
+    bool huge;
+    uint64_t *pte = pt_walk(pml4, va, false, &huge);
+    uint64_t old;
+
+    if (!pte || huge)
+        return 0;
+    old = *pte;
+    *pte = 0;
+    return old;
+}

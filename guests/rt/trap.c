@@ -1,0 +1,129 @@
+/*
+ * trap.c - the one C exception handler, ring-3 system calls, run_user().
+ *
+ * #PF: ask the VMM first (SVM_HC_RESOLVE_PF).  "Retry" means the VMM fixed
+ * its tables and the access can simply run again; "guest fault" hands back
+ * the architectural error code, and the fault is the guest's own: a probe's
+ * fixup, the end of a run_user() call, or a panic.
+ */
+#include "rt.h"
+
+static const char *const vector_names[RT_NR_VECTORS] = {
+    "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "#MF(9)",
+    "#TS", "#NP", "#SS", "#GP", "#PF", "(15)", "#MF", "#AC", "#MC", "#XM",
+    "#VE", "#CP", "(22)", "(23)", "(24)", "(25)", "(26)", "(27)", "(28)", "(29)",
+    "(30)", "(31)",
+};
+
+static bool user_range_ok(uint64_t p, uint64_t len)
+{
+    return len <= 4096 && p >= svm_boot->user_start && p + len >= p && p + len <= svm_boot->user_end;
+}
+
+static void rt_syscall(struct rt_frame *f)
+{
+    f->rip += 2; /* skip the ud2 */
+    switch (f->rax) {
+    case RT_SYS_RETURN:
+        this_cpu()->user_value = f->rdi;
+        rt_return_to_kernel(RUN_USER_OK);
+    case RT_SYS_WRITE:
+        if (!user_range_ok(f->rdi, f->rsi)) {
+            f->rax = (uint64_t)SVM_EFAULT;
+            return;
+        }
+        rt_kernel_write((const char *)f->rdi, f->rsi);
+        f->rax = f->rsi;
+        return;
+    case RT_SYS_EXIT:
+        exit((int)f->rdi);
+    default:
+        f->rax = (uint64_t)SVM_ENOSYS;
+    }
+}
+
+static void dump_and_die(struct rt_frame *f, uint64_t cr2)
+{
+    printf("panic: unexpected %s (vector %lu) error_code=0x%lx in ring %lu on vCPU %u\n"
+           "  rip=%lx cs=%lx rflags=%lx rsp=%lx ss=%lx cr2=%lx cr3=%lx\n"
+           "  rax=%lx rbx=%lx rcx=%lx rdx=%lx rsi=%lx rdi=%lx rbp=%lx\n",
+           vector_names[f->vector % RT_NR_VECTORS], f->vector, f->error_code, f->cs & 3,
+           cpu_id(), f->rip, f->cs, f->rflags, f->rsp, f->ss, cr2, this_cpu()->cr3, f->rax,
+           f->rbx, f->rcx, f->rdx, f->rsi, f->rdi, f->rbp);
+    exit(SVM_EXIT_PANIC);
+}
+
+void rt_trap(struct rt_frame *f)
+{
+    bool from_user = (f->cs & 3) == 3;
+    uint64_t cr2 = 0;
+
+    switch (f->vector) {
+    case 14: {
+        struct svm_hc_result r;
+
+        __asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
+        r = svm_hypercall(SVM_HC_RESOLVE_PF, (long)cr2, (long)f->error_code, (long)f->rip, 0);
+        if (r.rax == SVM_PF_RETRY)
+            return;
+        if (r.rax != SVM_PF_GUEST_FAULT)
+            panic("RESOLVE_PF(%lx, %lx) failed: %ld", cr2, f->error_code, r.rax);
+        f->error_code = (uint64_t)r.rdx;
+        break;
+    }
+    case 6:
+        if (from_user && f->rip == (uint64_t)rt_user_sys_ud2) {
+            rt_syscall(f);
+            return;
+        }
+        break;
+    case 2:
+        printf("NMI on vCPU %u\n", cpu_id());
+        return;
+    case 8:
+        dump_and_die(f, cr2);
+    }
+
+    /* The guest's own fault. A probe? (Linux's fixup_exception) */
+    for (const struct rt_extable *e = __start_ex_table; e < __stop_ex_table; e++) {
+        if (e->insn == f->rip) {
+            f->r8 = f->vector;
+            f->rdx = f->error_code;
+            f->rcx = cr2;
+            f->rip = e->fixup;
+            return;
+        }
+    }
+    /* Ring 3 inside run_user(): end it, like a signal ends a process. */
+    if (from_user && this_cpu()->ksave_rsp) {
+        struct svm_fault *fault = this_cpu()->user_fault;
+
+        if (fault) {
+            fault->vector = f->vector;
+            fault->error_code = f->error_code;
+            fault->cr2 = cr2;
+        }
+        rt_return_to_kernel(RUN_USER_FAULT);
+    }
+    dump_and_die(f, cr2);
+}
+
+int run_user(long (*fn)(void *), void *arg, long *ret, struct svm_fault *fault)
+{
+    struct rt_cpu *c = this_cpu();
+    long status;
+
+    if (!c->ustack_top) {
+        char *stack = alloc_pages(16);
+
+        if (!stack)
+            panic("run_user: no memory for a user stack");
+        c->ustack_top = (uint64_t)stack + 16 * PAGE_SIZE;
+    }
+    c->user_fault = fault;
+    status = rt_enter_user(fn, arg, c->ustack_top);
+    c->ksave_rsp = 0;
+    if (status == RUN_USER_OK && ret)
+        *ret = (long)c->user_value;
+    return (int)status;
+}

@@ -1,0 +1,188 @@
+//! The `shadowvm` command line: parses, calls the library, prints.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use shadowvm::vmm::{self, GuestSource, Outcome, Paging, VmConfig, guests};
+
+/// Exit status when shadowvm itself cannot start the guest (bad input, no KVM).
+const EXIT_USAGE: u8 = 2;
+/// Exit status when `--timeout` expired.
+const EXIT_TIMEOUT: u8 = 124;
+/// Exit status when the guest crashed or the VMM failed while it ran.
+const EXIT_GUEST_FAILED: u8 = 125;
+
+#[derive(Parser)]
+#[command(
+    name = "shadowvm",
+    version,
+    about = "A small KVM hypervisor that boots tiny 64-bit guests",
+    after_help = "Exit status: the guest's exit code when it exits; 0 when every vCPU halts; \
+                  2 when the guest cannot be started (bad arguments, bad image, no KVM); \
+                  124 when --timeout expires; 125 when the guest crashes (triple fault, \
+                  unknown port, KVM error)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a guest and print its serial console on stdout.
+    Run(RunArgs),
+    /// List the built-in guests.
+    Guests {
+        /// Also list the test guests (test-*).
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PagingArg {
+    /// The guest's own page tables; KVM does the second level.
+    Kvm,
+    /// The VMM's shadow page tables (not implemented yet).
+    Shadow,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// A built-in guest name (see `shadowvm guests`) or the path of an ELF64
+    /// guest image.
+    guest: String,
+
+    /// Guest RAM: a number with a K, M or G suffix, a multiple of 2M between
+    /// 4M and 64G.
+    #[arg(long, default_value = "64M", value_name = "SIZE")]
+    mem: String,
+
+    /// Number of vCPUs, each on its own thread (1 to 32). Every vCPU starts
+    /// at the ELF entry point with its index in rsi.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    vcpus: u32,
+
+    /// Who translates guest addresses: `kvm` runs the guest on its own page
+    /// tables with KVM doing the second level; `shadow` will run it on the
+    /// VMM's shadow tables (not implemented yet).
+    #[arg(long, value_enum, default_value = "kvm")]
+    paging: PagingArg,
+
+    /// Stop the guest and fail (exit status 124) if it still runs after
+    /// this long: 500ms, 10s, 2m or plain seconds.
+    #[arg(long, value_name = "DURATION")]
+    timeout: Option<String>,
+
+    /// Print statistics on stderr when the guest stops: exits by reason,
+    /// I/O exits by port, hypercalls, time in guest, time to first serial
+    /// byte.
+    #[arg(long)]
+    stats: bool,
+
+    /// Print the statistics as one JSON object on stderr (implies --stats).
+    #[arg(long)]
+    json: bool,
+
+    /// The guest command line (also made of ARGS after `--`, space-joined).
+    #[arg(long, value_name = "STRING")]
+    cmdline: Option<String>,
+
+    /// More guest command-line words, after `--`.
+    #[arg(last = true, value_name = "ARGS")]
+    args: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Guests { all } => list_guests(all),
+        Command::Run(args) => match run(args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("shadowvm: error: {}", error_line(&e));
+                ExitCode::from(EXIT_USAGE)
+            }
+        },
+    }
+}
+
+/// The error and its causes on one line, skipping causes whose text the
+/// message already contains (our error messages embed their sources).
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line.replace('\n', " ")
+}
+
+fn list_guests(all: bool) -> ExitCode {
+    if let Some(reason) = guests::unavailable_reason() {
+        eprintln!("shadowvm: no built-in guests: {reason}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let mut out = std::io::stdout().lock();
+    for g in guests::list(all) {
+        let _ = writeln!(out, "{:<18} {}", g.name, g.description);
+    }
+    ExitCode::SUCCESS
+}
+
+fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
+    let guest = if args.guest.contains('/') {
+        GuestSource::File(PathBuf::from(&args.guest))
+    } else {
+        guests::resolve(&args.guest)
+    };
+    let mut config = VmConfig::new(guest);
+    config.mem_size = vmm::parse_mem_size(&args.mem).context("--mem")?;
+    config.vcpus = args.vcpus;
+    config.paging = match args.paging {
+        PagingArg::Kvm => Paging::Kvm,
+        PagingArg::Shadow => Paging::Shadow,
+    };
+    config.timeout = args
+        .timeout
+        .as_deref()
+        .map(vmm::parse_duration)
+        .transpose()
+        .context("--timeout")?;
+    let mut words: Vec<&str> = args.cmdline.iter().map(String::as_str).collect();
+    words.extend(args.args.iter().map(String::as_str));
+    config.cmdline = words.join(" ");
+    config.validate()?;
+    Ok(config)
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let config = config_from(&args)?;
+    let report = vmm::run(&config, Box::new(std::io::stdout()))?;
+    if args.json {
+        eprintln!(
+            "{}",
+            serde_json::to_string(&report.stats).context("serializing the statistics")?
+        );
+    } else if args.stats {
+        eprintln!("{}", report.stats);
+    }
+    Ok(match report.outcome {
+        Outcome::Exited { code, .. } => ExitCode::from(code),
+        Outcome::AllHalted | Outcome::Stopped => ExitCode::SUCCESS,
+        ref timed_out @ Outcome::TimedOut { .. } => {
+            eprintln!("shadowvm: {timed_out}");
+            ExitCode::from(EXIT_TIMEOUT)
+        }
+        ref failed @ (Outcome::Failed(_) | Outcome::VmmError(_)) => {
+            eprintln!("shadowvm: {failed}");
+            ExitCode::from(EXIT_GUEST_FAILED)
+        }
+    })
+}

@@ -1,0 +1,350 @@
+//! Page faults (`handle_mm_fault`): demand-zero, copy-on-write, swap-in;
+//! and the process's own reads and writes of its memory, which go through
+//! them.
+
+use crate::notifier::{MmuNotifierRange, MmuNotifyEvent, NotifierPte};
+
+use super::memory::FrameAccess;
+use super::pgtable::{PresentPte, Pte};
+use super::stats::inc;
+use super::vma::{Prot, VmaTree};
+use super::{Access, Hva, Mm, MmError, PAGE_SIZE, Pfn};
+
+/// What a secondary MMU gets from the host for an hva (`hva_to_pfn`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostPfn {
+    pub pfn: Pfn,
+    /// The host PTE is writable (so a secondary mapping may be).
+    pub writable: bool,
+}
+
+/// What one attempt at a fault found; `Retry` means the page table changed
+/// while the lock was dropped (`pte_same` failed).
+enum Step {
+    Done(PresentPte),
+    Retry,
+}
+
+/// Bound on `pte_same` retries of one fault; each retry means another thread
+/// changed this very PTE, so hitting the bound means livelock, not bad luck.
+const MAX_FAULT_RETRIES: u32 = 10_000;
+
+impl Mm {
+    /// `handle_mm_fault` for `hva` with `access`: makes the page present (and
+    /// writable for a write). Returns the PTE as installed.
+    pub fn handle_mm_fault(&self, hva: Hva, access: Access) -> Result<PresentPte, MmError> {
+        self.check_alive()?;
+        let vmas = self.mmap_lock.read();
+        self.fault_locked(&vmas, hva, access)
+    }
+
+    /// `hva_to_pfn` as KVM calls it (get_user_pages with write intent only
+    /// for writes): faults the page in and returns its frame and whether the
+    /// host PTE is writable.
+    pub fn hva_to_pfn(&self, hva: Hva, access: Access) -> Result<HostPfn, MmError> {
+        let p = self.handle_mm_fault(hva, access)?;
+        Ok(HostPfn {
+            pfn: p.pfn,
+            writable: p.writable,
+        })
+    }
+
+    /// The fault proper, under the mmap read lock.
+    pub(super) fn fault_locked(
+        &self,
+        vmas: &VmaTree,
+        hva: Hva,
+        access: Access,
+    ) -> Result<PresentPte, MmError> {
+        let page = hva & !(PAGE_SIZE - 1);
+        let vma = vmas.find(page).ok_or(MmError::NoVma(hva))?;
+        let allowed = match access {
+            // x86: write and exec permission imply read.
+            Access::Read => vma.prot.intersects(Prot::READ | Prot::WRITE | Prot::EXEC),
+            Access::Write => vma.prot.contains(Prot::WRITE),
+        };
+        if !allowed {
+            return Err(MmError::Access {
+                addr: hva,
+                access: access.name(),
+            });
+        }
+        inc(&self.stats.pgfault);
+        for _ in 0..MAX_FAULT_RETRIES {
+            if let Step::Done(p) = self.fault_once(vmas, page, access)? {
+                return Ok(p);
+            }
+        }
+        Err(MmError::InvalidArgument("fault retried too often"))
+    }
+
+    fn fault_once(&self, vmas: &VmaTree, page: Hva, access: Access) -> Result<Step, MmError> {
+        let write = access.is_write();
+        let mut pt = self.pt.lock();
+        match pt.pte(page) {
+            None => {
+                drop(pt);
+                self.do_anonymous_page(vmas, page, write)
+            }
+            Some(Pte::Swap(slot)) => {
+                drop(pt);
+                self.do_swap_page(vmas, page, slot, write)
+            }
+            Some(Pte::Present(mut p)) => {
+                if !write || p.writable {
+                    // Hardware sets A (and D) on the access.
+                    p.young = true;
+                    p.dirty |= write;
+                    pt.update(page, p);
+                    return Ok(Step::Done(p));
+                }
+                // do_wp_page: a write to a read-only PTE in a writable VMA.
+                let meta = pt.pages.get(&p.pfn).ok_or(MmError::BadFrame(p.pfn))?;
+                if !meta.ksm && meta.mapcount == 1 {
+                    // wp_page_reuse: we are the only user; the swap copy (if
+                    // any) is about to become stale.
+                    if let Some(slot) = pt.pages.get_mut(&p.pfn).and_then(|m| m.swap.take()) {
+                        let _ = pt.swap.put(slot);
+                    }
+                    p.writable = true;
+                    p.young = true;
+                    p.dirty = true;
+                    pt.update(page, p);
+                    inc(&self.stats.pgreuse);
+                    return Ok(Step::Done(p));
+                }
+                drop(pt);
+                self.wp_page_copy(vmas, page, p)
+            }
+        }
+    }
+
+    /// `do_anonymous_page`: a zeroed page. A read fault maps it read-only
+    /// and clean (Linux maps the zero page); the first write upgrades it in
+    /// place.
+    fn do_anonymous_page(&self, vmas: &VmaTree, page: Hva, write: bool) -> Result<Step, MmError> {
+        let pfn = self.alloc_page(vmas)?;
+        let mut pt = self.pt.lock();
+        if pt.pte(page).is_some() {
+            drop(pt);
+            self.free_frames([pfn]);
+            return Ok(Step::Retry);
+        }
+        pt.new_page(pfn);
+        let p = PresentPte {
+            pfn,
+            writable: write,
+            young: true,
+            dirty: write,
+        };
+        pt.map(page, p);
+        inc(&self.stats.pgfault_zero);
+        Ok(Step::Done(p))
+    }
+
+    /// `do_swap_page`: reads the page back. It stays in the swap cache (clean,
+    /// read-only) unless the fault is a write.
+    fn do_swap_page(
+        &self,
+        vmas: &VmaTree,
+        page: Hva,
+        slot: super::SwapSlot,
+        write: bool,
+    ) -> Result<Step, MmError> {
+        let pfn = self.alloc_page(vmas)?;
+        let mut pt = self.pt.lock();
+        if pt.pte(page) != Some(Pte::Swap(slot)) {
+            drop(pt);
+            self.free_frames([pfn]);
+            return Ok(Step::Retry);
+        }
+        let data = pt.swap.read(slot)?;
+        self.memory().write_frame(pfn, 0, data)?;
+        pt.ptes.remove(&super::pgtable::vpn(page));
+        pt.new_page(pfn);
+        if write {
+            let _ = pt.swap.put(slot); // the PTE's reference; no swap cache
+        } else if let Some(m) = pt.pages.get_mut(&pfn) {
+            m.swap = Some(slot); // the PTE's reference moves to the swap cache
+        }
+        let p = PresentPte {
+            pfn,
+            writable: write,
+            young: true,
+            dirty: write,
+        };
+        pt.map(page, p);
+        inc(&self.stats.pswpin);
+        Ok(Step::Done(p))
+    }
+
+    /// `wp_page_copy`: copy-on-write of a shared page (a KSM page): the copy
+    /// replaces the PTE between `invalidate_range_start` and
+    /// `invalidate_range_only_end`, with `change_pte` telling secondary MMUs
+    /// the new frame.
+    fn wp_page_copy(&self, vmas: &VmaTree, page: Hva, old: PresentPte) -> Result<Step, MmError> {
+        let new_pfn = self.alloc_page(vmas)?;
+        self.memory().copy_frame(old.pfn, new_pfn)?;
+        let range = MmuNotifierRange::new(MmuNotifyEvent::CowBreak, page, page + PAGE_SIZE);
+        let _ = self.mn_invalidate_range_start(&range);
+        let installed = {
+            let mut pt = self.pt.lock();
+            if pt.present(page).map(|p| p.pfn) != Some(old.pfn) {
+                None
+            } else {
+                // ptep_clear_flush_notify, then set_pte_at_notify.
+                pt.unmap(page);
+                self.mn_invalidate_range(page, page + PAGE_SIZE);
+                pt.new_page(new_pfn);
+                let p = PresentPte {
+                    pfn: new_pfn,
+                    writable: true,
+                    young: true,
+                    dirty: true,
+                };
+                if self.notifiers.has_notifiers() {
+                    self.notifiers.change_pte(
+                        page,
+                        NotifierPte {
+                            frame: new_pfn,
+                            writable: true,
+                        },
+                    );
+                }
+                pt.map(page, p);
+                Some(p)
+            }
+        };
+        self.mn_invalidate_range_end(&range, true);
+        match installed {
+            Some(p) => {
+                self.put_pages(vec![old.pfn]);
+                inc(&self.stats.pgcow);
+                Ok(Step::Done(p))
+            }
+            None => {
+                self.free_frames([new_pfn]);
+                Ok(Step::Retry)
+            }
+        }
+    }
+
+    /// A frame for a new anonymous page; on exhaustion, reclaim a few cold
+    /// pages once and try again (direct reclaim).
+    fn alloc_page(&self, vmas: &VmaTree) -> Result<Pfn, MmError> {
+        match self.frames.alloc(self.frame_owner()) {
+            Err(MmError::OutOfFrames) => {
+                self.direct_reclaim(vmas, 32);
+                self.frames.alloc(self.frame_owner())
+            }
+            r => r,
+        }
+    }
+
+    /// Runs `f` on the frame behind `hva` with the page present (and
+    /// writable for a write) and the page-table lock held, so the page
+    /// cannot be unmapped while `f` touches it (`access_process_vm`).
+    fn with_page<R>(
+        &self,
+        vmas: &VmaTree,
+        hva: Hva,
+        access: Access,
+        f: impl FnOnce(Pfn) -> Result<R, MmError>,
+    ) -> Result<R, MmError> {
+        let page = hva & !(PAGE_SIZE - 1);
+        let mut f = Some(f);
+        for _ in 0..MAX_FAULT_RETRIES {
+            let p = self.fault_locked(vmas, hva, access)?;
+            let mut pt = self.pt.lock();
+            match pt.present(page) {
+                Some(mut cur) if cur.pfn == p.pfn && (cur.writable || !access.is_write()) => {
+                    cur.young = true;
+                    cur.dirty |= access.is_write();
+                    pt.update(page, cur);
+                    let f = f.take().ok_or(MmError::InvalidArgument("page access"))?;
+                    return f(cur.pfn);
+                }
+                _ => continue, // raced with an unmap: fault again
+            }
+        }
+        Err(MmError::InvalidArgument("page access retried too often"))
+    }
+
+    /// Reads `buf.len()` bytes at `hva`, faulting pages in as a process
+    /// reading its own memory would.
+    pub fn read(&self, hva: Hva, buf: &mut [u8]) -> Result<(), MmError> {
+        self.check_alive()?;
+        let vmas = self.mmap_lock.read();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let addr = hva
+                .checked_add(done as u64)
+                .ok_or(MmError::InvalidArgument("address overflows"))?;
+            let off = (addr & (PAGE_SIZE - 1)) as usize;
+            let n = (PAGE_SIZE as usize - off).min(buf.len() - done);
+            let chunk = &mut buf[done..done + n];
+            self.with_page(&vmas, addr, Access::Read, |pfn| {
+                self.memory().read_frame(pfn, off, chunk)
+            })?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at `hva`, faulting pages in for writing (copy-on-write
+    /// of shared pages, swap-in) as a process writing its memory would.
+    pub fn write(&self, hva: Hva, buf: &[u8]) -> Result<(), MmError> {
+        self.check_alive()?;
+        let vmas = self.mmap_lock.read();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let addr = hva
+                .checked_add(done as u64)
+                .ok_or(MmError::InvalidArgument("address overflows"))?;
+            let off = (addr & (PAGE_SIZE - 1)) as usize;
+            let n = (PAGE_SIZE as usize - off).min(buf.len() - done);
+            let chunk = &buf[done..done + n];
+            self.with_page(&vmas, addr, Access::Write, |pfn| {
+                self.memory().write_frame(pfn, off, chunk)
+            })?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Atomically replaces the 8-byte word at `hva` (8-byte aligned) with
+    /// `new` if it equals `old`, as a CPU setting Accessed/Dirty bits in a
+    /// page table held in this memory would. Returns the value found.
+    pub fn cmpxchg_u64(&self, hva: Hva, old: u64, new: u64) -> Result<u64, MmError> {
+        if !hva.is_multiple_of(8) {
+            return Err(MmError::InvalidArgument("address is not 8-byte aligned"));
+        }
+        self.check_alive()?;
+        let vmas = self.mmap_lock.read();
+        self.with_page(&vmas, hva, Access::Write, |pfn| {
+            let word = self
+                .memory()
+                .frame_word(pfn, ((hva & (PAGE_SIZE - 1)) / 8) as usize)?;
+            Ok(
+                match word.compare_exchange(
+                    old,
+                    new,
+                    std::sync::atomic::Ordering::SeqCst,
+                    std::sync::atomic::Ordering::SeqCst,
+                ) {
+                    Ok(v) | Err(v) => v,
+                },
+            )
+        })
+    }
+
+    /// Reads the 8-byte word at `hva` (8-byte aligned).
+    pub fn read_u64(&self, hva: Hva) -> Result<u64, MmError> {
+        let mut b = [0u8; 8];
+        if !hva.is_multiple_of(8) {
+            return Err(MmError::InvalidArgument("address is not 8-byte aligned"));
+        }
+        self.read(hva, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+}

@@ -1,0 +1,384 @@
+//! KSM: merging identical anonymous pages of mergeable VMAs (`mm/ksm.c`).
+//!
+//! The scanner walks mergeable pages in address order. A page whose content
+//! matches a stable (already merged) page is merged into it; a page whose
+//! checksum did not change since the previous pass goes into the unstable
+//! tree, and two identical unstable pages are merged into a new stable page.
+//! Merging write-protects the page inside `invalidate_range_start/end`, then
+//! replaces it with the shared page inside another start/end pair, with
+//! `change_pte` pointing secondary MMUs at the shared frame. A later write
+//! breaks the sharing by copy-on-write (`fault.rs`).
+
+use std::collections::HashMap;
+
+use crate::notifier::{MmuNotifierRange, MmuNotifyEvent, NotifierPte};
+
+use super::memory::FrameAccess;
+use super::pgtable::PresentPte;
+use super::vma::MmapFlags;
+use super::{Hva, Mm, MmError, PAGE_SIZE, Pfn};
+
+/// The tunables of `/sys/kernel/mm/ksm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct KsmConfig {
+    /// Pages scanned per wake-up of ksmd.
+    pub pages_to_scan: u64,
+    /// Sleep between wake-ups.
+    pub sleep_millisecs: u64,
+}
+
+impl Default for KsmConfig {
+    fn default() -> Self {
+        // Linux's defaults.
+        Self {
+            pages_to_scan: 100,
+            sleep_millisecs: 20,
+        }
+    }
+}
+
+/// KSM's counters, as `/sys/kernel/mm/ksm` names them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct KsmStats {
+    /// Shared KSM pages in use.
+    pub pages_shared: u64,
+    /// Additional mappings of shared pages (the memory saved, in pages).
+    pub pages_sharing: u64,
+    /// Pages in the unstable tree: unchanged, not yet matched.
+    pub pages_unshared: u64,
+    /// Scanned pages that change too fast to be considered.
+    pub pages_volatile: u64,
+    /// Completed passes over all mergeable memory.
+    pub full_scans: u64,
+    /// Merges done (a page mapped to a shared page).
+    pub merges: u64,
+}
+
+/// What one call of [`Mm::ksm_scan`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct KsmScanResult {
+    pub scanned: u64,
+    pub merged: u64,
+}
+
+/// Per-page scanner state (`struct rmap_item`).
+#[derive(Clone, Copy, Debug)]
+struct RmapItem {
+    /// Checksum seen on the previous pass (`None`: never, or merged).
+    oldchecksum: Option<u64>,
+}
+
+/// ksmd's private state, under `Mm::ksm`.
+#[derive(Default)]
+pub(super) struct KsmState {
+    cursor: Hva,
+    rmap_items: HashMap<Hva, RmapItem>,
+    /// Checksum → pages of this pass waiting for a twin.
+    unstable: HashMap<u64, Vec<Hva>>,
+    /// Checksum → shared KSM frames.
+    stable: HashMap<u64, Vec<Pfn>>,
+    full_scans: u64,
+    merges: u64,
+}
+
+impl Mm {
+    /// One wake-up of ksmd (`ksm_do_scan`): scans up to `pages_to_scan`
+    /// mergeable pages, merging what it can.
+    pub fn ksm_scan(&self, pages_to_scan: u64) -> Result<KsmScanResult, MmError> {
+        self.check_alive()?;
+        let mut ksm = self.ksm.lock();
+        let mut res = KsmScanResult::default();
+        let mut wrapped = 0;
+        while res.scanned < pages_to_scan {
+            let Some(hva) = self.next_mergeable(ksm.cursor) else {
+                // End of a full pass: the unstable tree is rebuilt each pass.
+                ksm.cursor = 0;
+                ksm.full_scans += 1;
+                ksm.unstable.clear();
+                wrapped += 1;
+                if wrapped > 1 {
+                    break; // nothing mergeable at all
+                }
+                continue;
+            };
+            ksm.cursor = hva + PAGE_SIZE;
+            res.scanned += 1;
+            if self.cmp_and_merge_page(&mut ksm, hva)? {
+                res.merged += 1;
+            }
+        }
+        ksm.merges += res.merged;
+        Ok(res)
+    }
+
+    /// KSM's counters now.
+    pub fn ksm_stats(&self) -> KsmStats {
+        let ksm = self.ksm.lock();
+        let pt = self.pt.lock();
+        let (mut shared, mut mapped) = (0, 0);
+        for m in pt.pages.values().filter(|m| m.ksm && m.mapcount > 0) {
+            shared += 1;
+            mapped += m.mapcount as u64;
+        }
+        let unshared: u64 = ksm.unstable.values().map(|v| v.len() as u64).sum();
+        let items = ksm.rmap_items.len() as u64;
+        KsmStats {
+            pages_shared: shared,
+            pages_sharing: mapped - shared,
+            pages_unshared: unshared,
+            pages_volatile: items.saturating_sub(mapped).saturating_sub(unshared),
+            full_scans: ksm.full_scans,
+            merges: ksm.merges,
+        }
+    }
+
+    /// The first page at or after `from` in a mergeable, unlocked VMA.
+    fn next_mergeable(&self, from: Hva) -> Option<Hva> {
+        let vmas = self.mmap_lock.read();
+        vmas.iter()
+            .filter(|v| {
+                v.flags.contains(MmapFlags::MERGEABLE) && !v.flags.contains(MmapFlags::LOCKED)
+            })
+            .find(|v| v.end > from)
+            .map(|v| v.start.max(from))
+    }
+
+    /// `cmp_and_merge_page`. Returns whether `hva` was merged.
+    fn cmp_and_merge_page(&self, ksm: &mut KsmState, hva: Hva) -> Result<bool, MmError> {
+        // Hold the mmap lock for reading across the merge, as
+        // try_to_merge_with_ksm_page does, so the VMA cannot be unmapped,
+        // locked or made unmergeable under us.
+        let vmas = self.mmap_lock.read();
+        let mergeable = |h: Hva| {
+            vmas.find(h).is_some_and(|v| {
+                v.flags.contains(MmapFlags::MERGEABLE) && !v.flags.contains(MmapFlags::LOCKED)
+            })
+        };
+        if !mergeable(hva) {
+            ksm.rmap_items.remove(&hva);
+            return Ok(false);
+        }
+        let (pfn, is_ksm) = {
+            let pt = self.pt.lock();
+            match pt.present(hva) {
+                Some(p) => (p.pfn, pt.pages.get(&p.pfn).is_some_and(|m| m.ksm)),
+                None => {
+                    ksm.rmap_items.remove(&hva);
+                    return Ok(false);
+                }
+            }
+        };
+        if is_ksm {
+            ksm.rmap_items.insert(hva, RmapItem { oldchecksum: None });
+            return Ok(false); // already merged
+        }
+        let mem = self.memory();
+        let checksum = mem.frame_checksum(pfn)?;
+
+        // Is there a stable page with this content? (stable_tree_search)
+        if let Some(kpfn) = self.stable_search(ksm, checksum, pfn)?
+            && self.try_to_merge_one_page(hva, pfn, Some(kpfn))?.is_some()
+        {
+            ksm.rmap_items.insert(hva, RmapItem { oldchecksum: None });
+            return Ok(true);
+        }
+
+        // Only pages unchanged since the last pass may enter the unstable
+        // tree: a changing page would only be merged to be broken again.
+        let item = ksm
+            .rmap_items
+            .entry(hva)
+            .or_insert(RmapItem { oldchecksum: None });
+        if item.oldchecksum != Some(checksum) {
+            item.oldchecksum = Some(checksum);
+            return Ok(false);
+        }
+
+        // unstable_tree_search_insert
+        let twin = ksm.unstable.get(&checksum).and_then(|list| {
+            list.iter().copied().find(|&t| {
+                t != hva
+                    && mergeable(t)
+                    && self.pt.lock().present(t).is_some_and(|p| {
+                        p.pfn != pfn && mem.frames_identical(p.pfn, pfn).unwrap_or(false)
+                    })
+            })
+        });
+        let Some(tree_hva) = twin else {
+            ksm.unstable.entry(checksum).or_default().push(hva);
+            return Ok(false);
+        };
+        // try_to_merge_two_pages: our page becomes the KSM page, then the
+        // tree page is replaced by it.
+        let Some(kpfn) = self.try_to_merge_one_page(hva, pfn, None)? else {
+            return Ok(false);
+        };
+        let tree_pfn = self.pt.lock().present(tree_hva).map(|p| p.pfn);
+        let merged = match tree_pfn {
+            Some(tp) => self
+                .try_to_merge_one_page(tree_hva, tp, Some(kpfn))?
+                .is_some(),
+            None => false,
+        };
+        if let Some(list) = ksm.unstable.get_mut(&checksum) {
+            list.retain(|&t| t != tree_hva);
+        }
+        if merged {
+            ksm.stable
+                .entry(mem.frame_checksum(kpfn)?)
+                .or_default()
+                .push(kpfn);
+            Ok(true)
+        } else {
+            // break_cow: the lone page stops being a KSM page.
+            let mut pt = self.pt.lock();
+            if let Some(m) = pt.pages.get_mut(&kpfn)
+                && m.mapcount <= 1
+            {
+                // Its bytes exist nowhere else: reclaim must write them out.
+                m.ksm = false;
+                m.dirty = true;
+            }
+            Ok(false)
+        }
+    }
+
+    /// `stable_tree_search`: a live KSM frame with the same bytes as `pfn`.
+    fn stable_search(
+        &self,
+        ksm: &mut KsmState,
+        checksum: u64,
+        pfn: Pfn,
+    ) -> Result<Option<Pfn>, MmError> {
+        let Some(list) = ksm.stable.get_mut(&checksum) else {
+            return Ok(None);
+        };
+        let pt = self.pt.lock();
+        // Drop stable nodes whose page went away.
+        list.retain(|k| pt.pages.get(k).is_some_and(|m| m.ksm && m.mapcount > 0));
+        for &k in list.iter() {
+            if k != pfn && self.memory().frames_identical(k, pfn)? {
+                return Ok(Some(k));
+            }
+        }
+        Ok(None)
+    }
+
+    /// `try_to_merge_one_page`: write-protects `hva`'s page, then either
+    /// makes it a KSM page (`kpfn == None`) or, if its bytes still equal
+    /// `kpfn`'s, replaces it with `kpfn`. Returns the KSM frame now mapped
+    /// at `hva`, or `None` if the page changed or is pinned.
+    fn try_to_merge_one_page(
+        &self,
+        hva: Hva,
+        pfn: Pfn,
+        kpfn: Option<Pfn>,
+    ) -> Result<Option<Pfn>, MmError> {
+        if !self.write_protect_page(hva, pfn)? {
+            return Ok(None);
+        }
+        match kpfn {
+            None => {
+                let mut pt = self.pt.lock();
+                match pt.pages.get_mut(&pfn) {
+                    Some(m) if m.mapcount == 1 => {
+                        m.ksm = true;
+                        m.dirty = false; // now content-addressed, never written in place
+                        if let Some(slot) = m.swap.take() {
+                            let _ = pt.swap.put(slot);
+                        }
+                        Ok(Some(pfn))
+                    }
+                    _ => Ok(None),
+                }
+            }
+            Some(k) => {
+                if !self.memory().frames_identical(pfn, k)? {
+                    return Ok(None);
+                }
+                Ok(self.replace_page(hva, pfn, k)?.then_some(k))
+            }
+        }
+    }
+
+    /// `write_protect_page`: inside `invalidate_range_start/end`, makes the
+    /// PTE read-only and clean (moving its dirty bit to the page) so the
+    /// content can no longer change under a comparison.
+    fn write_protect_page(&self, hva: Hva, pfn: Pfn) -> Result<bool, MmError> {
+        let range = MmuNotifierRange::new(MmuNotifyEvent::ProtectionPage, hva, hva + PAGE_SIZE);
+        self.mn_invalidate_range_start(&range)?;
+        let ok = {
+            let mut pt = self.pt.lock();
+            match (pt.present(hva), pt.pages.get(&pfn)) {
+                // Only an exclusively mapped, unpinned page may be merged.
+                (Some(p), Some(m)) if p.pfn == pfn && m.mapcount == 1 && m.refcount == 1 => {
+                    if p.writable || p.dirty {
+                        // ptep_clear_flush: the flush reaches IOMMU-style MMUs.
+                        self.mn_invalidate_range(hva, hva + PAGE_SIZE);
+                        if p.dirty
+                            && let Some(m) = pt.pages.get_mut(&pfn)
+                        {
+                            m.dirty = true;
+                        }
+                        pt.update(
+                            hva,
+                            PresentPte {
+                                writable: false,
+                                dirty: false,
+                                ..p
+                            },
+                        );
+                    }
+                    true
+                }
+                _ => false,
+            }
+        };
+        self.mn_invalidate_range_end(&range, true);
+        Ok(ok)
+    }
+
+    /// `replace_page`: inside `invalidate_range_start/end`, points the PTE of
+    /// `hva` at the KSM frame `kpfn`, read-only, telling secondary MMUs with
+    /// `change_pte`; the old page is released afterwards.
+    fn replace_page(&self, hva: Hva, pfn: Pfn, kpfn: Pfn) -> Result<bool, MmError> {
+        let range = MmuNotifierRange::new(MmuNotifyEvent::KsmMerge, hva, hva + PAGE_SIZE);
+        self.mn_invalidate_range_start(&range)?;
+        let ok = {
+            let mut pt = self.pt.lock();
+            let live = pt.pages.get(&kpfn).is_some_and(|m| m.ksm);
+            match pt.present(hva) {
+                Some(p) if p.pfn == pfn && live => {
+                    // ptep_clear_flush_notify, then set_pte_at_notify.
+                    pt.unmap(hva);
+                    self.mn_invalidate_range(hva, hva + PAGE_SIZE);
+                    if self.notifiers.has_notifiers() {
+                        self.notifiers.change_pte(
+                            hva,
+                            NotifierPte {
+                                frame: kpfn,
+                                writable: false,
+                            },
+                        );
+                    }
+                    pt.map(
+                        hva,
+                        PresentPte {
+                            pfn: kpfn,
+                            writable: false,
+                            young: p.young,
+                            dirty: false,
+                        },
+                    );
+                    true
+                }
+                _ => false,
+            }
+        };
+        self.mn_invalidate_range_end(&range, true);
+        if ok {
+            self.put_pages(vec![pfn]);
+        }
+        Ok(ok)
+    }
+}

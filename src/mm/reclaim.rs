@@ -1,0 +1,256 @@
+//! Page aging and reclaim (`mm/rmap.c`, `mm/vmscan.c`).
+//!
+//! A page is young if the host PTE's Accessed bit is set *or* a secondary
+//! MMU says so (`ptep_clear_flush_young_notify` and friends): the guest
+//! touches memory through the shadow MMU, whose Accessed bits the CPU sets,
+//! so without the notifier every guest page would look cold.
+
+use crate::notifier::{MmuNotifierRange, MmuNotifyEvent};
+
+use super::pgtable::{PresentPte, Pte, vpn};
+use super::stats::{add, inc};
+use super::vma::{MmapFlags, VmaTree};
+use super::{Hva, Mm, MmError, PAGE_SHIFT, PAGE_SIZE, Pfn};
+
+/// What an aging pass found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AgingResult {
+    /// Present pages looked at.
+    pub scanned: u64,
+    /// Pages that were young (their bits are now clear).
+    pub young: Vec<Hva>,
+}
+
+/// What one reclaim call did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReclaimResult {
+    pub scanned: u64,
+    /// Pages unmapped and freed.
+    pub evicted: u64,
+    /// Of those, written to swap because they were dirty.
+    pub swapped_out: u64,
+    /// Of those, dropped because an identical swap copy or nothing (a
+    /// never-written zero page) already existed.
+    pub dropped_clean: u64,
+    /// Pages found young and given another round.
+    pub kept_young: u64,
+    /// Pages that cannot be reclaimed (locked VMA, KSM, pinned).
+    pub skipped: u64,
+}
+
+enum Unmapped {
+    Evicted { swapped: bool },
+    Young,
+    Skipped,
+}
+
+impl Mm {
+    /// `ptep_clear_flush_young_notify`: test and clear the host young bit and
+    /// every secondary MMU's, flushing the secondary TLBs.
+    pub fn clear_flush_young(&self, hva: Hva) -> Result<bool, MmError> {
+        self.young_op(hva, true, true)
+    }
+
+    /// `ptep_clear_young_notify`: the same without the flush (idle page
+    /// tracking).
+    pub fn clear_young(&self, hva: Hva) -> Result<bool, MmError> {
+        self.young_op(hva, true, false)
+    }
+
+    /// `mmu_notifier_test_young` combined with the host bit: is the page
+    /// young anywhere? Nothing is cleared.
+    pub fn test_young(&self, hva: Hva) -> Result<bool, MmError> {
+        self.young_op(hva, false, false)
+    }
+
+    fn young_op(&self, hva: Hva, clear: bool, flush: bool) -> Result<bool, MmError> {
+        self.check_alive()?;
+        let page = hva & !(PAGE_SIZE - 1);
+        let mut pt = self.pt.lock();
+        let Some(mut p) = pt.present(page) else {
+            return Ok(false);
+        };
+        Ok(self.age_pte_locked(&mut pt, page, &mut p, clear, flush))
+    }
+
+    /// The body of the young operations, under the page-table lock (where
+    /// Linux calls the young notifiers).
+    fn age_pte_locked(
+        &self,
+        pt: &mut super::pgtable::PageTables,
+        page: Hva,
+        p: &mut PresentPte,
+        clear: bool,
+        flush: bool,
+    ) -> bool {
+        let mut young = p.young;
+        if clear && p.young {
+            p.young = false;
+            pt.update(page, *p);
+        }
+        if self.notifiers.has_notifiers() {
+            let end = page + PAGE_SIZE;
+            young |= match (clear, flush) {
+                (true, true) => self.notifiers.clear_flush_young(page, end),
+                (true, false) => self.notifiers.clear_young(page, end),
+                (false, _) => young || self.notifiers.test_young(page),
+            };
+        }
+        young
+    }
+
+    /// One aging pass over `[start, end)`: clears (and, with `flush`,
+    /// flushes) the young bits of every present page and reports which were
+    /// young.
+    pub fn age_range(&self, start: Hva, end: Hva, flush: bool) -> Result<AgingResult, MmError> {
+        self.check_alive()?;
+        let mut res = AgingResult::default();
+        let pages: Vec<Hva> = {
+            let pt = self.pt.lock();
+            pt.present_in(start, end)
+                .into_iter()
+                .map(|(h, _)| h)
+                .collect()
+        };
+        for hva in pages {
+            let mut pt = self.pt.lock();
+            let Some(mut p) = pt.present(hva) else {
+                continue;
+            };
+            res.scanned += 1;
+            if self.age_pte_locked(&mut pt, hva, &mut p, true, flush) {
+                res.young.push(hva);
+            }
+        }
+        Ok(res)
+    }
+
+    /// kswapd's work for `nr_to_scan` pages: a clock over the present pages
+    /// of unlocked VMAs. A young page gets a second chance (its bits are
+    /// cleared); a cold one is unmapped under `invalidate_range_start/end`,
+    /// written to swap if dirty, and freed. A later access swaps it back in.
+    pub fn reclaim(&self, nr_to_scan: u64) -> Result<ReclaimResult, MmError> {
+        self.check_alive()?;
+        let vmas = self.mmap_lock.read();
+        self.reclaim_locked(&vmas, nr_to_scan)
+    }
+
+    /// Reclaim under the mmap lock (held for reading by the caller: kswapd,
+    /// or a fault doing direct reclaim).
+    fn reclaim_locked(&self, vmas: &VmaTree, nr_to_scan: u64) -> Result<ReclaimResult, MmError> {
+        let mut res = ReclaimResult::default();
+        let mut cursor = self.reclaim_cursor.lock();
+        let mut wraps = 0;
+        while res.scanned < nr_to_scan {
+            let next = {
+                let pt = self.pt.lock();
+                pt.ptes
+                    .range(vpn(*cursor)..)
+                    .find_map(|(&v, pte)| match pte {
+                        Pte::Present(p) => Some((v << PAGE_SHIFT, *p)),
+                        Pte::Swap(_) => None,
+                    })
+            };
+            let Some((hva, p)) = next else {
+                // Two turns of the clock: one clears young bits, the next
+                // finds the pages that stayed cold.
+                wraps += 1;
+                if wraps > 2 {
+                    break;
+                }
+                *cursor = 0;
+                continue;
+            };
+            *cursor = hva + PAGE_SIZE;
+            res.scanned += 1;
+            inc(&self.stats.pgscan);
+            if vmas
+                .find(hva)
+                .is_none_or(|v| v.flags.contains(MmapFlags::LOCKED))
+            {
+                res.skipped += 1;
+                continue;
+            }
+            match self.try_to_unmap_one(hva, p.pfn)? {
+                Unmapped::Evicted { swapped } => {
+                    res.evicted += 1;
+                    if swapped {
+                        res.swapped_out += 1;
+                    } else {
+                        res.dropped_clean += 1;
+                    }
+                }
+                Unmapped::Young => res.kept_young += 1,
+                Unmapped::Skipped => res.skipped += 1,
+            }
+        }
+        add(&self.stats.pgsteal, res.evicted);
+        add(&self.stats.pgactivate, res.kept_young);
+        Ok(res)
+    }
+
+    /// Direct reclaim from the allocation path: best effort.
+    pub(super) fn direct_reclaim(&self, vmas: &VmaTree, nr: u64) {
+        let _ = self.reclaim_locked(vmas, nr);
+    }
+
+    /// `try_to_unmap_one` for an anonymous page.
+    fn try_to_unmap_one(&self, hva: Hva, pfn: Pfn) -> Result<Unmapped, MmError> {
+        // A young page is not reclaimed (page_referenced + the recheck in
+        // try_to_unmap_one): ask the host bit and every secondary MMU.
+        if self.clear_flush_young(hva)? {
+            return Ok(Unmapped::Young);
+        }
+        let range = MmuNotifierRange::new(MmuNotifyEvent::Unmap, hva, hva + PAGE_SIZE);
+        self.mn_invalidate_range_start(&range)?;
+        let outcome = {
+            let mut pt = self.pt.lock();
+            let ok = match (pt.present(hva), pt.pages.get(&pfn)) {
+                (Some(p), Some(m)) => {
+                    p.pfn == pfn && !m.ksm && m.mapcount == 1 && m.refcount == 1 && !p.young
+                }
+                _ => false,
+            };
+            if !ok {
+                Unmapped::Skipped
+            } else {
+                let Some(Pte::Present(p)) = pt.unmap(hva) else {
+                    return Err(MmError::BadFrame(pfn));
+                };
+                // ptep_clear_flush: the flush reaches IOMMU-style MMUs.
+                self.mn_invalidate_range(hva, hva + PAGE_SIZE);
+                let (dirty, cached) = match pt.pages.get_mut(&pfn) {
+                    Some(m) => (m.dirty || p.dirty, m.swap),
+                    None => (p.dirty, None),
+                };
+                let swapped = if dirty {
+                    // pageout: write the page to a fresh slot; a stale swap
+                    // cache slot is dropped when the page is freed.
+                    let mut buf = vec![0u8; PAGE_SIZE as usize];
+                    use super::memory::FrameAccess;
+                    self.memory().read_frame(pfn, 0, &mut buf)?;
+                    let slot = pt.swap.alloc(&buf);
+                    pt.ptes.insert(vpn(hva), Pte::Swap(slot));
+                    inc(&self.stats.pswpout);
+                    true
+                } else {
+                    if let Some(slot) = cached {
+                        // Clean and identical to its swap copy: the PTE
+                        // takes a reference to the slot.
+                        pt.swap.dup(slot)?;
+                        pt.ptes.insert(vpn(hva), Pte::Swap(slot));
+                    }
+                    // else: never written since it was a zero page; the PTE
+                    // stays empty and the next touch gets a new zero page.
+                    false
+                };
+                Unmapped::Evicted { swapped }
+            }
+        };
+        self.mn_invalidate_range_end(&range, true);
+        if matches!(outcome, Unmapped::Evicted { .. }) {
+            self.put_pages(vec![pfn]);
+        }
+        Ok(outcome)
+    }
+}

@@ -1,0 +1,55 @@
+//! Event counters of the host mm, named after `/proc/vmstat`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($(#[$m:meta])* $name:ident, $snap:ident { $($(#[$fm:meta])* $f:ident),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Default, Debug)]
+        pub struct $name { $($(#[$fm])* pub $f: AtomicU64,)* }
+
+        /// A copy of the counters at one moment.
+        #[derive(Default, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+        pub struct $snap { $($(#[$fm])* pub $f: u64,)* }
+
+        impl $name {
+            pub fn snapshot(&self) -> $snap {
+                $snap { $($f: self.$f.load(Ordering::Relaxed),)* }
+            }
+        }
+    };
+}
+
+counters!(
+    /// Counters of one mm.
+    MmStats, MmStatsSnapshot {
+        /// Page faults handled (`pgfault`).
+        pgfault,
+        /// Demand-zero pages allocated.
+        pgfault_zero,
+        /// Copy-on-write copies made (`cow_ksm` included).
+        pgcow,
+        /// Write faults that reused the page in place.
+        pgreuse,
+        /// Pages read back from swap (`pswpin`).
+        pswpin,
+        /// Pages written to swap (`pswpout`).
+        pswpout,
+        /// Pages evicted by reclaim (`pgsteal`).
+        pgsteal,
+        /// Pages examined by reclaim (`pgscan`).
+        pgscan,
+        /// Pages found young by aging and kept (`pgactivate`).
+        pgactivate,
+        /// Pages dropped by MADV_DONTNEED, munmap or exit.
+        pgzap,
+    }
+);
+
+pub(crate) fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+pub(crate) fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}

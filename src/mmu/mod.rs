@@ -1,0 +1,399 @@
+//! The shadow MMU (`arch/x86/kvm/mmu/`): real x86-64 4-level shadow page
+//! tables in machine memory, built from the guest's page tables and the host
+//! mm, and kept coherent with the host by the MMU notifier.
+//!
+//! * [`pte`]: x86-64 paging-entry bits, address masks and reserved-bit masks.
+//! * [`walk`]: the guest page-table walker (`paging_tmpl.h`
+//!   `walk_addr_generic`), with A/D emulation.
+//! * `spte.rs`: the shadow PTE format; `shadow_page.rs`: shadow pages, the
+//!   page hash, the rmap and write protection of guest tables.
+//! * `fault.rs`: the fault path with KVM's invalidation-sequence retry.
+//! * `notifier.rs`: the `MmuNotifierOps` implementation.
+//! * [`tlb`]: the flush the MMU requests, by frame.
+//! * `check.rs`: the coherence checker (DESIGN.md rules 1 and 5).
+
+mod check;
+mod fault;
+mod guest_mem;
+pub mod memslot;
+mod notifier;
+pub mod pte;
+mod scan;
+mod shadow_page;
+mod spte;
+pub mod stats;
+pub mod tlb;
+pub mod walk;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::mm::{FrameAccess, Mm, MmError, Pfn};
+use crate::notifier::MmuNotifier;
+
+pub use check::CoherenceError;
+pub use fault::FaultOutcome;
+pub use memslot::{Memslot, MemslotError, Memslots};
+pub use stats::{MmuStats, MmuStatsSnapshot};
+pub use tlb::{FlushFrame, FlushReason, NoFlush, RecordingFlush, TlbFlush};
+pub use walk::{PagingState, PfErrorCode};
+
+use pte::{PT_BASE_ADDR_MASK, PT64_ROOT_4LEVEL, PteAccess, pt_index};
+use shadow_page::{Ctx, MmuState, Role, RootEntry};
+use stats::inc;
+
+/// Errors of the shadow MMU (the VMM's problems, never the guest's: a guest
+/// mistake is a [`FaultOutcome`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MmuError {
+    #[error(
+        "no shadow page could be allocated: machine memory is exhausted and no root can be recycled"
+    )]
+    OutOfShadowPages,
+    #[error("host memory: {0}")]
+    Memory(MmError),
+    #[error("vCPU {0} does not exist")]
+    NoSuchVcpu(usize),
+    #[error("vCPU {0} has no root yet: load a CR3 first")]
+    NoRoot(usize),
+    #[error("CR3 {0:#x} sets bits beyond the physical-address width")]
+    InvalidCr3(u64),
+    #[error("the address space has been released")]
+    Released,
+    #[error("a fault was retried {0} times because of concurrent invalidations")]
+    TooManyRetries(u32),
+    #[error("registering on the host mm: {0}")]
+    Register(MmError),
+}
+
+/// Tunables.
+#[derive(Clone, Copy, Debug)]
+pub struct ShadowMmuConfig {
+    pub nr_vcpus: usize,
+    /// Root cache size (one root per guest CR3 value).
+    pub max_roots: usize,
+    /// Guest CPUID's physical-address width.
+    pub maxphyaddr: u8,
+}
+
+impl Default for ShadowMmuConfig {
+    fn default() -> Self {
+        Self {
+            nr_vcpus: 1,
+            max_roots: 8,
+            maxphyaddr: 40,
+        }
+    }
+}
+
+/// A test hook run by the fault path between translating hva → frame and
+/// taking the MMU lock: the race window of rule 2.
+pub type RaceHook = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// Everything the notifier callbacks share with the fault path.
+pub(crate) struct Inner {
+    mm: Arc<Mm>,
+    slots: Memslots,
+    tlb: Arc<dyn TlbFlush>,
+    cfg: ShadowMmuConfig,
+    state: Mutex<MmuState>,
+    /// Per-vCPU guest paging state (CR3 included).
+    paging: Mutex<Vec<PagingState>>,
+    /// `mmu_invalidate_seq`: bumped at the end of every invalidation.
+    invalidate_seq: AtomicU64,
+    /// `mmu_invalidate_in_progress`: raised before the MMU lock is taken
+    /// (so a non-blockable start that fails still counts, and `end` always
+    /// balances it).
+    invalidate_in_progress: AtomicU32,
+    stats: MmuStats,
+    race_hook: Mutex<Option<RaceHook>>,
+}
+
+impl Inner {
+    fn ctx<'a>(&'a self, st: &'a mut MmuState) -> Ctx<'a> {
+        Ctx {
+            st,
+            mem: self.mm.memory().as_ref(),
+            frames: self.mm.frames().as_ref(),
+            stats: &self.stats,
+            flush: Vec::new(),
+        }
+    }
+}
+
+/// The shadow MMU of one VM, registered as an MMU notifier on its host mm.
+pub struct ShadowMmu {
+    inner: Arc<Inner>,
+    registration: Mutex<Option<MmuNotifier>>,
+}
+
+impl ShadowMmu {
+    /// Builds the MMU for guest memory `slots` of `mm` and registers it on
+    /// the mm (`kvm_init_mmu_notifier`). Shadow pages come from the mm's
+    /// frame allocator, owned as `FrameOwner::Shadow`.
+    pub fn new(
+        mm: Arc<Mm>,
+        slots: Memslots,
+        tlb: Arc<dyn TlbFlush>,
+        cfg: ShadowMmuConfig,
+    ) -> Result<Self, MmuError> {
+        let nr = cfg.nr_vcpus.max(1);
+        let state = MmuState {
+            vcpu_roots: vec![None; nr],
+            ..Default::default()
+        };
+        let inner = Arc::new(Inner {
+            mm: mm.clone(),
+            slots,
+            tlb,
+            cfg: ShadowMmuConfig {
+                nr_vcpus: nr,
+                max_roots: cfg.max_roots.max(1),
+                ..cfg
+            },
+            state: Mutex::new(state),
+            paging: Mutex::new(vec![PagingState::new(0, cfg.maxphyaddr); nr]),
+            invalidate_seq: AtomicU64::new(0),
+            invalidate_in_progress: AtomicU32::new(0),
+            stats: MmuStats::default(),
+            race_hook: Mutex::new(None),
+        });
+        let reg = mm
+            .mmu_notifier_register(inner.clone())
+            .map_err(MmuError::Register)?;
+        Ok(Self {
+            inner,
+            registration: Mutex::new(Some(reg)),
+        })
+    }
+
+    pub fn mm(&self) -> &Arc<Mm> {
+        &self.inner.mm
+    }
+
+    pub fn memslots(&self) -> &Memslots {
+        &self.inner.slots
+    }
+
+    pub fn stats(&self) -> MmuStatsSnapshot {
+        self.inner.stats.snapshot()
+    }
+
+    /// `mmu_invalidate_seq` now.
+    pub fn invalidate_seq(&self) -> u64 {
+        self.inner.invalidate_seq.load(Ordering::Acquire)
+    }
+
+    /// Number of shadow pages.
+    pub fn nr_shadow_pages(&self) -> usize {
+        self.inner.state.lock().pages.len()
+    }
+
+    /// Number of present leaf sptes.
+    pub fn nr_sptes(&self) -> usize {
+        self.inner.state.lock().rmap.values().map(Vec::len).sum()
+    }
+
+    /// Number of cached roots.
+    pub fn nr_roots(&self) -> usize {
+        self.inner.state.lock().roots.len()
+    }
+
+    /// Installs (or removes) the race-window hook, for tests.
+    pub fn set_race_hook(&self, hook: Option<RaceHook>) {
+        *self.inner.race_hook.lock() = hook;
+    }
+
+    fn check_vcpu(&self, vcpu: usize) -> Result<(), MmuError> {
+        if vcpu < self.inner.cfg.nr_vcpus {
+            Ok(())
+        } else {
+            Err(MmuError::NoSuchVcpu(vcpu))
+        }
+    }
+
+    /// The guest paging state of a vCPU.
+    pub fn paging(&self, vcpu: usize) -> Result<PagingState, MmuError> {
+        self.check_vcpu(vcpu)?;
+        Ok(self.inner.paging.lock()[vcpu])
+    }
+
+    /// Sets CR0.WP / CR4 / EFER of a vCPU (`kvm_mmu_reset_context`): every
+    /// shadow page derived under the old mode is dropped.
+    pub fn set_paging_mode(&self, vcpu: usize, mut mode: PagingState) -> Result<(), MmuError> {
+        self.check_vcpu(vcpu)?;
+        {
+            let mut p = self.inner.paging.lock();
+            mode.cr3 = p[vcpu].cr3;
+            if p[vcpu] == mode {
+                return Ok(());
+            }
+            p[vcpu] = mode;
+        }
+        let mut st = self.inner.state.lock();
+        let mut ctx = self.inner.ctx(&mut st);
+        let all: Vec<Pfn> = ctx.st.pages.keys().copied().collect();
+        for p in all {
+            ctx.zap_page(p, FlushReason::Zapped)?;
+        }
+        ctx.flush_now(self.inner.tlb.as_ref());
+        Ok(())
+    }
+
+    /// Load CR3 (a hypercall in shadow mode): switches the vCPU to the
+    /// cached root for `cr3`, creating it if needed (recycling the least
+    /// recently used root when the cache is full), and drops unsync pages,
+    /// as the TLB flush of a CR3 load requires. Returns the frame of the
+    /// shadow root, which becomes the vCPU's real CR3.
+    pub fn load_cr3(&self, vcpu: usize, cr3: u64) -> Result<Pfn, MmuError> {
+        self.check_vcpu(vcpu)?;
+        let maxphy = self.inner.cfg.maxphyaddr;
+        let addr = cr3 & PT_BASE_ADDR_MASK;
+        if maxphy < 52 && addr >> maxphy != 0 {
+            return Err(MmuError::InvalidCr3(cr3));
+        }
+        let gfn = addr >> pte::PAGE_SHIFT;
+        let mut st = self.inner.state.lock();
+        if st.released {
+            return Err(MmuError::Released);
+        }
+        let mut ctx = self.inner.ctx(&mut st);
+        ctx.st.tick += 1;
+        let tick = ctx.st.tick;
+        let root = match ctx.st.roots.iter_mut().find(|r| r.cr3_gfn == gfn) {
+            Some(r) => {
+                r.last_used = tick;
+                r.sp
+            }
+            None => {
+                // The vCPU leaves its old root: it may be recycled now.
+                ctx.st.vcpu_roots[vcpu] = None;
+                while ctx.st.roots.len() >= self.inner.cfg.max_roots {
+                    if !ctx.recycle_root()? {
+                        break;
+                    }
+                }
+                let role = Role {
+                    level: PT64_ROOT_4LEVEL,
+                    access: PteAccess::all().bits(),
+                    direct: false,
+                };
+                let sp = ctx.get_page(gfn, role, true)?;
+                if let Some(p) = ctx.st.pages.get_mut(&sp) {
+                    p.root_count += 1;
+                }
+                ctx.st.roots.push(RootEntry {
+                    cr3_gfn: gfn,
+                    sp,
+                    last_used: tick,
+                });
+                sp
+            }
+        };
+        ctx.st.vcpu_roots[vcpu] = Some(root);
+        ctx.resync_root(root)?;
+        ctx.sync_unsync()?;
+        ctx.flush_now(self.inner.tlb.as_ref());
+        drop(st);
+        self.inner.paging.lock()[vcpu].cr3 = cr3;
+        Ok(root)
+    }
+
+    /// The shadow root a vCPU runs on.
+    pub fn root(&self, vcpu: usize) -> Result<Pfn, MmuError> {
+        self.check_vcpu(vcpu)?;
+        self.inner.state.lock().vcpu_roots[vcpu].ok_or(MmuError::NoRoot(vcpu))
+    }
+
+    /// invlpg (a hypercall in shadow mode): drops the leaf spte of `gva`
+    /// and, where the path goes through an unsync page, the stale entry
+    /// there (`FNAME(invlpg)`).
+    pub fn invlpg(&self, vcpu: usize, gva: u64) -> Result<(), MmuError> {
+        self.check_vcpu(vcpu)?;
+        inc(&self.inner.stats.invlpg);
+        let mut st = self.inner.state.lock();
+        let Some(mut sp) = st.vcpu_roots[vcpu] else {
+            return Ok(());
+        };
+        let mut ctx = self.inner.ctx(&mut st);
+        for level in (1..=PT64_ROOT_4LEVEL).rev() {
+            let idx = pt_index(gva, level);
+            let Some(page) = ctx.st.pages.get(&sp) else {
+                break;
+            };
+            if level == 1 || page.unsync {
+                ctx.zap_entry(sp, idx, FlushReason::Zapped)?;
+                break;
+            }
+            let e = ctx.word(sp, idx)?.load(Ordering::Acquire);
+            if !spte::is_present(e) {
+                break;
+            }
+            sp = spte::pfn(e);
+        }
+        ctx.flush_now(self.inner.tlb.as_ref());
+        Ok(())
+    }
+
+    /// Flush the guest TLB (a hypercall in shadow mode): drops every unsync
+    /// page and resyncs the vCPU's root (`kvm_vcpu_flush_tlb_guest` →
+    /// `kvm_mmu_sync_roots`). Synced pages are coherent by write protection.
+    pub fn flush_tlb(&self, vcpu: usize) -> Result<(), MmuError> {
+        self.check_vcpu(vcpu)?;
+        inc(&self.inner.stats.tlb_flush);
+        let mut st = self.inner.state.lock();
+        let root = st.vcpu_roots[vcpu];
+        let mut ctx = self.inner.ctx(&mut st);
+        if let Some(r) = root {
+            ctx.resync_root(r)?;
+        }
+        ctx.sync_unsync()?;
+        ctx.flush_now(self.inner.tlb.as_ref());
+        Ok(())
+    }
+
+    /// The leaf spte mapping `gva` under the vCPU's root (a software walk of
+    /// the shadow tables), for tests and tracing.
+    pub fn lookup_spte(&self, vcpu: usize, gva: u64) -> Result<Option<u64>, MmuError> {
+        self.check_vcpu(vcpu)?;
+        let st = self.inner.state.lock();
+        let Some(mut sp) = st.vcpu_roots[vcpu] else {
+            return Ok(None);
+        };
+        let mem = self.inner.mm.memory();
+        for level in (1..=PT64_ROOT_4LEVEL).rev() {
+            let e = mem
+                .frame_word(sp, pt_index(gva, level))
+                .map_err(MmuError::Memory)?
+                .load(Ordering::Acquire);
+            if !spte::is_present(e) {
+                return Ok(None);
+            }
+            if level == 1 {
+                return Ok(Some(e));
+            }
+            sp = spte::pfn(e);
+        }
+        Ok(None)
+    }
+
+    /// Unregisters from the mm (running `release` if exit has not).
+    pub fn unregister(&self) {
+        if let Some(reg) = self.registration.lock().take() {
+            reg.unregister();
+        }
+    }
+}
+
+impl Drop for ShadowMmu {
+    fn drop(&mut self) {
+        self.unregister();
+    }
+}
+
+/// Shadow-PTE helpers re-exported for tests and the VMM.
+pub mod spte_bits {
+    pub use super::spte::{is_accessed, is_present, is_writable, pfn};
+}

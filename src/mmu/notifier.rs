@@ -1,0 +1,207 @@
+//! The shadow MMU as an MMU notifier (`kvm_mmu_notifier_*` in
+//! `virt/kvm/kvm_main.c`, `kvm_unmap_hva_range` / `kvm_set_spte_hva` /
+//! `kvm_age_hva` in `arch/x86/kvm/mmu/mmu.c`).
+//!
+//! Every callback finds sptes through the rmap by gfn (hva → gfn through the
+//! memslots), never by scanning the tables, and sends the TLB flush for
+//! what it changed before it returns.
+
+use std::sync::atomic::Ordering;
+
+use crate::mm::PAGE_SIZE;
+use crate::notifier::{
+    MmuNotifierOps, MmuNotifierRange, MmuNotifyEvent, NotifierError, NotifierPte,
+};
+
+use super::Inner;
+use super::pte::PT_ACCESSED_MASK;
+use super::shadow_page::Ctx;
+use super::spte;
+use super::stats::inc;
+use super::tlb::{FlushFrame, FlushReason};
+
+impl Inner {
+    /// The gfn ranges `[start, end)` of the host mm backs.
+    fn gfn_ranges(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        self.slots.hva_range_to_gfns(start, end)
+    }
+
+    /// `kvm_unmap_hva_range`: zaps every leaf spte of the range, and the
+    /// shadow pages of guest tables living there (their content came from
+    /// the frames going away).
+    fn unmap_range(&self, ctx: &mut Ctx<'_>, start: u64, end: u64, reason: FlushReason) {
+        for (g0, g1) in self.gfn_ranges(start, end) {
+            for (_, (sp, idx)) in ctx.rmap_range(g0, g1) {
+                let _ = ctx.zap_entry(sp, idx as usize, reason);
+            }
+            let tables: Vec<u64> = ctx.st.by_gfn.range_keys(g0, g1);
+            for gfn in tables {
+                let _ = ctx.unprotect_gfn(gfn, reason);
+            }
+        }
+    }
+
+    /// Clears Accessed bits of the range's sptes; returns whether any was set
+    /// (`kvm_age_rmapp`). `test_only` leaves them set (`kvm_test_age_rmapp`).
+    fn age_range(&self, ctx: &mut Ctx<'_>, start: u64, end: u64, test_only: bool) -> bool {
+        let mut young = false;
+        for (g0, g1) in self.gfn_ranges(start, end) {
+            for (_, (sp, idx)) in ctx.rmap_range(g0, g1) {
+                let Ok(w) = ctx.word(sp, idx as usize) else {
+                    continue;
+                };
+                if test_only {
+                    young |= spte::is_accessed(w.load(Ordering::Acquire));
+                    continue;
+                }
+                let old = w.fetch_and(!PT_ACCESSED_MASK, Ordering::AcqRel);
+                if spte::is_present(old) && spte::is_accessed(old) {
+                    young = true;
+                    ctx.flush.push(FlushFrame {
+                        pfn: spte::pfn(old),
+                        reason: FlushReason::AccessedCleared,
+                    });
+                }
+            }
+        }
+        young
+    }
+}
+
+impl MmuNotifierOps for Inner {
+    fn release(&self) {
+        inc(&self.stats.mn_release);
+        let mut st = self.state.lock();
+        st.released = true;
+        for r in st.vcpu_roots.iter_mut() {
+            *r = None;
+        }
+        let roots = std::mem::take(&mut st.roots);
+        let mut ctx = self.ctx(&mut st);
+        for r in roots {
+            let _ = ctx.drop_root(r.sp);
+        }
+        let rest: Vec<u64> = ctx.st.pages.keys().copied().collect();
+        for p in rest {
+            let _ = ctx.zap_page(p, FlushReason::Freed);
+        }
+        ctx.flush_now(self.tlb.as_ref());
+    }
+
+    fn invalidate_range_start(&self, range: &MmuNotifierRange) -> Result<(), NotifierError> {
+        inc(&self.stats.mn_invalidate_range_start);
+        // Counted before anything else, so end always balances it and a
+        // fault that raced us retries.
+        self.invalidate_in_progress.fetch_add(1, Ordering::AcqRel);
+        let mut st = if range.blockable() {
+            self.state.lock()
+        } else {
+            match self.state.try_lock() {
+                Some(g) => g,
+                None => return Err(NotifierError::Again),
+            }
+        };
+        let reason = match range.event {
+            MmuNotifyEvent::Unmap | MmuNotifyEvent::Clear | MmuNotifyEvent::Release => {
+                FlushReason::Freed
+            }
+            _ => FlushReason::Zapped,
+        };
+        let mut ctx = self.ctx(&mut st);
+        self.unmap_range(&mut ctx, range.start, range.end, reason);
+        // Returns only once no vCPU can reach the old frames.
+        ctx.flush_now(self.tlb.as_ref());
+        Ok(())
+    }
+
+    fn invalidate_range_end(&self, _range: &MmuNotifierRange) {
+        inc(&self.stats.mn_invalidate_range_end);
+        let _st = self.state.lock();
+        // Sequence first, then the count, both under the lock: a fault that
+        // checks after this sees the new sequence.
+        self.invalidate_seq.fetch_add(1, Ordering::AcqRel);
+        self.invalidate_in_progress.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn invalidate_range(&self, _start: u64, _end: u64) {
+        // Our sptes were dropped in invalidate_range_start; nothing shares
+        // the host page table.
+        inc(&self.stats.mn_invalidate_range);
+    }
+
+    fn change_pte(&self, address: u64, pte: NotifierPte) {
+        inc(&self.stats.mn_change_pte);
+        let mut st = self.state.lock();
+        let mut ctx = self.ctx(&mut st);
+        for (g0, g1) in self.gfn_ranges(address, address + PAGE_SIZE) {
+            for (_, (sp, idx)) in ctx.rmap_range(g0, g1) {
+                if pte.writable {
+                    let _ = ctx.zap_entry(sp, idx as usize, FlushReason::Zapped);
+                    continue;
+                }
+                let Ok(w) = ctx.word(sp, idx as usize) else {
+                    continue;
+                };
+                let mut old = w.load(Ordering::Acquire);
+                // The CPU may set A/D concurrently: compare-and-exchange.
+                loop {
+                    let new = spte::repoint_readonly(old, pte.frame);
+                    match w.compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire) {
+                        Ok(_) => break,
+                        Err(cur) => old = cur,
+                    }
+                }
+                ctx.flush.push(FlushFrame {
+                    pfn: spte::pfn(old),
+                    reason: FlushReason::Repointed,
+                });
+            }
+        }
+        ctx.flush_now(self.tlb.as_ref());
+    }
+
+    fn clear_flush_young(&self, start: u64, end: u64) -> bool {
+        inc(&self.stats.mn_clear_flush_young);
+        let mut st = self.state.lock();
+        let mut ctx = self.ctx(&mut st);
+        let young = self.age_range(&mut ctx, start, end, false);
+        ctx.flush_now(self.tlb.as_ref());
+        young
+    }
+
+    fn clear_young(&self, start: u64, end: u64) -> bool {
+        inc(&self.stats.mn_clear_young);
+        let mut st = self.state.lock();
+        let mut ctx = self.ctx(&mut st);
+        let young = self.age_range(&mut ctx, start, end, false);
+        // No flush: a stale Accessed bit only delays aging (Linux's
+        // clear_young contract).
+        ctx.flush.clear();
+        young
+    }
+
+    fn test_young(&self, address: u64) -> bool {
+        inc(&self.stats.mn_test_young);
+        let mut st = self.state.lock();
+        let mut ctx = self.ctx(&mut st);
+        self.age_range(&mut ctx, address, address + PAGE_SIZE, true)
+    }
+}
+
+/// Keys of a map in a range, for the gfn index.
+trait RangeKeys {
+    fn range_keys(&self, g0: u64, g1: u64) -> Vec<u64>;
+}
+
+impl<V> RangeKeys for std::collections::HashMap<u64, V> {
+    fn range_keys(&self, g0: u64, g1: u64) -> Vec<u64> {
+        if g1.saturating_sub(g0) <= self.len() as u64 {
+            (g0..g1).filter(|g| self.contains_key(g)).collect()
+        } else {
+            self.keys()
+                .copied()
+                .filter(|g| (g0..g1).contains(g))
+                .collect()
+        }
+    }
+}

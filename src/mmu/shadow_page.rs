@@ -1,0 +1,437 @@
+//! Shadow pages and the state the MMU lock protects: the page hash, the
+//! rmap, write protection of guest page tables, linking and zapping
+//! (`kvm_mmu_get_page`, `link_shadow_page`, `kvm_mmu_zap_page`,
+//! `account_shadowed`, `mmu_page_zap_pte` in `arch/x86/kvm/mmu/mmu.c`).
+//!
+//! A shadow page shadows one guest page table (its `gfn`) for one role, or,
+//! when `direct`, a range of a guest large page split into 4 KiB sptes.
+//! Synced shadow pages write-protect their guest table: every leaf spte
+//! mapping that gfn is read-only, so a guest write to its own page table
+//! faults and we drop the shadow pages derived from it before it lands
+//! (`kvm_mmu_unprotect_page`). A root that must be dropped while a vCPU runs
+//! on it is emptied and marked unsync instead: its entries are rebuilt by
+//! faults, and it is resynced at the next CR3 load or flush, which is when a
+//! real TLB would have to drop stale entries too.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::mm::{FrameAccess, FrameAllocator, FrameOwner, MachineMemory, Pfn};
+
+use super::MmuError;
+use super::pte::{PT_ENTRIES, PT_WRITABLE_MASK};
+use super::spte;
+use super::stats::{MmuStats, add, inc};
+use super::tlb::{FlushFrame, FlushReason, TlbFlush};
+
+/// Where an spte lives: the shadow page (by frame) and the index in it.
+pub type SpteLoc = (Pfn, u16);
+
+/// No gfn recorded for a leaf slot.
+pub const NO_GFN: u64 = u64::MAX;
+
+/// `union kvm_mmu_page_role`, the part that matters here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Role {
+    /// 4 for a root (PML4), 1 for a table of 4 KiB sptes.
+    pub level: u8,
+    /// Access allowed by the guest entries above (`pt_access`), as
+    /// `PteAccess` bits.
+    pub access: u8,
+    /// Shadows part of a guest large page rather than a guest table.
+    pub direct: bool,
+}
+
+/// `struct kvm_mmu_page`.
+#[derive(Debug)]
+pub struct ShadowPage {
+    /// The frame holding the 512 sptes (the table the CPU walks).
+    pub pfn: Pfn,
+    /// Guest table shadowed, or first gfn covered when `direct`.
+    pub gfn: u64,
+    pub role: Role,
+    /// Entries of other shadow pages that point here (`parent_ptes`).
+    pub parents: Vec<SpteLoc>,
+    /// Roots: how many root-cache entries hold it.
+    pub root_count: u32,
+    /// Not write-protecting its guest table: entries may be stale until
+    /// the next invlpg, flush or CR3 load.
+    pub unsync: bool,
+    /// Level 1: the gfn each leaf spte maps (`NO_GFN` when none).
+    pub leaf_gfns: Vec<u64>,
+}
+
+/// One entry of the root cache.
+#[derive(Clone, Copy, Debug)]
+pub struct RootEntry {
+    /// Guest CR3 page (PCD/PWT ignored).
+    pub cr3_gfn: u64,
+    pub sp: Pfn,
+    pub last_used: u64,
+}
+
+/// Everything under the MMU lock (`kvm->mmu_lock`).
+#[derive(Default)]
+pub struct MmuState {
+    pub pages: HashMap<Pfn, ShadowPage>,
+    /// `mmu_page_hash`: synced and direct pages by (gfn, role).
+    pub hash: HashMap<(u64, Role), Pfn>,
+    /// Every non-direct page by guest table gfn (synced or not).
+    pub by_gfn: HashMap<u64, Vec<Pfn>>,
+    /// Guest table gfns write-protected, with the number of synced pages
+    /// shadowing each (`kvm_mmu_page_track` write tracking).
+    pub protected: HashMap<u64, u32>,
+    /// Unsync, non-root pages: dropped at the next sync.
+    pub unsync: HashSet<Pfn>,
+    /// gfn → leaf sptes mapping it (`rmap`).
+    pub rmap: BTreeMap<u64, Vec<SpteLoc>>,
+    pub roots: Vec<RootEntry>,
+    /// The root each vCPU runs on (never recycled).
+    pub vcpu_roots: Vec<Option<Pfn>>,
+    pub tick: u64,
+    /// After `release`: nothing may be installed any more.
+    pub released: bool,
+}
+
+/// The MMU lock held, with what a modification needs: machine memory to
+/// write sptes, the allocator for shadow pages, and the frames to flush
+/// before the lock is dropped.
+pub struct Ctx<'a> {
+    pub st: &'a mut MmuState,
+    pub mem: &'a dyn MachineMemory,
+    pub frames: &'a FrameAllocator,
+    pub stats: &'a MmuStats,
+    pub flush: Vec<FlushFrame>,
+}
+
+impl Ctx<'_> {
+    /// The spte word `idx` of shadow page `sp`.
+    pub fn word(&self, sp: Pfn, idx: usize) -> Result<&AtomicU64, MmuError> {
+        self.mem.frame_word(sp, idx).map_err(MmuError::Memory)
+    }
+
+    /// Sends the gathered flush and waits for it (`kvm_flush_remote_tlbs`).
+    pub fn flush_now(&mut self, tlb: &dyn TlbFlush) {
+        if self.flush.is_empty() {
+            return;
+        }
+        let mut batch = std::mem::take(&mut self.flush);
+        batch.sort_unstable_by_key(|f| f.pfn);
+        batch.dedup_by_key(|f| f.pfn);
+        inc(&self.stats.remote_tlb_flush);
+        add(&self.stats.remote_tlb_flush_frames, batch.len() as u64);
+        tlb.flush_frames(&batch);
+    }
+
+    pub fn is_protected(&self, gfn: u64) -> bool {
+        self.st.protected.contains_key(&gfn)
+    }
+
+    /// `kvm_mmu_get_page`: a shadow page for (gfn, role), reused from the
+    /// hash when one exists. `protect == false` makes a fresh unsync page
+    /// that does not write-protect its table (used when the access being
+    /// fixed writes that very table).
+    pub fn get_page(&mut self, gfn: u64, role: Role, protect: bool) -> Result<Pfn, MmuError> {
+        if (protect || role.direct)
+            && let Some(&p) = self.st.hash.get(&(gfn, role))
+        {
+            return Ok(p);
+        }
+        let pfn = self.alloc_shadow_frame()?;
+        inc(&self.stats.mmu_cache_miss);
+        let unsync = !protect && !role.direct;
+        self.st.pages.insert(
+            pfn,
+            ShadowPage {
+                pfn,
+                gfn,
+                role,
+                parents: Vec::new(),
+                root_count: 0,
+                unsync,
+                leaf_gfns: if role.level == 1 {
+                    vec![NO_GFN; PT_ENTRIES]
+                } else {
+                    Vec::new()
+                },
+            },
+        );
+        if role.direct {
+            self.st.hash.insert((gfn, role), pfn);
+        } else {
+            self.st.by_gfn.entry(gfn).or_default().push(pfn);
+            if unsync {
+                self.st.unsync.insert(pfn);
+            } else {
+                self.st.hash.insert((gfn, role), pfn);
+                self.account_shadowed(gfn)?;
+            }
+        }
+        Ok(pfn)
+    }
+
+    fn alloc_shadow_frame(&mut self) -> Result<Pfn, MmuError> {
+        match self.frames.alloc(FrameOwner::Shadow) {
+            Ok(p) => Ok(p),
+            Err(_) => {
+                // Make room by recycling an unused root, as KVM does when it
+                // runs out of shadow pages (`make_mmu_pages_available`).
+                if self.recycle_root()? {
+                    self.frames
+                        .alloc(FrameOwner::Shadow)
+                        .map_err(MmuError::Memory)
+                } else {
+                    Err(MmuError::OutOfShadowPages)
+                }
+            }
+        }
+    }
+
+    /// `account_shadowed`: the first synced page for `gfn` write-protects
+    /// every leaf spte mapping it.
+    fn account_shadowed(&mut self, gfn: u64) -> Result<(), MmuError> {
+        let c = self.st.protected.entry(gfn).or_insert(0);
+        *c += 1;
+        if *c > 1 {
+            return Ok(());
+        }
+        let locs = self.st.rmap.get(&gfn).cloned().unwrap_or_default();
+        for (sp, idx) in locs {
+            let w = self.word(sp, idx as usize)?;
+            let old = w.fetch_and(!PT_WRITABLE_MASK, Ordering::AcqRel);
+            if spte::is_present(old) && spte::is_writable(old) {
+                self.flush.push(FlushFrame {
+                    pfn: spte::pfn(old),
+                    reason: FlushReason::WriteProtected,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn unaccount_shadowed(&mut self, gfn: u64) {
+        if let Some(c) = self.st.protected.get_mut(&gfn) {
+            *c -= 1;
+            if *c == 0 {
+                self.st.protected.remove(&gfn);
+            }
+        }
+    }
+
+    /// `link_shadow_page`.
+    pub fn link(&mut self, parent: Pfn, idx: usize, child: Pfn) -> Result<(), MmuError> {
+        self.word(parent, idx)?
+            .store(spte::make_nonleaf(child), Ordering::Release);
+        if let Some(c) = self.st.pages.get_mut(&child) {
+            c.parents.push((parent, idx as u16));
+        }
+        Ok(())
+    }
+
+    /// Records a leaf spte in the rmap.
+    pub fn rmap_add(&mut self, gfn: u64, loc: SpteLoc) {
+        self.st.rmap.entry(gfn).or_default().push(loc);
+        if let Some(sp) = self.st.pages.get_mut(&loc.0) {
+            sp.leaf_gfns[loc.1 as usize] = gfn;
+        }
+    }
+
+    fn rmap_remove(&mut self, loc: SpteLoc) {
+        let Some(sp) = self.st.pages.get_mut(&loc.0) else {
+            return;
+        };
+        let gfn = std::mem::replace(&mut sp.leaf_gfns[loc.1 as usize], NO_GFN);
+        if let Some(list) = self.st.rmap.get_mut(&gfn) {
+            list.retain(|&l| l != loc);
+            if list.is_empty() {
+                self.st.rmap.remove(&gfn);
+            }
+        }
+    }
+
+    /// `mmu_page_zap_pte`: clears entry `idx` of `sp`. A leaf leaves the
+    /// rmap and its frame is flushed with `reason`; a child table loses this
+    /// parent and is zapped when it has none left.
+    pub fn zap_entry(&mut self, sp: Pfn, idx: usize, reason: FlushReason) -> Result<(), MmuError> {
+        let level = match self.st.pages.get(&sp) {
+            Some(p) => p.role.level,
+            None => return Ok(()),
+        };
+        let old = self.word(sp, idx)?.swap(0, Ordering::AcqRel);
+        if !spte::is_present(old) {
+            return Ok(());
+        }
+        if level == 1 {
+            self.rmap_remove((sp, idx as u16));
+            inc(&self.stats.spte_zapped);
+            self.flush.push(FlushFrame {
+                pfn: spte::pfn(old),
+                reason,
+            });
+        } else {
+            let child = spte::pfn(old);
+            let orphan = match self.st.pages.get_mut(&child) {
+                Some(c) => {
+                    c.parents.retain(|&l| l != (sp, idx as u16));
+                    c.parents.is_empty() && c.root_count == 0
+                }
+                None => false,
+            };
+            if orphan {
+                self.zap_page(child, reason)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `kvm_mmu_zap_page`: unlinks `sp` from its parents, zaps its entries
+    /// (and the subtrees only it held) and frees it. A root still in the
+    /// root cache is emptied and marked unsync instead of freed.
+    pub fn zap_page(&mut self, sp: Pfn, reason: FlushReason) -> Result<(), MmuError> {
+        let mut stack = vec![sp];
+        while let Some(p) = stack.pop() {
+            let Some(page) = self.st.pages.get_mut(&p) else {
+                continue;
+            };
+            let parents = std::mem::take(&mut page.parents);
+            let level = page.role.level;
+            for (pp, idx) in parents {
+                if self.st.pages.contains_key(&pp) {
+                    self.word(pp, idx as usize)?.store(0, Ordering::Release);
+                }
+            }
+            for idx in 0..PT_ENTRIES {
+                if level == 1 {
+                    self.zap_entry(p, idx, reason)?;
+                    continue;
+                }
+                let old = self.word(p, idx)?.swap(0, Ordering::AcqRel);
+                if !spte::is_present(old) {
+                    continue;
+                }
+                let child = spte::pfn(old);
+                if let Some(c) = self.st.pages.get_mut(&child) {
+                    c.parents.retain(|&l| l != (p, idx as u16));
+                    if c.parents.is_empty() && c.root_count == 0 {
+                        stack.push(child);
+                    }
+                }
+            }
+            self.unhash(p);
+            let keep = self.st.pages.get(&p).is_some_and(|pg| pg.root_count > 0);
+            if keep {
+                if let Some(pg) = self.st.pages.get_mut(&p) {
+                    pg.unsync = true;
+                }
+                continue;
+            }
+            self.st.pages.remove(&p);
+            self.st.unsync.remove(&p);
+            self.frames
+                .free(p, FrameOwner::Shadow)
+                .map_err(MmuError::Memory)?;
+            inc(&self.stats.mmu_shadow_zapped);
+        }
+        Ok(())
+    }
+
+    /// Takes a page out of the hash, the gfn index and write protection.
+    fn unhash(&mut self, p: Pfn) {
+        let Some(page) = self.st.pages.get(&p) else {
+            return;
+        };
+        let (gfn, role, unsync) = (page.gfn, page.role, page.unsync);
+        if self.st.hash.get(&(gfn, role)) == Some(&p) {
+            self.st.hash.remove(&(gfn, role));
+        }
+        if !role.direct {
+            if let Some(v) = self.st.by_gfn.get_mut(&gfn) {
+                v.retain(|&x| x != p);
+                if v.is_empty() {
+                    self.st.by_gfn.remove(&gfn);
+                }
+            }
+            if !unsync {
+                self.unaccount_shadowed(gfn);
+            }
+        }
+    }
+
+    /// `kvm_mmu_unprotect_page`: drops every page shadowing the guest table
+    /// `gfn`, so the guest may write it.
+    pub fn unprotect_gfn(&mut self, gfn: u64, reason: FlushReason) -> Result<(), MmuError> {
+        let pages = self.st.by_gfn.get(&gfn).cloned().unwrap_or_default();
+        for p in pages {
+            self.zap_page(p, reason)?;
+        }
+        Ok(())
+    }
+
+    /// Resyncs a root: empties it and write-protects its table again.
+    pub fn resync_root(&mut self, root: Pfn) -> Result<(), MmuError> {
+        let Some(page) = self.st.pages.get(&root) else {
+            return Ok(());
+        };
+        if !page.unsync {
+            return Ok(());
+        }
+        let (gfn, role) = (page.gfn, page.role);
+        for idx in 0..PT_ENTRIES {
+            self.zap_entry(root, idx, FlushReason::Zapped)?;
+        }
+        if let Some(pg) = self.st.pages.get_mut(&root) {
+            pg.unsync = false;
+        }
+        self.st.by_gfn.entry(gfn).or_default().push(root);
+        if let std::collections::hash_map::Entry::Vacant(e) = self.st.hash.entry((gfn, role)) {
+            e.insert(root);
+        }
+        self.account_shadowed(gfn)
+    }
+
+    /// `kvm_mmu_sync_roots`, the simple way: drops every unsync page, so no
+    /// stale entry survives a CR3 load or a guest flush.
+    pub fn sync_unsync(&mut self) -> Result<(), MmuError> {
+        let pages: Vec<Pfn> = self.st.unsync.iter().copied().collect();
+        for p in pages {
+            self.zap_page(p, FlushReason::Zapped)?;
+        }
+        Ok(())
+    }
+
+    /// Drops the least recently used root no vCPU runs on
+    /// (`mmu_recycled`). Returns whether one was dropped.
+    pub fn recycle_root(&mut self) -> Result<bool, MmuError> {
+        let in_use = &self.st.vcpu_roots;
+        let victim = self
+            .st
+            .roots
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !in_use.contains(&Some(r.sp)))
+            .min_by_key(|(_, r)| r.last_used)
+            .map(|(i, _)| i);
+        let Some(i) = victim else { return Ok(false) };
+        let r = self.st.roots.remove(i);
+        inc(&self.stats.mmu_recycled);
+        self.drop_root(r.sp)?;
+        Ok(true)
+    }
+
+    /// Releases a root-cache reference and zaps the root.
+    pub fn drop_root(&mut self, sp: Pfn) -> Result<(), MmuError> {
+        if let Some(p) = self.st.pages.get_mut(&sp) {
+            p.root_count = p.root_count.saturating_sub(1);
+        }
+        self.zap_page(sp, FlushReason::Zapped)
+    }
+
+    /// Leaf sptes mapping gfns in `[g0, g1)`.
+    pub fn rmap_range(&self, g0: u64, g1: u64) -> Vec<(u64, SpteLoc)> {
+        self.st
+            .rmap
+            .range(g0..g1)
+            .flat_map(|(&g, locs)| locs.iter().map(move |&l| (g, l)))
+            .collect()
+    }
+}

@@ -1,0 +1,58 @@
+//! Shadow PTEs: architectural x86-64 entries the CPU walks, built by us.
+//!
+//! Non-leaf sptes grant everything (restrictions live in the leaves, as in
+//! KVM). Leaf sptes carry the guest's rights ANDed with the host's, never the
+//! Global bit, and start with Accessed set (and Dirty for a write fault):
+//! the fault *is* an access. The CPU sets A and D afterwards.
+
+use crate::mm::{PAGE_SHIFT, Pfn};
+
+use super::pte::{
+    PT_ACCESSED_MASK, PT_BASE_ADDR_MASK, PT_DIRTY_MASK, PT_PRESENT_MASK, PT_USER_MASK,
+    PT_WRITABLE_MASK, PT64_NX_MASK, PteAccess,
+};
+
+/// An entry pointing at a child shadow table.
+pub fn make_nonleaf(child: Pfn) -> u64 {
+    (child << PAGE_SHIFT) | PT_PRESENT_MASK | PT_WRITABLE_MASK | PT_USER_MASK | PT_ACCESSED_MASK
+}
+
+/// `make_spte` for a 4 KiB leaf.
+pub fn make_leaf(pfn: Pfn, access: PteAccess, writable: bool, efer_nx: bool, dirty: bool) -> u64 {
+    let mut spte = (pfn << PAGE_SHIFT) | PT_PRESENT_MASK | PT_ACCESSED_MASK;
+    if access.contains(PteAccess::USER) {
+        spte |= PT_USER_MASK;
+    }
+    if writable {
+        spte |= PT_WRITABLE_MASK;
+        if dirty {
+            spte |= PT_DIRTY_MASK;
+        }
+    }
+    if efer_nx && !access.contains(PteAccess::EXEC) {
+        spte |= PT64_NX_MASK;
+    }
+    spte
+}
+
+pub fn is_present(spte: u64) -> bool {
+    spte & PT_PRESENT_MASK != 0
+}
+
+pub fn is_writable(spte: u64) -> bool {
+    spte & PT_WRITABLE_MASK != 0
+}
+
+pub fn is_accessed(spte: u64) -> bool {
+    spte & PT_ACCESSED_MASK != 0
+}
+
+/// The frame an spte points at.
+pub fn pfn(spte: u64) -> Pfn {
+    (spte & PT_BASE_ADDR_MASK) >> PAGE_SHIFT
+}
+
+/// The same spte pointing at `new` read-only (`kvm_set_pte_rmapp`).
+pub fn repoint_readonly(spte: u64, new: Pfn) -> u64 {
+    (spte & !PT_BASE_ADDR_MASK & !PT_WRITABLE_MASK & !PT_DIRTY_MASK) | (new << PAGE_SHIFT)
+}

@@ -1,0 +1,70 @@
+//! Counters of the shadow MMU, with KVM's names (`/sys/kernel/debug/kvm`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! mmu_counters {
+    ($($(#[$m:meta])* $f:ident),* $(,)?) => {
+        /// Live counters.
+        #[derive(Default, Debug)]
+        pub struct MmuStats { $($(#[$m])* pub $f: AtomicU64,)* }
+
+        /// A copy of the counters at one moment.
+        #[derive(Default, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+        pub struct MmuStatsSnapshot { $($(#[$m])* pub $f: u64,)* }
+
+        impl MmuStats {
+            pub fn snapshot(&self) -> MmuStatsSnapshot {
+                MmuStatsSnapshot { $($f: self.$f.load(Ordering::Relaxed),)* }
+            }
+        }
+    };
+}
+
+mmu_counters!(
+    /// Faults fixed by installing an spte.
+    pf_fixed,
+    /// Faults that were the guest's own (a #PF for the guest).
+    pf_guest,
+    /// Faults on a gpa outside every memslot (MMIO).
+    pf_mmio,
+    /// Faults whose host page could not be had (host munmap/mprotect).
+    pf_host_error,
+    /// Fault attempts dropped because an invalidation raced them
+    /// (`mmu_invalidate_retry`).
+    pf_retry,
+    /// Guest invlpg requests.
+    invlpg,
+    /// Guest full TLB flushes (and CR3 loads that flushed).
+    tlb_flush,
+    /// Flush requests sent to the TLB-flush backend.
+    remote_tlb_flush,
+    /// Frames named in those requests.
+    remote_tlb_flush_frames,
+    /// Shadow pages zapped.
+    mmu_shadow_zapped,
+    /// Shadow pages created (no cached page fitted).
+    mmu_cache_miss,
+    /// Roots recycled because the root cache was full.
+    mmu_recycled,
+    /// Guest page-table pages unprotected because the guest wrote them.
+    mmu_unsync,
+    /// Leaf sptes zapped (by the notifier, invlpg, flushes).
+    spte_zapped,
+    /// Notifier callbacks received.
+    mn_invalidate_range_start,
+    mn_invalidate_range_end,
+    mn_invalidate_range,
+    mn_change_pte,
+    mn_clear_flush_young,
+    mn_clear_young,
+    mn_test_young,
+    mn_release,
+);
+
+pub(crate) fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+pub(crate) fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}

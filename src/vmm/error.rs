@@ -1,0 +1,76 @@
+//! The errors `vmm::run` returns before a guest runs: bad configuration,
+//! bad images, no KVM. Failures of a running guest are not errors but
+//! outcomes (`run::Outcome`), so that statistics still come back with them.
+
+use std::path::PathBuf;
+
+use super::boot::BootError;
+use super::config::ConfigError;
+use super::kick::KickError;
+use super::loader::LoaderError;
+use super::memory::MemoryError;
+use super::serial::SerialError;
+use super::vm::VmError;
+
+/// Why a VM could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// A configuration value is out of range.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `--paging shadow` before the shadow MMU lands.
+    #[error(
+        "--paging shadow is not implemented yet (it arrives with the shadow MMU); use --paging kvm"
+    )]
+    ShadowNotImplemented,
+    /// The built-in guests were not compiled in.
+    #[error("built-in guest `{name}` is not available: {reason}")]
+    GuestsUnavailable {
+        /// The guest asked for.
+        name: String,
+        /// Why there are none.
+        reason: &'static str,
+    },
+    /// Neither a built-in guest nor a file.
+    #[error("`{0}` is neither a built-in guest (see `shadowvm guests`) nor an existing file")]
+    UnknownGuest(String),
+    /// The image file could not be read.
+    #[error("cannot read guest image {}: {source}", path.display())]
+    ReadImage {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The image is not a usable guest.
+    #[error("{image}: {source}")]
+    Image {
+        /// Guest name or path.
+        image: String,
+        /// Why.
+        source: LoaderError,
+    },
+    /// KVM or the VM could not be set up.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The boot structures could not be written.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Guest memory failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The kick handler could not be installed.
+    #[error(transparent)]
+    Kick(#[from] KickError),
+    /// The console could not be set up.
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+    /// A vCPU thread could not be started.
+    #[error("cannot start the thread of vCPU {vcpu}: {source}")]
+    Thread {
+        /// vCPU index.
+        vcpu: u32,
+        /// Why.
+        source: std::io::Error,
+    },
+}

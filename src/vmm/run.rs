@@ -1,0 +1,270 @@
+//! `run`: from a configuration to a finished VM. Checks what the user can
+//! get wrong first (cheap, before touching KVM), builds the VM, starts one
+//! thread per vCPU, waits for the guest to stop or for `--timeout`, and
+//! reports the outcome with the statistics.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::boot::{self, BootParams};
+use super::config::{GuestSource, Paging, VmConfig};
+use super::error::VmmError;
+use super::guests;
+use super::hypercall::{HypercallHandler, KvmPaging, PagingOps};
+use super::kick::{self, KickError, VcpuKick, VcpuRequest};
+use super::loader;
+use super::serial::{ConsoleOut, SerialDevice};
+use super::stats::{StatsSnapshot, VmStats};
+use super::vcpu::{GuestFailure, Vcpu, VcpuReport, VmContext, VmStop};
+use super::vm::Vm;
+
+/// How a run ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The guest exited with `code`.
+    Exited {
+        /// Exit code.
+        code: u8,
+        /// The vCPU that exited.
+        vcpu: u32,
+    },
+    /// Every vCPU halted.
+    AllHalted,
+    /// The guest failed (triple fault, unknown port, ...).
+    Failed(GuestFailure),
+    /// The VMM failed while the guest ran.
+    VmmError(String),
+    /// The host stopped it (`RunningVm::stop`).
+    Stopped,
+    /// `--timeout` expired; each vCPU's registers when it was stopped.
+    TimedOut {
+        /// The timeout.
+        after: Duration,
+        /// Final vCPU states.
+        vcpus: Vec<VcpuReport>,
+    },
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Exited { code, vcpu } => {
+                write!(f, "guest exited with code {code} (vCPU {vcpu})")
+            }
+            Outcome::AllHalted => write!(f, "every vCPU halted"),
+            Outcome::Stopped => write!(f, "stopped by the host"),
+            Outcome::Failed(failure) => write!(f, "guest failed: {failure}"),
+            Outcome::VmmError(msg) => write!(f, "the VMM failed while running the guest: {msg}"),
+            Outcome::TimedOut { after, vcpus } => {
+                write!(f, "guest timed out: still running after {after:?}")?;
+                for r in vcpus {
+                    if let Some(s) = &r.state {
+                        write!(f, "\nvCPU {}:\n{s}", r.id)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The result of `run`.
+#[derive(Debug)]
+pub struct RunReport {
+    /// How the guest stopped.
+    pub outcome: Outcome,
+    /// Counters of the run.
+    pub stats: StatsSnapshot,
+}
+
+/// The image bytes for `source`.
+fn guest_image(source: &GuestSource) -> Result<(String, Cow<'static, [u8]>), VmmError> {
+    match source {
+        GuestSource::Builtin(name) => match guests::find(name) {
+            Some(g) => Ok((name.clone(), Cow::Borrowed(g.elf))),
+            None => match guests::unavailable_reason() {
+                Some(reason) => Err(VmmError::GuestsUnavailable {
+                    name: name.clone(),
+                    reason,
+                }),
+                None => Err(VmmError::UnknownGuest(name.clone())),
+            },
+        },
+        GuestSource::File(path) => match std::fs::read(path) {
+            Ok(bytes) => Ok((path.display().to_string(), Cow::Owned(bytes))),
+            Err(source)
+                if source.kind() == std::io::ErrorKind::NotFound
+                    && path.components().count() == 1 =>
+            {
+                Err(VmmError::UnknownGuest(path.display().to_string()))
+            }
+            Err(source) => Err(VmmError::ReadImage {
+                path: path.clone(),
+                source,
+            }),
+        },
+    }
+}
+
+/// Boots `config`'s guest and runs it to the end (or `config.timeout`);
+/// guest console output goes to `console`.
+pub fn run(config: &VmConfig, console: ConsoleOut) -> Result<RunReport, VmmError> {
+    Ok(RunningVm::start(config, console)?.wait(config.timeout))
+}
+
+/// A VM whose vCPU threads are running.
+pub struct RunningVm {
+    ctx: Arc<VmContext>,
+    threads: Vec<std::thread::JoinHandle<VcpuReport>>,
+    stats: Arc<VmStats>,
+    vcpus: u32,
+    paging: Paging,
+    // Dropped last: the vCPU threads use its memslot.
+    _vm: Vm,
+}
+
+impl RunningVm {
+    /// Checks `config`, builds the VM and starts one thread per vCPU.
+    pub fn start(config: &VmConfig, console: ConsoleOut) -> Result<Self, VmmError> {
+        config.validate()?;
+        if config.paging == Paging::Shadow {
+            return Err(VmmError::ShadowNotImplemented);
+        }
+        let (image_name, image) = guest_image(&config.guest)?;
+        loader::check_elf(&image, config.mem_size).map_err(|source| VmmError::Image {
+            image: image_name.clone(),
+            source,
+        })?;
+        kick::install_kick_handler()?;
+
+        // Everything from here on counts as VM creation.
+        let stats = Arc::new(VmStats::new(Instant::now()));
+        let vm = Vm::new(config.mem_size)?;
+        let ram = vm.ram().clone();
+        let layout = loader::load_elf(&ram, &image).map_err(|source| VmmError::Image {
+            image: image_name,
+            source,
+        })?;
+        let params = BootParams {
+            nr_vcpus: config.vcpus,
+            paging_mode: config.paging.abi_mode(),
+            cmdline: &config.cmdline,
+            image: layout,
+        };
+        let boot_info = boot::write_boot_structures(&mut &*ram, &params)?;
+
+        let serial = Arc::new(Mutex::new(SerialDevice::new(console, stats.clone())?));
+        let paging: Arc<dyn PagingOps> = Arc::new(KvmPaging::new(ram.clone()));
+        let hypercalls = HypercallHandler::new(paging, ram.clone(), serial.clone());
+        let kicks: Vec<Arc<VcpuKick>> = (0..config.vcpus)
+            .map(|id| Arc::new(VcpuKick::new(id)))
+            .collect();
+        let ctx = Arc::new(VmContext::new(
+            serial,
+            hypercalls,
+            stats.clone(),
+            kicks.clone(),
+        ));
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        for id in 0..config.vcpus {
+            let cr3 = ctx.hypercalls.paging().boot_cr3(id, boot_info.boot_cr3);
+            let fd = vm.create_vcpu(id, config.vcpus, layout.entry, cr3)?;
+            vcpus.push(Vcpu::new(id, fd, ctx.clone(), kicks[id as usize].clone()));
+        }
+        stats.vm_created();
+
+        let mut threads = Vec::with_capacity(vcpus.len());
+        for vcpu in vcpus {
+            let id = threads.len() as u32;
+            match std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu.run())
+            {
+                Ok(t) => threads.push(t),
+                Err(source) => {
+                    ctx.request_stop(VmStop::VmmError(format!("cannot start vCPU {id}")));
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                    return Err(VmmError::Thread { vcpu: id, source });
+                }
+            }
+        }
+        Ok(RunningVm {
+            ctx,
+            threads,
+            stats,
+            vcpus: config.vcpus,
+            paging: config.paging,
+            _vm: vm,
+        })
+    }
+
+    /// Posts `req` to vCPU `vcpu` and kicks it out of KVM_RUN; with `wait`,
+    /// returns once it is outside guest mode. `Ok(false)` if there is no
+    /// such vCPU.
+    pub fn kick(
+        &self,
+        vcpu: u32,
+        req: VcpuRequest,
+        wait: Option<Duration>,
+    ) -> Result<bool, KickError> {
+        let Some(k) = self.ctx.kicks.get(vcpu as usize) else {
+            return Ok(false);
+        };
+        self.stats.kick_sent();
+        match wait {
+            Some(timeout) => k.kick_and_wait(req, timeout)?,
+            None => {
+                k.kick(req)?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// The kick handle of vCPU `vcpu` (to watch its requests).
+    pub fn vcpu_kick(&self, vcpu: u32) -> Option<&Arc<VcpuKick>> {
+        self.ctx.kicks.get(vcpu as usize)
+    }
+
+    /// Stops the guest from the host side.
+    pub fn stop(&self) {
+        self.ctx.request_stop(VmStop::Host);
+    }
+
+    /// Waits for the guest to stop (or `timeout`, then stops it), joins the
+    /// vCPU threads and reports.
+    pub fn wait(self, timeout: Option<Duration>) -> RunReport {
+        if self.ctx.wait_for_stop(timeout).is_none() {
+            self.ctx.request_stop(VmStop::TimedOut);
+        }
+        let mut reports = Vec::with_capacity(self.threads.len());
+        for (id, t) in self.threads.into_iter().enumerate() {
+            match t.join() {
+                Ok(r) => reports.push(r),
+                Err(_) => self
+                    .ctx
+                    .request_stop(VmStop::VmmError(format!("vCPU {id} thread panicked"))),
+            }
+        }
+        let outcome = match self.ctx.stop_reason() {
+            Some(VmStop::Exit { code, vcpu }) => Outcome::Exited { code, vcpu },
+            Some(VmStop::AllHalted) => Outcome::AllHalted,
+            Some(VmStop::Failed(f)) => Outcome::Failed(f),
+            Some(VmStop::VmmError(msg)) => Outcome::VmmError(msg),
+            Some(VmStop::Host) => Outcome::Stopped,
+            Some(VmStop::TimedOut) | None => Outcome::TimedOut {
+                after: timeout.unwrap_or_default(),
+                vcpus: reports,
+            },
+        };
+        RunReport {
+            outcome,
+            stats: self.stats.snapshot(self.vcpus, self.paging.name()),
+        }
+    }
+}

@@ -18,6 +18,8 @@
 //!   `mmu_zap/rmap_mmu_only[_same]`: only the MMU's share of that drop: the
 //!   notifier's `invalidate_range_start` + `invalidate_range_end` for the
 //!   page, called directly (the host page stays; the re-fault is warm).
+//!   `rmap_mmu_only_window1000` (big guest only) cycles over 1,000 of its
+//!   pages: the 1,000-page guest's work with 1,000 times more mapped.
 //! * `mmu_zap/scan`: the same single-gfn zap through
 //!   `ShadowMmu::zap_gfn_by_scan` (every shadow page read), the page then
 //!   re-faulted untimed (the host page is still there: a warm fault).
@@ -28,7 +30,8 @@
 //!   sptes all have the Accessed bit set (set untimed before each pass, as
 //!   the CPU would on an access): one `clear_flush_young` per page through
 //!   the notifier → the MMU clears the spte's A bit. Throughput is sptes
-//!   harvested per second; every pass checks that all N were.
+//!   harvested per second; every pass checks that all N were. N = all of
+//!   the 1,000-page guest, and 1,000 and 65,536 pages of the big one.
 //!
 //! Under `cargo test --benches` (criterion's test mode) the big size shrinks
 //! so that the routines are only smoke-tested.
@@ -214,21 +217,22 @@ impl Vm {
     }
 }
 
-/// Sum of `iters` timed runs of `op(i)`, each followed by untimed `after(i)`;
-/// `i` walks the pages with `STRIDE` (or stays at the middle page).
+/// Sum of `iters` timed runs of `op(i)`, each preceded by untimed
+/// `before(i)` and followed by untimed `after(i)`; `i` walks the first
+/// `span` pages with `STRIDE`, or stays at the middle page if `span == 0`.
 fn timed(
     vm: &Vm,
     iters: u64,
     cursor: &mut u64,
-    scatter: bool,
+    span: u64,
     mut before: impl FnMut(u64),
     mut op: impl FnMut(u64),
     mut after: impl FnMut(u64),
 ) -> Duration {
     let mut total = Duration::ZERO;
     for _ in 0..iters {
-        let i = if scatter {
-            *cursor = (*cursor + STRIDE) % vm.pages;
+        let i = if span > 0 {
+            *cursor = (*cursor + STRIDE) % span;
             *cursor
         } else {
             vm.pages / 2
@@ -253,15 +257,20 @@ fn benches(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
     for (k, &n) in sizes.iter().enumerate() {
-        // (name, scattered pages?, whole madvise (true) or only the MMU's
-        // notifier callbacks (false)).
-        let variants = [
-            ("rmap", true, true),
-            ("rmap_same", false, true),
-            ("rmap_mmu_only", true, false),
-            ("rmap_mmu_only_same", false, false),
+        // (name, pages cycled over (0: the same page), whole madvise (true)
+        // or only the MMU's notifier callbacks (false)). The window variant
+        // cycles over 1,000 pages of the big guest: the same work as the
+        // 1,000-page guest, with 1,000 times more mapped.
+        let mut variants = vec![
+            ("rmap", n, true),
+            ("rmap_same", 0, true),
+            ("rmap_mmu_only", n, false),
+            ("rmap_mmu_only_same", 0, false),
         ];
-        for (name, scatter, madvise) in variants {
+        if n > 1_000 {
+            variants.push(("rmap_mmu_only_window1000", 1_000, false));
+        }
+        for (name, span, madvise) in variants {
             g.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
                 let v = vm(k);
                 let notifiers = v.mm.notifiers().clone();
@@ -274,7 +283,7 @@ fn benches(c: &mut Criterion) {
                         v,
                         iters,
                         &mut cursor,
-                        scatter,
+                        span,
                         |_| {},
                         |i| {
                             if madvise {
@@ -311,7 +320,7 @@ fn benches(c: &mut Criterion) {
                     v,
                     iters,
                     &mut cursor,
-                    true,
+                    v.pages,
                     |_| {},
                     |i| assert_eq!(v.mmu.zap_gfn_by_scan(i), 1),
                     |i| v.fault(i),
@@ -333,7 +342,7 @@ fn benches(c: &mut Criterion) {
                     v,
                     iters,
                     &mut cursor,
-                    true,
+                    v.pages,
                     |i| {
                         v.mm.madvise_dontneed(v.hva(i), PAGE_SIZE)
                             .expect("dontneed")
@@ -351,7 +360,7 @@ fn benches(c: &mut Criterion) {
                     v,
                     iters,
                     &mut cursor,
-                    true,
+                    v.pages,
                     |i| v.mmu.invlpg(0, v.gva(i)).expect("invlpg"),
                     |i| v.fault(i),
                     |_| {},

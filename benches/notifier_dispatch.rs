@@ -11,7 +11,7 @@
 use std::any::Any;
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use shadowvm::notifier::{
@@ -34,9 +34,12 @@ fn range() -> MmuNotifierRange {
     MmuNotifierRange::new(MmuNotifyEvent::Clear, START, END)
 }
 
-/// An `MmuNotifierMm` with `n` no-op notifiers; the registrations must be
-/// kept alive for as long as the list is measured.
-fn list_with(n: usize) -> (Arc<MmuNotifierMm>, Vec<MmuNotifier>) {
+/// A notifier list and the registrations that must stay alive while it is
+/// measured.
+type Registered = (Arc<MmuNotifierMm>, Vec<MmuNotifier>);
+
+/// An `MmuNotifierMm` with `n` no-op notifiers.
+fn list_with(n: usize) -> Registered {
     let list = Arc::new(MmuNotifierMm::new());
     let pin: Arc<dyn Any + Send + Sync> = Arc::new(());
     let regs = (0..n)
@@ -145,9 +148,192 @@ fn dispatch(c: &mut Criterion) {
     }
 }
 
+/// Criterion's test mode (`cargo test --benches`, `cargo bench -- --test`).
+fn test_mode() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    !args.iter().any(|a| a == "--bench") || args.iter().any(|a| a == "--test")
+}
+
+/// Whether the interleaved table belongs to this run: not when a criterion
+/// filter (a bare argument) is given that selects neither `dispatch` nor
+/// `baseline`.
+fn table_wanted() -> bool {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    filters.is_empty()
+        || filters.iter().any(|f| {
+            ["dispatch", "baseline"]
+                .iter()
+                .any(|g| g.contains(f.as_str()) || f.contains(g))
+        })
+}
+
+/// A case of the interleaved table: runs its operation `n` times and returns
+/// the elapsed time.
+type Case<'a> = (String, Box<dyn Fn(u32) -> Duration + 'a>);
+
+fn case<'a, R>(name: impl Into<String>, f: impl Fn() -> R + 'a) -> Case<'a> {
+    (
+        name.into(),
+        Box::new(move |n| {
+            let t = Instant::now();
+            for _ in 0..n {
+                black_box(f());
+            }
+            t.elapsed()
+        }),
+    )
+}
+
+/// Every case of the criterion groups again, interleaved: each repetition
+/// times a batch of every case in turn, so noise on this shared machine hits
+/// all cases alike, and the minimum over the repetitions filters preemption
+/// out. Printed as ns per operation (min / median), with the ratios.
+fn interleaved(_c: &mut Criterion) {
+    if !table_wanted() {
+        return;
+    }
+    let (reps, batch) = if test_mode() { (3, 10) } else { (2_000, 2_000) };
+    let noop = Noop;
+    let ops: &dyn MmuNotifierOps = &noop;
+    let srcu = Srcu::new();
+    let r = range();
+    let r = &r;
+    let lists: Vec<(usize, Registered)> =
+        [0, 1, 4].into_iter().map(|n| (n, list_with(n))).collect();
+
+    let mut cases: Vec<Case<'_>> = vec![
+        case("indirect_call", || {
+            black_box(ops).invalidate_range_start(black_box(r))
+        }),
+        case("indirect_call_pair", || {
+            let o = black_box(ops);
+            let res = o.invalidate_range_start(black_box(r));
+            o.invalidate_range_end(black_box(r));
+            res
+        }),
+        case("srcu_read_lock_unlock", || {
+            drop(black_box(&srcu).read_lock())
+        }),
+    ];
+    for (n, (list, _)) in &lists {
+        let l: &MmuNotifierMm = list;
+        cases.push(case(format!("{n}/invalidate_range_start_end"), move || {
+            let l = black_box(l);
+            let res = l.invalidate_range_start(black_box(r));
+            l.invalidate_range_end(black_box(r), true);
+            res
+        }));
+        cases.push(case(
+            format!("{n}/invalidate_range_start_end_full"),
+            move || {
+                let l = black_box(l);
+                let res = l.invalidate_range_start(black_box(r));
+                l.invalidate_range_end(black_box(r), false);
+                res
+            },
+        ));
+        cases.push(case(format!("{n}/change_pte"), move || {
+            black_box(l).change_pte(black_box(START), black_box(PTE))
+        }));
+        cases.push(case(format!("{n}/clear_flush_young"), move || {
+            black_box(l).clear_flush_young(black_box(START), black_box(END))
+        }));
+        cases.push(case(format!("{n}/clear_young"), move || {
+            black_box(l).clear_young(black_box(START), black_box(END))
+        }));
+        cases.push(case(format!("{n}/test_young"), move || {
+            black_box(l).test_young(black_box(START))
+        }));
+        cases.push(case(format!("{n}/invalidate_range"), move || {
+            black_box(l).invalidate_range(black_box(START), black_box(END))
+        }));
+        if *n == 0 {
+            cases.push(case("0/mm_fast_path_start_end", move || {
+                let l = black_box(l);
+                let mut res = Ok(());
+                if l.has_notifiers() {
+                    res = l.invalidate_range_start(black_box(r));
+                }
+                if l.has_notifiers() {
+                    l.invalidate_range_end(black_box(r), true);
+                }
+                res
+            }));
+        }
+    }
+
+    let mut times: Vec<Vec<f64>> = vec![Vec::with_capacity(reps); cases.len()];
+    for _ in 0..reps {
+        for (i, (_, run)) in cases.iter().enumerate() {
+            times[i].push(run(batch).as_nanos() as f64 / f64::from(batch));
+        }
+    }
+    let stats: Vec<(f64, f64)> = times
+        .iter_mut()
+        .map(|v| {
+            v.sort_by(f64::total_cmp);
+            (v[0], v[v.len() / 2])
+        })
+        .collect();
+    let get = |name: &str| {
+        let i = cases.iter().position(|(n, _)| n == name).expect("case");
+        stats[i]
+    };
+
+    println!("\nInterleaved, {reps} repetitions of {batch} calls, ns per call as min / median:");
+    for (i, (name, _)) in cases.iter().enumerate() {
+        if !name.contains('/') {
+            println!("  {name}: {:.2} / {:.2}", stats[i].0, stats[i].1);
+        }
+    }
+    println!(
+        "  0/mm_fast_path_start_end: {:.2} / {:.2}",
+        get("0/mm_fast_path_start_end").0,
+        get("0/mm_fast_path_start_end").1
+    );
+    let (call, pair) = (get("indirect_call"), get("indirect_call_pair"));
+    println!(
+        "| callback | 0 notifiers | 1 notifier | 4 notifiers | per extra notifier, (4 − 1) / 3 | \
+         1 notifier / plain indirect call |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for cb in [
+        "invalidate_range_start_end",
+        "invalidate_range_start_end_full",
+        "change_pte",
+        "clear_flush_young",
+        "clear_young",
+        "test_young",
+        "invalidate_range",
+    ] {
+        let [s0, s1, s4] = [0, 1, 4].map(|n| get(&format!("{n}/{cb}")));
+        // The pair makes two calls per notifier; compare with two plain calls.
+        let base = if cb.starts_with("invalidate_range_start") {
+            pair
+        } else {
+            call
+        };
+        println!(
+            "| {cb} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {:.2} / {:.2} | {:.1}× / {:.1}× |",
+            s0.0,
+            s0.1,
+            s1.0,
+            s1.1,
+            s4.0,
+            s4.1,
+            (s4.0 - s1.0) / 3.0,
+            (s4.1 - s1.1) / 3.0,
+            s1.0 / base.0,
+            s1.1 / base.1,
+        );
+    }
+    println!();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = baselines, dispatch
+    targets = baselines, dispatch, interleaved
 }
 criterion_main!(benches);

@@ -46,7 +46,7 @@ enum Command {
 enum PagingArg {
     /// The guest's own page tables; KVM does the second level.
     Kvm,
-    /// The VMM's shadow page tables (not implemented yet).
+    /// The VMM's shadow page tables.
     Shadow,
 }
 
@@ -66,11 +66,18 @@ struct RunArgs {
     #[arg(long, default_value_t = 1, value_name = "N")]
     vcpus: u32,
 
-    /// Who translates guest addresses: `kvm` runs the guest on its own page
-    /// tables with KVM doing the second level; `shadow` will run it on the
-    /// VMM's shadow tables (not implemented yet).
-    #[arg(long, value_enum, default_value = "kvm")]
+    /// Who translates guest addresses: `shadow` (the default) runs the guest
+    /// on the VMM's shadow page tables (paravirtual MMU, docs/guest-abi.md);
+    /// `kvm` runs it on its own page tables with KVM doing the second level.
+    #[arg(long, value_enum, default_value = "shadow")]
     paging: PagingArg,
+
+    /// Machine memory for --paging shadow: the frame pool guest RAM (on
+    /// first touch) and the shadow page tables come from. Default: --mem
+    /// plus 1/16 plus 4M. Running out stops the guest with an error.
+    /// Ignored with --paging kvm.
+    #[arg(long, value_name = "SIZE")]
+    machine_mem: Option<String>,
 
     /// Stop the guest and fail (exit status 124) if it still runs after
     /// this long: 500ms, 10s, 2m or plain seconds.
@@ -149,6 +156,12 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         PagingArg::Kvm => Paging::Kvm,
         PagingArg::Shadow => Paging::Shadow,
     };
+    config.machine_mem = args
+        .machine_mem
+        .as_deref()
+        .map(vmm::parse_mem_size)
+        .transpose()
+        .context("--machine-mem")?;
     config.timeout = args
         .timeout
         .as_deref()

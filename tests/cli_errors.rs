@@ -79,10 +79,21 @@ fn bad_vcpus_and_timeout() {
 }
 
 #[test]
-fn shadow_paging_not_yet() {
+fn bad_machine_mem() {
     one_line_error(
-        &shadowvm(&["run", "hello", "--paging", "shadow"]),
-        "--paging shadow is not implemented yet",
+        &shadowvm(&["run", "hello", "--paging", "shadow", "--machine-mem", "3M"]),
+        "--machine-mem: memory size 3M is out of range",
+    );
+    one_line_error(
+        &shadowvm(&[
+            "run",
+            "hello",
+            "--paging",
+            "shadow",
+            "--machine-mem",
+            "lots",
+        ]),
+        "--machine-mem: invalid memory size `lots`",
     );
 }
 

@@ -15,7 +15,8 @@ fn hello_boots_and_exits_zero() {
     r.check(r.code == Some(0), "hello exits 0");
     for line in [
         "Hello from shadowvm!",
-        "vCPUs: 1, memory: 64 MiB, paging: kvm, cmdline: \"greeting=yes\"",
+        // Shadow paging is the default.
+        "vCPUs: 1, memory: 64 MiB, paging: shadow, cmdline: \"greeting=yes\"",
         "hello from ring 3",
         "back in ring 0",
         "bye",

@@ -443,3 +443,46 @@ fn the_checker_catches_sptes_to_shadow_pages_free_frames_and_wrong_frames() {
     g.check();
     let _ = Access::Read;
 }
+
+#[test]
+fn change_pte_repoints_read_only_or_zaps_and_flushes_before_returning() {
+    use shadowvm::notifier::NotifierPte;
+    let mut g = Guest::new(64, 128);
+    g.map(GVA, GPA, P | RW | US | D);
+    g.map(GVA + PAGE_SIZE, GPA + PAGE_SIZE, P | RW | US | D);
+    assert_eq!(g.write_fault(GVA), FaultOutcome::Fixed);
+    assert_eq!(g.read_fault(GVA + PAGE_SIZE), FaultOutcome::Fixed);
+    let old = g.host_pfn(GPA).unwrap();
+    let other = g.host_pfn(GPA + PAGE_SIZE).unwrap();
+    g.flush.take();
+    // Dispatch change_pte straight through the mm's notifier list, as the mm
+    // does between start and end: a read-only new PTE repoints the spte.
+    g.mm.notifiers().change_pte(
+        g.hva(GPA),
+        NotifierPte {
+            frame: other,
+            writable: false,
+        },
+    );
+    let s = g.spte(GVA).unwrap();
+    assert_eq!(spte_pfn(s), other);
+    assert_eq!(s & RW, 0, "a repointed spte is read-only");
+    assert!(
+        g.flush
+            .calls()
+            .iter()
+            .flatten()
+            .any(|f| f.pfn == old && f.reason == FlushReason::Repointed),
+        "the old frame must be flushed before change_pte returns"
+    );
+    // A writable new PTE zaps instead.
+    g.mm.notifiers().change_pte(
+        g.hva(GPA),
+        NotifierPte {
+            frame: old,
+            writable: true,
+        },
+    );
+    assert_eq!(g.spte(GVA), None);
+    assert_eq!(g.mmu.stats().mn_change_pte, 2);
+}

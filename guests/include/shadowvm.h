@@ -241,6 +241,8 @@ struct svm_fault {
 };
 long probe_read64(const volatile void *addr, uint64_t *out, struct svm_fault *fault);
 long probe_write64(volatile void *addr, uint64_t val, struct svm_fault *fault);
+/* An instruction fetch: calls addr, which must hold a `ret` (0xc3). */
+long probe_exec(const volatile void *addr, struct svm_fault *fault);
 
 /* Run fn(arg) in ring 3 on this vCPU's user stack and come back.
  * Returns RUN_USER_OK with *ret = fn's return value, or RUN_USER_FAULT if

@@ -183,7 +183,7 @@ probe_read64:
     mov %rax, (%rsi)
     xor %eax, %eax
     ret
-    EX_ENTRY(1b, probe_fixup)
+    EX_ENTRY(1b, rt_probe_fixup)
 
 /* long probe_write64(volatile void *addr, uint64_t val, struct svm_fault *f) */
     .globl probe_write64
@@ -192,9 +192,24 @@ probe_write64:
 1:  mov %rsi, (%rdi)
     xor %eax, %eax
     ret
-    EX_ENTRY(1b, probe_fixup)
+    EX_ENTRY(1b, rt_probe_fixup)
 
-probe_fixup:
+/* long probe_exec(const volatile void *addr, struct svm_fault *f): calls
+ * addr, which must hold a `ret`.  A fault on fetching addr is reported at
+ * rip == addr, not at an instruction here, so __ex_table cannot name it:
+ * the trap handler recognises the return address rt_probe_exec_ret on top
+ * of the stack instead, pops it and enters rt_probe_fixup like a table entry. */
+    .globl probe_exec
+probe_exec:
+    mov %rsi, %r9
+    call *%rdi
+    .globl rt_probe_exec_ret
+rt_probe_exec_ret:
+    xor %eax, %eax
+    ret
+
+    .globl rt_probe_fixup
+rt_probe_fixup:
     test %r9, %r9
     jz 1f
     mov %r8, 0(%r9)

@@ -57,6 +57,7 @@ long rt_enter_user(long (*fn)(void *), void *arg, uint64_t ustack_top);
 __attribute__((noreturn)) void rt_return_to_kernel(long status);
 long rt_user_syscall(long nr, long a0, long a1);
 extern char rt_user_sys_ud2[];
+extern char rt_probe_exec_ret[], rt_probe_fixup[];
 struct rt_extable { uint64_t insn, fixup; };
 extern const struct rt_extable __start_ex_table[], __stop_ex_table[];
 

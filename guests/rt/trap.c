@@ -94,6 +94,18 @@ void rt_trap(struct rt_frame *f)
             return;
         }
     }
+    /* A probe_exec() whose fetch of its target faulted: the fault is at the
+     * target itself (rip == cr2), with the call's return address on top of
+     * the stack.  Pop it and take the probes' fixup. */
+    if (f->vector == 14 && f->rip == cr2 && (!from_user || user_range_ok(f->rsp, 8)) &&
+        *(const uint64_t *)f->rsp == (uint64_t)rt_probe_exec_ret) {
+        f->rsp += 8;
+        f->r8 = f->vector;
+        f->rdx = f->error_code;
+        f->rcx = cr2;
+        f->rip = (uint64_t)rt_probe_fixup;
+        return;
+    }
     /* Ring 3 inside run_user(): end it, like a signal ends a process. */
     if (from_user && this_cpu()->ksave_rsp) {
         struct svm_fault *fault = this_cpu()->user_fault;

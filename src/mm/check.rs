@@ -32,7 +32,7 @@ impl Mm {
         let pt = self.pt.lock();
         let mut mapped: HashMap<Pfn, Vec<Hva>> = HashMap::new();
         let mut swap_refs: HashMap<u32, u32> = HashMap::new();
-        for (&v, pte) in &pt.ptes {
+        for (v, pte) in pt.ptes.iter() {
             let hva = v << PAGE_SHIFT;
             let vma = vmas.find(hva);
             ensure!(vma.is_some(), "PTE at {hva:#x} outside every VMA");
@@ -57,6 +57,12 @@ impl Mm {
                 Pte::Swap(slot) => *swap_refs.entry(*slot).or_default() += 1,
             }
         }
+        ensure!(
+            pt.ptes.len() == pt.ptes.iter().count(),
+            "page table counts {} entries but holds {}",
+            pt.ptes.len(),
+            pt.ptes.iter().count()
+        );
         for (pfn, meta) in &pt.pages {
             let maps = mapped.remove(pfn).unwrap_or_default();
             ensure!(

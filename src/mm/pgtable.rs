@@ -1,6 +1,6 @@
 //! The host page table and per-page metadata, all under the page-table lock.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use super::swap::{SwapSlot, SwapStore};
 use super::{Hva, PAGE_SHIFT, Pfn};
@@ -46,7 +46,7 @@ pub struct PageMeta {
 /// Everything the page-table lock protects.
 #[derive(Default)]
 pub struct PageTables {
-    pub ptes: BTreeMap<u64, Pte>,
+    pub ptes: PteMap,
     pub pages: HashMap<Pfn, PageMeta>,
     pub swap: SwapStore,
 }
@@ -137,8 +137,8 @@ impl PageTables {
     /// Present PTEs in `[start, end)`.
     pub fn present_in(&self, start: Hva, end: Hva) -> Vec<(Hva, PresentPte)> {
         self.ptes
-            .range(vpn(start)..vpn(end))
-            .filter_map(|(&v, pte)| match pte {
+            .range(vpn(start), vpn(end))
+            .filter_map(|(v, pte)| match pte {
                 Pte::Present(p) => Some((v << PAGE_SHIFT, *p)),
                 Pte::Swap(_) => None,
             })
@@ -148,8 +148,136 @@ impl PageTables {
     /// Every PTE (present or swap) in `[start, end)`.
     pub fn entries_in(&self, start: Hva, end: Hva) -> Vec<(Hva, Pte)> {
         self.ptes
-            .range(vpn(start)..vpn(end))
-            .map(|(&v, pte)| (v << PAGE_SHIFT, *pte))
+            .range(vpn(start), vpn(end))
+            .map(|(v, pte)| (v << PAGE_SHIFT, *pte))
             .collect()
+    }
+}
+
+/// Entries per leaf of [`PteMap`]: one x86 page table's worth.
+const LEAF_ENTRIES: usize = 512;
+const LEAF_SHIFT: u32 = 9;
+
+/// One leaf: the PTEs of 2 MiB of address space.
+struct Leaf {
+    entries: [Option<Pte>; LEAF_ENTRIES],
+    used: u16,
+}
+
+/// The host page table, keyed by virtual page number: a hash of 512-entry
+/// leaves (what a PTE page is to Linux), so a lookup costs the same however
+/// much is mapped, plus an ordered index of the leaves for range walks.
+#[derive(Default)]
+pub struct PteMap {
+    leaves: HashMap<u64, Box<Leaf>>,
+    order: BTreeSet<u64>,
+    len: usize,
+}
+
+fn split(vpn: u64) -> (u64, usize) {
+    (
+        vpn >> LEAF_SHIFT,
+        (vpn & (LEAF_ENTRIES as u64 - 1)) as usize,
+    )
+}
+
+impl PteMap {
+    pub fn get(&self, vpn: &u64) -> Option<&Pte> {
+        let (leaf, i) = split(*vpn);
+        self.leaves.get(&leaf)?.entries[i].as_ref()
+    }
+
+    pub fn insert(&mut self, vpn: u64, pte: Pte) -> Option<Pte> {
+        let (leaf, i) = split(vpn);
+        let l = self.leaves.entry(leaf).or_insert_with(|| {
+            self.order.insert(leaf);
+            Box::new(Leaf {
+                entries: [None; LEAF_ENTRIES],
+                used: 0,
+            })
+        });
+        let old = l.entries[i].replace(pte);
+        if old.is_none() {
+            l.used += 1;
+            self.len += 1;
+        }
+        old
+    }
+
+    pub fn remove(&mut self, vpn: &u64) -> Option<Pte> {
+        let (leaf, i) = split(*vpn);
+        let l = self.leaves.get_mut(&leaf)?;
+        let old = l.entries[i].take()?;
+        l.used -= 1;
+        self.len -= 1;
+        if l.used == 0 {
+            // free_pte_range: an empty PTE page goes away.
+            self.leaves.remove(&leaf);
+            self.order.remove(&leaf);
+        }
+        Some(old)
+    }
+
+    /// Entries with `start <= vpn < end`, in order.
+    pub fn range(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, &Pte)> + '_ {
+        let (first, _) = split(start);
+        let last = if end == 0 { 0 } else { split(end - 1).0 };
+        let leaves = if start < end {
+            Some(self.order.range(first..=last))
+        } else {
+            None
+        };
+        leaves.into_iter().flatten().flat_map(move |&leaf| {
+            let l = &self.leaves[&leaf];
+            l.entries.iter().enumerate().filter_map(move |(i, e)| {
+                let v = (leaf << LEAF_SHIFT) | i as u64;
+                match e {
+                    Some(p) if v >= start && v < end => Some((v, p)),
+                    _ => None,
+                }
+            })
+        })
+    }
+
+    /// Every entry, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &Pte)> + '_ {
+        self.range(0, u64::MAX)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Pte> + '_ {
+        self.iter().map(|(_, p)| p)
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pte_map_inserts_removes_and_walks_in_order() {
+        let mut m = PteMap::default();
+        let vpns = [5u64, 511, 512, 1 << 30, 513, 0];
+        for (i, &v) in vpns.iter().enumerate() {
+            assert_eq!(m.insert(v, Pte::Swap(i as u32)), None);
+        }
+        assert_eq!(m.len(), 6);
+        assert_eq!(m.get(&512), Some(&Pte::Swap(2)));
+        let walked: Vec<u64> = m.iter().map(|(v, _)| v).collect();
+        assert_eq!(walked, vec![0, 5, 511, 512, 513, 1 << 30]);
+        let r: Vec<u64> = m.range(5, 513).map(|(v, _)| v).collect();
+        assert_eq!(r, vec![5, 511, 512]);
+        assert_eq!(m.range(600, 600).count(), 0);
+        assert_eq!(m.remove(&512), Some(Pte::Swap(2)));
+        assert_eq!(m.remove(&512), None);
+        for v in [0u64, 5, 511, 513, 1 << 30] {
+            m.remove(&v);
+        }
+        assert_eq!(m.len(), 0);
+        assert!(m.leaves.is_empty() && m.order.is_empty());
     }
 }

@@ -145,8 +145,8 @@ impl Mm {
             let next = {
                 let pt = self.pt.lock();
                 pt.ptes
-                    .range(vpn(*cursor)..)
-                    .find_map(|(&v, pte)| match pte {
+                    .range(vpn(*cursor), u64::MAX)
+                    .find_map(|(v, pte)| match pte {
                         Pte::Present(p) => Some((v << PAGE_SHIFT, *p)),
                         Pte::Swap(_) => None,
                     })

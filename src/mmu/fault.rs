@@ -10,6 +10,7 @@
 //! spte in the rmap and zap it.
 
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use crate::mm::{Access as HostAccess, FrameAccess, MmError};
 
@@ -17,7 +18,7 @@ use super::guest_mem::GuestMem;
 use super::pte::{PAGE_SHIFT, PT64_ROOT_4LEVEL, level_size, pt_index};
 use super::shadow_page::Role;
 use super::spte;
-use super::stats::inc;
+use super::stats::{add_ns, inc};
 use super::tlb::FlushReason;
 use super::walk::{Access, GuestMmu, PageFault, PfErrorCode, WalkError};
 use super::{MmuError, ShadowMmu};
@@ -63,6 +64,25 @@ impl ShadowMmu {
         Err(MmuError::TooManyRetries(MAX_FAULT_RETRIES))
     }
 
+    /// `mmu_invalidate_retry` for an outcome that installs nothing (a guest
+    /// #PF, MMIO, a host fault). The walk reads each guest table from the
+    /// frame `hva_to_pfn` returned, after the host's locks are dropped, so an
+    /// invalidation running meanwhile may have freed that frame (poisoned or
+    /// handed to someone else) under the read: the outcome would then come
+    /// from bytes that were never the guest's, e.g. a reserved-bit #PF out of
+    /// the free poison. Frames are freed only after `invalidate_range_end`,
+    /// so if no invalidation started or ended since `seq`, every read was of
+    /// a live table. Taken under the MMU lock, where `end` moves the sequence.
+    fn invalidation_raced(&self, seq: u64) -> Result<bool, MmuError> {
+        let inner = &self.inner;
+        let st = inner.state.lock();
+        if st.released {
+            return Err(MmuError::Released);
+        }
+        Ok(inner.invalidate_in_progress.load(Ordering::Acquire) != 0
+            || inner.invalidate_seq.load(Ordering::Acquire) != seq)
+    }
+
     /// One attempt; `None` means "raced an invalidation, retry".
     fn try_fault(
         &self,
@@ -78,11 +98,17 @@ impl ShadowMmu {
         let seq = inner.invalidate_seq.load(Ordering::Acquire);
         let paging = inner.paging.lock()[vcpu];
         let gm = GuestMem::new(&inner.mm, &inner.slots);
-        let walk = match GuestMmu::new(paging).walk_addr(&gm, gva, access) {
+        let t = Instant::now();
+        let walked = GuestMmu::new(paging).walk_addr(&gm, gva, access);
+        add_ns(&inner.stats.pf_walk_ns, t);
+        let walk = match walked {
             Ok(w) => w,
             Err(WalkError::PageFault(pf)) => {
                 if let Some(e) = gm.host_error.borrow_mut().take() {
                     return Err(MmuError::Memory(e));
+                }
+                if self.invalidation_raced(seq)? {
+                    return Ok(None);
                 }
                 inc(&inner.stats.pf_guest);
                 return Ok(Some(FaultOutcome::Guest(pf)));
@@ -91,6 +117,9 @@ impl ShadowMmu {
         };
         let gpa = walk.gpa();
         let Some(hva) = inner.slots.gfn_to_hva(walk.gfn) else {
+            if self.invalidation_raced(seq)? {
+                return Ok(None);
+            }
             inc(&inner.stats.pf_mmio);
             return Ok(Some(FaultOutcome::Mmio { gpa }));
         };
@@ -99,10 +128,16 @@ impl ShadowMmu {
         } else {
             HostAccess::Read
         };
-        let host = match inner.mm.hva_to_pfn(hva, host_access) {
+        let t = Instant::now();
+        let host = inner.mm.hva_to_pfn(hva, host_access);
+        add_ns(&inner.stats.pf_host_ns, t);
+        let host = match host {
             Ok(h) => h,
             Err(MmError::OutOfFrames) => return Err(MmuError::Memory(MmError::OutOfFrames)),
             Err(error) => {
+                if self.invalidation_raced(seq)? {
+                    return Ok(None);
+                }
                 inc(&inner.stats.pf_host_error);
                 return Ok(Some(FaultOutcome::HostFault { gpa, error }));
             }
@@ -112,6 +147,7 @@ impl ShadowMmu {
         }
         let reads = gm.reads.take();
 
+        let t_install = Instant::now();
         let mut st = inner.state.lock();
         if st.released {
             return Err(MmuError::Released);
@@ -228,6 +264,7 @@ impl ShadowMmu {
         }
         inc(&inner.stats.pf_fixed);
         ctx.flush_now(inner.tlb.as_ref());
+        add_ns(&inner.stats.pf_install_ns, t_install);
         Ok(Some(FaultOutcome::Fixed))
     }
 }

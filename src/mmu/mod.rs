@@ -119,6 +119,7 @@ impl Inner {
             frames: self.mm.frames().as_ref(),
             stats: &self.stats,
             flush: Vec::new(),
+            tlb: self.tlb.as_ref(),
         }
     }
 }
@@ -296,6 +297,7 @@ impl ShadowMmu {
         ctx.resync_root(root)?;
         ctx.sync_unsync()?;
         ctx.flush_now(self.inner.tlb.as_ref());
+        drop(ctx);
         drop(st);
         self.inner.paging.lock()[vcpu].cr3 = cr3;
         Ok(root)
@@ -383,6 +385,10 @@ impl ShadowMmu {
     pub fn unregister(&self) {
         if let Some(reg) = self.registration.lock().take() {
             reg.unregister();
+            // Let the retired notifier-list snapshot (which holds our state
+            // and, through it, the mm) go now, on this thread, rather than
+            // from the SRCU worker later.
+            self.inner.mm.notifiers().synchronize();
         }
     }
 }

@@ -101,10 +101,10 @@ impl MmuNotifierOps for Inner {
                 None => return Err(NotifierError::Again),
             }
         };
+        // Only exit frees every frame for sure: a KSM frame outlives the
+        // unmap of one of its mappings, so a range zap must keep contents.
         let reason = match range.event {
-            MmuNotifyEvent::Unmap | MmuNotifyEvent::Clear | MmuNotifyEvent::Release => {
-                FlushReason::Freed
-            }
+            MmuNotifyEvent::Release => FlushReason::Freed,
             _ => FlushReason::Zapped,
         };
         let mut ctx = self.ctx(&mut st);

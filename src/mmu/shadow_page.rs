@@ -102,6 +102,20 @@ pub struct Ctx<'a> {
     pub frames: &'a FrameAllocator,
     pub stats: &'a MmuStats,
     pub flush: Vec<FlushFrame>,
+    /// Where a flush still pending when the context is dropped goes.
+    pub tlb: &'a dyn TlbFlush,
+}
+
+/// An operation that fails half-way (no frame for a shadow page) may already
+/// have zapped or write-protected sptes: their flush must still be sent
+/// before the MMU lock is released, or a vCPU keeps a translation the
+/// tables no longer hold (rule 3). Explicit `flush_now` calls leave nothing
+/// for this.
+impl Drop for Ctx<'_> {
+    fn drop(&mut self) {
+        let tlb = self.tlb;
+        self.flush_now(tlb);
+    }
 }
 
 impl Ctx<'_> {
@@ -116,7 +130,10 @@ impl Ctx<'_> {
             return;
         }
         let mut batch = std::mem::take(&mut self.flush);
-        batch.sort_unstable_by_key(|f| f.pfn);
+        // One entry per frame. `Freed` (the host may discard the contents)
+        // only when every request for the frame says so: a frame also
+        // zapped, write-protected or aged elsewhere keeps its contents.
+        batch.sort_unstable_by_key(|f| (f.pfn, f.reason == FlushReason::Freed));
         batch.dedup_by_key(|f| f.pfn);
         inc(&self.stats.remote_tlb_flush);
         add(&self.stats.remote_tlb_flush_frames, batch.len() as u64);
@@ -279,6 +296,48 @@ impl Ctx<'_> {
             };
             if orphan {
                 self.zap_page(child, reason)?;
+            } else {
+                self.flush_subtree(child)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues a flush of every leaf frame reachable under `sp`, after an
+    /// entry linking `sp` was cleared while `sp` itself survives under other
+    /// parents (a table shared by several roots). Its leaves stay present,
+    /// so nothing else flushes their frames, yet a vCPU, or the host KVM's
+    /// own shadow of our tables (DESIGN.md, "TLB shootdown": kept per root
+    /// until the frame is invalidated in the host), may still translate
+    /// through the link that is gone: after the guest unmaps a PML4 entry
+    /// and invlpg's, or after a root is recycled and its frame reused as
+    /// another root. Flushes are by frame, so the frames below are what
+    /// must be flushed (KVM flushes all TLBs after any zap). Always as
+    /// `Zapped`, never `Freed`, whatever freed the link: these frames stay
+    /// mapped and keep their contents.
+    fn flush_subtree(&mut self, sp: Pfn) -> Result<(), MmuError> {
+        let mut stack = vec![sp];
+        let mut seen = HashSet::new();
+        while let Some(p) = stack.pop() {
+            if !seen.insert(p) {
+                continue;
+            }
+            let Some(level) = self.st.pages.get(&p).map(|pg| pg.role.level) else {
+                continue;
+            };
+            for idx in 0..PT_ENTRIES {
+                let e = self.word(p, idx)?.load(Ordering::Acquire);
+                if !spte::is_present(e) {
+                    continue;
+                }
+                if level == 1 {
+                    self.flush.push(FlushFrame {
+                        pfn: spte::pfn(e),
+                        reason: FlushReason::Zapped,
+                    });
+                } else {
+                    stack.push(spte::pfn(e));
+                }
             }
         }
         Ok(())
@@ -310,11 +369,18 @@ impl Ctx<'_> {
                     continue;
                 }
                 let child = spte::pfn(old);
-                if let Some(c) = self.st.pages.get_mut(&child) {
-                    c.parents.retain(|&l| l != (p, idx as u16));
-                    if c.parents.is_empty() && c.root_count == 0 {
-                        stack.push(child);
+                let orphan = match self.st.pages.get_mut(&child) {
+                    Some(c) => {
+                        c.parents.retain(|&l| l != (p, idx as u16));
+                        c.parents.is_empty() && c.root_count == 0
                     }
+                    None => continue,
+                };
+                if orphan {
+                    stack.push(child);
+                } else {
+                    // Unlinked but alive elsewhere: see `flush_subtree`.
+                    self.flush_subtree(child)?;
                 }
             }
             self.unhash(p);

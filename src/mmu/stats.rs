@@ -32,6 +32,14 @@ mmu_counters!(
     /// Fault attempts dropped because an invalidation raced them
     /// (`mmu_invalidate_retry`).
     pf_retry,
+    /// Nanoseconds in the guest page-table walk (`walk_addr`, with A/D
+    /// emulation) of faults that got that far.
+    pf_walk_ns,
+    /// Nanoseconds in the host fault (`hva_to_pfn`).
+    pf_host_ns,
+    /// Nanoseconds from taking the MMU lock to the end of the install,
+    /// the TLB flush included.
+    pf_install_ns,
     /// Guest invlpg requests.
     invlpg,
     /// Guest full TLB flushes (and CR3 loads that flushed).
@@ -67,4 +75,9 @@ pub(crate) fn inc(c: &AtomicU64) {
 
 pub(crate) fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Adds the nanoseconds since `t` to `c`.
+pub(crate) fn add_ns(c: &AtomicU64, t: std::time::Instant) {
+    add(c, t.elapsed().as_nanos() as u64);
 }

@@ -15,7 +15,8 @@ pub enum FlushReason {
     /// An spte to the frame was zapped; the frame may be freed after the
     /// flush (the host may drop its contents).
     Zapped,
-    /// Zapped and the host is about to free the frame.
+    /// Zapped and the host is about to free the frame for sure (exit):
+    /// its contents may be discarded.
     Freed,
     /// Write access was removed (the frame keeps its contents).
     WriteProtected,

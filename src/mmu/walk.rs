@@ -196,7 +196,7 @@ pub struct PagingState {
     pub cr4_smap: bool,
     /// EFER.NXE: XD is a permission bit; when clear, bit 63 is reserved.
     pub efer_nx: bool,
-    /// CPUID.80000008H:EAX[7:0]. Entry bits 51:MAXPHYADDR are reserved.
+    /// CPUID.80000008H:EAX bits 7:0. Entry bits 51:MAXPHYADDR are reserved.
     pub maxphyaddr: u8,
     /// CPUID.80000001H:EDX.Page1GB: PS in a PDPTE maps 1 GiB; when clear, it
     /// is reserved (`guest_can_use_gbpages`).

@@ -1,6 +1,6 @@
 //! Sleepable RCU (SRCU) for notifier dispatch: Linux's `srcu_struct` API.
 //!
-//! [`Srcu`] adds to the grace-period engine in [`super::srcu_core`] an RAII
+//! [`Srcu`] adds to the grace-period engine in `srcu_core` an RAII
 //! read guard, `call_srcu` (callbacks run after a grace period, on a worker
 //! thread the domain spawns on first use) and `srcu_barrier`.
 //!

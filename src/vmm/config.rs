@@ -51,9 +51,9 @@ pub enum ConfigError {
 #[serde(rename_all = "lowercase")]
 pub enum Paging {
     /// The guest's own page tables, KVM does the second level.
-    #[default]
     Kvm,
-    /// The VMM's shadow page tables (not implemented yet).
+    /// The VMM's shadow page tables (the default).
+    #[default]
     Shadow,
 }
 
@@ -99,19 +99,28 @@ pub struct VmConfig {
     pub timeout: Option<Duration>,
     /// The guest command line.
     pub cmdline: String,
+    /// Bytes of machine memory in shadow mode (`None`: guest RAM plus
+    /// overhead, `shadow::default_machine_mem`). Ignored in kvm mode.
+    pub machine_mem: Option<u64>,
+    /// Shadow mode: invalidate flushed frames in the real host mm
+    /// (`tlb::HostTlbFlush`). Only tests turn it off, to show that without
+    /// it a vCPU keeps using stale translations.
+    pub host_tlb_flush: bool,
 }
 
 impl VmConfig {
-    /// A configuration with the defaults: 64 MiB, one vCPU, kvm paging, no
+    /// A configuration with the defaults: 64 MiB, one vCPU, shadow paging, no
     /// timeout, an empty command line.
     pub fn new(guest: GuestSource) -> Self {
         VmConfig {
             guest,
             mem_size: 64 << 20,
             vcpus: 1,
-            paging: Paging::Kvm,
+            paging: Paging::Shadow,
             timeout: None,
             cmdline: String::new(),
+            machine_mem: None,
+            host_tlb_flush: true,
         }
     }
 

@@ -18,11 +18,17 @@ pub enum VmmError {
     /// A configuration value is out of range.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// `--paging shadow` before the shadow MMU lands.
-    #[error(
-        "--paging shadow is not implemented yet (it arrives with the shadow MMU); use --paging kvm"
-    )]
-    ShadowNotImplemented,
+    /// `--machine-mem` cannot even hold the boot structures.
+    #[error("--machine-mem {size} is too small to boot the guest: {reason}")]
+    MachineMemTooSmall {
+        /// The machine memory size.
+        size: String,
+        /// What ran out.
+        reason: String,
+    },
+    /// The shadow MMU could not be set up.
+    #[error("cannot set up shadow paging: {0}")]
+    ShadowSetup(String),
     /// The built-in guests were not compiled in.
     #[error("built-in guest `{name}` is not available: {reason}")]
     GuestsUnavailable {

@@ -37,6 +37,21 @@ pub enum HypercallError {
     /// A host memory operation failed.
     #[error(transparent)]
     Memory(#[from] super::memory::MemoryError),
+    /// Machine memory ran out (shadow mode): no frame for guest RAM or for a
+    /// shadow page table.
+    #[error(
+        "out of machine memory: all {frames} frames ({size}) of --machine-mem are in use by guest RAM \
+         and shadow page tables; give the VM more with --machine-mem"
+    )]
+    OutOfMachineMemory {
+        /// Frames of machine memory.
+        frames: u64,
+        /// Its size, as `--machine-mem` spells it.
+        size: String,
+    },
+    /// The shadow MMU failed (shadow mode).
+    #[error("shadow MMU: {0}")]
+    Mmu(#[from] crate::mmu::MmuError),
 }
 
 /// Register access to the calling vCPU; the vCPU thread implements it over
@@ -230,6 +245,21 @@ pub enum PfResolution {
     },
 }
 
+/// Counters of shadow mode, for `--stats`.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct ShadowStats {
+    /// The shadow MMU's counters.
+    pub mmu: crate::mmu::MmuStatsSnapshot,
+    /// Host-side invalidations done for its flushes.
+    pub host_invalidate: super::tlb::HostFlushSnapshot,
+    /// Frames of machine memory.
+    pub machine_frames: u64,
+    /// Of which free at the end.
+    pub machine_frames_free: u64,
+    /// Shadow page-table pages at the end.
+    pub shadow_pages: u64,
+}
+
 /// The paging side of the hypercall ABI: what differs between kvm mode
 /// (do what hardware does) and shadow mode (maintain shadow tables).
 pub trait PagingOps: Send + Sync {
@@ -273,6 +303,10 @@ pub trait PagingOps: Send + Sync {
         gpa: u64,
         nr_pages: u64,
     ) -> Result<i64, HypercallError>;
+    /// The shadow MMU's and the host flush's counters (shadow mode only).
+    fn shadow_stats(&self) -> Option<ShadowStats> {
+        None
+    }
     /// HOST_OP operations other than PING.
     fn host_op(
         &self,
@@ -378,10 +412,14 @@ pub enum HypercallOutcome {
     Exit(u8),
 }
 
+/// Guest RAM as the hypercalls read it: `GuestRam` in kvm mode, the host
+/// mm's guest-RAM VMA in shadow mode.
+pub type SharedGuestMem = Arc<dyn GuestMemWriter + Send + Sync>;
+
 /// Decodes, validates and runs hypercalls for all vCPUs of a VM.
 pub struct HypercallHandler {
     paging: Arc<dyn PagingOps>,
-    ram: Arc<GuestRam>,
+    ram: SharedGuestMem,
     console: Arc<Mutex<SerialDevice>>,
 }
 
@@ -394,7 +432,7 @@ impl HypercallHandler {
     /// A handler whose paging hypercalls go to `paging`.
     pub fn new(
         paging: Arc<dyn PagingOps>,
-        ram: Arc<GuestRam>,
+        ram: SharedGuestMem,
         console: Arc<Mutex<SerialDevice>>,
     ) -> Self {
         HypercallHandler {
@@ -665,7 +703,7 @@ mod tests {
         call(&h, &mut cpu, hc::PRINT, [0x20_0000, 3, 0, 0]);
         assert_eq!(cpu.regs.rax, 3);
         assert_eq!(
-            KvmPaging::new(h.ram.clone())
+            KvmPaging::new(Arc::new(GuestRam::new(MEM).unwrap()))
                 .host_op(&mut cpu, 1, 0, 0)
                 .unwrap(),
             EOPNOTSUPP

@@ -40,6 +40,16 @@ pub enum MemoryError {
         /// Why.
         source: vm_memory::GuestMemoryError,
     },
+    /// The host mm refused an access to guest RAM (shadow mode).
+    #[error("guest range {gpa:#x}..+{len:#x}: {source}")]
+    Host {
+        /// Start.
+        gpa: u64,
+        /// Length.
+        len: u64,
+        /// Why.
+        source: crate::mm::MmError,
+    },
     /// `madvise` failed.
     #[error("madvise(MADV_DONTNEED) of guest range {gpa:#x}..+{len:#x} failed: {source}")]
     Discard {

@@ -35,7 +35,9 @@ pub mod memory;
 pub mod pio;
 pub mod run;
 pub mod serial;
+pub mod shadow;
 pub mod stats;
+pub mod tlb;
 pub mod vcpu;
 pub mod vm;
 

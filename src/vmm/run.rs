@@ -14,10 +14,11 @@ use super::boot::{self, BootParams};
 use super::config::{GuestSource, Paging, VmConfig};
 use super::error::VmmError;
 use super::guests;
-use super::hypercall::{HypercallHandler, KvmPaging, PagingOps};
+use super::hypercall::{HypercallHandler, KvmPaging, PagingOps, SharedGuestMem};
 use super::kick::{self, KickError, VcpuKick, VcpuRequest};
 use super::loader;
 use super::serial::{ConsoleOut, SerialDevice};
+use super::shadow::{self, ShadowPaging};
 use super::stats::{StatsSnapshot, VmStats};
 use super::vcpu::{GuestFailure, Vcpu, VcpuReport, VmContext, VmStop};
 use super::vm::Vm;
@@ -123,6 +124,7 @@ pub struct RunningVm {
     stats: Arc<VmStats>,
     vcpus: u32,
     paging: Paging,
+    shadow: Option<Arc<ShadowPaging>>,
     // Dropped last: the vCPU threads use its memslot.
     _vm: Vm,
 }
@@ -131,9 +133,6 @@ impl RunningVm {
     /// Checks `config`, builds the VM and starts one thread per vCPU.
     pub fn start(config: &VmConfig, console: ConsoleOut) -> Result<Self, VmmError> {
         config.validate()?;
-        if config.paging == Paging::Shadow {
-            return Err(VmmError::ShadowNotImplemented);
-        }
         let (image_name, image) = guest_image(&config.guest)?;
         loader::check_elf(&image, config.mem_size).map_err(|source| VmmError::Image {
             image: image_name.clone(),
@@ -143,32 +142,45 @@ impl RunningVm {
 
         // Everything from here on counts as VM creation.
         let stats = Arc::new(VmStats::new(Instant::now()));
-        let vm = Vm::new(config.mem_size)?;
-        let ram = vm.ram().clone();
-        let layout = loader::load_elf(&ram, &image).map_err(|source| VmmError::Image {
-            image: image_name,
-            source,
-        })?;
-        let params = BootParams {
-            nr_vcpus: config.vcpus,
-            paging_mode: config.paging.abi_mode(),
-            cmdline: &config.cmdline,
-            image: layout,
-        };
-        let boot_info = boot::write_boot_structures(&mut &*ram, &params)?;
-
         let serial = Arc::new(Mutex::new(SerialDevice::new(console, stats.clone())?));
-        let paging: Arc<dyn PagingOps> = Arc::new(KvmPaging::new(ram.clone()));
-        let hypercalls = HypercallHandler::new(paging, ram.clone(), serial.clone());
         let kicks: Vec<Arc<VcpuKick>> = (0..config.vcpus)
             .map(|id| Arc::new(VcpuKick::new(id)))
             .collect();
-        let ctx = Arc::new(VmContext::new(
-            serial,
-            hypercalls,
-            stats.clone(),
-            kicks.clone(),
-        ));
+        let mut shadow_paging = None;
+        let mut memslot_bounce = None;
+        let (vm, paging, ram, boot_info, layout) = match config.paging {
+            Paging::Kvm => {
+                let (vm, ram) = Vm::new_ram(config.mem_size)?;
+                let layout = loader::load_elf(&ram, &image).map_err(|source| VmmError::Image {
+                    image: image_name,
+                    source,
+                })?;
+                let params = BootParams {
+                    nr_vcpus: config.vcpus,
+                    paging_mode: config.paging.abi_mode(),
+                    cmdline: &config.cmdline,
+                    image: layout,
+                };
+                let boot_info = boot::write_boot_structures(&mut &*ram, &params)?;
+                let paging: Arc<dyn PagingOps> = Arc::new(KvmPaging::new(ram.clone()));
+                let ram: SharedGuestMem = ram;
+                (vm, paging, ram, boot_info, layout)
+            }
+            Paging::Shadow => {
+                let v = shadow::build(config, &image_name, &image, &kicks)?;
+                memslot_bounce = Some(v.bounce);
+                shadow_paging = Some(v.paging.clone());
+                let paging: Arc<dyn PagingOps> = v.paging;
+                (v.vm, paging, v.ram, v.boot_info, v.layout)
+            }
+        };
+
+        let hypercalls = HypercallHandler::new(paging, ram, serial.clone());
+        let mut ctx = VmContext::new(serial, hypercalls, stats.clone(), kicks.clone());
+        if let Some(b) = memslot_bounce {
+            ctx = ctx.with_memslot_bounce(b);
+        }
+        let ctx = Arc::new(ctx);
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for id in 0..config.vcpus {
             let cr3 = ctx.hypercalls.paging().boot_cr3(id, boot_info.boot_cr3);
@@ -200,6 +212,7 @@ impl RunningVm {
             stats,
             vcpus: config.vcpus,
             paging: config.paging,
+            shadow: shadow_paging,
             _vm: vm,
         })
     }
@@ -229,6 +242,12 @@ impl RunningVm {
     /// The kick handle of vCPU `vcpu` (to watch its requests).
     pub fn vcpu_kick(&self, vcpu: u32) -> Option<&Arc<VcpuKick>> {
         self.ctx.kicks.get(vcpu as usize)
+    }
+
+    /// Shadow mode: the shadow MMU, the host mm and guest RAM (to drive
+    /// host-side memory operations against a running guest).
+    pub fn shadow(&self) -> Option<&Arc<ShadowPaging>> {
+        self.shadow.as_ref()
     }
 
     /// Stops the guest from the host side.
@@ -262,9 +281,8 @@ impl RunningVm {
                 vcpus: reports,
             },
         };
-        RunReport {
-            outcome,
-            stats: self.stats.snapshot(self.vcpus, self.paging.name()),
-        }
+        let mut stats = self.stats.snapshot(self.vcpus, self.paging.name());
+        stats.shadow = self.ctx.hypercalls.paging().shadow_stats();
+        RunReport { outcome, stats }
     }
 }

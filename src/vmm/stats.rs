@@ -22,7 +22,9 @@ pub struct VmStats {
     io_hypercall: AtomicU64,
     io_exit_port: AtomicU64,
     hypercalls: [AtomicU64; NR_HYPERCALLS],
+    hypercall_nr_ns: [AtomicU64; NR_HYPERCALLS],
     guest_ns: AtomicU64,
+    hypercall_ns: AtomicU64,
     kicks_sent: AtomicU64,
     serial_bytes: AtomicU64,
     /// Nanoseconds from `start` to the first serial byte, plus one (0: none yet).
@@ -40,7 +42,9 @@ impl VmStats {
             io_hypercall: AtomicU64::new(0),
             io_exit_port: AtomicU64::new(0),
             hypercalls: Default::default(),
+            hypercall_nr_ns: Default::default(),
             guest_ns: AtomicU64::new(0),
+            hypercall_ns: AtomicU64::new(0),
             kicks_sent: AtomicU64::new(0),
             serial_bytes: AtomicU64::new(0),
             first_serial_ns: AtomicU64::new(0),
@@ -71,17 +75,27 @@ impl VmStats {
     /// One hypercall `nr`.
     pub fn hypercall(&self, nr: u64) {
         self.io_hypercall.fetch_add(1, Ordering::Relaxed);
-        let i = if nr <= hc::MAX {
+        self.hypercalls[Self::hypercall_index(nr)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn hypercall_index(nr: u64) -> usize {
+        if nr <= hc::MAX {
             nr as usize
         } else {
             NR_HYPERCALLS - 1
-        };
-        self.hypercalls[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Time spent inside KVM_RUN.
     pub fn guest_time(&self, ns: u64) {
         self.guest_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Time spent handling hypercall `nr` in the VMM (register access
+    /// included).
+    pub fn hypercall_time(&self, nr: u64, ns: u64) {
+        self.hypercall_ns.fetch_add(ns, Ordering::Relaxed);
+        self.hypercall_nr_ns[Self::hypercall_index(nr)].fetch_add(ns, Ordering::Relaxed);
     }
 
     /// One vCPU kick sent.
@@ -120,6 +134,7 @@ impl VmStats {
             vm_create_us: us(self.vm_create_ns.load(Ordering::Relaxed)),
             first_serial_byte_us: (first != 0).then(|| us(first - 1)),
             time_in_guest_us: us(self.guest_ns.load(Ordering::Relaxed)),
+            time_in_hypercalls_us: us(self.hypercall_ns.load(Ordering::Relaxed)),
             exits: ExitReason::ALL
                 .iter()
                 .map(|r| (r.name(), self.exits[r.index()].load(Ordering::Relaxed)))
@@ -140,8 +155,18 @@ impl VmStats {
                 })
                 .filter(|(_, n)| *n != 0)
                 .collect(),
+            hypercall_us: (0..NR_HYPERCALLS)
+                .filter(|&i| self.hypercalls[i].load(Ordering::Relaxed) != 0)
+                .map(|i| {
+                    (
+                        hypercall_name(i as u64),
+                        us(self.hypercall_nr_ns[i].load(Ordering::Relaxed)),
+                    )
+                })
+                .collect(),
             kicks: self.kicks_sent.load(Ordering::Relaxed),
             serial_bytes: self.serial_bytes.load(Ordering::Relaxed),
+            shadow: None,
         }
     }
 }
@@ -162,16 +187,23 @@ pub struct StatsSnapshot {
     pub first_serial_byte_us: Option<f64>,
     /// Sum over vCPUs of the time spent inside KVM_RUN.
     pub time_in_guest_us: f64,
+    /// Sum over vCPUs of the time the VMM spent handling hypercalls.
+    pub time_in_hypercalls_us: f64,
     /// Exits by KVM exit reason.
     pub exits: BTreeMap<&'static str, u64>,
     /// I/O exits by port.
     pub io_exits: BTreeMap<&'static str, u64>,
     /// Hypercalls by name (only those made).
     pub hypercalls: BTreeMap<&'static str, u64>,
+    /// VMM time handling them, by name (register access included).
+    pub hypercall_us: BTreeMap<&'static str, f64>,
     /// vCPU kicks sent.
     pub kicks: u64,
     /// Console bytes from the guest.
     pub serial_bytes: u64,
+    /// Shadow mode: MMU counters and host invalidations.
+    #[serde(skip_serializing_if = "Option::is_none", flatten)]
+    pub shadow: Option<super::hypercall::ShadowStats>,
 }
 
 impl StatsSnapshot {
@@ -201,6 +233,11 @@ impl fmt::Display for StatsSnapshot {
             "  time in guest        {:>12.1} us",
             self.time_in_guest_us
         )?;
+        writeln!(
+            f,
+            "  time in hypercalls   {:>12.1} us",
+            self.time_in_hypercalls_us
+        )?;
         writeln!(f, "  exits                {:>12}", self.total_exits())?;
         for (name, n) in self.exits.iter().filter(|(_, n)| **n != 0) {
             writeln!(f, "    {name:<22} {n:>8}")?;
@@ -209,10 +246,78 @@ impl fmt::Display for StatsSnapshot {
             writeln!(f, "    io {name:<19} {n:>8}")?;
         }
         for (name, n) in &self.hypercalls {
-            writeln!(f, "    hypercall {name:<12} {n:>8}")?;
+            let t = self.hypercall_us.get(name).copied().unwrap_or(0.0);
+            writeln!(
+                f,
+                "    hypercall {name:<12} {n:>8}  {t:>10.1} us ({:.2} us each)",
+                t / (*n).max(1) as f64
+            )?;
         }
         writeln!(f, "  kicks                {:>12}", self.kicks)?;
-        write!(f, "  serial bytes         {:>12}", self.serial_bytes)
+        write!(f, "  serial bytes         {:>12}", self.serial_bytes)?;
+        if let Some(s) = &self.shadow {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "  machine frames       {:>12} ({} free, {} shadow pages)",
+                s.machine_frames, s.machine_frames_free, s.shadow_pages
+            )?;
+            let m = &s.mmu;
+            for (name, n) in [
+                ("pf_fixed", m.pf_fixed),
+                ("pf_guest", m.pf_guest),
+                ("pf_mmio", m.pf_mmio),
+                ("pf_host_error", m.pf_host_error),
+                ("pf_retry", m.pf_retry),
+                ("pf_walk_ns", m.pf_walk_ns),
+                ("pf_host_ns", m.pf_host_ns),
+                ("pf_install_ns", m.pf_install_ns),
+                ("invlpg", m.invlpg),
+                ("tlb_flush", m.tlb_flush),
+                ("remote_tlb_flush", m.remote_tlb_flush),
+                ("remote_tlb_flush_frames", m.remote_tlb_flush_frames),
+                ("mmu_shadow_zapped", m.mmu_shadow_zapped),
+                ("mmu_cache_miss", m.mmu_cache_miss),
+                ("mmu_recycled", m.mmu_recycled),
+                ("mmu_unsync", m.mmu_unsync),
+                ("spte_zapped", m.spte_zapped),
+            ] {
+                writeln!(f, "    mmu {name:<23} {n:>8}")?;
+            }
+            let h = &s.host_invalidate;
+            writeln!(
+                f,
+                "  host invalidations   {:>12} frames in {} flushes",
+                h.frames, h.flushes
+            )?;
+            let per = |ns: u64, n: u64| ns as f64 / 1000.0 / n.max(1) as f64;
+            writeln!(
+                f,
+                "    flush_frames         {:>8} us ({:.2} us per flush)",
+                h.flush_ns / 1000,
+                per(h.flush_ns, h.flushes)
+            )?;
+            writeln!(
+                f,
+                "    mprotect pairs       {:>8} ({} frames, {:.2} us each)",
+                h.mprotect_calls,
+                h.mprotect_frames,
+                per(h.mprotect_ns, h.mprotect_calls)
+            )?;
+            writeln!(
+                f,
+                "    memslot bounces      {:>8} ({} frames, {:.2} us each)",
+                h.memslot_bounces,
+                h.memslot_bounce_frames,
+                per(h.memslot_bounce_ns, h.memslot_bounces)
+            )?;
+            write!(
+                f,
+                "    madvise(DONTNEED)    {:>8} ({} frames), {} errors",
+                h.dontneed_calls, h.dontneed_frames, h.errors
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -228,6 +333,7 @@ mod tests {
         s.exit(ExitReason::Hlt);
         s.hypercall(hc::EXIT);
         s.hypercall(1000);
+        s.hypercall_time(hc::EXIT, 2500);
         s.serial_output(5);
         s.serial_output(3);
         let snap = s.snapshot(1, "kvm");
@@ -242,6 +348,7 @@ mod tests {
         let json: serde_json::Value = serde_json::to_value(&snap).unwrap();
         assert_eq!(json["exits"]["io"], 2);
         assert_eq!(json["paging"], "kvm");
+        assert_eq!(snap.hypercall_us["exit"], 2.5);
         assert!(snap.to_string().contains("hypercall exit"));
     }
 }

@@ -20,8 +20,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use kvm_bindings::KVM_SYNC_X86_REGS;
 use kvm_bindings::{kvm_regs, kvm_sregs};
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{SyncReg, VcpuFd};
 use parking_lot::{Condvar, Mutex};
 use vmm_sys_util::errno;
 
@@ -232,6 +233,9 @@ pub struct VmContext {
     pub stats: Arc<VmStats>,
     /// Kick handles of all vCPUs, by index.
     pub kicks: Vec<Arc<VcpuKick>>,
+    /// Shadow mode: held across KVM_RUN so a memslot bounce can keep every
+    /// vCPU out of the guest.
+    pub memslot_bounce: Option<Arc<super::tlb::MemslotBounce>>,
     stop: Mutex<Option<VmStop>>,
     stopped: Condvar,
     halted: AtomicU32,
@@ -250,10 +254,17 @@ impl VmContext {
             hypercalls,
             stats,
             kicks,
+            memslot_bounce: None,
             stop: Mutex::new(None),
             stopped: Condvar::new(),
             halted: AtomicU32::new(0),
         }
+    }
+
+    /// With the shadow-mode memslot bounce.
+    pub fn with_memslot_bounce(mut self, bounce: Arc<super::tlb::MemslotBounce>) -> Self {
+        self.memslot_bounce = Some(bounce);
+        self
     }
 
     /// Stops the VM for `why` unless it is already stopping: records the
@@ -313,6 +324,9 @@ enum Action {
 pub struct Vcpu {
     id: u32,
     fd: VcpuFd,
+    /// KVM keeps the general registers in `kvm_run` (set up by
+    /// `Vm::create_vcpu` when KVM has `KVM_CAP_SYNC_REGS`).
+    sync_regs: bool,
     ctx: Arc<VmContext>,
     kick: Arc<VcpuKick>,
 }
@@ -327,9 +341,16 @@ pub struct VcpuReport {
 }
 
 /// `CpuAccess` over a `VcpuFd`, for hypercalls.
+///
+/// With `sync`, the general registers go through `kvm_run`'s sync area
+/// (`KVM_SYNC_X86_REGS`: KVM stores them there at every exit and loads them
+/// at the next KVM_RUN when marked dirty), saving the GET_REGS and SET_REGS
+/// ioctls of every hypercall. Only valid after a KVM_RUN exit, which is when
+/// hypercalls run.
 struct FdCpu<'a> {
     id: u32,
-    fd: &'a VcpuFd,
+    fd: &'a mut VcpuFd,
+    sync: bool,
 }
 
 impl FdCpu<'_> {
@@ -343,9 +364,17 @@ impl CpuAccess for FdCpu<'_> {
         self.id
     }
     fn regs(&mut self) -> Result<kvm_regs, HypercallError> {
+        if self.sync {
+            return Ok(self.fd.sync_regs_mut().regs);
+        }
         self.fd.get_regs().map_err(self.kvm_err("KVM_GET_REGS"))
     }
     fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), HypercallError> {
+        if self.sync {
+            self.fd.sync_regs_mut().regs = *regs;
+            self.fd.set_sync_dirty_reg(SyncReg::Register);
+            return Ok(());
+        }
         self.fd.set_regs(regs).map_err(self.kvm_err("KVM_SET_REGS"))
     }
     fn sregs(&mut self) -> Result<kvm_sregs, HypercallError> {
@@ -429,8 +458,15 @@ fn handle_exit(ctx: &VmContext, id: u32, exit: VmExit<'_>) -> Result<Action, Vcp
 
 impl Vcpu {
     /// A configured vCPU, ready to run on its own thread.
-    pub fn new(id: u32, fd: VcpuFd, ctx: Arc<VmContext>, kick: Arc<VcpuKick>) -> Self {
-        Vcpu { id, fd, ctx, kick }
+    pub fn new(id: u32, mut fd: VcpuFd, ctx: Arc<VmContext>, kick: Arc<VcpuKick>) -> Self {
+        let sync_regs = fd.get_kvm_run().kvm_valid_regs & u64::from(KVM_SYNC_X86_REGS) != 0;
+        Vcpu {
+            id,
+            fd,
+            sync_regs,
+            ctx,
+            kick,
+        }
     }
 
     fn state(&self) -> Option<CpuState> {
@@ -474,15 +510,21 @@ impl Vcpu {
     }
 
     fn run_loop(&mut self) -> Result<(), VcpuError> {
+        let ctx = self.ctx.clone();
         loop {
+            // Held from before "in guest mode" is published until KVM_RUN
+            // returns (see `tlb::MemslotBounce`).
+            let gate = ctx.memslot_bounce.as_ref().map(|b| b.enter());
             let reqs = self.kick.enter_guest_mode();
             if !reqs.is_empty() {
+                drop(gate);
                 if reqs.contains(VcpuRequest::STOP) {
                     return Ok(());
                 }
                 let mut cpu = FdCpu {
                     id: self.id,
-                    fd: &self.fd,
+                    fd: &mut self.fd,
+                    sync: false,
                 };
                 self.ctx
                     .hypercalls
@@ -498,6 +540,7 @@ impl Vcpu {
             let t = Instant::now();
             let result = self.fd.run();
             self.kick.exit_guest_mode();
+            drop(gate);
             self.ctx.stats.guest_time(t.elapsed().as_nanos() as u64);
 
             let exit = VmExit::from_run(result).map_err(|source| VcpuError::Kvm {
@@ -519,9 +562,15 @@ impl Vcpu {
                     self.ctx.stats.hypercall(nr);
                     let mut cpu = FdCpu {
                         id: self.id,
-                        fd: &self.fd,
+                        fd: &mut self.fd,
+                        sync: self.sync_regs,
                     };
-                    match self.ctx.hypercalls.handle(&mut cpu, nr) {
+                    let t = Instant::now();
+                    let result = self.ctx.hypercalls.handle(&mut cpu, nr);
+                    self.ctx
+                        .stats
+                        .hypercall_time(nr, t.elapsed().as_nanos() as u64);
+                    match result {
                         Ok(HypercallOutcome::Resume) => {}
                         Ok(HypercallOutcome::Exit(code)) => self.ctx.request_stop(VmStop::Exit {
                             code,

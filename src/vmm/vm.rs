@@ -4,12 +4,16 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use kvm_bindings::{CpuId, KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES, kvm_userspace_memory_region};
+use kvm_bindings::{
+    CpuId, KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES, KVM_SYNC_X86_REGS, kvm_userspace_memory_region,
+};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::errno;
 
+use super::abi::PAGE_SIZE;
 use super::boot;
 use super::memory::{GuestMemWriter, GuestRam, MemoryError};
+use crate::mm::MachineMemory;
 
 /// The KVM device; `SHADOWVM_KVM_DEVICE` overrides it (tests use that to
 /// check the "no KVM" message).
@@ -66,17 +70,49 @@ pub enum VmError {
     Memory(#[from] MemoryError),
 }
 
+/// What KVM's memslot 0 is.
+enum Backing {
+    /// kvm mode: guest RAM itself.
+    Ram(Arc<GuestRam>),
+    /// shadow mode: machine memory (frames of the host mm and shadow pages).
+    Machine(Arc<dyn MachineMemory>),
+}
+
 /// An open VM with its RAM registered.
 pub struct Vm {
     kvm: Kvm,
-    fd: VmFd,
-    ram: Arc<GuestRam>,
+    fd: Arc<VmFd>,
+    backing: Backing,
     cpuid: CpuId,
 }
 
 impl Vm {
     /// Opens KVM and creates a VM with `mem_size` bytes of RAM at gpa 0.
     pub fn new(mem_size: u64) -> Result<Self, VmError> {
+        Ok(Self::new_ram(mem_size)?.0)
+    }
+
+    /// [`Vm::new`], also returning guest RAM.
+    pub fn new_ram(mem_size: u64) -> Result<(Self, Arc<GuestRam>), VmError> {
+        let ram = Arc::new(GuestRam::new(mem_size)?);
+        let base = ram.host_base();
+        let size = ram.size();
+        Ok((
+            Self::with_backing(Backing::Ram(ram.clone()), base, size)?,
+            ram,
+        ))
+    }
+
+    /// Opens KVM and creates a VM whose only memslot is `machine` at KVM
+    /// gpa 0, so a frame number is a KVM guest-physical page number
+    /// (shadow mode).
+    pub fn new_machine(machine: Arc<dyn MachineMemory>) -> Result<Self, VmError> {
+        let base = machine.host_base();
+        let size = machine.nr_frames() * PAGE_SIZE;
+        Self::with_backing(Backing::Machine(machine), base, size)
+    }
+
+    fn with_backing(backing: Backing, host_base: *mut u8, size: u64) -> Result<Self, VmError> {
         let path = std::env::var_os("SHADOWVM_KVM_DEVICE")
             .map_or_else(|| PathBuf::from(KVM_DEVICE), PathBuf::from);
         let kvm = open_kvm(&path)?;
@@ -88,17 +124,16 @@ impl Vm {
             op: "KVM_CREATE_VM",
             source,
         })?;
-        let ram = Arc::new(GuestRam::new(mem_size)?);
         let region = kvm_userspace_memory_region {
             slot: 0,
             flags: 0,
             guest_phys_addr: 0,
-            memory_size: ram.size(),
-            userspace_addr: ram.host_base() as u64,
+            memory_size: size,
+            userspace_addr: host_base as u64,
         };
-        // SAFETY: the region describes `ram`'s own anonymous mapping, which
-        // lives in an `Arc` held by this `Vm` (and by everyone who can run
-        // its vCPUs), so it outlives the VM fd that references it.
+        // SAFETY: the region describes the backing's own anonymous mapping
+        // (guest RAM or machine memory), which lives in an `Arc` held by
+        // this `Vm`, so it outlives the VM fd that references it.
         unsafe { fd.set_user_memory_region(region) }.map_err(|source| VmError::Kvm {
             op: "KVM_SET_USER_MEMORY_REGION",
             source,
@@ -111,15 +146,68 @@ impl Vm {
             })?;
         Ok(Vm {
             kvm,
-            fd,
-            ram,
+            fd: Arc::new(fd),
+            backing,
             cpuid,
         })
     }
 
-    /// Guest RAM.
-    pub fn ram(&self) -> &Arc<GuestRam> {
-        &self.ram
+    /// Guest RAM (kvm mode; `None` in shadow mode, where guest RAM is a
+    /// VMA of the host mm).
+    pub fn ram(&self) -> Option<&Arc<GuestRam>> {
+        match &self.backing {
+            Backing::Ram(r) => Some(r),
+            Backing::Machine(_) => None,
+        }
+    }
+
+    /// A handle that deletes and re-adds memslot 0 (shadow mode's bulk TLB
+    /// shootdown). `None` in kvm mode.
+    pub fn memslot_bouncer(&self) -> Option<MemslotBouncer> {
+        let m = self.machine()?;
+        Some(MemslotBouncer {
+            fd: self.fd.clone(),
+            machine: m.clone(),
+        })
+    }
+
+    /// Machine memory (shadow mode; `None` in kvm mode).
+    pub fn machine(&self) -> Option<&Arc<dyn MachineMemory>> {
+        match &self.backing {
+            Backing::Ram(_) => None,
+            Backing::Machine(m) => Some(m),
+        }
+    }
+
+    fn cpuid_entry(&self, function: u32) -> Option<kvm_bindings::kvm_cpuid_entry2> {
+        self.cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == function && e.index == 0)
+            .copied()
+    }
+
+    /// The guest's physical-address width (`CPUID.80000008H:EAX[7:0]`), as
+    /// the shadow MMU's walker must use for reserved bits.
+    pub fn maxphyaddr(&self) -> u8 {
+        self.cpuid_entry(0x8000_0008)
+            .map(|e| (e.eax & 0xff) as u8)
+            .filter(|&w| (32..=52).contains(&w))
+            .unwrap_or(36)
+    }
+
+    /// CPUID.80000001H:EDX.Page1GB.
+    pub fn gbpages(&self) -> bool {
+        self.cpuid_entry(0x8000_0001)
+            .is_some_and(|e| e.edx & (1 << 26) != 0)
+    }
+
+    /// Whether the CPUID vendor is AMD or Hygon.
+    pub fn is_amd(&self) -> bool {
+        self.cpuid_entry(0).is_some_and(|e| {
+            // "AuthenticAMD" / "HygonGenuine": ebx holds the first 4 bytes.
+            e.ebx == u32::from_le_bytes(*b"Auth") || e.ebx == u32::from_le_bytes(*b"Hygo")
+        })
     }
 
     /// Most vCPUs KVM recommends.
@@ -143,7 +231,7 @@ impl Vm {
                 source,
             }
         };
-        let vcpu = self
+        let mut vcpu = self
             .fd
             .create_vcpu(u64::from(id))
             .map_err(setup("KVM_CREATE_VCPU"))?;
@@ -166,7 +254,42 @@ impl Vm {
         vcpu.set_sregs(&sregs).map_err(setup("KVM_SET_SREGS"))?;
         vcpu.set_regs(&boot::vcpu_regs(entry, id))
             .map_err(setup("KVM_SET_REGS"))?;
+        // Hypercalls then read and write the general registers in kvm_run
+        // instead of two ioctls each (see `vcpu::FdCpu`).
+        let sync = self.kvm.check_extension_int(kvm_ioctls::Cap::SyncRegs);
+        if sync > 0 && (sync as u32) & KVM_SYNC_X86_REGS != 0 {
+            vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+        }
         Ok(vcpu)
+    }
+}
+
+/// Deletes and re-adds the machine-memory memslot: KVM drops every
+/// translation it built from it (`kvm_arch_flush_shadow_memslot`) and
+/// flushes every vCPU's TLB. The caller must keep every vCPU out of
+/// KVM_RUN while it runs (no memslot: a vCPU would see MMIO).
+pub struct MemslotBouncer {
+    fd: Arc<VmFd>,
+    machine: Arc<dyn MachineMemory>,
+}
+
+impl MemslotBouncer {
+    /// Delete + re-add.
+    pub fn bounce(&self) -> Result<(), errno::Error> {
+        let mut region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: 0,
+            userspace_addr: self.machine.host_base() as u64,
+        };
+        // SAFETY: a zero size deletes slot 0; nothing in guest memory is
+        // touched, and no vCPU runs (the caller's contract).
+        unsafe { self.fd.set_user_memory_region(region) }?;
+        region.memory_size = self.machine.nr_frames() * PAGE_SIZE;
+        // SAFETY: the same region as at creation: machine memory, kept
+        // alive by `self.machine` (and by the `Vm`), outlives the VM fd.
+        unsafe { self.fd.set_user_memory_region(region) }
     }
 }
 

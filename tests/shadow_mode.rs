@@ -1,0 +1,208 @@
+//! Every built-in guest in `--paging kvm` and `--paging shadow`: same console
+//! output (apart from the line naming the mode) and the same exit status
+//! (DESIGN.md rule 6, at the level of whole guests). Plus the shadow-mode
+//! statistics and running out of machine memory.
+
+mod common;
+
+use common::{Run, require_kvm, shadowvm, temp_file, tiny_elf};
+
+/// Runs `args` in both modes.
+fn both(args: &[&str]) -> (Run, Run) {
+    let with = |mode: &str| {
+        let mut a: Vec<&str> = args.to_vec();
+        // Options go before a `--`.
+        let at = a.iter().position(|s| *s == "--").unwrap_or(a.len());
+        a.splice(at..at, ["--paging", mode]);
+        shadowvm(&a)
+    };
+    (with("kvm"), with("shadow"))
+}
+
+/// stdout with the mode name neutralized and the `concurrent` snippets
+/// (printed by other vCPUs at any moment, even in the middle of a line
+/// another vCPU writes byte by byte) cut out; each must appear once.
+fn normalized(r: &Run, concurrent: &[&str]) -> String {
+    let mut out = r.stdout.replace("paging: shadow", "paging: kvm");
+    for c in concurrent {
+        r.check(out.matches(c).count() == 1, &format!("{c:?} printed once"));
+        out = out.replacen(c, "", 1);
+    }
+    out
+}
+
+fn same(args: &[&str], concurrent: &[&str]) -> (Run, Run) {
+    let (kvm, shadow) = both(args);
+    shadow.check(
+        kvm.code == shadow.code,
+        &format!("{args:?}: exit status {:?} in kvm mode", kvm.code),
+    );
+    shadow.check(
+        normalized(&kvm, concurrent) == normalized(&shadow, concurrent),
+        &format!("{args:?}: same output as kvm mode:\n{}", kvm.stdout),
+    );
+    shadow.check(!shadow.stderr.contains("panicked"), "no panic");
+    (kvm, shadow)
+}
+
+#[test]
+fn hello_in_both_modes() {
+    if !require_kvm() {
+        return;
+    }
+    let (_, s) = same(&["run", "hello", "--", "greeting=yes"], &[]);
+    s.check(s.code == Some(0), "exits 0");
+    s.check(s.stdout.contains("paging: shadow"), "knows its mode");
+    same(
+        &["run", "hello", "--vcpus", "2", "--mem", "16M"],
+        &["vCPU 1: hello\n"],
+    );
+}
+
+#[test]
+fn memtest_in_both_modes() {
+    if !require_kvm() {
+        return;
+    }
+    let (_, s) = same(&["run", "memtest", "--mem", "32M", "--", "size=4M"], &[]);
+    s.check(s.code == Some(0), "exits 0");
+    s.check(s.stdout.contains("0 errors"), "no errors");
+    same(&["run", "memtest", "--mem", "4M", "--", "size=8M"], &[]);
+}
+
+#[test]
+fn pagetable_in_both_modes() {
+    if !require_kvm() {
+        return;
+    }
+    let (_, s) = same(&["run", "pagetable", "--mem", "8M"], &[]);
+    s.check(s.code == Some(0), "exits 0");
+    s.check(s.stdout.contains(" checks, 0 failures"), "no failures");
+}
+
+#[test]
+fn test_guests_in_both_modes() {
+    if !require_kvm() {
+        return;
+    }
+    same(&["run", "test-exitport", "--", "code=7"], &[]);
+    let (_, s) = same(&["run", "test-triplefault"], &[]);
+    s.check(s.stderr.contains("triple fault"), "triple fault reported");
+    let (_, s) = same(&["run", "test-badport"], &[]);
+    s.check(
+        s.stderr.contains("write to unknown I/O port 0x1234"),
+        "names the port",
+    );
+    let (_, s) = same(&["run", "test-spin", "--timeout", "1s"], &[]);
+    s.check(s.code == Some(124), "timed out");
+    s.check(s.stderr.contains("cpl=3"), "spinning in ring 3");
+}
+
+/// test-hypercalls asks RESOLVE_PF about a made-up fault: a user write to
+/// the supervisor-only GDT page with error code W|U (not present). kvm
+/// mode hands the code back unchanged; shadow mode walks the guest's
+/// tables and returns the architectural code, P|W|U (the page is present),
+/// as real hardware would have pushed. The guest reads `paging_mode` and
+/// expects the right one, so it passes in both modes.
+#[test]
+fn hypercalls_in_both_modes() {
+    if !require_kvm() {
+        return;
+    }
+    let (kvm, s) = same(&["run", "test-hypercalls", "--mem", "8M"], &[]);
+    kvm.check(kvm.code == Some(0), "kvm mode passes");
+    s.check(s.code == Some(0), "shadow mode passes");
+    s.check(s.stdout.contains("PRINT hypercall works"), "PRINT");
+    s.check(!s.stdout.contains("FAIL"), "no failed check");
+}
+
+#[test]
+fn bare_elf_guests_in_both_modes() {
+    if !require_kvm() {
+        return;
+    }
+    let halt = temp_file("shadow-halt.elf", &tiny_elf(&[0xf4], 1));
+    let (_, s) = same(&["run", halt.to_str().unwrap(), "--vcpus", "2"], &[]);
+    s.check(s.code == Some(0), "all vCPUs halted");
+    let code = [
+        0x66, 0xba, 0xf8, 0x03, 0xb0, b'!', 0xee, 0xb0, 5, 0xe6, 0xf4,
+    ];
+    let exit5 = temp_file("shadow-exit5.elf", &tiny_elf(&code, code.len() as u64));
+    let (_, s) = same(&["run", exit5.to_str().unwrap()], &[]);
+    s.check(s.code == Some(5) && s.stdout == "!", "exit port");
+}
+
+#[test]
+fn shadow_json_stats() {
+    if !require_kvm() {
+        return;
+    }
+    let r = shadowvm(&[
+        "run", "memtest", "--paging", "shadow", "--mem", "16M", "--json", "--", "size=1M",
+    ]);
+    r.check(r.code == Some(0), "memtest exits 0");
+    let line = r
+        .stderr
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_default();
+    let v: serde_json::Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"));
+    assert_eq!(v["paging"], "shadow", "{v}");
+    // 1 MiB written, then read back after the balloon: 256 faults each.
+    let fixed = v["mmu"]["pf_fixed"].as_u64().unwrap_or(0);
+    assert!(fixed >= 512, "{v}");
+    assert!(
+        v["hypercalls"]["resolve_pf"].as_u64().unwrap_or(0) >= 512,
+        "{v}"
+    );
+    // The balloon zapped 256 sptes and invalidated their frames in the
+    // host, contiguous frames batched.
+    assert!(v["mmu"]["spte_zapped"].as_u64().unwrap_or(0) >= 256, "{v}");
+    let h = &v["host_invalidate"];
+    assert!(h["mprotect_frames"].as_u64().unwrap_or(0) >= 256, "{v}");
+    assert!(
+        h["mprotect_calls"].as_u64().unwrap_or(u64::MAX)
+            < h["mprotect_frames"].as_u64().unwrap_or(0),
+        "{v}"
+    );
+    assert_eq!(v["host_invalidate"]["errors"], 0, "{v}");
+    assert_eq!(v["machine_frames"], (16 + 1 + 4 + 1) * 256, "{v}");
+    assert!(v["shadow_pages"].as_u64().unwrap_or(0) >= 4, "{v}");
+
+    // kvm mode has none of it.
+    let r = shadowvm(&["run", "hello", "--paging", "kvm", "--json"]);
+    let line = r
+        .stderr
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or("{}");
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert!(v.get("mmu").is_none(), "{v}");
+}
+
+#[test]
+fn running_out_of_machine_memory_is_an_error() {
+    if !require_kvm() {
+        return;
+    }
+    let r = shadowvm(&[
+        "run",
+        "memtest",
+        "--paging",
+        "shadow",
+        "--machine-mem",
+        "8M",
+        "--",
+        "size=8M",
+    ]);
+    r.check(r.code == Some(125), "exit status 125");
+    r.check(r.stderr.lines().count() == 1, "one line");
+    r.check(
+        r.stderr.contains("out of machine memory")
+            && r.stderr.contains("--machine-mem")
+            && !r.stderr.contains("panicked"),
+        "says what ran out",
+    );
+}

@@ -1,0 +1,291 @@
+//! Stale shadow translations (DESIGN.md rule 3, "TLB shootdown"): a ring-3
+//! guest loop increments a counter on its own page while this test, as the
+//! host, ages, discards and write-protects that page through the host mm.
+//! Once the host operation returns, the guest must never write the old
+//! frame again, and cleared Accessed bits must be set afresh.
+//!
+//! With the real flush (`HostTlbFlush`: mprotect / MADV_DONTNEED of the
+//! frames in the host) every check holds. With the flush replaced by a
+//! no-op (`VmConfig::host_tlb_flush = false`) the host KVM's own shadow of
+//! our tables keeps the old translation on our `kvm_pvm` machines, and the
+//! guest keeps writing the old frame: the second test shows it.
+
+mod common;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use shadowvm::mm::{Access, FrameAccess, Mm, Pfn, Prot, Pte};
+use shadowvm::vmm::{GuestSource, Outcome, Paging, RunningVm, VmConfig};
+
+#[derive(Clone, Default)]
+struct Console(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Console {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock()).into_owned()
+    }
+}
+
+struct Guest {
+    vm: RunningVm,
+    cpu: u32,
+    console: Console,
+    mm: Arc<Mm>,
+    hva: u64,
+}
+
+fn poll<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Boots test-counter in shadow mode and waits until it counts.
+fn start(host_tlb_flush: bool) -> Option<Guest> {
+    start_on(host_tlb_flush, 1, 0)
+}
+
+/// Boots test-counter on `vcpus` vCPUs; the test works on vCPU `cpu`'s page.
+fn start_on(host_tlb_flush: bool, vcpus: u32, cpu: u32) -> Option<Guest> {
+    if !common::require_kvm() {
+        return None;
+    }
+    shadowvm::vmm::guests::find("test-counter")?;
+    let mut config = VmConfig::new(GuestSource::Builtin("test-counter".into()));
+    config.mem_size = 16 << 20;
+    config.paging = Paging::Shadow;
+    config.host_tlb_flush = host_tlb_flush;
+    config.vcpus = vcpus;
+    let console = Console::default();
+    let vm = RunningVm::start(&config, Box::new(console.clone())).expect("start test-counter");
+    let prefix = format!("counter {cpu} at ");
+    let gpa = wait_for("the counter address", || {
+        let text = console.text();
+        let line = text.lines().find(|l| l.starts_with(&prefix))?;
+        u64::from_str_radix(line.trim_start_matches(&prefix).trim(), 16).ok()
+    });
+    let sp = vm.shadow().expect("shadow mode").clone();
+    let mm = sp.ram().mm().clone();
+    let hva = sp.ram().base() + gpa;
+    let g = Guest {
+        vm,
+        cpu,
+        console,
+        mm,
+        hva,
+    };
+    // Counting: the page is present and its counter moves.
+    let pfn = wait_for("the counter page", || g.pfn());
+    let v = g.read(pfn);
+    wait_for("the counter to move", || (g.read(pfn) != v).then_some(()));
+    Some(g)
+}
+
+impl Guest {
+    fn pfn(&self) -> Option<Pfn> {
+        match self.mm.pte(self.hva) {
+            Some(Pte::Present(p)) => Some(p.pfn),
+            _ => None,
+        }
+    }
+
+    fn read(&self, pfn: Pfn) -> u64 {
+        self.mm
+            .memory()
+            .frame_word(pfn, 0)
+            .expect("frame")
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether frame `pfn` changed within `window` after now.
+    fn changes(&self, pfn: Pfn, window: Duration) -> bool {
+        let v = self.read(pfn);
+        let end = Instant::now() + window;
+        while Instant::now() < end {
+            if self.read(pfn) != v {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+
+    /// Clears the page's young bits everywhere (with the secondary-MMU
+    /// flush) and reports whether the guest's writes set them again.
+    fn young_again(&self) -> bool {
+        self.mm
+            .clear_flush_young(self.hva)
+            .expect("clear_flush_young");
+        std::thread::sleep(Duration::from_millis(50));
+        self.mm.test_young(self.hva).expect("test_young")
+    }
+
+    /// Discards the page (MADV_DONTNEED) while holding a reference to its
+    /// frame, so the old frame stays allocated and untouched by the host;
+    /// returns it.
+    fn discard_pinned(&self) -> (Pfn, shadowvm::mm::PagePin) {
+        let pin = self
+            .mm
+            .get_user_page(self.hva, Access::Read)
+            .expect("pin the page");
+        let old = pin.pfn();
+        self.mm
+            .madvise_dontneed(self.hva, 4096)
+            .expect("madvise(DONTNEED)");
+        (old, pin)
+    }
+}
+
+#[test]
+fn the_guest_never_reaches_a_zapped_frame() {
+    let Some(g) = start(true) else { return };
+    let s = never_reaches_a_zapped_frame(g);
+    assert!(s.host_invalidate.mprotect_calls >= 3, "{s:?}");
+    assert_eq!(s.host_invalidate.memslot_bounces, 0, "{s:?}");
+}
+
+/// The same with every flush done as a memslot bounce (the bulk path):
+/// every vCPU kicked out, the memslot deleted and re-added.
+#[test]
+fn the_guest_never_reaches_a_zapped_frame_with_memslot_bounces() {
+    let Some(g) = start(true) else { return };
+    g.vm.shadow().unwrap().host_flush().set_bounce_runs(0);
+    let s = never_reaches_a_zapped_frame(g);
+    assert!(s.host_invalidate.memslot_bounces >= 3, "{s:?}");
+    assert_eq!(s.host_invalidate.mprotect_calls, 0, "{s:?}");
+}
+
+/// Two vCPUs counting; the host works on vCPU 1's page while vCPU 0 keeps
+/// running, so every shootdown (protection toggles, then bounces) must
+/// reach the other vCPU's thread too.
+#[test]
+fn two_vcpus_never_reach_a_zapped_frame() {
+    let Some(g) = start_on(true, 2, 1) else {
+        return;
+    };
+    let s = never_reaches_a_zapped_frame(g);
+    assert!(s.host_invalidate.mprotect_calls >= 3, "{s:?}");
+    let Some(g) = start_on(true, 2, 1) else {
+        return;
+    };
+    g.vm.shadow().unwrap().host_flush().set_bounce_runs(0);
+    let s = never_reaches_a_zapped_frame(g);
+    assert!(s.host_invalidate.memslot_bounces >= 3, "{s:?}");
+}
+
+fn never_reaches_a_zapped_frame(g: Guest) -> shadowvm::vmm::hypercall::ShadowStats {
+    const WINDOW: Duration = Duration::from_millis(200);
+
+    // Aging: the Accessed bit cleared in the spte is set again.
+    assert!(
+        g.young_again(),
+        "the guest's writes set the Accessed bit again"
+    );
+
+    // DONTNEED: the old frame never changes again; the guest counts on a
+    // new one.
+    let (old, pin) = g.discard_pinned();
+    assert!(
+        !g.changes(old, WINDOW),
+        "the guest wrote the discarded frame {old:#x} after MADV_DONTNEED returned"
+    );
+    let Some(new) = poll(|| g.pfn()) else {
+        g.vm.stop();
+        let report = g.vm.wait(Some(Duration::from_secs(5)));
+        panic!(
+            "the guest did not fault the page back: {}\nconsole: {}\n{:?}",
+            report.outcome,
+            g.console.text(),
+            report.stats.shadow
+        );
+    };
+    assert_ne!(new, old);
+    assert!(g.changes(new, WINDOW), "the guest counts on the new frame");
+    drop(pin);
+
+    // mprotect read-only: no write lands after mprotect returns; the
+    // guest's next write faults (a host refusal: its own #PF).
+    g.mm.mprotect(g.hva, 4096, Prot::READ).expect("mprotect");
+    assert!(
+        !g.changes(new, WINDOW),
+        "the guest wrote a write-protected frame after mprotect returned"
+    );
+    let line = format!("counter {}: fault vector 14", g.cpu);
+    let _ = poll(|| g.console.text().contains(&line).then_some(()));
+    // One vCPU: main returns 3 and the VM exits; two: stop the other one.
+    g.vm.stop();
+    let report = g.vm.wait(Some(Duration::from_secs(10)));
+    assert!(
+        matches!(
+            report.outcome,
+            Outcome::Exited { code: 3, .. } | Outcome::Stopped
+        ) && g.console.text().contains(&line),
+        "{}\n{}",
+        report.outcome,
+        g.console.text()
+    );
+    let s = report.stats.shadow.expect("shadow stats");
+    assert_eq!(s.host_invalidate.errors, 0, "{s:?}");
+    s
+}
+
+/// The same host operations with the host flush turned off: the host KVM
+/// keeps its translation of the zapped spte and the guest keeps writing the
+/// old frame. This is what the flush is for.
+#[test]
+fn without_the_host_flush_the_guest_writes_a_zapped_frame() {
+    let Some(g) = start(false) else { return };
+    const WINDOW: Duration = Duration::from_millis(200);
+
+    assert!(
+        !g.young_again(),
+        "without a flush the Accessed bit should stay clear (stale host translation)"
+    );
+    let (old, pin) = g.discard_pinned();
+    assert!(
+        g.changes(old, WINDOW),
+        "without a flush the guest should keep writing the discarded frame"
+    );
+    drop(pin);
+    g.vm.stop();
+    let report = g.vm.wait(Some(Duration::from_secs(10)));
+    assert!(
+        matches!(report.outcome, Outcome::Stopped),
+        "{}",
+        report.outcome
+    );
+    let s = report.stats.shadow.expect("shadow stats");
+    assert_eq!(s.host_invalidate.mprotect_calls, 0, "{s:?}");
+    assert!(s.host_invalidate.frames >= 2, "{s:?}");
+}

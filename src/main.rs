@@ -94,6 +94,11 @@ struct RunArgs {
     #[arg(long)]
     json: bool,
 
+    /// After the guest stops, check the shadow MMU's coherence and the host
+    /// mm's consistency; fail with status 125 if either is violated.
+    #[arg(long)]
+    check: bool,
+
     /// The guest command line (also made of ARGS after `--`, space-joined).
     #[arg(long, value_name = "STRING")]
     cmdline: Option<String>,
@@ -171,6 +176,7 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
     let mut words: Vec<&str> = args.cmdline.iter().map(String::as_str).collect();
     words.extend(args.args.iter().map(String::as_str));
     config.cmdline = words.join(" ");
+    config.check = args.check;
     config.validate()?;
     Ok(config)
 }
@@ -178,15 +184,28 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = config_from(&args)?;
     let report = vmm::run(&config, Box::new(std::io::stdout()))?;
+    let check_failed = matches!(report.check, Some(Err(_)));
+    if args.check {
+        match &report.check {
+            Some(Ok(())) => eprintln!("coherence check: ok"),
+            Some(Err(e)) => eprintln!("coherence check: FAILED: {e}"),
+            None => eprintln!("coherence check: nothing to check with --paging kvm"),
+        }
+    }
     if args.json {
-        eprintln!(
-            "{}",
-            serde_json::to_string(&report.stats).context("serializing the statistics")?
-        );
+        let mut v = serde_json::to_value(&report.stats).context("serializing the statistics")?;
+        if let (Some(check), Some(obj)) = (&report.check, v.as_object_mut()) {
+            let text = match check {
+                Ok(()) => "ok".to_string(),
+                Err(e) => e.clone(),
+            };
+            obj.insert("check".into(), text.into());
+        }
+        eprintln!("{v}");
     } else if args.stats {
         eprintln!("{}", report.stats);
     }
-    Ok(match report.outcome {
+    let code = match report.outcome {
         Outcome::Exited { code, .. } => ExitCode::from(code),
         Outcome::AllHalted | Outcome::Stopped => ExitCode::SUCCESS,
         ref timed_out @ Outcome::TimedOut { .. } => {
@@ -197,5 +216,10 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             eprintln!("shadowvm: {failed}");
             ExitCode::from(EXIT_GUEST_FAILED)
         }
+    };
+    Ok(if check_failed {
+        ExitCode::from(EXIT_GUEST_FAILED)
+    } else {
+        code
     })
 }

@@ -1,7 +1,9 @@
 //! The `access` guest (guests/access.c, in the spirit of kvm-unit-tests'
 //! x86/access.c): every combination of leaf PTE {P, W, U, NX, A, D} and PDE
-//! {P, W, U, NX} bits, read/write/fetch from ring 0 and ring 3, one output
-//! line each with the fault, the #PF error code and the leaf's A/D bits.
+//! {P, W, U, NX} bits, read/write/fetch from ring 0 and ring 3, in the four
+//! paging modes CR0.WP x EFER.NX (switched with the SET_PAGING hypercall),
+//! one output line each with the fault, the #PF error code and the leaf's
+//! A/D bits.
 //!
 //! In kvm mode the output is spot-checked against the SDM by hand (the guest
 //! checks every line against its own model of the rules, too); shadow mode
@@ -13,14 +15,21 @@ use std::collections::HashMap;
 
 use common::{Run, require_kvm, shadowvm};
 
-/// Leaf combinations x PDE combinations x accesses x rings.
+/// Leaf combinations x PDE combinations x accesses x rings, per mode.
 const COMBINATIONS: usize = 64 * 16 * 3 * 2;
+/// The paging modes the guest covers, in its order.
+const MODES: [&str; 4] = [
+    "cr0.wp=1 efer.nx=1",
+    "cr0.wp=0 efer.nx=1",
+    "cr0.wp=1 efer.nx=0",
+    "cr0.wp=0 efer.nx=0",
+];
 
 fn run_access(paging: &str) -> Run {
     shadowvm(&["run", "access", "--paging", paging, "--timeout", "120s"])
 }
 
-/// The run without its 6,144 table lines (which `Run::check` would print):
+/// The run without its table lines (which `Run::check` would print):
 /// exit status, the other lines, the first lines the guest flagged, stderr.
 fn brief(r: &Run) -> String {
     let other: Vec<&str> = r.stdout.lines().filter(|l| !l.starts_with("L=")).collect();
@@ -45,11 +54,20 @@ fn check(r: &Run, cond: bool, what: &str) {
 }
 
 /// One output line: `L=P.W.U.N.A.D U=P.W.U.N r/s: ok ad=A-` or
-/// `... fault ec=0x15 ad=--`. The key is (leaf bits, PDE bits, access,
-/// ring), the value what follows the colon.
-fn table(r: &Run) -> HashMap<(String, String, String), String> {
+/// `... fault ec=0x15 ad=--`, under the last `mode ...` line. The key is
+/// (mode, leaf bits, PDE bits, access and ring), the value what follows the
+/// colon.
+fn table(r: &Run) -> HashMap<(String, String, String, String), String> {
     let mut t = HashMap::new();
-    for line in r.stdout.lines().filter(|l| l.starts_with("L=")) {
+    let mut mode = String::new();
+    for line in r.stdout.lines() {
+        if let Some(m) = line.strip_prefix("mode ") {
+            mode = m.to_string();
+            continue;
+        }
+        if !line.starts_with("L=") {
+            continue;
+        }
         let (key, result) = line
             .split_once(": ")
             .unwrap_or_else(|| panic!("malformed line {line:?}"));
@@ -59,7 +77,12 @@ fn table(r: &Run) -> HashMap<(String, String, String), String> {
             panic!("malformed line {line:?}");
         };
         let old = t.insert(
-            (leaf.to_string(), pde.to_string(), access.to_string()),
+            (
+                mode.clone(),
+                leaf.to_string(),
+                pde.to_string(),
+                access.to_string(),
+            ),
             result.to_string(),
         );
         check(r, old.is_none(), &format!("{line:?} printed once"));
@@ -96,26 +119,39 @@ fn access_matches_the_sdm_in_kvm_mode() {
     check(
         &r,
         r.stdout
-            .contains("access: modes covered: [cr0.wp=1 efer.nx=1]"),
+            .contains(&format!("access: modes covered: [{}]\n", MODES.join("] ["))),
         "the header names the modes covered",
     );
     // Successes need P in both entries, then per 64 W/U/NX combinations of
-    // the two: r/s all 64, w/s W (CR0.WP=1) 16, f/s no NX 16, r/u U 16, w/u
-    // U and W 4, f/u U and no NX 4: 120, times 4 for the leaf's A and D.
+    // the two: r/s all 64, w/s W 16 (CR0.WP=0: 64), f/s no NX 16, r/u U 16,
+    // w/u U and W 4, f/u U and no NX 4: 120 (WP=0: 168), times 4 for the
+    // leaf's A and D: 480 and 672. With EFER.NX=0 an NX bit in either entry
+    // is a reserved-bit fault, leaving the 16 NX-free combinations: r/s 16,
+    // w/s 4 (WP=0: 16), f/s 16, r/u 4, w/u 1, f/u 4: 45 (57), times 4: 180
+    // and 228. 480 + 672 + 180 + 228 = 1560 of 4 x 6144.
+    let total = MODES.len() * COMBINATIONS;
     check(
         &r,
         r.stdout.contains(&format!(
-            "\naccess: {COMBINATIONS} combinations in 1 of 1 modes: 5664 faults, 480 ok, \
-             0 escaped, 0 differ from the SDM\n"
+            "\naccess: {total} combinations in 4 of 4 modes: {} faults, 1560 ok, \
+             0 escaped, 0 differ from the SDM\n",
+            total - 1560
         )),
-        "summary: every combination ran, agrees with the guest's model, 480 succeeded",
+        "summary: every combination ran, agrees with the guest's model, 1560 succeeded",
     );
     check(&r, !r.stdout.contains("MISMATCH"), "no line disagrees");
     let t = table(&r);
-    check(&r, t.len() == COMBINATIONS, "one line per combination");
+    check(&r, t.len() == total, "one line per combination and mode");
+    for mode in MODES {
+        check(
+            &r,
+            r.stdout.contains(&format!("\nmode {mode}\n")),
+            &format!("mode {mode} ran"),
+        );
+    }
 
     // Hand-derived from the SDM (vol. 3, 4.6 access rights, 4.7 the #PF
-    // error code: P=0x1 W=0x2 U=0x4 I=0x10, 4.8 A/D), CR0.WP=1, EFER.NX=1,
+    // error code: P=0x1 W=0x2 U=0x4 RSVD=0x8 I=0x10, 4.8 A/D), CR0.WP=1, EFER.NX=1,
     // no SMEP/SMAP. Access `r|w|f` from `s` (ring 0) or `u` (ring 3).
     let spot = [
         // Leaf not present: P=0, W/U/I from the access; A/D untouched.
@@ -158,13 +194,57 @@ fn access_matches_the_sdm_in_kvm_mode() {
         ("P.W.-.-.-.-", "P.W.-.-", "f/s", "ok ad=A-"),
         ("P.W.U.-.-.-", "P.W.U.-", "f/s", "ok ad=A-"),
     ];
-    for (leaf, pde, access, want) in spot {
-        let key = (format!("L={leaf}"), format!("U={pde}"), access.to_string());
+    let spot = spot.iter().map(|&(l, d, a, w)| (MODES[0], l, d, a, w));
+
+    // CR0.WP=0: ring 0 may write a read-only page, user or supervisor, and
+    // the write sets D; ring 3 still may not.
+    let wp0 = [
+        ("P.-.U.-.-.-", "P.W.U.-", "w/s", "ok ad=AD"),
+        ("P.-.-.-.-.-", "P.-.-.-", "w/s", "ok ad=AD"),
+        ("P.W.U.-.A.-", "P.-.U.-", "w/s", "ok ad=AD"),
+        ("P.-.U.-.-.-", "P.W.U.-", "w/u", "fault ec=0x7 ad=--"),
+        ("P.-.U.N.-.-", "P.W.U.-", "f/s", "fault ec=0x11 ad=--"),
+    ];
+    let wp0 = wp0.iter().map(|&(l, d, a, w)| (MODES[1], l, d, a, w));
+    // EFER.NX=0: bit 63 in a present leaf or PDE is reserved: P|RSVD (0x9)
+    // plus W and U from the access, and no I for a fetch (I/D is reported
+    // only with NX or SMEP on); A/D untouched. Not-present entries fault
+    // before their reserved bits count. Without the bit, fetches are fine.
+    let nx0 = [
+        ("P.W.U.N.-.-", "P.W.U.-", "r/s", "fault ec=0x9 ad=--"),
+        ("P.W.U.N.-.-", "P.W.U.-", "w/s", "fault ec=0xb ad=--"),
+        ("P.W.U.N.-.-", "P.W.U.-", "f/s", "fault ec=0x9 ad=--"),
+        ("P.W.U.N.-.-", "P.W.U.-", "r/u", "fault ec=0xd ad=--"),
+        ("P.W.U.N.A.D", "P.W.U.-", "w/u", "fault ec=0xf ad=AD"),
+        ("P.W.U.N.-.-", "P.W.U.-", "f/u", "fault ec=0xd ad=--"),
+        ("P.W.U.-.-.-", "P.W.U.N", "r/u", "fault ec=0xd ad=--"),
+        ("-.W.U.N.-.-", "P.W.U.-", "r/s", "fault ec=0x0 ad=--"),
+        ("-.W.U.-.-.-", "P.W.U.-", "f/u", "fault ec=0x4 ad=--"),
+        ("P.W.-.-.-.-", "P.W.U.-", "f/u", "fault ec=0x5 ad=--"),
+        ("P.W.U.-.-.-", "P.W.U.-", "f/u", "ok ad=A-"),
+        ("P.-.U.-.-.-", "P.W.U.-", "w/s", "fault ec=0x3 ad=--"),
+    ];
+    let nx0 = nx0.iter().map(|&(l, d, a, w)| (MODES[2], l, d, a, w));
+    // Both off.
+    let both = [
+        ("P.-.U.-.-.-", "P.W.U.-", "w/s", "ok ad=AD"),
+        ("P.-.U.N.-.-", "P.W.U.-", "w/s", "fault ec=0xb ad=--"),
+        ("P.W.U.-.-.-", "P.W.U.N", "f/s", "fault ec=0x9 ad=--"),
+    ];
+    let both = both.iter().map(|&(l, d, a, w)| (MODES[3], l, d, a, w));
+
+    for (mode, leaf, pde, access, want) in spot.chain(wp0).chain(nx0).chain(both) {
+        let key = (
+            mode.to_string(),
+            format!("L={leaf}"),
+            format!("U={pde}"),
+            access.to_string(),
+        );
         let got = t.get(&key).map(String::as_str);
         check(
             &r,
             got == Some(want),
-            &format!("L={leaf} U={pde} {access}: got {got:?}, want {want:?}"),
+            &format!("[{mode}] L={leaf} U={pde} {access}: got {got:?}, want {want:?}"),
         );
     }
 }
@@ -195,5 +275,14 @@ fn access_shadow_output_equals_kvm() {
         &shadow,
         shadow.code == kvm.code,
         "same exit status as kvm mode",
+    );
+}
+
+#[test]
+fn differing_lines_lists_changed_and_missing_lines() {
+    assert!(differing_lines("a\nb\n", "a\nb\n").is_empty());
+    assert_eq!(
+        differing_lines("a\nb\nc\n", "a\nB\n"),
+        ["@@ line 2 @@", "-b", "+B", "@@ line 3 @@", "-c"]
     );
 }

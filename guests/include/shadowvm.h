@@ -44,10 +44,15 @@
 #define SVM_HC_RESOLVE_PF   6 /* (cr2, error_code, rip) -> SVM_PF_*, rdx = error code */
 #define SVM_HC_BALLOON      7 /* (gpa, nr_pages) -> pages given back */
 #define SVM_HC_HOST_OP      8 /* (op, arg0, arg1) -> op-specific */
-#define SVM_HC_MAX          8
+#define SVM_HC_SET_PAGING   9 /* (flags) -> 0: CR0.WP, EFER.NXE */
+#define SVM_HC_MAX          9
 
 /* SVM_HC_FLUSH_TLB flags. */
 #define SVM_FLUSH_GLOBAL    1u /* also drop global translations */
+
+/* SVM_HC_SET_PAGING flags (any other bit: SVM_EINVAL). */
+#define SVM_SET_PAGING_WP   1u /* CR0.WP: supervisor writes honour R/W */
+#define SVM_SET_PAGING_NX   2u /* EFER.NXE: XD is a permission bit, else bit 63 is reserved */
 
 /* SVM_HC_RESOLVE_PF results. */
 #define SVM_PF_RETRY        0 /* fixed: return from the #PF handler (iretq) */
@@ -220,6 +225,9 @@ void invlpg(uint64_t va);
 void flush_tlb(unsigned flags);
 long balloon(uint64_t gpa, uint64_t nr_pages);
 long host_op(long op, long arg0, long arg1);
+/* CR0.WP and EFER.NXE (SVM_SET_PAGING_* flags); never write them natively.
+ * Returns 0 or a negative SVM_E* error. */
+long set_paging(unsigned flags);
 
 /* Page-table helpers over identity-mapped tables.  `pml4` is a table's
  * address; missing intermediate tables come from alloc_pages() with

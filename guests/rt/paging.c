@@ -45,6 +45,11 @@ long host_op(long op, long arg0, long arg1)
     return svm_hypercall(SVM_HC_HOST_OP, op, arg0, arg1, 0).rax;
 }
 
+long set_paging(unsigned flags)
+{
+    return svm_hypercall(SVM_HC_SET_PAGING, (long)flags, 0, 0, 0).rax;
+}
+
 static unsigned pt_index(uint64_t va, int level)
 {
     return (unsigned)((va >> (12 + 9 * level)) & 511);

@@ -138,10 +138,21 @@ impl Mm {
     /// Reclaim under the mmap lock (held for reading by the caller: kswapd,
     /// or a fault doing direct reclaim).
     fn reclaim_locked(&self, vmas: &VmaTree, nr_to_scan: u64) -> Result<ReclaimResult, MmError> {
+        self.reclaim_until(vmas, nr_to_scan, u64::MAX)
+    }
+
+    /// Scans up to `nr_to_scan` pages, stopping early once `nr_to_evict`
+    /// pages were evicted.
+    fn reclaim_until(
+        &self,
+        vmas: &VmaTree,
+        nr_to_scan: u64,
+        nr_to_evict: u64,
+    ) -> Result<ReclaimResult, MmError> {
         let mut res = ReclaimResult::default();
         let mut cursor = self.reclaim_cursor.lock();
         let mut wraps = 0;
-        while res.scanned < nr_to_scan {
+        while res.scanned < nr_to_scan && res.evicted < nr_to_evict {
             let next = {
                 let pt = self.pt.lock();
                 pt.ptes
@@ -189,9 +200,13 @@ impl Mm {
         Ok(res)
     }
 
-    /// Direct reclaim from the allocation path: best effort.
+    /// Direct reclaim from the allocation path: up to two turns of the
+    /// clock over every present page (one to clear young bits, one to find
+    /// them cold), stopping as soon as `nr` pages were freed, so an
+    /// allocation fails only when nothing at all can be evicted.
     pub(super) fn direct_reclaim(&self, vmas: &VmaTree, nr: u64) {
-        let _ = self.reclaim_locked(vmas, nr);
+        let present = self.pt.lock().ptes.len() as u64;
+        let _ = self.reclaim_until(vmas, 2 * present + 2, nr);
     }
 
     /// `try_to_unmap_one` for an anonymous page.

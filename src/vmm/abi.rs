@@ -37,12 +37,19 @@ pub mod hc {
     pub const BALLOON: u64 = 7;
     /// `(op, arg0, arg1) -> op-specific`: host-side operations for demos.
     pub const HOST_OP: u64 = 8;
+    /// `(flags) -> 0`: set the guest's CR0.WP (`SET_PAGING_WP`) and EFER.NXE
+    /// (`SET_PAGING_NX`); any other bit is `EINVAL`.
+    pub const SET_PAGING: u64 = 9;
     /// The highest hypercall number.
-    pub const MAX: u64 = 8;
+    pub const MAX: u64 = 9;
 }
 
 /// `FLUSH_TLB` flag: also drop global translations.
 pub const FLUSH_GLOBAL: u64 = 1 << 0;
+/// `SET_PAGING` flag: CR0.WP (supervisor writes honour R/W).
+pub const SET_PAGING_WP: u64 = 1 << 0;
+/// `SET_PAGING` flag: EFER.NXE (XD is a permission bit; else bit 63 is reserved).
+pub const SET_PAGING_NX: u64 = 1 << 1;
 /// `RESOLVE_PF` result: the VMM fixed its tables; retry the access.
 pub const PF_RETRY: u64 = 0;
 /// `RESOLVE_PF` result: the guest's own fault; `rdx` holds the error code.
@@ -221,6 +228,9 @@ mod tests {
             ("SVM_HC_RESOLVE_PF", hc::RESOLVE_PF),
             ("SVM_HC_BALLOON", hc::BALLOON),
             ("SVM_HC_HOST_OP", hc::HOST_OP),
+            ("SVM_HC_SET_PAGING", hc::SET_PAGING),
+            ("SVM_SET_PAGING_WP", SET_PAGING_WP),
+            ("SVM_SET_PAGING_NX", SET_PAGING_NX),
             ("SVM_HC_MAX", hc::MAX),
             ("SVM_PF_RETRY", PF_RETRY),
             ("SVM_PF_GUEST_FAULT", PF_GUEST_FAULT),

@@ -35,6 +35,10 @@ pub const CR0_BOOT: u64 = 0x8005_0033;
 pub const CR4_BOOT: u64 = 0x6a0;
 /// CR4.PGE, toggled to flush the TLB including global entries.
 pub const CR4_PGE: u64 = 1 << 7;
+/// CR0.WP.
+pub const CR0_WP: u64 = 1 << 16;
+/// EFER.NXE.
+pub const EFER_NXE: u64 = 1 << 11;
 /// EFER: SCE | LME | LMA | NXE.
 pub const EFER_BOOT: u64 = 0xd01;
 /// RFLAGS at entry: only the reserved bit 1.

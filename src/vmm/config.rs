@@ -106,6 +106,9 @@ pub struct VmConfig {
     /// (`tlb::HostTlbFlush`). Only tests turn it off, to show that without
     /// it a vCPU keeps using stale translations.
     pub host_tlb_flush: bool,
+    /// Shadow mode: after the guest stops, check the shadow MMU's coherence
+    /// and the host mm's consistency (`RunReport::check`).
+    pub check: bool,
 }
 
 impl VmConfig {
@@ -121,6 +124,7 @@ impl VmConfig {
             cmdline: String::new(),
             machine_mem: None,
             host_tlb_flush: true,
+            check: false,
         }
     }
 

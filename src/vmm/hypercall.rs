@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use vmm_sys_util::errno;
 
 use super::abi::{self, PAGE_SIZE, hc};
-use super::boot::{CR4_PGE, pte};
+use super::boot::{CR0_WP, CR4_PGE, EFER_NXE, pte};
 use super::config::Paging;
 use super::kick::VcpuRequest;
 use super::memory::{GuestMemWriter, GuestRam, check_range};
@@ -126,6 +126,13 @@ pub enum Hypercall {
         /// Second argument.
         arg1: u64,
     },
+    /// SET_PAGING.
+    SetPaging {
+        /// CR0.WP.
+        wp: bool,
+        /// EFER.NXE.
+        nx: bool,
+    },
 }
 
 /// Longest PRINT.
@@ -151,6 +158,7 @@ pub fn hypercall_name(nr: u64) -> &'static str {
         hc::RESOLVE_PF => "resolve_pf",
         hc::BALLOON => "balloon",
         hc::HOST_OP => "host_op",
+        hc::SET_PAGING => "set_paging",
         _ => "unknown",
     }
 }
@@ -228,6 +236,15 @@ impl Hypercall {
                     arg1: a2,
                 }
             }
+            hc::SET_PAGING => {
+                if a0 & !(abi::SET_PAGING_WP | abi::SET_PAGING_NX) != 0 {
+                    return Err(EINVAL);
+                }
+                Hypercall::SetPaging {
+                    wp: a0 & abi::SET_PAGING_WP != 0,
+                    nx: a0 & abi::SET_PAGING_NX != 0,
+                }
+            }
             _ => return Err(ENOSYS),
         })
     }
@@ -302,6 +319,13 @@ pub trait PagingOps: Send + Sync {
         cpu: &mut dyn CpuAccess,
         gpa: u64,
         nr_pages: u64,
+    ) -> Result<i64, HypercallError>;
+    /// SET_PAGING (validated): the guest's CR0.WP and EFER.NXE.
+    fn set_paging(
+        &self,
+        cpu: &mut dyn CpuAccess,
+        wp: bool,
+        nx: bool,
     ) -> Result<i64, HypercallError>;
     /// The shadow MMU's and the host flush's counters (shadow mode only).
     fn shadow_stats(&self) -> Option<ShadowStats> {
@@ -400,6 +424,28 @@ impl PagingOps for KvmPaging {
         _arg1: u64,
     ) -> Result<i64, HypercallError> {
         Ok(abi::errno::EOPNOTSUPP)
+    }
+
+    fn set_paging(
+        &self,
+        cpu: &mut dyn CpuAccess,
+        wp: bool,
+        nx: bool,
+    ) -> Result<i64, HypercallError> {
+        // What `mov %cr0` / `wrmsr EFER` would do: KVM resets the vCPU's MMU
+        // context when either changes (`kvm_post_set_cr0`, `set_efer`).
+        let mut sregs = cpu.sregs()?;
+        let (cr0, efer) = (sregs.cr0, sregs.efer);
+        sregs.cr0 = if wp { cr0 | CR0_WP } else { cr0 & !CR0_WP };
+        sregs.efer = if nx {
+            efer | EFER_NXE
+        } else {
+            efer & !EFER_NXE
+        };
+        if (sregs.cr0, sregs.efer) != (cr0, efer) {
+            cpu.set_sregs(&sregs)?;
+        }
+        Ok(0)
     }
 }
 
@@ -501,6 +547,7 @@ impl HypercallHandler {
             Hypercall::HostOp { op, arg0, arg1 } => {
                 (self.paging.host_op(cpu, op, arg0, arg1)?, None)
             }
+            Hypercall::SetPaging { wp, nx } => (self.paging.set_paging(cpu, wp, nx)?, None),
             // Handled by the caller.
             Hypercall::Exit { .. } => (0, None),
         })
@@ -606,6 +653,28 @@ mod tests {
             })
         );
         assert_eq!(decode(hc::HOST_OP, &[abi::HOST_OP_MAX + 1]), Err(EINVAL));
+
+        assert_eq!(
+            decode(hc::SET_PAGING, &[0]),
+            Ok(Hypercall::SetPaging {
+                wp: false,
+                nx: false
+            })
+        );
+        assert_eq!(
+            decode(hc::SET_PAGING, &[abi::SET_PAGING_WP | abi::SET_PAGING_NX]),
+            Ok(Hypercall::SetPaging { wp: true, nx: true })
+        );
+        assert_eq!(
+            decode(hc::SET_PAGING, &[abi::SET_PAGING_NX]),
+            Ok(Hypercall::SetPaging {
+                wp: false,
+                nx: true
+            })
+        );
+        for bad in [4, 1 << 63 | 3, u64::MAX, 1 << 11, 1 << 16] {
+            assert_eq!(decode(hc::SET_PAGING, &[bad]), Err(EINVAL), "{bad:#x}");
+        }
     }
 
     /// A vCPU made of two structs.
@@ -699,6 +768,28 @@ mod tests {
         assert_eq!(cpu.regs.rax, 4);
         call(&h, &mut cpu, hc::BALLOON, [0x40_0000, 1 << 40, 0, 0]);
         assert_eq!(cpu.regs.rax as i64, EINVAL);
+
+        // SET_PAGING: get-modify-set of CR0.WP and EFER.NXE only.
+        cpu.sregs.cr0 = crate::vmm::boot::CR0_BOOT;
+        cpu.sregs.efer = crate::vmm::boot::EFER_BOOT;
+        let calls = cpu.set_sregs_calls.len();
+        call(&h, &mut cpu, hc::SET_PAGING, [abi::SET_PAGING_NX, 0, 0, 0]);
+        assert_eq!(cpu.regs.rax, 0);
+        assert_eq!(cpu.sregs.cr0, crate::vmm::boot::CR0_BOOT & !CR0_WP);
+        assert_eq!(cpu.sregs.efer, crate::vmm::boot::EFER_BOOT);
+        call(&h, &mut cpu, hc::SET_PAGING, [0, 0, 0, 0]);
+        assert_eq!(cpu.sregs.efer, crate::vmm::boot::EFER_BOOT & !EFER_NXE);
+        assert_eq!(cpu.sregs.cr4, crate::vmm::boot::CR4_BOOT);
+        let both = abi::SET_PAGING_WP | abi::SET_PAGING_NX;
+        call(&h, &mut cpu, hc::SET_PAGING, [both, 0, 0, 0]);
+        assert_eq!(cpu.sregs.cr0, crate::vmm::boot::CR0_BOOT);
+        assert_eq!(cpu.sregs.efer, crate::vmm::boot::EFER_BOOT);
+        assert_eq!(cpu.set_sregs_calls.len(), calls + 3);
+        // Unchanged: no SET_SREGS; bad flags: EINVAL, nothing touched.
+        call(&h, &mut cpu, hc::SET_PAGING, [both, 0, 0, 0]);
+        call(&h, &mut cpu, hc::SET_PAGING, [both | 4, 0, 0, 0]);
+        assert_eq!(cpu.regs.rax as i64, EINVAL);
+        assert_eq!(cpu.set_sregs_calls.len(), calls + 3);
 
         call(&h, &mut cpu, hc::PRINT, [0x20_0000, 3, 0, 0]);
         assert_eq!(cpu.regs.rax, 3);

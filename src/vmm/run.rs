@@ -80,6 +80,10 @@ pub struct RunReport {
     pub outcome: Outcome,
     /// Counters of the run.
     pub stats: StatsSnapshot,
+    /// `VmConfig::check` in shadow mode: the coherence checks run after
+    /// the guest stopped (`Err` says what is violated). `None` when not
+    /// asked for, and in kvm mode (no shadow MMU to check).
+    pub check: Option<Result<(), String>>,
 }
 
 /// The image bytes for `source`.
@@ -125,6 +129,7 @@ pub struct RunningVm {
     vcpus: u32,
     paging: Paging,
     shadow: Option<Arc<ShadowPaging>>,
+    check: bool,
     // Dropped last: the vCPU threads use its memslot.
     _vm: Vm,
 }
@@ -213,6 +218,7 @@ impl RunningVm {
             vcpus: config.vcpus,
             paging: config.paging,
             shadow: shadow_paging,
+            check: config.check,
             _vm: vm,
         })
     }
@@ -281,8 +287,17 @@ impl RunningVm {
                 vcpus: reports,
             },
         };
+        // Every vCPU thread is done: a quiescent point, before teardown.
+        let check = match &self.shadow {
+            Some(s) if self.check => Some(s.check()),
+            _ => None,
+        };
         let mut stats = self.stats.snapshot(self.vcpus, self.paging.name());
         stats.shadow = self.ctx.hypercalls.paging().shadow_stats();
-        RunReport { outcome, stats }
+        RunReport {
+            outcome,
+            stats,
+            check,
+        }
     }
 }

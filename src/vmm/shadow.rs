@@ -430,6 +430,26 @@ impl ShadowPaging {
         &self.ram
     }
 
+    /// `--check`, at a quiescent point (every vCPU stopped): the host mm's
+    /// consistency, the shadow MMU's coherence (DESIGN.md rules 1 and 5:
+    /// every leaf spte maps a frame of guest memory that the host maps at
+    /// the spte's gfn), and that every memslot lies inside the guest RAM
+    /// VMA, so no leaf can reach a frame outside guest RAM (rule 5).
+    pub fn check(&self) -> Result<(), String> {
+        self.ram.mm.check_consistency().map_err(|e| e.to_string())?;
+        let (lo, hi) = (self.ram.base, self.ram.base + self.ram.size);
+        for s in self.mmu.memslots().iter() {
+            let end = s.userspace_addr + s.npages * PAGE_SIZE;
+            if s.userspace_addr < lo || end > hi {
+                return Err(format!(
+                    "memslot at gfn {:#x} maps hva {:#x}..{end:#x}, outside guest RAM {lo:#x}..{hi:#x}",
+                    s.base_gfn, s.userspace_addr
+                ));
+            }
+        }
+        self.mmu.check_coherence().map_err(|e| e.to_string())
+    }
+
     /// Turns an MMU error into the VMM's error; running out of frames gets
     /// its own clear message.
     fn mmu_err(&self, e: MmuError) -> HypercallError {
@@ -628,6 +648,41 @@ impl PagingOps for ShadowPaging {
     ) -> Result<i64, HypercallError> {
         // No shadow-mode host operation is defined yet (abi::HOST_OP_MAX).
         Ok(abi::errno::EINVAL)
+    }
+
+    fn set_paging(
+        &self,
+        cpu: &mut dyn CpuAccess,
+        wp: bool,
+        nx: bool,
+    ) -> Result<i64, HypercallError> {
+        // The real CR0.WP and EFER.NXE stay set, as KVM keeps them under its
+        // own shadow paging: the shadow tables give the guest's mode its
+        // meaning (WP=0: supervisor-only writable sptes for read-only guest
+        // PTEs; NXE=0: no NX in sptes, bit 63 of a guest PTE a reserved-bit
+        // fault of the walker). `set_paging_mode` drops every shadow page
+        // built under the old mode (`kvm_mmu_reset_context`).
+        let vcpu = cpu.id() as usize;
+        let mut mode = self.mmu.paging(vcpu).map_err(|e| self.mmu_err(e))?;
+        if (mode.cr0_wp, mode.efer_nx) == (wp, nx) {
+            return Ok(0);
+        }
+        mode.cr0_wp = wp;
+        mode.efer_nx = nx;
+        self.mmu
+            .set_paging_mode(vcpu, mode)
+            .map_err(|e| self.mmu_err(e))?;
+        // Then what LOAD_CR3 does: back on the (now empty) root for the
+        // guest's CR3, with the exception-delivery pages prefaulted, on this
+        // vCPU and any other whose root the reset emptied.
+        let root = self
+            .mmu
+            .load_cr3(vcpu, mode.cr3)
+            .map_err(|e| self.mmu_err(e))?;
+        Self::set_root(cpu, root)?;
+        self.prefault(vcpu, true)?;
+        self.ensure_critical()?;
+        Ok(0)
     }
 
     fn shadow_stats(&self) -> Option<ShadowStats> {

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{Run, require_kvm, shadowvm};
+use common::{Run, require_kvm, shadowvm, temp_file, tiny_elf};
 
 /// The summary line's counts: (probes, faults, rejected hypercalls).
 fn summary(r: &Run) -> (u64, u64, u64) {
@@ -93,4 +93,29 @@ fn hostile_guest_in_kvm_mode() {
         r.stderr.contains("coherence check: nothing to check"),
         "nothing to check in kvm mode",
     );
+}
+
+/// KVM's paravirtual MSRs (kvm-clock, steal time, async PF) make KVM write
+/// to a KVM guest-physical address the guest chooses, which in shadow mode
+/// is any machine frame. The VMM hides the PV CPUID leaves and has KVM
+/// enforce them, so the write is refused with #GP (here: no IDT yet, so a
+/// triple fault) instead of landing in machine memory.
+#[test]
+fn kvm_paravirtual_msrs_are_refused() {
+    if !require_kvm() {
+        return;
+    }
+    let code = [
+        0xb9, 0x01, 0x4d, 0x56, 0x4b, // mov ecx, MSR_KVM_SYSTEM_TIME_NEW
+        0xb8, 0x01, 0x10, 0x00, 0x00, // mov eax, 0x1001 (gpa 0x1000 | enable)
+        0x31, 0xd2, // xor edx, edx
+        0x0f, 0x30, // wrmsr
+        0xf4, // hlt: reached only if KVM accepted the MSR
+    ];
+    let elf = temp_file("pvclock.elf", &tiny_elf(&code, code.len() as u64));
+    for paging in ["shadow", "kvm"] {
+        let r = shadowvm(&["run", elf.to_str().unwrap(), "--paging", paging]);
+        r.check(r.code == Some(125), "the wrmsr must fault (status 125)");
+        r.check(!r.stderr.contains("panicked"), "no panic");
+    }
 }

@@ -241,10 +241,29 @@ impl Vm {
                 // Initial APIC id.
                 1 => e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24),
                 0xb | 0x1f => e.edx = id,
+                // Hide KVM's paravirtual leaves: a kvm-clock, steal-time or
+                // async-PF MSR names a KVM guest-physical address that KVM
+                // writes to, which in shadow mode is any machine frame
+                // (shadow tables included). With the leaves gone and
+                // enforcement on, KVM refuses those MSRs (rule 5).
+                0x4000_0000..=0x4000_00ff => {
+                    e.eax = 0;
+                    e.ebx = 0;
+                    e.ecx = 0;
+                    e.edx = 0;
+                }
                 _ => {}
             }
         }
         vcpu.set_cpuid2(&cpuid).map_err(setup("KVM_SET_CPUID2"))?;
+        let enforce = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_ENFORCE_PV_FEATURE_CPUID,
+            args: [1, 0, 0, 0],
+            ..Default::default()
+        };
+        if let Err(e) = vcpu.enable_cap(&enforce) {
+            tracing::warn!(%e, "KVM_CAP_ENFORCE_PV_FEATURE_CPUID not available");
+        }
         let mut sregs = boot::vcpu_sregs(
             vcpu.get_sregs().map_err(setup("KVM_GET_SREGS"))?,
             id,

@@ -99,6 +99,32 @@ struct RunArgs {
     #[arg(long)]
     check: bool,
 
+    /// Run ksmd while the guest runs (--paging shadow): guest RAM is made
+    /// mergeable and identical pages share one frame until written. Its
+    /// counters (pages_shared, pages_sharing, ...) go to --stats/--json.
+    #[arg(long)]
+    ksm: bool,
+
+    /// Pages ksmd scans per wake-up (/sys/kernel/mm/ksm/pages_to_scan).
+    #[arg(long, default_value_t = 100, value_name = "N", requires = "ksm")]
+    ksm_pages_to_scan: u64,
+
+    /// Milliseconds ksmd sleeps between wake-ups
+    /// (/sys/kernel/mm/ksm/sleep_millisecs).
+    #[arg(long, default_value_t = 20, value_name = "N", requires = "ksm")]
+    ksm_sleep_ms: u64,
+
+    /// Run a kswapd-like thread while the guest runs (--paging shadow): it
+    /// ages guest pages, estimates the working set (pages young in the last
+    /// 4 passes) and, when free frames run low (a --machine-mem smaller
+    /// than what the guest touches), swaps cold pages out.
+    #[arg(long)]
+    reclaim: bool,
+
+    /// Milliseconds between kswapd's aging passes.
+    #[arg(long, default_value_t = 50, value_name = "N", requires = "reclaim")]
+    reclaim_interval_ms: u64,
+
     /// The guest command line (also made of ARGS after `--`, space-joined).
     #[arg(long, value_name = "STRING")]
     cmdline: Option<String>,
@@ -177,6 +203,17 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
     words.extend(args.args.iter().map(String::as_str));
     config.cmdline = words.join(" ");
     config.check = args.check;
+    if args.ksm {
+        config.ksm = Some(shadowvm::mm::KsmConfig {
+            pages_to_scan: args.ksm_pages_to_scan,
+            sleep_millisecs: args.ksm_sleep_ms,
+        });
+    }
+    if args.reclaim {
+        config.reclaim = Some(vmm::kswapd::ReclaimConfig {
+            interval: std::time::Duration::from_millis(args.reclaim_interval_ms.max(1)),
+        });
+    }
     config.validate()?;
     Ok(config)
 }

@@ -44,6 +44,9 @@ pub enum ConfigError {
     /// The command line contains a NUL byte.
     #[error("the guest command line contains a NUL byte")]
     CmdlineNul,
+    /// A host memory feature asked for in kvm mode.
+    #[error("{0} needs --paging shadow")]
+    NeedsShadow(&'static str),
 }
 
 /// Who builds the guest's second-level translation.
@@ -109,6 +112,10 @@ pub struct VmConfig {
     /// Shadow mode: after the guest stops, check the shadow MMU's coherence
     /// and the host mm's consistency (`RunReport::check`).
     pub check: bool,
+    /// Shadow mode: run ksmd over guest RAM with these tunables (`--ksm`).
+    pub ksm: Option<crate::mm::KsmConfig>,
+    /// Shadow mode: run kswapd (aging, working set, reclaim) (`--reclaim`).
+    pub reclaim: Option<super::kswapd::ReclaimConfig>,
 }
 
 impl VmConfig {
@@ -125,6 +132,8 @@ impl VmConfig {
             machine_mem: None,
             host_tlb_flush: true,
             check: false,
+            ksm: None,
+            reclaim: None,
         }
     }
 
@@ -139,6 +148,14 @@ impl VmConfig {
         }
         if self.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
+        }
+        if self.paging == Paging::Kvm {
+            if self.ksm.is_some() {
+                return Err(ConfigError::NeedsShadow("--ksm"));
+            }
+            if self.reclaim.is_some() {
+                return Err(ConfigError::NeedsShadow("--reclaim"));
+            }
         }
         Ok(())
     }
@@ -305,6 +322,14 @@ mod tests {
         assert!(matches!(c.validate(), Err(ConfigError::CmdlineTooLong(_))));
         c.cmdline = "a\0b".into();
         assert_eq!(c.validate(), Err(ConfigError::CmdlineNul));
+        c.cmdline.clear();
+        c.ksm = Some(crate::mm::KsmConfig::default());
+        assert_eq!(c.validate(), Ok(()));
+        c.paging = Paging::Kvm;
+        assert_eq!(c.validate(), Err(ConfigError::NeedsShadow("--ksm")));
+        c.ksm = None;
+        c.reclaim = Some(super::super::kswapd::ReclaimConfig::default());
+        assert_eq!(c.validate(), Err(ConfigError::NeedsShadow("--reclaim")));
     }
 
     #[test]

@@ -79,4 +79,20 @@ pub enum VmmError {
         /// Why.
         source: std::io::Error,
     },
+    /// A host-side memory thread (ksmd, kswapd) could not be started.
+    #[error("cannot start the {name} thread: {source}")]
+    HostThread {
+        /// The thread's name.
+        name: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Marking guest RAM for a host-side memory thread failed.
+    #[error("cannot set up {name} on guest RAM: {source}")]
+    HostMm {
+        /// The thread's name.
+        name: &'static str,
+        /// Why.
+        source: crate::mm::MmError,
+    },
 }

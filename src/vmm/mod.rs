@@ -30,6 +30,8 @@ pub mod exit;
 pub mod guests;
 pub mod hypercall;
 pub mod kick;
+pub mod ksmd;
+pub mod kswapd;
 pub mod loader;
 pub mod memory;
 pub mod pio;

@@ -16,6 +16,8 @@ use super::error::VmmError;
 use super::guests;
 use super::hypercall::{HypercallHandler, KvmPaging, PagingOps, SharedGuestMem};
 use super::kick::{self, KickError, VcpuKick, VcpuRequest};
+use super::ksmd::Ksmd;
+use super::kswapd::Kswapd;
 use super::loader;
 use super::serial::{ConsoleOut, SerialDevice};
 use super::shadow::{self, ShadowPaging};
@@ -130,6 +132,10 @@ pub struct RunningVm {
     paging: Paging,
     shadow: Option<Arc<ShadowPaging>>,
     check: bool,
+    /// `--ksm`: the ksmd thread.
+    ksmd: Option<Ksmd>,
+    /// `--reclaim`: the kswapd thread.
+    kswapd: Option<Kswapd>,
     // Dropped last: the vCPU threads use its memslot.
     _vm: Vm,
 }
@@ -153,6 +159,8 @@ impl RunningVm {
             .collect();
         let mut shadow_paging = None;
         let mut memslot_bounce = None;
+        let mut ksmd = None;
+        let mut kswapd = None;
         let (vm, paging, ram, boot_info, layout) = match config.paging {
             Paging::Kvm => {
                 let (vm, ram) = Vm::new_ram(config.mem_size)?;
@@ -174,6 +182,14 @@ impl RunningVm {
             Paging::Shadow => {
                 let v = shadow::build(config, &image_name, &image, &kicks)?;
                 memslot_bounce = Some(v.bounce);
+                let ram = v.paging.ram();
+                if let Some(ksm) = config.ksm {
+                    ksmd = Some(Ksmd::start(ram, ksm)?);
+                }
+                if let Some(reclaim) = config.reclaim {
+                    let flush: Arc<dyn crate::mmu::TlbFlush> = v.paging.host_flush().clone();
+                    kswapd = Some(Kswapd::start(ram, flush, reclaim)?);
+                }
                 shadow_paging = Some(v.paging.clone());
                 let paging: Arc<dyn PagingOps> = v.paging;
                 (v.vm, paging, v.ram, v.boot_info, v.layout)
@@ -219,6 +235,8 @@ impl RunningVm {
             paging: config.paging,
             shadow: shadow_paging,
             check: config.check,
+            ksmd,
+            kswapd,
             _vm: vm,
         })
     }
@@ -263,7 +281,12 @@ impl RunningVm {
 
     /// Waits for the guest to stop (or `timeout`, then stops it), joins the
     /// vCPU threads and reports.
-    pub fn wait(self, timeout: Option<Duration>) -> RunReport {
+    ///
+    /// Then, in shadow mode, the host memory threads are stopped and joined,
+    /// `--check` runs, the statistics are taken, and the guest's memory is
+    /// torn down (`exit_mmap`, [`ShadowPaging::exit_mmap`]): the report
+    /// says whether every frame came back.
+    pub fn wait(mut self, timeout: Option<Duration>) -> RunReport {
         if self.ctx.wait_for_stop(timeout).is_none() {
             self.ctx.request_stop(VmStop::TimedOut);
         }
@@ -287,13 +310,25 @@ impl RunningVm {
                 vcpus: reports,
             },
         };
-        // Every vCPU thread is done: a quiescent point, before teardown.
+        // Every vCPU thread is done; stop the host memory threads too, so
+        // this is a quiescent point, before teardown.
+        let ksm = self.ksmd.as_mut().map(|k| {
+            k.stop();
+            k.stats()
+        });
+        let reclaim = self.kswapd.as_mut().map(|k| {
+            k.stop();
+            k.stats()
+        });
         let check = match &self.shadow {
             Some(s) if self.check => Some(s.check()),
             _ => None,
         };
         let mut stats = self.stats.snapshot(self.vcpus, self.paging.name());
         stats.shadow = self.ctx.hypercalls.paging().shadow_stats();
+        stats.ksm = ksm;
+        stats.reclaim = reclaim;
+        stats.exit = self.shadow.as_ref().map(|s| s.exit_mmap());
         RunReport {
             outcome,
             stats,

@@ -35,7 +35,9 @@ use super::loader;
 use super::memory::{GuestMemWriter, GuestRam, MemoryError, check_range};
 use super::tlb::{HostTlbFlush, MemslotBounce};
 use super::vm::Vm;
-use crate::mm::{AnonMemory, FrameAllocator, Hva, MachineMemory, Mm, MmError, MmapFlags, Prot};
+use crate::mm::{
+    AnonMemory, FrameAllocator, FrameOwner, Hva, MachineMemory, Mm, MmError, MmapFlags, Prot,
+};
 use crate::mmu::{
     FaultOutcome, Memslot, Memslots, MmuError, PagingState, PfErrorCode, ShadowMmu, ShadowMmuConfig,
 };
@@ -66,6 +68,11 @@ impl ShadowRam {
     /// The hva of gpa 0.
     pub fn base(&self) -> Hva {
         self.base
+    }
+
+    /// Bytes of guest RAM.
+    pub fn size_bytes(&self) -> u64 {
+        self.size
     }
 
     fn host_err(gpa: u64, len: u64) -> impl FnOnce(MmError) -> MemoryError {
@@ -347,6 +354,26 @@ pub struct ShadowPaging {
     zaps_seen: AtomicU64,
 }
 
+/// The end of a shadow-mode run: exit_mmap ran `release` (the shadow MMU
+/// dropped every spte and shadow page) and tore down every mapping; did
+/// every frame come back?
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ExitReport {
+    /// Frames of machine memory.
+    pub frames_total: u64,
+    /// Of which kept for the VMM (never handed out).
+    pub frames_reserved: u64,
+    /// Free after the teardown.
+    pub frames_free: u64,
+    /// Shadow pages the MMU still holds after the teardown.
+    pub shadow_pages_left: u64,
+    /// Pages still in swap after the teardown.
+    pub swap_slots_left: u64,
+    /// `frames_free == frames_total - frames_reserved`, no shadow page and
+    /// no swap slot left: everything came back.
+    pub frames_returned: bool,
+}
+
 /// What the VMM needs to know about the guest's CPU for the walker.
 #[derive(Clone, Copy, Debug)]
 pub struct GuestCpu {
@@ -428,6 +455,32 @@ impl ShadowPaging {
     /// Guest RAM.
     pub fn ram(&self) -> &Arc<ShadowRam> {
         &self.ram
+    }
+
+    /// Tears the guest's memory down as the VMM process's exit would:
+    /// `exit_mmap` (if it has not run) calls the shadow MMU's `release`,
+    /// which drops every spte and shadow page, then frees every page and
+    /// swap slot. Reports whether every frame came back. Call it only
+    /// once every vCPU and host memory thread has stopped.
+    pub fn exit_mmap(&self) -> ExitReport {
+        let mm = &self.ram.mm;
+        mm.exit_mmap();
+        let frames = mm.frames();
+        let frames_total = frames.nr_frames();
+        let frames_reserved = frames.count(FrameOwner::Reserved);
+        let frames_free = frames.nr_free();
+        let shadow_pages_left = self.mmu.nr_shadow_pages() as u64;
+        let swap_slots_left = mm.swap_used() as u64;
+        ExitReport {
+            frames_total,
+            frames_reserved,
+            frames_free,
+            shadow_pages_left,
+            swap_slots_left,
+            frames_returned: frames_free == frames_total - frames_reserved
+                && shadow_pages_left == 0
+                && swap_slots_left == 0,
+        }
     }
 
     /// `--check`, at a quiescent point (every vCPU stopped): the host mm's
@@ -592,10 +645,15 @@ impl PagingOps for ShadowPaging {
         _rip: u64,
     ) -> Result<PfResolution, HypercallError> {
         let ec = PfErrorCode::from_bits_truncate(error_code as u32);
-        let outcome = self
-            .mmu
-            .page_fault(cpu.id() as usize, cr2, ec)
-            .map_err(|e| self.mmu_err(e))?;
+        let outcome = match self.mmu.page_fault(cpu.id() as usize, cr2, ec) {
+            Ok(o) => o,
+            // Host invalidations (ksmd merging, kswapd evicting) kept racing
+            // the fault: let the guest retry the access, as KVM's
+            // RET_PF_RETRY re-enters the guest, rather than fail the run.
+            // Re-entering also lets the vCPU see kicks and stop requests.
+            Err(MmuError::TooManyRetries(_)) => FaultOutcome::Retry,
+            Err(e) => return Err(self.mmu_err(e)),
+        };
         let res = match outcome {
             FaultOutcome::Fixed | FaultOutcome::Retry => PfResolution::Retry,
             FaultOutcome::Guest(pf) => PfResolution::GuestFault {

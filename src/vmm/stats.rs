@@ -167,6 +167,9 @@ impl VmStats {
             kicks: self.kicks_sent.load(Ordering::Relaxed),
             serial_bytes: self.serial_bytes.load(Ordering::Relaxed),
             shadow: None,
+            ksm: None,
+            reclaim: None,
+            exit: None,
         }
     }
 }
@@ -204,6 +207,15 @@ pub struct StatsSnapshot {
     /// Shadow mode: MMU counters and host invalidations.
     #[serde(skip_serializing_if = "Option::is_none", flatten)]
     pub shadow: Option<super::hypercall::ShadowStats>,
+    /// `--ksm`: ksmd and KSM's counters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ksm: Option<super::ksmd::KsmdStats>,
+    /// `--reclaim`: aging, working set and reclaim.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reclaim: Option<super::kswapd::KswapdStats>,
+    /// Shadow mode: the teardown after the guest stopped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit: Option<super::shadow::ExitReport>,
 }
 
 impl StatsSnapshot {
@@ -315,6 +327,74 @@ impl fmt::Display for StatsSnapshot {
                 f,
                 "    madvise(DONTNEED)    {:>8} ({} frames), {} errors",
                 h.dontneed_calls, h.dontneed_frames, h.errors
+            )?;
+        }
+        if let Some(k) = &self.ksm {
+            writeln!(f)?;
+            write!(
+                f,
+                "  ksm (pages_to_scan {}, sleep_millisecs {}): {} wake-ups, {} pages scanned",
+                k.pages_to_scan, k.sleep_millisecs, k.wakeups, k.pages_scanned
+            )?;
+            for (name, n) in [
+                ("pages_shared", k.ksm.pages_shared),
+                ("pages_sharing", k.ksm.pages_sharing),
+                ("pages_unshared", k.ksm.pages_unshared),
+                ("pages_volatile", k.ksm.pages_volatile),
+                ("full_scans", k.ksm.full_scans),
+                ("merges", k.ksm.merges),
+                ("max_pages_sharing", k.max_pages_sharing),
+                ("pgcow", k.pgcow),
+            ] {
+                write!(f, "\n    ksm {name:<23} {n:>8}")?;
+            }
+            if let Some(e) = &k.error {
+                write!(f, "\n    ksmd stopped: {e}")?;
+            }
+        }
+        if let Some(r) = &self.reclaim {
+            writeln!(f)?;
+            write!(
+                f,
+                "  reclaim (every {} ms): {} aging passes, working set {} pages (max {}, young in the last {} passes)",
+                r.interval_ms,
+                r.passes,
+                r.working_set_pages,
+                r.working_set_max_pages,
+                r.history_passes
+            )?;
+            for (name, n) in [
+                ("young_last", r.young_last),
+                ("aging_flushed_frames", r.aging_flushed_frames),
+                ("low_watermark_frames", r.low_watermark_frames),
+                ("reclaim_calls", r.reclaim_calls),
+                ("pages_evicted", r.pages_evicted),
+                ("pages_swapped_out", r.pages_swapped_out),
+                ("pswpout", r.pswpout),
+                ("pswpin", r.pswpin),
+                ("refaults", r.refaults),
+            ] {
+                write!(f, "\n    reclaim {name:<19} {n:>8}")?;
+            }
+            if let Some(e) = &r.error {
+                write!(f, "\n    kswapd stopped: {e}")?;
+            }
+        }
+        if let Some(x) = &self.exit {
+            writeln!(f)?;
+            write!(
+                f,
+                "  exit_mmap            {:>12} ({} of {} frames free, {} reserved, {} shadow pages and {} swap slots left)",
+                if x.frames_returned {
+                    "every frame came back"
+                } else {
+                    "FRAMES MISSING"
+                },
+                x.frames_free,
+                x.frames_total,
+                x.frames_reserved,
+                x.shadow_pages_left,
+                x.swap_slots_left
             )?;
         }
         Ok(())

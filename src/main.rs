@@ -8,6 +8,9 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use shadowvm::vmm::{self, GuestSource, Outcome, Paging, VmConfig, guests};
 
+mod demo_cmd;
+mod stress_cmd;
+
 /// Exit status when shadowvm itself cannot start the guest (bad input, no KVM).
 const EXIT_USAGE: u8 = 2;
 /// Exit status when `--timeout` expired.
@@ -34,6 +37,12 @@ struct Cli {
 enum Command {
     /// Boot a guest and print its serial console on stdout.
     Run(RunArgs),
+    /// Issue 6's reliability run: the verify guest under ksmd, kswapd and
+    /// scripted host memory operations; exit 0 if nothing was corrupted.
+    Stress(stress_cmd::StressArgs),
+    /// Narrated demos of host memory operations on a running guest; without
+    /// a scenario, list them.
+    Demo(demo_cmd::DemoArgs),
     /// List the built-in guests.
     Guests {
         /// Also list the test guests (test-*).
@@ -125,6 +134,11 @@ struct RunArgs {
     #[arg(long, default_value_t = 50, value_name = "N", requires = "reclaim")]
     reclaim_interval_ms: u64,
 
+    /// Scripted host operations on guest RAM (--paging shadow): a script
+    /// FILE or `builtin:NAME` (docs/host-ops.md).
+    #[arg(long, value_name = "FILE")]
+    host_ops: Option<String>,
+
     /// The guest command line (also made of ARGS after `--`, space-joined).
     #[arg(long, value_name = "STRING")]
     cmdline: Option<String>,
@@ -138,6 +152,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Guests { all } => list_guests(all),
+        Command::Stress(args) => stress_cmd::main(args),
+        Command::Demo(args) => demo_cmd::main(args),
         Command::Run(args) => match run(args) {
             Ok(code) => code,
             Err(e) => {
@@ -213,6 +229,10 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         config.reclaim = Some(vmm::kswapd::ReclaimConfig {
             interval: std::time::Duration::from_millis(args.reclaim_interval_ms.max(1)),
         });
+    }
+    if let Some(spec) = &args.host_ops {
+        let script = vmm::hostops::HostOpScript::load(spec, config.mem_size)?;
+        config.host_ops = Some(std::sync::Arc::new(script));
     }
     config.validate()?;
     Ok(config)

@@ -60,7 +60,8 @@
 
 /* SVM_HC_HOST_OP operations. */
 #define SVM_HOST_OP_PING    0 /* (cookie) -> cookie; every mode */
-#define SVM_HOST_OP_MAX     0
+#define SVM_HOST_OP_CHECKPOINT 1 /* (n < 2^16) -> ops run; shadow mode, runs --host-ops ops */
+#define SVM_HOST_OP_MAX     1
 
 /* Hypercall errors (negated Linux errno values). */
 #define SVM_EFAULT          (-14)

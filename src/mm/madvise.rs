@@ -12,6 +12,7 @@ impl Mm {
     /// with `NoMemory` if part of the range is unmapped (after dropping the
     /// mapped parts, as Linux does).
     pub fn madvise_dontneed(&self, addr: Hva, len: u64) -> Result<(), MmError> {
+        tracing::debug!(target: "shadowvm::trace", layer = "mm", kind = "host_op", op = "madvise_dontneed", start = addr, len, "host: madvise(MADV_DONTNEED)");
         self.check_alive()?;
         let Some((start, end)) = checked_range(addr, len)? else {
             return Ok(());
@@ -41,6 +42,7 @@ impl Mm {
 
     /// `madvise(addr, len, MADV_MERGEABLE)`: lets KSM merge the range.
     pub fn madvise_mergeable(&self, addr: Hva, len: u64) -> Result<(), MmError> {
+        tracing::debug!(target: "shadowvm::trace", layer = "mm", kind = "host_op", op = "madvise_mergeable", start = addr, len, "host: madvise(MADV_MERGEABLE)");
         self.set_vma_flag(addr, len, MmapFlags::MERGEABLE, true)
     }
 

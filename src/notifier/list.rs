@@ -181,6 +181,7 @@ impl MmuNotifierMm {
     /// `release` started by a concurrent unregister has finished, so the
     /// caller may free the pages afterwards.
     pub fn release(&self) {
+        tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "release", "release: the mm is going away");
         {
             // SRCU here makes a concurrent unregister wait for ->release.
             let _guard = self.srcu.read_lock();
@@ -209,6 +210,7 @@ impl MmuNotifierMm {
 
     /// `__mmu_notifier_clear_flush_young`: young results are OR'ed.
     pub fn clear_flush_young(&self, start: u64, end: u64) -> bool {
+        tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "clear_flush_young", start, end, "clear_flush_young");
         let mut young = false;
         self.for_each(|r| {
             if r.callbacks.contains(Callbacks::CLEAR_FLUSH_YOUNG) {
@@ -221,6 +223,7 @@ impl MmuNotifierMm {
 
     /// `__mmu_notifier_clear_young`: young results are OR'ed.
     pub fn clear_young(&self, start: u64, end: u64) -> bool {
+        tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "clear_young", start, end, "clear_young");
         let mut young = false;
         self.for_each(|r| {
             if r.callbacks.contains(Callbacks::CLEAR_YOUNG) {
@@ -233,6 +236,7 @@ impl MmuNotifierMm {
 
     /// `__mmu_notifier_test_young`: stops at the first young notifier.
     pub fn test_young(&self, address: u64) -> bool {
+        tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "test_young", address, "test_young");
         let mut young = false;
         self.for_each(|r| {
             if r.callbacks.contains(Callbacks::TEST_YOUNG) {
@@ -245,6 +249,7 @@ impl MmuNotifierMm {
 
     /// `__mmu_notifier_change_pte`.
     pub fn change_pte(&self, address: u64, pte: NotifierPte) {
+        tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "change_pte", address, frame = pte.frame, writable = pte.writable, "change_pte");
         self.for_each(|r| {
             if r.callbacks.contains(Callbacks::CHANGE_PTE) {
                 r.ops.change_pte(address, pte);
@@ -256,6 +261,7 @@ impl MmuNotifierMm {
     /// `__mmu_notifier_invalidate_range_start`: every notifier is called even
     /// after one fails; the last failure is returned.
     pub fn invalidate_range_start(&self, range: &MmuNotifierRange) -> Result<(), NotifierError> {
+        tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "invalidate_range_start", start = range.start, end = range.end, event = ?range.event, blockable = range.blockable(), "invalidate_range_start");
         let mut ret = Ok(());
         self.for_each(|r| {
             if r.callbacks.contains(Callbacks::INVALIDATE_RANGE_START)
@@ -277,6 +283,7 @@ impl MmuNotifierMm {
     /// unless `only_end` says the caller already called it under the
     /// page-table lock.
     pub fn invalidate_range_end(&self, range: &MmuNotifierRange, only_end: bool) {
+        tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "invalidate_range_end", start = range.start, end = range.end, event = ?range.event, "invalidate_range_end");
         self.for_each(|r| {
             if !only_end && r.callbacks.contains(Callbacks::INVALIDATE_RANGE) {
                 r.ops.invalidate_range(range.start, range.end);

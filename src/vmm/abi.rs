@@ -56,8 +56,11 @@ pub const PF_RETRY: u64 = 0;
 pub const PF_GUEST_FAULT: u64 = 1;
 /// `HOST_OP` operation: returns its first argument, in every mode.
 pub const HOST_OP_PING: u64 = 0;
+/// `HOST_OP` operation (shadow mode): `CHECKPOINT(n)`, `n < 2^16`, runs the
+/// `--host-ops` script's ops for checkpoint `n` and returns how many ran.
+pub const HOST_OP_CHECKPOINT: u64 = 1;
 /// The highest `HOST_OP` operation.
-pub const HOST_OP_MAX: u64 = 0;
+pub const HOST_OP_MAX: u64 = 1;
 
 /// Hypercall error results: negated Linux errno values.
 pub mod errno {
@@ -235,6 +238,7 @@ mod tests {
             ("SVM_PF_RETRY", PF_RETRY),
             ("SVM_PF_GUEST_FAULT", PF_GUEST_FAULT),
             ("SVM_HOST_OP_PING", HOST_OP_PING),
+            ("SVM_HOST_OP_CHECKPOINT", HOST_OP_CHECKPOINT),
             ("SVM_HOST_OP_MAX", HOST_OP_MAX),
             ("SVM_GDT_GPA", GDT_GPA),
             ("SVM_BOOT_INFO_GPA", BOOT_INFO_GPA),

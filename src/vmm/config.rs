@@ -116,6 +116,8 @@ pub struct VmConfig {
     pub ksm: Option<crate::mm::KsmConfig>,
     /// Shadow mode: run kswapd (aging, working set, reclaim) (`--reclaim`).
     pub reclaim: Option<super::kswapd::ReclaimConfig>,
+    /// Shadow mode: scripted host operations (`--host-ops`).
+    pub host_ops: Option<std::sync::Arc<super::hostops::HostOpScript>>,
 }
 
 impl VmConfig {
@@ -134,6 +136,7 @@ impl VmConfig {
             check: false,
             ksm: None,
             reclaim: None,
+            host_ops: None,
         }
     }
 
@@ -152,6 +155,9 @@ impl VmConfig {
         if self.paging == Paging::Kvm {
             if self.ksm.is_some() {
                 return Err(ConfigError::NeedsShadow("--ksm"));
+            }
+            if self.host_ops.is_some() {
+                return Err(ConfigError::NeedsShadow("--host-ops"));
             }
             if self.reclaim.is_some() {
                 return Err(ConfigError::NeedsShadow("--reclaim"));

@@ -68,6 +68,9 @@ pub enum VmmError {
     /// The kick handler could not be installed.
     #[error(transparent)]
     Kick(#[from] KickError),
+    /// A `--host-ops` script that cannot be used.
+    #[error(transparent)]
+    HostOps(#[from] super::hostops::HostOpsError),
     /// The console could not be set up.
     #[error(transparent)]
     Serial(#[from] SerialError),

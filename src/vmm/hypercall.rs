@@ -227,7 +227,9 @@ impl Hypercall {
                 }
             }
             hc::HOST_OP => {
-                if a0 > abi::HOST_OP_MAX {
+                if a0 > abi::HOST_OP_MAX
+                    || (a0 == abi::HOST_OP_CHECKPOINT && a1 >= super::hostops::MAX_CHECKPOINT)
+                {
                     return Err(EINVAL);
                 }
                 Hypercall::HostOp {
@@ -531,8 +533,12 @@ impl HypercallHandler {
                 error_code,
                 rip,
             } => match self.paging.resolve_pf(cpu, cr2, error_code, rip)? {
-                PfResolution::Retry => (abi::PF_RETRY as i64, None),
+                PfResolution::Retry => {
+                    tracing::debug!(target: "shadowvm::trace", layer = "guest", kind = "resolve_pf", gva = cr2, error_code, outcome = "retry", "guest page fault fixed by the VMM");
+                    (abi::PF_RETRY as i64, None)
+                }
                 PfResolution::GuestFault { error_code } => {
+                    tracing::debug!(target: "shadowvm::trace", layer = "guest", kind = "resolve_pf", gva = cr2, error_code, outcome = "guest_fault", "guest page fault reflected to the guest");
                     (abi::PF_GUEST_FAULT as i64, Some(error_code))
                 }
             },
@@ -653,6 +659,11 @@ mod tests {
             })
         );
         assert_eq!(decode(hc::HOST_OP, &[abi::HOST_OP_MAX + 1]), Err(EINVAL));
+        assert_eq!(
+            decode(hc::HOST_OP, &[abi::HOST_OP_CHECKPOINT, 1 << 16]),
+            Err(EINVAL)
+        );
+        assert!(decode(hc::HOST_OP, &[abi::HOST_OP_CHECKPOINT, (1 << 16) - 1]).is_ok());
 
         assert_eq!(
             decode(hc::SET_PAGING, &[0]),

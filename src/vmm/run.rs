@@ -14,6 +14,7 @@ use super::boot::{self, BootParams};
 use super::config::{GuestSource, Paging, VmConfig};
 use super::error::VmmError;
 use super::guests;
+use super::hostops::TimedOps;
 use super::hypercall::{HypercallHandler, KvmPaging, PagingOps, SharedGuestMem};
 use super::kick::{self, KickError, VcpuKick, VcpuRequest};
 use super::ksmd::Ksmd;
@@ -136,6 +137,8 @@ pub struct RunningVm {
     ksmd: Option<Ksmd>,
     /// `--reclaim`: the kswapd thread.
     kswapd: Option<Kswapd>,
+    /// `--host-ops`: the thread running the timed ops.
+    host_ops: Option<TimedOps>,
     // Dropped last: the vCPU threads use its memslot.
     _vm: Vm,
 }
@@ -190,6 +193,10 @@ impl RunningVm {
                     let flush: Arc<dyn crate::mmu::TlbFlush> = v.paging.host_flush().clone();
                     kswapd = Some(Kswapd::start(ram, flush, reclaim)?);
                 }
+                if let Some(script) = &config.host_ops {
+                    script.check_image(v.layout.start, v.layout.end)?;
+                    v.paging.set_host_ops(script.clone());
+                }
                 shadow_paging = Some(v.paging.clone());
                 let paging: Arc<dyn PagingOps> = v.paging;
                 (v.vm, paging, v.ram, v.boot_info, v.layout)
@@ -227,6 +234,27 @@ impl RunningVm {
                 }
             }
         }
+        let host_ops = match (&config.host_ops, &shadow_paging) {
+            (Some(script), Some(s)) => {
+                let stop_ctx = ctx.clone();
+                let on_error =
+                    Box::new(move |msg: String| stop_ctx.request_stop(VmStop::VmmError(msg)));
+                match TimedOps::start(s.ram().clone(), script, on_error) {
+                    Ok(t) => t,
+                    Err(source) => {
+                        ctx.request_stop(VmStop::VmmError("cannot start host-ops".into()));
+                        for t in threads {
+                            let _ = t.join();
+                        }
+                        return Err(VmmError::HostThread {
+                            name: "host-ops",
+                            source,
+                        });
+                    }
+                }
+            }
+            _ => None,
+        };
         Ok(RunningVm {
             ctx,
             threads,
@@ -237,6 +265,7 @@ impl RunningVm {
             check: config.check,
             ksmd,
             kswapd,
+            host_ops,
             _vm: vm,
         })
     }
@@ -272,6 +301,12 @@ impl RunningVm {
     /// host-side memory operations against a running guest).
     pub fn shadow(&self) -> Option<&Arc<ShadowPaging>> {
         self.shadow.as_ref()
+    }
+
+    /// Waits up to `timeout` for the guest to stop, without ending the run
+    /// (`wait` still reports it): true if it stopped.
+    pub fn wait_for_stop(&self, timeout: Option<Duration>) -> bool {
+        self.ctx.wait_for_stop(timeout).is_some()
     }
 
     /// Stops the guest from the host side.
@@ -312,6 +347,9 @@ impl RunningVm {
         };
         // Every vCPU thread is done; stop the host memory threads too, so
         // this is a quiescent point, before teardown.
+        if let Some(h) = self.host_ops.as_mut() {
+            h.stop();
+        }
         let ksm = self.ksmd.as_mut().map(|k| {
             k.stop();
             k.stats()

@@ -352,6 +352,8 @@ pub struct ShadowPaging {
     /// Zap counters (leaf sptes + shadow pages) when the critical pages were
     /// last known to be mapped in every vCPU's root.
     zaps_seen: AtomicU64,
+    /// `--host-ops`: the script whose checkpoint ops HOST_OP CHECKPOINT runs.
+    host_ops: std::sync::OnceLock<Arc<super::hostops::HostOpScript>>,
 }
 
 /// The end of a shadow-mode run: exit_mmap ran `release` (the shadow MMU
@@ -421,6 +423,7 @@ impl ShadowPaging {
             critical: (0..nr_vcpus).map(|c| critical_pages(c, image)).collect(),
             boot_cr3: Vec::new(),
             zaps_seen: AtomicU64::new(0),
+            host_ops: std::sync::OnceLock::new(),
         };
         for vcpu in 0..nr_vcpus as usize {
             let mut mode = PagingState::new(0, cpu.maxphyaddr);
@@ -455,6 +458,11 @@ impl ShadowPaging {
     /// Guest RAM.
     pub fn ram(&self) -> &Arc<ShadowRam> {
         &self.ram
+    }
+
+    /// Sets the `--host-ops` script (before the vCPUs start; once).
+    pub fn set_host_ops(&self, script: Arc<super::hostops::HostOpScript>) {
+        let _ = self.host_ops.set(script);
     }
 
     /// Tears the guest's memory down as the VMM process's exit would:
@@ -700,12 +708,40 @@ impl PagingOps for ShadowPaging {
     fn host_op(
         &self,
         _cpu: &mut dyn CpuAccess,
-        _op: u64,
-        _arg0: u64,
+        op: u64,
+        arg0: u64,
         _arg1: u64,
     ) -> Result<i64, HypercallError> {
-        // No shadow-mode host operation is defined yet (abi::HOST_OP_MAX).
-        Ok(abi::errno::EINVAL)
+        if op != abi::HOST_OP_CHECKPOINT {
+            return Ok(abi::errno::EINVAL);
+        }
+        // decode already refused n >= 2^16; a direct caller gets EINVAL too.
+        let Ok(n) = u16::try_from(arg0) else {
+            return Ok(abi::errno::EINVAL);
+        };
+        let Some(script) = self.host_ops.get() else {
+            return Ok(0);
+        };
+        let mut ran = 0;
+        for hop in script.checkpoint(n) {
+            match hop.apply(&self.ram) {
+                Ok(()) => ran += 1,
+                Err(MmError::OutOfFrames) => {
+                    return Err(self.mmu_err(MmuError::Memory(MmError::OutOfFrames)));
+                }
+                // The script's operation failed (e.g. the range was already
+                // unmapped): the user's script, not the guest, is wrong.
+                Err(source) => {
+                    return Err(HypercallError::Memory(MemoryError::Host {
+                        gpa: hop.gpa,
+                        len: hop.len,
+                        source,
+                    }));
+                }
+            }
+        }
+        self.ensure_critical()?;
+        Ok(ran)
     }
 
     fn set_paging(

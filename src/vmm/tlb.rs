@@ -373,8 +373,10 @@ impl HostTlbFlush {
             && runs.iter().all(|r| !r.discard)
             && self.try_bounce(frames.len())
         {
+            tracing::debug!(target: "shadowvm::trace", layer = "tlb", kind = "shootdown", frames = frames.len(), runs = runs.len(), method = "memslot_bounce", "stale host translations invalidated");
             return;
         }
+        tracing::debug!(target: "shadowvm::trace", layer = "tlb", kind = "shootdown", frames = frames.len(), runs = runs.len(), method = if runs.iter().any(|r| r.discard) { "discard" } else { "protect_toggle" }, "stale host translations invalidated");
         let mut failed = false;
         for run in runs {
             failed |= !self.invalidate(run);
@@ -396,6 +398,7 @@ impl TlbFlush for HostTlbFlush {
             .frames
             .fetch_add(frames.len() as u64, Ordering::Relaxed);
         if !self.enabled {
+            tracing::debug!(target: "shadowvm::trace", layer = "tlb", kind = "shootdown", frames = frames.len(), runs = 0_usize, method = "disabled", "host flush disabled: nothing invalidated");
             return;
         }
         let t = Instant::now();

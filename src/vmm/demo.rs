@@ -19,6 +19,40 @@ use super::trace_fmt::TraceLayer;
 use super::{GuestSource, Outcome, Paging, RunningVm, VmConfig};
 use crate::mm::{FrameAccess, Mm, PAGE_SIZE, Prot, Pte};
 
+/// Why a demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// A step of the scenario did not happen as expected.
+    #[error("{0}")]
+    Failed(String),
+    #[error(transparent)]
+    Config(#[from] super::config::ConfigError),
+    #[error(transparent)]
+    Vmm(#[from] super::VmmError),
+    #[error(transparent)]
+    Mm(#[from] crate::mm::MmError),
+    #[error("writing the trace: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("installing the trace subscriber: {0}")]
+    Subscriber(#[from] tracing::subscriber::SetGlobalDefaultError),
+}
+
+type Result<T> = std::result::Result<T, DemoError>;
+
+macro_rules! bail {
+    ($($arg:tt)*) => {
+        return Err(DemoError::Failed(format!($($arg)*)))
+    };
+}
+
+macro_rules! ensure {
+    ($cond:expr, $($arg:tt)*) => {
+        if !$cond {
+            bail!($($arg)*);
+        }
+    };
+}
+
 /// A scenario: its name and a one-line description.
 pub struct Scenario {
     pub name: &'static str,
@@ -141,8 +175,8 @@ impl Guest {
     }
 }
 
-fn boot() -> anyhow::Result<Guest> {
-    anyhow::ensure!(
+fn boot() -> Result<Guest> {
+    ensure!(
         super::guests::find("test-counter").is_some(),
         "the test-counter guest is not built in"
     );
@@ -160,9 +194,12 @@ fn boot() -> anyhow::Result<Guest> {
     let Some(gpa) = gpa else {
         vm.stop();
         let r = vm.wait(Some(Duration::from_secs(5)));
-        anyhow::bail!("the guest did not start counting: {}", r.outcome);
+        bail!("the guest did not start counting: {}", r.outcome);
     };
-    let sp = vm.shadow().expect("shadow mode").clone();
+    let sp = vm
+        .shadow()
+        .ok_or_else(|| DemoError::Failed("the demo VM is not in shadow mode".into()))?
+        .clone();
     let mm = sp.ram().mm().clone();
     let base = sp.ram().base();
     let size = sp.ram().size_bytes();
@@ -182,15 +219,15 @@ fn boot() -> anyhow::Result<Guest> {
             (g.read(pfn) != v).then_some(())
         })
     });
-    anyhow::ensure!(counting.is_some(), "the guest's counter does not move");
+    ensure!(counting.is_some(), "the guest's counter does not move");
     Ok(g)
 }
 
 /// Runs scenario `name`, writing the trace (narrated or JSON lines) and
 /// the counters to `out`. `Err` for an unknown scenario or a failure.
-pub fn run(name: &str, json: bool, out: Box<dyn Write + Send>) -> anyhow::Result<()> {
+pub fn run(name: &str, json: bool, out: Box<dyn Write + Send>) -> Result<()> {
     let Some(scenario) = find(name) else {
-        anyhow::bail!("unknown demo scenario `{name}` (try `shadowvm demo` for the list)");
+        bail!("unknown demo scenario `{name}` (try `shadowvm demo` for the list)");
     };
     let out = Arc::new(Mutex::new(out));
     let layer = TraceLayer::new(Box::new(Shared(out.clone())), json);
@@ -231,7 +268,7 @@ pub fn run(name: &str, json: bool, out: Box<dyn Write + Send>) -> anyhow::Result
     }
     result?;
     if matches!(report.outcome, Outcome::Failed(_) | Outcome::VmmError(_)) {
-        anyhow::bail!("the guest failed: {}", report.outcome);
+        bail!("the guest failed: {}", report.outcome);
     }
     let counters = summary(&report, &g.mm, ksm);
     let mut o = out.lock();
@@ -288,7 +325,7 @@ impl Write for Shared {
     }
 }
 
-fn scenario_body(name: &str, g: &Guest) -> anyhow::Result<()> {
+fn scenario_body(name: &str, g: &Guest) -> Result<()> {
     let page = PAGE_SIZE;
     match name {
         "dontneed" => {
@@ -308,7 +345,7 @@ fn scenario_body(name: &str, g: &Guest) -> anyhow::Result<()> {
                         "the guest's next write refaulted: the host gave it a zero page on frame {pfn:#x}; its counter read {now} right after (it was {before} before the discard{restarted})"
                     );
                 }
-                None => anyhow::bail!("the guest did not fault its page back in"),
+                None => bail!("the guest did not fault its page back in"),
             }
         }
         "munmap" | "mprotect" => {
@@ -319,7 +356,7 @@ fn scenario_body(name: &str, g: &Guest) -> anyhow::Result<()> {
             }
             match wait_for(Duration::from_secs(5), || g.fault_line()) {
                 Some(line) => guest_saw!("the guest's next write faulted; it reported: {line}"),
-                None => anyhow::bail!("the guest did not report a fault"),
+                None => bail!("the guest did not report a fault"),
             }
         }
         "aging" => {
@@ -328,7 +365,7 @@ fn scenario_body(name: &str, g: &Guest) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(50));
             let again = g.mm.test_young(g.hva)?;
             guest_saw!("the guest kept writing: 50 ms later the page is young again ({again})");
-            anyhow::ensure!(again, "the hot page did not become young again");
+            ensure!(again, "the hot page did not become young again");
         }
         "reclaim" => {
             let nr = g.size / page;

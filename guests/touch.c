@@ -20,13 +20,6 @@ struct job {
 static struct job job; /* in the image: user-accessible */
 static volatile uint64_t done;
 
-static inline uint64_t rdtsc(void)
-{
-    uint32_t lo, hi;
-
-    __asm__ volatile("lfence; rdtsc; lfence" : "=a"(lo), "=d"(hi)::"memory");
-    return ((uint64_t)hi << 32) | lo;
-}
 
 /* Ring 3: one store per page, timed. */
 static long touch_pass(void *arg)

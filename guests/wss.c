@@ -26,30 +26,7 @@ struct job {
 
 static struct job job; /* in the image: user-accessible */
 
-static inline uint64_t rdtsc(void)
-{
-    uint32_t lo, hi;
 
-    __asm__ volatile("lfence; rdtsc; lfence" : "=a"(lo), "=d"(hi)::"memory");
-    return ((uint64_t)hi << 32) | lo;
-}
-
-/* Ring 0: the TSC rate in MHz from CPUID, or 0. */
-static uint64_t cpuid_tsc_mhz(void)
-{
-    uint32_t a, b, c, d;
-
-    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0), "c"(0));
-    if (a >= 0x15) {
-        __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0x15), "c"(0));
-        if (a && b && c)
-            return (uint64_t)c * b / a / 1000000;
-        __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0x16), "c"(0));
-        if (a & 0xffff)
-            return a & 0xffff;
-    }
-    return 0;
-}
 
 #define WORDS_PER_PAGE (PAGE_SIZE / 8)
 

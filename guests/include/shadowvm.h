@@ -124,6 +124,33 @@ struct svm_boot_info {
 };
 
 /* Architectural page-table bits. */
+/* The time-stamp counter, serialized (native in ring 3). */
+static inline uint64_t rdtsc(void)
+{
+    uint32_t lo, hi;
+
+    __asm__ volatile("lfence; rdtsc; lfence" : "=a"(lo), "=d"(hi)::"memory");
+    return ((uint64_t)hi << 32) | lo;
+}
+
+/* The TSC rate in MHz from CPUID leaves 0x15/0x16, or 0 when the CPU does
+ * not say (call it from ring 0: CPUID is one emulated instruction there). */
+static inline uint64_t cpuid_tsc_mhz(void)
+{
+    uint32_t a, b, c, d;
+
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0), "c"(0));
+    if (a >= 0x15) {
+        __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0x15), "c"(0));
+        if (a && b && c)
+            return (uint64_t)c * b / a / 1000000;
+        __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0x16), "c"(0));
+        if (a & 0xffff)
+            return a & 0xffff;
+    }
+    return 0;
+}
+
 #endif /* __ASSEMBLER__ */
 
 #define PTE_P    (1ull << 0)

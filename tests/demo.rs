@@ -59,7 +59,7 @@ fn lists_scenarios_and_rejects_unknown_ones() {
     let run = common::shadowvm(&["demo"]);
     run.check(run.code == Some(0), "demo lists");
     for s in [
-        "munmap", "dontneed", "mprotect", "ksm", "aging", "reclaim", "release",
+        "munmap", "dontneed", "mprotect", "ksm", "cow", "aging", "reclaim", "release",
     ] {
         run.check(run.stdout.contains(s), s);
     }
@@ -152,5 +152,29 @@ fn every_scenario_narrates_its_events_in_order() {
             "guest_saw",
         ],
         &["[notifier] release"],
+    );
+}
+
+#[test]
+fn cow_scenario_merges_then_breaks_sharing_through_the_shadow_fault_path() {
+    if !common::require_kvm() || shadowvm::vmm::guests::find("ksm").is_none() {
+        return;
+    }
+    scenario(
+        "cow",
+        &[
+            "invalidate_range_start:ProtectionPage",
+            "invalidate_range_start:KsmMerge",
+            "change_pte",
+            "invalidate_range_start:CowBreak",
+            "spte_zapped",
+            "shootdown",
+            "change_pte",
+            "invalidate_range_end:CowBreak",
+            "cow",
+            "resolve_pf",
+            "guest_saw",
+        ],
+        &["event=CowBreak", "0 errors"],
     );
 }

@@ -78,6 +78,10 @@ pub const SCENARIOS: &[Scenario] = &[
         description: "ksmd merges two identical guest pages: write-protect, then change_pte",
     },
     Scenario {
+        name: "cow",
+        description: "the ksm guest's identical pages are merged by ksmd, then its writes break the sharing by copy-on-write",
+    },
+    Scenario {
         name: "aging",
         description: "clear_flush_young on a hot page: Accessed cleared, young again",
     },
@@ -235,6 +239,9 @@ pub fn run(name: &str, json: bool, out: Box<dyn Write + Send>) -> Result<()> {
         use tracing_subscriber::layer::SubscriberExt as _;
         let subscriber = tracing_subscriber::registry().with(layer.clone());
         tracing::subscriber::set_global_default(subscriber)?;
+    }
+    if name == "cow" {
+        return run_cow(scenario, json, &out, &layer);
     }
     let g = boot()?;
     if !json {
@@ -419,5 +426,95 @@ fn scenario_body(name: &str, g: &Guest) -> Result<()> {
         }
         _ => unreachable!(),
     }
+    Ok(())
+}
+
+/// The `cow` scenario: the `ksm` guest fills pages with two patterns and
+/// waits while ksmd merges them (write-protect, then `change_pte` to the
+/// shared frame); its writes to every other page then fault through the
+/// shadow MMU into the host's copy-on-write (`CowBreak`, `change_pte` to a
+/// private copy) and it verifies every byte.
+fn run_cow(
+    scenario: &Scenario,
+    json: bool,
+    out: &Arc<Mutex<Box<dyn Write + Send>>>,
+    layer: &TraceLayer,
+) -> Result<()> {
+    ensure!(
+        super::guests::find("ksm").is_some(),
+        "the ksm guest is not built in"
+    );
+    let mut config = VmConfig::new(GuestSource::Builtin("ksm".into()));
+    config.mem_size = 16 << 20;
+    config.paging = Paging::Shadow;
+    config.cmdline = "pages=4 patterns=2 wait_ms=400".into();
+    config.ksm = Some(crate::mm::KsmConfig {
+        pages_to_scan: 4096,
+        sleep_millisecs: 25,
+    });
+    config.validate()?;
+    if !json {
+        let _ = writeln!(
+            out.lock(),
+            "demo {}: {}\nguest ksm: 4 pages, 2 patterns, a 400 ms wait for ksmd, then a write to every other page\n",
+            scenario.name,
+            scenario.description
+        );
+    }
+    let console = Console::default();
+    layer.set_enabled(true);
+    let vm = RunningVm::start(&config, Box::new(console.clone()))?;
+    let mm = vm
+        .shadow()
+        .ok_or_else(|| DemoError::Failed("the demo VM is not in shadow mode".into()))?
+        .ram()
+        .mm()
+        .clone();
+    let report = vm.wait(Some(Duration::from_secs(20)));
+    let cows = mm.stats().pgcow;
+    let text = console.text();
+    let summary_line = text
+        .lines()
+        .rfind(|l| l.starts_with("ksm: ") && l.ends_with(" errors"))
+        .unwrap_or("(no summary line)")
+        .to_string();
+    guest_saw!(
+        "the guest's writes broke the sharing ({cows} copy-on-write copies) and it verified every byte: {summary_line}"
+    );
+    layer.set_enabled(false);
+    if matches!(report.outcome, Outcome::Failed(_) | Outcome::VmmError(_))
+        || !summary_line.ends_with(" 0 errors")
+    {
+        bail!("the guest failed: {} ({summary_line})", report.outcome);
+    }
+    ensure!(
+        cows > 0,
+        "no copy-on-write happened: ksmd merged nothing in time"
+    );
+    let counters = summary(&report, &mm, mm.ksm_stats());
+    print_summary(out, json, &counters)
+}
+
+fn print_summary(
+    out: &Arc<Mutex<Box<dyn Write + Send>>>,
+    json: bool,
+    counters: &Value,
+) -> Result<()> {
+    let mut o = out.lock();
+    if json {
+        writeln!(
+            o,
+            "{}",
+            serde_json::json!({ "kind": "summary", "counters": counters })
+        )?;
+    } else {
+        writeln!(o, "\ncounters:")?;
+        if let Value::Object(m) = counters {
+            for (k, v) in m {
+                writeln!(o, "  {k:<40} {v:>8}")?;
+            }
+        }
+    }
+    o.flush()?;
     Ok(())
 }

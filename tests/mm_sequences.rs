@@ -54,7 +54,9 @@ fn faults_never_notify() {
 
 #[test]
 fn madvise_dontneed_clears_inside_start_end() {
-    // zap_page_range: start(CLEAR), flush under the PTE lock, end.
+    // 4.19 zap_page_range: start(CLEAR); PTEs cleared; end (which calls
+    // invalidate_range first); then tlb_finish_mmu flushes the range of the
+    // PTEs it cleared (tlb_flush_mmu_tlbonly → invalidate_range) and frees.
     let f = fixture(4, MmapFlags::empty());
     f.mm.write(f.base + PAGE_SIZE, b"x").unwrap();
     f.mm.madvise_dontneed(f.base, 4 * PAGE_SIZE).unwrap();
@@ -68,18 +70,15 @@ fn madvise_dontneed_clears_inside_start_end() {
                 end: r.end
             },
             Recorded::InvalidateRangeEnd(r),
+            Recorded::InvalidateRange {
+                start: f.base + PAGE_SIZE,
+                end: f.base + 2 * PAGE_SIZE
+            },
         ]
     );
     assert_eq!(f.mm.pte(f.base + PAGE_SIZE), None);
-    f.mm.check_consistency().unwrap();
-}
-
-#[test]
-fn munmap_unmaps_inside_start_end() {
-    let f = fixture(4, MmapFlags::empty());
-    f.mm.write(f.base, b"x").unwrap();
-    f.mm.munmap(f.base, 2 * PAGE_SIZE).unwrap();
-    let r = MmuNotifierRange::new(MmuNotifyEvent::Unmap, f.base, f.base + 2 * PAGE_SIZE);
+    // Nothing populated: the range is still notified, but no flush follows.
+    f.mm.madvise_dontneed(f.base, 4 * PAGE_SIZE).unwrap();
     assert_eq!(
         f.rec.take(),
         vec![
@@ -91,15 +90,115 @@ fn munmap_unmaps_inside_start_end() {
             Recorded::InvalidateRangeEnd(r),
         ]
     );
-    assert!(matches!(
-        f.mm.read(f.base, &mut [0]),
-        Err(MmError::NoVma(_))
-    ));
     f.mm.check_consistency().unwrap();
 }
 
 #[test]
-fn mprotect_downgrade_invalidates_upgrade_does_not() {
+fn madvise_dontneed_zaps_vma_by_vma_and_stops_at_a_locked_one() {
+    // madvise(): one zap_page_range per VMA, clipped to it, in order; a
+    // VM_LOCKED VMA fails with EINVAL after the VMAs before it were zapped;
+    // a hole is ENOMEM after every VMA was done.
+    let f = fixture(4, MmapFlags::empty());
+    let (b, p) = (f.base, PAGE_SIZE);
+    f.mm.mprotect(b + p, p, Prot::READ).unwrap(); // splits the VMA in three
+    f.mm.mlock(b + 3 * p, p).unwrap();
+    f.mm.write(b, b"x").unwrap();
+    f.rec.take();
+    assert_eq!(
+        f.mm.madvise_dontneed(b, 4 * p),
+        Err(MmError::Locked(b + 3 * p))
+    );
+    let clear = |s: u64, e: u64| MmuNotifierRange::new(MmuNotifyEvent::Clear, s, e);
+    let starts: Vec<MmuNotifierRange> = f
+        .rec
+        .take()
+        .into_iter()
+        .filter_map(|r| match r {
+            Recorded::InvalidateRangeStart(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        starts,
+        vec![
+            clear(b, b + p),
+            clear(b + p, b + 2 * p),
+            clear(b + 2 * p, b + 3 * p)
+        ]
+    );
+    assert_eq!(
+        f.mm.pte(b),
+        None,
+        "the VMA before the locked one was zapped"
+    );
+
+    f.mm.munmap(b + p, p).unwrap();
+    f.rec.take();
+    assert_eq!(f.mm.madvise_dontneed(b, 3 * p), Err(MmError::NoMemory));
+    let starts = f
+        .rec
+        .take()
+        .into_iter()
+        .filter(|r| matches!(r, Recorded::InvalidateRangeStart(_)))
+        .count();
+    assert_eq!(starts, 2, "both VMAs around the hole are zapped");
+    f.mm.check_consistency().unwrap();
+}
+
+#[test]
+fn munmap_unmaps_inside_start_end() {
+    // unmap_region → unmap_vmas: start(UNMAP) and end over the whole range
+    // asked for, holes included; then tlb_finish_mmu's flush.
+    let f = fixture(4, MmapFlags::empty());
+    f.mm.write(f.base, b"x").unwrap();
+    f.mm.munmap(f.base, 2 * PAGE_SIZE).unwrap();
+    let r = MmuNotifierRange::new(MmuNotifyEvent::Unmap, f.base, f.base + 2 * PAGE_SIZE);
+    let flush_first = Recorded::InvalidateRange {
+        start: f.base,
+        end: f.base + PAGE_SIZE,
+    };
+    assert_eq!(
+        f.rec.take(),
+        vec![
+            Recorded::InvalidateRangeStart(r),
+            Recorded::InvalidateRange {
+                start: r.start,
+                end: r.end
+            },
+            Recorded::InvalidateRangeEnd(r),
+            flush_first,
+        ]
+    );
+    assert!(matches!(
+        f.mm.read(f.base, &mut [0]),
+        Err(MmError::NoVma(_))
+    ));
+    // Over a hole and past the end of the mapping: the range is not clipped.
+    let wide = MmuNotifierRange::new(MmuNotifyEvent::Unmap, f.base, f.base + 8 * PAGE_SIZE);
+    f.mm.munmap(f.base, 8 * PAGE_SIZE).unwrap();
+    assert_eq!(
+        f.rec.take(),
+        vec![
+            Recorded::InvalidateRangeStart(wide),
+            Recorded::InvalidateRange {
+                start: wide.start,
+                end: wide.end
+            },
+            Recorded::InvalidateRangeEnd(wide),
+        ]
+    );
+    // Nothing mapped at all: no callback.
+    f.mm.munmap(f.base, 8 * PAGE_SIZE).unwrap();
+    assert!(f.rec.take().is_empty());
+    f.mm.check_consistency().unwrap();
+}
+
+#[test]
+fn mprotect_notifies_only_over_populated_page_tables() {
+    // mprotect_fixup → change_protection: nothing when the protection does
+    // not change; otherwise one start/end per populated PUD, from the first
+    // populated PMD to the end of the PUD's part of the range
+    // (change_pmd_range), for upgrades too. A downgrade write-protects.
     let f = fixture(2, MmapFlags::empty());
     f.mm.write(f.base, b"x").unwrap();
     f.mm.mprotect(f.base, 2 * PAGE_SIZE, Prot::READ).unwrap();
@@ -108,29 +207,91 @@ fn mprotect_downgrade_invalidates_upgrade_does_not() {
         f.base,
         f.base + 2 * PAGE_SIZE,
     );
-    assert_eq!(
-        f.rec.take(),
-        vec![
-            Recorded::InvalidateRangeStart(r),
-            Recorded::InvalidateRange {
-                start: r.start,
-                end: r.end
-            },
-            Recorded::InvalidateRangeEnd(r),
-        ]
-    );
+    let pair = vec![
+        Recorded::InvalidateRangeStart(r),
+        Recorded::InvalidateRange {
+            start: r.start,
+            end: r.end,
+        },
+        Recorded::InvalidateRangeEnd(r),
+    ];
+    assert_eq!(f.rec.take(), pair);
     assert!(matches!(f.mm.pte(f.base), Some(Pte::Present(p)) if !p.writable));
     assert!(matches!(
         f.mm.write(f.base, b"y"),
         Err(MmError::Access { .. })
     ));
+    f.mm.mprotect(f.base, 2 * PAGE_SIZE, Prot::READ).unwrap();
+    assert!(
+        f.rec.take().is_empty(),
+        "same protection: no change_protection"
+    );
     f.mm.mprotect(f.base, 2 * PAGE_SIZE, RW).unwrap();
-    assert!(f.rec.take().is_empty(), "an upgrade must not invalidate");
-    // The next write upgrades the PTE in place, without a callback.
+    assert_eq!(f.rec.take(), pair, "an upgrade runs change_protection too");
+    // The PTE stays read-only; the next write upgrades it in place.
+    assert!(matches!(f.mm.pte(f.base), Some(Pte::Present(p)) if !p.writable));
     let before = pfn(&f.mm, f.base);
     f.mm.write(f.base, b"y").unwrap();
     assert_eq!(pfn(&f.mm, f.base), before);
     assert!(f.rec.take().is_empty());
+    f.mm.check_consistency().unwrap();
+}
+
+#[test]
+fn mprotect_ranges_follow_the_populated_pmds_and_puds() {
+    const PMD: u64 = 2 << 20;
+    const PUD: u64 = 1 << 30;
+    let mm = Mm::new_anonymous(64).unwrap();
+    // Two PUDs' worth at a PUD-aligned address.
+    let base = mm
+        .mmap(Some(0x7f00_0000_0000), 2 * PUD, RW, MmapFlags::empty())
+        .unwrap();
+    let rec = Arc::new(RecordingNotifier::new("rec"));
+    let _reg = mm.mmu_notifier_register(rec.clone()).unwrap();
+    // Nothing populated: no callback at all.
+    mm.mprotect(base, 2 * PUD, Prot::READ).unwrap();
+    assert!(rec.take().is_empty());
+    // Populate the third PMD of the first PUD and the first of the second.
+    mm.handle_mm_fault(base + 2 * PMD + 5 * PAGE_SIZE, Access::Read)
+        .unwrap();
+    mm.handle_mm_fault(base + PUD + PAGE_SIZE, Access::Read)
+        .unwrap();
+    let start = base + PAGE_SIZE;
+    mm.mprotect(start, 2 * PUD - 2 * PAGE_SIZE, RW).unwrap();
+    let starts: Vec<(u64, u64)> = rec
+        .take()
+        .into_iter()
+        .filter_map(|r| match r {
+            Recorded::InvalidateRangeStart(r) => Some((r.start - base, r.end - base)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        starts,
+        vec![(2 * PMD, PUD), (PUD, 2 * PUD - PAGE_SIZE)],
+        "from the first populated PMD (or the start) to the PUD's end"
+    );
+    mm.check_consistency().unwrap();
+}
+
+#[test]
+fn mprotect_over_a_hole_applies_up_to_it() {
+    // do_mprotect_pkey: the VMAs before the hole change, then ENOMEM.
+    let f = fixture(4, MmapFlags::empty());
+    let p = PAGE_SIZE;
+    f.mm.munmap(f.base + 2 * p, p).unwrap();
+    assert_eq!(
+        f.mm.mprotect(f.base, 4 * p, Prot::READ),
+        Err(MmError::NoMemory)
+    );
+    assert_eq!(f.mm.find_vma(f.base).unwrap().prot, Prot::READ);
+    assert_eq!(f.mm.find_vma(f.base + 3 * p).unwrap().prot, RW);
+    // A range that starts in a hole changes nothing.
+    assert_eq!(
+        f.mm.mprotect(f.base + 2 * p, 2 * p, Prot::READ),
+        Err(MmError::NoMemory)
+    );
+    assert_eq!(f.mm.find_vma(f.base + 3 * p).unwrap().prot, RW);
     f.mm.check_consistency().unwrap();
 }
 
@@ -141,39 +302,44 @@ fn ksm_merge_write_protects_then_change_ptes_and_cow_breaks() {
     let content = vec![0x5a; PAGE_SIZE as usize];
     f.mm.write(a, &content).unwrap();
     f.mm.write(b, &content).unwrap();
-    let pfn_b = pfn(&f.mm, b);
+    let (pfn_a, pfn_b) = (pfn(&f.mm, a), pfn(&f.mm, b));
     // Pass 1 sees both pages for the first time (volatile); pass 2 puts a
     // in the unstable tree and finds b identical.
     f.mm.ksm_scan(2).unwrap();
     assert!(f.rec.take().is_empty(), "the first pass must not merge");
     let res = f.mm.ksm_scan(2).unwrap();
     assert_eq!(res.merged, 1);
-    // try_to_merge_two_pages: b becomes the KSM page (write-protected), then
-    // a is write-protected and replaced by it, with change_pte.
+    // try_to_merge_two_pages: b becomes the KSM page (write_protect_page:
+    // start, set_pte_at_notify of the read-only PTE, end with its
+    // invalidate_range), then a is write-protected the same way and
+    // replace_page points it at b's frame (start, set_pte_at_notify, end).
     let wp = |h| page_range(MmuNotifyEvent::ProtectionPage, h);
     let merge = page_range(MmuNotifyEvent::KsmMerge, a);
     let flush = |h: u64| Recorded::InvalidateRange {
         start: h,
         end: h + PAGE_SIZE,
     };
+    let ro = |address: u64, frame: u64| Recorded::ChangePte {
+        address,
+        pte: NotifierPte {
+            frame,
+            writable: false,
+        },
+    };
     assert_eq!(
         f.rec.take(),
         vec![
             Recorded::InvalidateRangeStart(wp(b)),
+            ro(b, pfn_b),
             flush(b),
             Recorded::InvalidateRangeEnd(wp(b)),
             Recorded::InvalidateRangeStart(wp(a)),
+            ro(a, pfn_a),
             flush(a),
             Recorded::InvalidateRangeEnd(wp(a)),
             Recorded::InvalidateRangeStart(merge),
+            ro(a, pfn_b),
             flush(a),
-            Recorded::ChangePte {
-                address: a,
-                pte: NotifierPte {
-                    frame: pfn_b,
-                    writable: false
-                }
-            },
             Recorded::InvalidateRangeEnd(merge),
         ]
     );
@@ -263,19 +429,26 @@ fn reclaim_keeps_young_pages_and_swaps_cold_dirty_ones() {
     f.rec.set_young(false);
     let r = f.mm.reclaim(1).unwrap();
     assert_eq!((r.evicted, r.swapped_out), (1, 1));
-    let unmap = page_range(MmuNotifyEvent::Unmap, h);
+    // shrink_page_list: page_referenced, then try_to_unmap_one: start
+    // (CLEAR), the young recheck inside the range, the swap PTE and its
+    // invalidate_range, the end (with invalidate_range again).
+    let unmap = page_range(MmuNotifyEvent::Clear, h);
+    let young = Recorded::ClearFlushYoung {
+        start: h,
+        end: h + PAGE_SIZE,
+    };
+    let flush = Recorded::InvalidateRange {
+        start: h,
+        end: h + PAGE_SIZE,
+    };
     assert_eq!(
         f.rec.take(),
         vec![
-            Recorded::ClearFlushYoung {
-                start: h,
-                end: h + PAGE_SIZE
-            },
+            young.clone(),
             Recorded::InvalidateRangeStart(unmap),
-            Recorded::InvalidateRange {
-                start: h,
-                end: h + PAGE_SIZE
-            },
+            young,
+            flush.clone(),
+            flush,
             Recorded::InvalidateRangeEnd(unmap),
         ]
     );

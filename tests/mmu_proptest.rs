@@ -1558,13 +1558,19 @@ impl Harness {
             }
             Op::Mprotect { page, n, prot } => {
                 let (a, b) = Self::range(page, n);
+                // do_mprotect_pkey: up to the first hole, then ENOMEM.
                 let r = mm.mprotect(self.hva(a), (b - a) * PAGE_SIZE, prot);
-                let all = (a..b).all(|p| self.mapped[p as usize]);
-                prop_assert_eq!(r, if all { Ok(()) } else { Err(MmError::NoMemory) });
-                if all {
-                    for p in a..b {
-                        self.prot[p as usize] = prot;
+                let end = (a..b).find(|&p| !self.mapped[p as usize]).unwrap_or(b);
+                prop_assert_eq!(
+                    r,
+                    if end == b {
+                        Ok(())
+                    } else {
+                        Err(MmError::NoMemory)
                     }
+                );
+                for p in a..end {
+                    self.prot[p as usize] = prot;
                 }
             }
             Op::KsmScan { pages } => {

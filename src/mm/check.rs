@@ -82,6 +82,7 @@ impl Mm {
                 meta.refcount,
                 meta.mapcount
             );
+            ensure!(!meta.locked, "frame {pfn} is still page-locked");
             if meta.ksm {
                 for hva in &maps {
                     let writable = matches!(pt.pte(*hva), Some(Pte::Present(p)) if p.writable);

@@ -100,23 +100,71 @@ impl Mm {
                 }
                 // do_wp_page: a write to a read-only PTE in a writable VMA.
                 let meta = pt.pages.get(&p.pfn).ok_or(MmError::BadFrame(p.pfn))?;
-                if !meta.ksm && meta.mapcount == 1 {
-                    // wp_page_reuse: we are the only user; the swap copy (if
-                    // any) is about to become stale.
-                    if let Some(slot) = pt.pages.get_mut(&p.pfn).and_then(|m| m.swap.take()) {
-                        let _ = pt.swap.put(slot);
+                if !meta.ksm {
+                    // None: shared or KSM after all, so copy.
+                    if let Some(step) = self.reuse_locked_page(&mut pt, page, p)? {
+                        return Ok(step);
                     }
-                    p.writable = true;
-                    p.young = true;
-                    p.dirty = true;
-                    pt.update(page, p);
-                    inc(&self.stats.pgreuse);
-                    return Ok(Step::Done(p));
                 }
+                // wp_page_copy works on the old page with the page-table lock
+                // dropped: hold a reference so its frame cannot be freed and
+                // reused under the copy.
+                pt.get_page(p.pfn);
                 drop(pt);
-                self.wp_page_copy(vmas, page, p)
+                let step = self.wp_page_copy(vmas, page, p);
+                self.put_pages(vec![p.pfn]);
+                step
             }
         }
+    }
+
+    /// The reuse half of `do_wp_page` for an anonymous page that was not KSM
+    /// under the page-table lock: takes the page lock (`trylock_page`, or
+    /// `lock_page` with the page-table lock dropped and `pte_same` after),
+    /// and reuses the page in place only if, under the lock, it is still
+    /// not KSM and mapped once (`reuse_swap_page`). KSM holds the page lock
+    /// from write-protecting a page until it is marked KSM, so a fault in
+    /// that window waits here and then copies. `None`: copy instead.
+    fn reuse_locked_page(
+        &self,
+        pt: &mut parking_lot::MutexGuard<'_, super::pgtable::PageTables>,
+        page: Hva,
+        mut p: PresentPte,
+    ) -> Result<Option<Step>, MmError> {
+        if !pt.trylock_page(p.pfn) {
+            pt.get_page(p.pfn);
+            self.lock_page(pt, p.pfn)?;
+            if pt.pte(page) != Some(Pte::Present(p)) {
+                // Unmapped or changed while we slept: our reference may be
+                // the last one now.
+                self.unlock_page(pt, p.pfn);
+                if let Some(freed) = pt.put_page(p.pfn) {
+                    parking_lot::MutexGuard::unlocked(pt, || self.free_frames([freed]));
+                }
+                return Ok(Some(Step::Retry));
+            }
+            // Still mapped here: the mapping holds a reference besides ours.
+            let freed = pt.put_page(p.pfn);
+            debug_assert!(freed.is_none(), "a mapped page is referenced");
+        }
+        let reuse = pt
+            .pages
+            .get(&p.pfn)
+            .is_some_and(|m| !m.ksm && m.mapcount == 1);
+        if reuse {
+            // wp_page_reuse: we are the only user; the swap copy (if any)
+            // is about to become stale.
+            if let Some(slot) = pt.pages.get_mut(&p.pfn).and_then(|m| m.swap.take()) {
+                pt.swap.put(slot)?;
+            }
+            p.writable = true;
+            p.young = true;
+            p.dirty = true;
+            pt.update(page, p);
+            inc(&self.stats.pgreuse);
+        }
+        self.unlock_page(pt, p.pfn);
+        Ok(reuse.then_some(Step::Done(p)))
     }
 
     /// `do_anonymous_page`: a zeroed page. A read fault maps it read-only
@@ -163,8 +211,12 @@ impl Mm {
         self.memory().write_frame(pfn, 0, data)?;
         pt.ptes.remove(&super::pgtable::vpn(page));
         pt.new_page(pfn);
+        // The new page is locked while it joins the swap cache and is
+        // mapped, and the write-reuse decision is taken under that lock.
+        let locked = pt.trylock_page(pfn);
+        debug_assert!(locked, "a page nobody else can see yet");
         if write {
-            let _ = pt.swap.put(slot); // the PTE's reference; no swap cache
+            pt.swap.put(slot)?; // the PTE's reference; no swap cache
         } else if let Some(m) = pt.pages.get_mut(&pfn) {
             m.swap = Some(slot); // the PTE's reference moves to the swap cache
         }
@@ -175,6 +227,9 @@ impl Mm {
             dirty: write,
         };
         pt.map(page, p);
+        if locked {
+            self.unlock_page(&mut pt, pfn);
+        }
         inc(&self.stats.pswpin);
         Ok(Step::Done(p))
     }
@@ -187,7 +242,7 @@ impl Mm {
         let new_pfn = self.alloc_page(vmas)?;
         self.memory().copy_frame(old.pfn, new_pfn)?;
         let range = MmuNotifierRange::new(MmuNotifyEvent::CowBreak, page, page + PAGE_SIZE);
-        let _ = self.mn_invalidate_range_start(&range);
+        self.mn_invalidate_range_start(&range);
         let installed = {
             let mut pt = self.pt.lock();
             if pt.present(page).map(|p| p.pfn) != Some(old.pfn) {

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use crate::notifier::{MmuNotifierRange, MmuNotifyEvent, NotifierPte};
 
 use super::memory::FrameAccess;
-use super::pgtable::PresentPte;
+use super::pgtable::{PresentPte, Pte};
 use super::vma::MmapFlags;
 use super::{Hva, Mm, MmError, PAGE_SIZE, Pfn};
 
@@ -159,29 +159,52 @@ impl Mm {
             ksm.rmap_items.remove(&hva);
             return Ok(false);
         }
+        // follow_page(FOLL_GET): the page, with a reference so it can be
+        // locked and cannot be freed while we look at it.
         let (pfn, is_ksm) = {
-            let pt = self.pt.lock();
+            let mut pt = self.pt.lock();
             match pt.present(hva) {
-                Some(p) => (p.pfn, pt.pages.get(&p.pfn).is_some_and(|m| m.ksm)),
+                Some(p) => {
+                    pt.get_page(p.pfn);
+                    (p.pfn, pt.pages.get(&p.pfn).is_some_and(|m| m.ksm))
+                }
                 None => {
                     ksm.rmap_items.remove(&hva);
                     return Ok(false);
                 }
             }
         };
-        if is_ksm {
+        let merged = if is_ksm {
             ksm.rmap_items.insert(hva, RmapItem { oldchecksum: None });
-            return Ok(false); // already merged
-        }
+            Ok(false) // already merged
+        } else {
+            self.cmp_and_merge_ref(ksm, &mergeable, hva, pfn)
+        };
+        self.put_pages(vec![pfn]);
+        merged
+    }
+
+    /// The body of `cmp_and_merge_page`, with a reference to `pfn` held.
+    fn cmp_and_merge_ref(
+        &self,
+        ksm: &mut KsmState,
+        mergeable: &dyn Fn(Hva) -> bool,
+        hva: Hva,
+        pfn: Pfn,
+    ) -> Result<bool, MmError> {
         let mem = self.memory();
         let checksum = mem.frame_checksum(pfn)?;
 
         // Is there a stable page with this content? (stable_tree_search)
-        if let Some(kpfn) = self.stable_search(ksm, checksum, pfn)?
-            && self.try_to_merge_one_page(hva, pfn, Some(kpfn))?.is_some()
-        {
-            ksm.rmap_items.insert(hva, RmapItem { oldchecksum: None });
-            return Ok(true);
+        if let Some(kpfn) = self.stable_search(ksm, checksum, pfn)? {
+            // get_ksm_page: a reference, so the stable page cannot be freed
+            // (and its frame reused) before replace_page maps it.
+            let merged = self.try_to_merge_one_page(hva, pfn, Some(kpfn));
+            self.put_pages(vec![kpfn]);
+            if merged?.is_some() {
+                ksm.rmap_items.insert(hva, RmapItem { oldchecksum: None });
+                return Ok(true);
+            }
         }
 
         // Only pages unchanged since the last pass may enter the unstable
@@ -195,56 +218,89 @@ impl Mm {
             return Ok(false);
         }
 
-        // unstable_tree_search_insert
-        let twin = ksm.unstable.get(&checksum).and_then(|list| {
-            list.iter().copied().find(|&t| {
-                t != hva
-                    && mergeable(t)
-                    && self.pt.lock().present(t).is_some_and(|p| {
-                        p.pfn != pfn && mem.frames_identical(p.pfn, pfn).unwrap_or(false)
-                    })
-            })
-        });
-        let Some(tree_hva) = twin else {
+        // unstable_tree_search_insert: a twin with a reference taken
+        // (get_mergeable_page).
+        let mut twin = None;
+        if let Some(list) = ksm.unstable.get(&checksum) {
+            for &t in list {
+                if t == hva || !mergeable(t) {
+                    continue;
+                }
+                let tp = {
+                    let mut pt = self.pt.lock();
+                    match pt.present(t) {
+                        Some(p) if p.pfn != pfn => {
+                            pt.get_page(p.pfn);
+                            p.pfn
+                        }
+                        _ => continue,
+                    }
+                };
+                if mem.frames_identical(tp, pfn)? {
+                    twin = Some((t, tp));
+                    break;
+                }
+                self.put_pages(vec![tp]);
+            }
+        }
+        let Some((tree_hva, tree_pfn)) = twin else {
             ksm.unstable.entry(checksum).or_default().push(hva);
             return Ok(false);
         };
-        // try_to_merge_two_pages: our page becomes the KSM page, then the
-        // tree page is replaced by it.
-        let Some(kpfn) = self.try_to_merge_one_page(hva, pfn, None)? else {
-            return Ok(false);
-        };
-        let tree_pfn = self.pt.lock().present(tree_hva).map(|p| p.pfn);
-        let merged = match tree_pfn {
-            Some(tp) => self
-                .try_to_merge_one_page(tree_hva, tp, Some(kpfn))?
-                .is_some(),
-            None => false,
-        };
+        let merged = self.try_to_merge_two_pages(hva, pfn, tree_hva, tree_pfn);
+        self.put_pages(vec![tree_pfn]);
         if let Some(list) = ksm.unstable.get_mut(&checksum) {
             list.retain(|&t| t != tree_hva);
         }
-        if merged {
+        let Some(kpfn) = merged? else {
+            return Ok(false);
+        };
+        // stable_tree_insert, under the page lock of the new KSM page. It is
+        // mapped at hva (a reference we hold), so lock_page cannot fail.
+        let mut pt = self.pt.lock();
+        self.lock_page(&mut pt, kpfn)?;
+        let shared = pt.pages.get(&kpfn).is_some_and(|m| m.ksm && m.mapcount > 1);
+        if !shared {
+            // The tree page was not merged after all: break_cow. The lone
+            // page stops being a KSM page; its bytes exist nowhere else, so
+            // reclaim must write them out.
+            if let Some(m) = pt.pages.get_mut(&kpfn)
+                && m.mapcount <= 1
+            {
+                m.ksm = false;
+                m.dirty = true;
+            }
+        }
+        self.unlock_page(&mut pt, kpfn);
+        drop(pt);
+        if shared {
             ksm.stable
                 .entry(mem.frame_checksum(kpfn)?)
                 .or_default()
                 .push(kpfn);
-            Ok(true)
-        } else {
-            // break_cow: the lone page stops being a KSM page.
-            let mut pt = self.pt.lock();
-            if let Some(m) = pt.pages.get_mut(&kpfn)
-                && m.mapcount <= 1
-            {
-                // Its bytes exist nowhere else: reclaim must write them out.
-                m.ksm = false;
-                m.dirty = true;
-            }
-            Ok(false)
         }
+        Ok(shared)
     }
 
-    /// `stable_tree_search`: a live KSM frame with the same bytes as `pfn`.
+    /// `try_to_merge_two_pages`: our page becomes the KSM page, then the
+    /// tree page is replaced by it. Returns the KSM frame if the first step
+    /// succeeded (whether the second did shows in its mapcount).
+    fn try_to_merge_two_pages(
+        &self,
+        hva: Hva,
+        pfn: Pfn,
+        tree_hva: Hva,
+        tree_pfn: Pfn,
+    ) -> Result<Option<Pfn>, MmError> {
+        let Some(kpfn) = self.try_to_merge_one_page(hva, pfn, None)? else {
+            return Ok(None);
+        };
+        self.try_to_merge_one_page(tree_hva, tree_pfn, Some(kpfn))?;
+        Ok(Some(kpfn))
+    }
+
+    /// `stable_tree_search`: a live KSM frame with the same bytes as `pfn`,
+    /// returned with a reference taken (`get_ksm_page`).
     fn stable_search(
         &self,
         ksm: &mut KsmState,
@@ -254,39 +310,73 @@ impl Mm {
         let Some(list) = ksm.stable.get_mut(&checksum) else {
             return Ok(None);
         };
-        let pt = self.pt.lock();
+        let mut pt = self.pt.lock();
         // Drop stable nodes whose page went away.
         list.retain(|k| pt.pages.get(k).is_some_and(|m| m.ksm && m.mapcount > 0));
         for &k in list.iter() {
             if k != pfn && self.memory().frames_identical(k, pfn)? {
+                pt.get_page(k);
                 return Ok(Some(k));
             }
         }
         Ok(None)
     }
 
-    /// `try_to_merge_one_page`: write-protects `hva`'s page, then either
-    /// makes it a KSM page (`kpfn == None`) or, if its bytes still equal
-    /// `kpfn`'s, replaces it with `kpfn`. Returns the KSM frame now mapped
-    /// at `hva`, or `None` if the page changed or is pinned.
+    /// `try_to_merge_one_page`: under the page lock of `pfn` (the caller
+    /// holds a reference), write-protects `hva`'s page, then either makes it
+    /// a KSM page (`kpfn == None`) or, if its bytes still equal `kpfn`'s,
+    /// replaces it with `kpfn`. Returns the KSM frame now mapped at `hva`,
+    /// or `None` if the page is locked, changed or pinned.
+    ///
+    /// The page lock closes the window between the write-protect and the
+    /// KSM marking: a write fault that finds the page not yet KSM must lock
+    /// it to reuse it in place (`do_wp_page`), so it waits here and then
+    /// sees a KSM page, which it copies instead.
     fn try_to_merge_one_page(
         &self,
         hva: Hva,
         pfn: Pfn,
         kpfn: Option<Pfn>,
     ) -> Result<Option<Pfn>, MmError> {
-        if !self.write_protect_page(hva, pfn)? {
+        if kpfn == Some(pfn) {
+            return Ok(None); // ksm page forked
+        }
+        // trylock_page: rather than wait, go on scanning and come back.
+        if !self.pt.lock().trylock_page(pfn) {
             return Ok(None);
         }
+        let merged = self.merge_locked_page(hva, pfn, kpfn);
+        let mut pt = self.pt.lock();
+        self.unlock_page(&mut pt, pfn);
+        merged
+    }
+
+    /// `try_to_merge_one_page` with the page locked.
+    fn merge_locked_page(
+        &self,
+        hva: Hva,
+        pfn: Pfn,
+        kpfn: Option<Pfn>,
+    ) -> Result<Option<Pfn>, MmError> {
+        let Some(orig) = self.write_protect_page(hva, pfn)? else {
+            return Ok(None);
+        };
+        mm_hook!(self, KsmWriteProtected, hva);
         match kpfn {
             None => {
                 let mut pt = self.pt.lock();
+                // Still exclusively ours and unchanged since the write-protect
+                // (an unmap may have raced: zap does not take page locks).
+                if pt.pte(hva) != Some(Pte::Present(orig)) {
+                    return Ok(None);
+                }
                 match pt.pages.get_mut(&pfn) {
                     Some(m) if m.mapcount == 1 => {
+                        // set_page_stable_node(page, NULL): PageKsm from now.
                         m.ksm = true;
                         m.dirty = false; // now content-addressed, never written in place
                         if let Some(slot) = m.swap.take() {
-                            let _ = pt.swap.put(slot);
+                            pt.swap.put(slot)?;
                         }
                         Ok(Some(pfn))
                     }
@@ -297,86 +387,107 @@ impl Mm {
                 if !self.memory().frames_identical(pfn, k)? {
                     return Ok(None);
                 }
-                Ok(self.replace_page(hva, pfn, k)?.then_some(k))
+                Ok(self.replace_page(hva, pfn, k, orig)?.then_some(k))
             }
         }
     }
 
     /// `write_protect_page`: inside `invalidate_range_start/end`, makes the
     /// PTE read-only and clean (moving its dirty bit to the page) so the
-    /// content can no longer change under a comparison.
-    fn write_protect_page(&self, hva: Hva, pfn: Pfn) -> Result<bool, MmError> {
+    /// content can no longer change under a comparison, telling secondary
+    /// MMUs with `change_pte` (`set_pte_at_notify`). Returns the PTE as it
+    /// now is (`orig_pte`), or `None` if the page is not mapped there
+    /// exclusively, or is pinned (a reference beyond its mapping and ours).
+    fn write_protect_page(&self, hva: Hva, pfn: Pfn) -> Result<Option<PresentPte>, MmError> {
         let range = MmuNotifierRange::new(MmuNotifyEvent::ProtectionPage, hva, hva + PAGE_SIZE);
-        self.mn_invalidate_range_start(&range)?;
-        let ok = {
+        self.mn_invalidate_range_start(&range);
+        let orig = {
             let mut pt = self.pt.lock();
             match (pt.present(hva), pt.pages.get(&pfn)) {
-                // Only an exclusively mapped, unpinned page may be merged.
-                (Some(p), Some(m)) if p.pfn == pfn && m.mapcount == 1 && m.refcount == 1 => {
+                (Some(p), Some(m)) if p.pfn == pfn && m.mapcount == 1 => {
                     if p.writable || p.dirty {
-                        // ptep_clear_flush: the flush reaches IOMMU-style MMUs.
-                        self.mn_invalidate_range(hva, hva + PAGE_SIZE);
-                        if p.dirty
-                            && let Some(m) = pt.pages.get_mut(&pfn)
-                        {
-                            m.dirty = true;
-                        }
-                        pt.update(
-                            hva,
-                            PresentPte {
+                        // ptep_clear_flush (no notify: a downgrade), then the
+                        // pin check: the mapping and our reference, no more.
+                        if m.refcount != m.mapcount + 1 {
+                            None
+                        } else {
+                            if p.dirty
+                                && let Some(m) = pt.pages.get_mut(&pfn)
+                            {
+                                m.dirty = true;
+                            }
+                            let entry = PresentPte {
                                 writable: false,
                                 dirty: false,
                                 ..p
-                            },
-                        );
+                            };
+                            if self.notifiers.has_notifiers() {
+                                self.notifiers.change_pte(
+                                    hva,
+                                    NotifierPte {
+                                        frame: pfn,
+                                        writable: false,
+                                    },
+                                );
+                            }
+                            pt.update(hva, entry);
+                            Some(entry)
+                        }
+                    } else {
+                        Some(p)
                     }
-                    true
                 }
-                _ => false,
+                _ => None,
             }
         };
-        self.mn_invalidate_range_end(&range, true);
-        Ok(ok)
+        self.mn_invalidate_range_end(&range, false);
+        Ok(orig)
     }
 
     /// `replace_page`: inside `invalidate_range_start/end`, points the PTE of
     /// `hva` at the KSM frame `kpfn`, read-only, telling secondary MMUs with
-    /// `change_pte`; the old page is released afterwards.
-    fn replace_page(&self, hva: Hva, pfn: Pfn, kpfn: Pfn) -> Result<bool, MmError> {
+    /// `change_pte`, if the PTE is still `orig` (`pte_same`); the old page
+    /// is released afterwards.
+    fn replace_page(
+        &self,
+        hva: Hva,
+        pfn: Pfn,
+        kpfn: Pfn,
+        orig: PresentPte,
+    ) -> Result<bool, MmError> {
         let range = MmuNotifierRange::new(MmuNotifyEvent::KsmMerge, hva, hva + PAGE_SIZE);
-        self.mn_invalidate_range_start(&range)?;
+        self.mn_invalidate_range_start(&range);
         let ok = {
             let mut pt = self.pt.lock();
             let live = pt.pages.get(&kpfn).is_some_and(|m| m.ksm);
-            match pt.present(hva) {
-                Some(p) if p.pfn == pfn && live => {
-                    // ptep_clear_flush_notify, then set_pte_at_notify.
-                    pt.unmap(hva);
-                    self.mn_invalidate_range(hva, hva + PAGE_SIZE);
-                    if self.notifiers.has_notifiers() {
-                        self.notifiers.change_pte(
-                            hva,
-                            NotifierPte {
-                                frame: kpfn,
-                                writable: false,
-                            },
-                        );
-                    }
-                    pt.map(
+            if pt.pte(hva) == Some(Pte::Present(orig)) && live {
+                // ptep_clear_flush (no notify: read-only to read-only of the
+                // same content), then set_pte_at_notify.
+                pt.unmap(hva);
+                if self.notifiers.has_notifiers() {
+                    self.notifiers.change_pte(
                         hva,
-                        PresentPte {
-                            pfn: kpfn,
+                        NotifierPte {
+                            frame: kpfn,
                             writable: false,
-                            young: p.young,
-                            dirty: false,
                         },
                     );
-                    true
                 }
-                _ => false,
+                pt.map(
+                    hva,
+                    PresentPte {
+                        pfn: kpfn,
+                        writable: false,
+                        young: orig.young,
+                        dirty: false,
+                    },
+                );
+                true
+            } else {
+                false
             }
         };
-        self.mn_invalidate_range_end(&range, true);
+        self.mn_invalidate_range_end(&range, false);
         if ok {
             self.put_pages(vec![pfn]);
         }

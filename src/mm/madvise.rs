@@ -1,75 +1,158 @@
-//! madvise(MADV_DONTNEED) and madvise(MADV_MERGEABLE / UNMERGEABLE).
+//! madvise(MADV_DONTNEED), madvise(MADV_MERGEABLE) and mlock.
 
 use crate::notifier::MmuNotifyEvent;
 
-use super::vma::MmapFlags;
-use super::{Hva, Mm, MmError, checked_range};
+use super::vma::{MmapFlags, Prot, Vma};
+use super::{Access, Hva, Mm, MmError, PAGE_SIZE, is_page_aligned};
+
+/// The VMAs `[start, end)` meets, each clipped to the range, in order, and
+/// whether the range has a hole: the walk of 4.19's `madvise`,
+/// `do_mprotect_pkey` and `apply_vma_lock_flags`.
+pub(super) fn clipped(vmas: &[Vma], start: Hva, end: Hva) -> (Vec<(Vma, Hva, Hva)>, bool) {
+    let mut pieces = Vec::new();
+    let mut at = start;
+    let mut hole = false;
+    for v in vmas.iter().filter(|v| v.end > start && v.start < end) {
+        hole |= v.start > at;
+        let (s, e) = (v.start.max(start), v.end.min(end));
+        pieces.push((*v, s, e));
+        at = e;
+    }
+    hole |= at < end;
+    (pieces, hole)
+}
 
 impl Mm {
-    /// `madvise(addr, len, MADV_DONTNEED)`: drops the pages of the range;
-    /// private anonymous memory reads back as zero afterwards. Fails with
-    /// `Locked` on a VM_LOCKED area (`madvise_dontneed_free_valid_vma`) and
-    /// with `NoMemory` if part of the range is unmapped (after dropping the
-    /// mapped parts, as Linux does).
+    /// `madvise(addr, len, MADV_DONTNEED)` (4.19 `mm/madvise.c`): drops the
+    /// pages of each VMA in the range in address order, one
+    /// `zap_page_range` (one notifier range) per VMA, clipped to it; private
+    /// anonymous memory reads back as zero afterwards. Errors as Linux:
+    /// `EINVAL` for an unaligned address or a length that wraps; `EINVAL`
+    /// (`Locked`) at the first VM_LOCKED VMA, after the VMAs before it were
+    /// zapped; `ENOMEM` if part of the range is unmapped, after zapping the
+    /// mapped parts.
     pub fn madvise_dontneed(&self, addr: Hva, len: u64) -> Result<(), MmError> {
         tracing::debug!(target: "shadowvm::trace", layer = "mm", kind = "host_op", op = "madvise_dontneed", start = addr, len, "host: madvise(MADV_DONTNEED)");
         self.check_alive()?;
-        let Some((start, end)) = checked_range(addr, len)? else {
+        let Some((start, end)) = madvise_range(addr, len)? else {
             return Ok(());
         };
         let vmas = self.mmap_lock.read();
-        let overlapping = vmas.overlapping(start, end);
-        if let Some(v) = overlapping
-            .iter()
-            .find(|v| v.flags.contains(MmapFlags::LOCKED))
-        {
-            return Err(MmError::Locked(v.start.max(start)));
+        let all: Vec<Vma> = vmas.iter().copied().collect();
+        let (pieces, hole) = clipped(&all, start, end);
+        if pieces.is_empty() {
+            return Err(MmError::NoMemory);
         }
-        for v in &overlapping {
-            self.zap_page_range(
-                v.start.max(start),
-                v.end.min(end),
-                MmuNotifyEvent::Clear,
-                true,
-            )?;
+        for (v, s, e) in pieces {
+            // madvise_dontneed_free: can_madv_dontneed_vma.
+            if v.flags.contains(MmapFlags::LOCKED) {
+                return Err(MmError::Locked(s));
+            }
+            self.zap_page_range(s, e, MmuNotifyEvent::Clear);
         }
-        if vmas.covers(start, end) {
-            Ok(())
-        } else {
-            Err(MmError::NoMemory)
-        }
+        if hole { Err(MmError::NoMemory) } else { Ok(()) }
     }
 
     /// `madvise(addr, len, MADV_MERGEABLE)`: lets KSM merge the range.
     pub fn madvise_mergeable(&self, addr: Hva, len: u64) -> Result<(), MmError> {
         tracing::debug!(target: "shadowvm::trace", layer = "mm", kind = "host_op", op = "madvise_mergeable", start = addr, len, "host: madvise(MADV_MERGEABLE)");
-        self.set_vma_flag(addr, len, MmapFlags::MERGEABLE, true)
-    }
-
-    /// `mlock(addr, len)`: marks the range VM_LOCKED (never reclaimed,
-    /// dropped or merged) and faults every page in.
-    pub fn mlock(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        self.set_vma_flag(addr, len, MmapFlags::LOCKED, true)?;
-        if let Some((start, end)) = checked_range(addr, len)? {
-            // Pages of a merged KSM frame stay shared until written; mlock
-            // only guarantees presence.
-            for page in (start..end).step_by(super::PAGE_SIZE as usize) {
-                self.handle_mm_fault(page, super::Access::Read)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn set_vma_flag(&self, addr: Hva, len: u64, flag: MmapFlags, on: bool) -> Result<(), MmError> {
         self.check_alive()?;
-        let Some((start, end)) = checked_range(addr, len)? else {
+        let Some((start, end)) = madvise_range(addr, len)? else {
             return Ok(());
         };
         let mut vmas = self.mmap_lock.write();
-        if !vmas.covers(start, end) {
+        let all: Vec<Vma> = vmas.iter().copied().collect();
+        let (pieces, hole) = clipped(&all, start, end);
+        if pieces.is_empty() {
             return Err(MmError::NoMemory);
         }
-        vmas.modify_range(start, end, |v| v.flags.set(flag, on));
-        Ok(())
+        for (_, s, e) in pieces {
+            vmas.modify_range(s, e, |v| v.flags.insert(MmapFlags::MERGEABLE));
+        }
+        if hole { Err(MmError::NoMemory) } else { Ok(()) }
     }
+
+    /// `mlock(addr, len)` (4.19 `do_mlock`): the address need not be
+    /// aligned (the range is widened to pages); marks the VMAs VM_LOCKED
+    /// (never reclaimed, dropped or merged) up to the first hole, which is
+    /// `ENOMEM`, then populates the range (`__mm_populate`), with write
+    /// faults in writable private VMAs so that copy-on-write is broken now
+    /// (`populate_vma_page_range`'s FOLL_WRITE).
+    pub fn mlock(&self, addr: Hva, len: u64) -> Result<(), MmError> {
+        self.check_alive()?;
+        let start = addr & !(PAGE_SIZE - 1);
+        let len = len
+            .checked_add(addr - start)
+            .and_then(super::page_align)
+            .ok_or(MmError::InvalidArgument("length overflows"))?;
+        let end = start.checked_add(len).ok_or(MmError::InvalidArgument(
+            "range overflows the address space",
+        ))?;
+        if end == start {
+            return Ok(());
+        }
+        let locked = {
+            let mut vmas = self.mmap_lock.write();
+            let all: Vec<Vma> = vmas.iter().copied().collect();
+            let pieces = contiguous_prefix(&all, start, end)?;
+            for &(_, s, e) in &pieces {
+                vmas.modify_range(s, e, |v| v.flags.insert(MmapFlags::LOCKED));
+            }
+            pieces
+        };
+        for (v, s, e) in &locked {
+            let access = if v.prot.contains(Prot::WRITE) {
+                Access::Write
+            } else {
+                Access::Read
+            };
+            for page in (*s..*e).step_by(PAGE_SIZE as usize) {
+                self.handle_mm_fault(page, access)?;
+            }
+        }
+        if locked.last().is_some_and(|l| l.2 == end) {
+            Ok(())
+        } else {
+            Err(MmError::NoMemory)
+        }
+    }
+}
+
+/// The pieces of `[start, end)` from `start` up to the first hole: the
+/// first VMA must contain `start` (`ENOMEM` otherwise), as in
+/// `do_mprotect_pkey` and `apply_vma_lock_flags`, which apply a change up to
+/// a hole and then fail with `ENOMEM`.
+pub(super) fn contiguous_prefix(
+    vmas: &[Vma],
+    start: Hva,
+    end: Hva,
+) -> Result<Vec<(Vma, Hva, Hva)>, MmError> {
+    let (pieces, _) = clipped(vmas, start, end);
+    let mut out = Vec::new();
+    let mut at = start;
+    for p in pieces {
+        if p.1 != at {
+            break;
+        }
+        at = p.2;
+        out.push(p);
+    }
+    if out.is_empty() {
+        return Err(MmError::NoMemory);
+    }
+    Ok(out)
+}
+
+/// The range checks of 4.19's `madvise`: `EINVAL` for an unaligned start, a
+/// length whose rounding wraps, or an end that wraps; `None` for an empty
+/// range (success, nothing done).
+fn madvise_range(addr: Hva, len: u64) -> Result<Option<(Hva, Hva)>, MmError> {
+    if !is_page_aligned(addr) {
+        return Err(MmError::InvalidArgument("address is not page aligned"));
+    }
+    let rounded = super::page_align(len).ok_or(MmError::InvalidArgument("length overflows"))?;
+    let end = addr.checked_add(rounded).ok_or(MmError::InvalidArgument(
+        "range overflows the address space",
+    ))?;
+    Ok((end != addr).then_some((addr, end)))
 }

@@ -6,7 +6,7 @@ use crate::notifier::{MmuNotifierRange, MmuNotifyEvent};
 use super::pgtable::Pte;
 use super::stats::add;
 use super::vma::{MmapFlags, Prot, Vma, VmaTree};
-use super::{Hva, MMAP_BASE, Mm, MmError, PAGE_SIZE, TASK_SIZE, is_page_aligned, page_align};
+use super::{Hva, MMAP_BASE, Mm, MmError, PAGE_SIZE, Pfn, TASK_SIZE, is_page_aligned, page_align};
 
 impl Mm {
     /// `mmap(addr, len, prot, MAP_PRIVATE | MAP_ANONYMOUS [| MAP_FIXED])`.
@@ -75,66 +75,66 @@ impl Mm {
         Ok(())
     }
 
-    /// `do_munmap`: unmaps `[start, end)` under the mmap write lock.
+    /// `do_munmap`: unmaps `[start, end)` under the mmap write lock. As in
+    /// 4.19's `unmap_region` → `unmap_vmas`, the notifier range is the whole
+    /// `[start, end)` asked for (holes included), not clipped to the VMAs;
+    /// nothing is called when no VMA overlaps it.
     fn do_munmap(&self, vmas: &mut VmaTree, start: Hva, end: Hva) {
-        let overlapping = vmas.overlapping(start, end);
-        let (Some(first), Some(last)) = (overlapping.first(), overlapping.last()) else {
+        if vmas.overlapping(start, end).is_empty() {
             return; // nothing mapped: munmap succeeds
-        };
-        // unmap_region: one notifier range over the VMAs being removed.
-        let (zs, ze) = (start.max(first.start), end.min(last.end));
-        let _ = self.zap_page_range(zs, ze, MmuNotifyEvent::Unmap, true);
+        }
+        self.zap_page_range(start, end, MmuNotifyEvent::Unmap);
         vmas.remove_range(start, end);
     }
 
-    /// `zap_page_range`: clears every PTE in `[start, end)` between
-    /// `invalidate_range_start` and `invalidate_range_end`, then drops the
-    /// page references (`tlb_finish_mmu`), so a secondary MMU has let go of a
-    /// frame before it can be freed. Swap entries are freed too.
-    ///
-    /// With `blockable == false` (the OOM reaper) a notifier may refuse;
-    /// then nothing is zapped and `Again` is returned.
-    pub(super) fn zap_page_range(
-        &self,
-        start: Hva,
-        end: Hva,
-        event: MmuNotifyEvent,
-        blockable: bool,
-    ) -> Result<u64, MmError> {
-        let mut range = MmuNotifierRange::new(event, start, end);
-        if !blockable {
-            range = range.nonblocking();
-        }
-        let started = self.mn_invalidate_range_start(&range);
-        if !blockable && let Err(e) = started {
-            // __oom_reap_task_mm: skip this range, the caller retries later.
-            // Every notifier was called, so end the range for those that
-            // started it.
-            self.mn_invalidate_range_end(&range, false);
-            return Err(e);
-        }
+    /// `zap_page_range` (4.19 `mm/memory.c`): clears every PTE in
+    /// `[start, end)` between `invalidate_range_start` and
+    /// `invalidate_range_end`, then `tlb_finish_mmu` flushes the range of
+    /// the PTEs it cleared (`mmu_notifier_invalidate_range`) and drops the
+    /// page references, so every secondary MMU has let go of a frame before
+    /// it can be freed. Swap entries are freed too. Returns the pages
+    /// unmapped.
+    pub(super) fn zap_page_range(&self, start: Hva, end: Hva, event: MmuNotifyEvent) -> u64 {
+        let range = MmuNotifierRange::new(event, start, end);
+        self.mn_invalidate_range_start(&range);
+        let gather = self.unmap_page_range(start, end);
+        self.mn_invalidate_range_end(&range, false);
+        self.tlb_finish_mmu(gather)
+    }
+
+    /// `unmap_page_range` under the page-table lock: clears the PTEs and
+    /// gathers the pages (`mmu_gather`).
+    fn unmap_page_range(&self, start: Hva, end: Hva) -> Vec<(Hva, Pfn)> {
         let mut gather = Vec::new();
-        {
-            let mut pt = self.pt.lock();
-            for (hva, pte) in pt.entries_in(start, end) {
-                pt.unmap(hva);
-                match pte {
-                    Pte::Present(p) => gather.push(p.pfn),
-                    Pte::Swap(slot) => {
-                        let _ = pt.swap.put(slot);
-                    }
+        let mut pt = self.pt.lock();
+        for (hva, pte) in pt.entries_in(start, end) {
+            pt.unmap(hva);
+            match pte {
+                Pte::Present(p) => gather.push((hva, p.pfn)),
+                Pte::Swap(slot) => {
+                    let freed = pt.swap.put(slot);
+                    debug_assert!(freed.is_ok(), "swap entry at {hva:#x}: {freed:?}");
                 }
             }
-            // ptep_clear_flush_notify: the TLB flush under the PTE lock.
-            if !gather.is_empty() {
-                self.mn_invalidate_range(start, end);
-            }
         }
-        self.mn_invalidate_range_end(&range, true);
+        gather
+    }
+
+    /// `tlb_finish_mmu`: `tlb_flush_mmu_tlbonly` tells the notifiers the
+    /// range of the PTEs actually cleared (`__tlb_adjust_range`), then the
+    /// gathered pages are released.
+    fn tlb_finish_mmu(&self, gather: Vec<(Hva, Pfn)>) -> u64 {
+        let (Some(first), Some(last)) = (
+            gather.iter().map(|g| g.0).min(),
+            gather.iter().map(|g| g.0).max(),
+        ) else {
+            return 0;
+        };
+        self.mn_invalidate_range(first, last + PAGE_SIZE);
         let n = gather.len() as u64;
         add(&self.stats.pgzap, n);
-        self.put_pages(gather);
-        Ok(n)
+        self.put_pages(gather.into_iter().map(|g| g.1).collect());
+        n
     }
 
     /// `exit_mmap`: `mmu_notifier_release` first (every notifier drops its
@@ -149,28 +149,38 @@ impl Mm {
             return;
         }
         self.notifiers.release();
-        let all: Vec<Vma> = vmas.iter().copied().collect();
-        for v in &all {
-            let _ = self.zap_page_range(v.start, v.end, MmuNotifyEvent::Release, true);
+        // unmap_vmas(&tlb, vma, 0, -1): every notifier is gone from the list
+        // by now, so this range reaches nobody.
+        if vmas.iter().next().is_some() {
+            self.zap_page_range(0, u64::MAX, MmuNotifyEvent::Unmap);
         }
         vmas.remove_range(0, TASK_SIZE);
         *ksm = Default::default();
     }
 
     /// `__oom_reap_task_mm`: zaps every anonymous, unlocked VMA without
-    /// blocking. A VMA whose notifiers refuse a non-blockable invalidation is
-    /// skipped; the result is `Err(Again)` if any was, so the reaper can try
-    /// again later. Returns the number of pages zapped.
+    /// blocking (`mmu_notifier_invalidate_range_start_nonblock`). A VMA whose
+    /// notifiers refuse is skipped, and the result is `Err(Again)` if any
+    /// was, so the reaper can try again later. Returns the pages zapped.
+    ///
+    /// Deviation: 4.19 ends no notifier of a refused range; here every
+    /// notifier gets its `invalidate_range_end`, so one that did start (a
+    /// shadow MMU counting invalidations in progress) is balanced.
     pub fn oom_reap(&self) -> Result<u64, MmError> {
         self.check_alive()?;
         let vmas = self.mmap_lock.read();
         let mut zapped = 0;
         let mut result = Ok(());
         for v in vmas.iter().filter(|v| !v.flags.contains(MmapFlags::LOCKED)) {
-            match self.zap_page_range(v.start, v.end, MmuNotifyEvent::Clear, false) {
-                Ok(n) => zapped += n,
-                Err(e) => result = Err(e),
+            let range = MmuNotifierRange::new(MmuNotifyEvent::Unmap, v.start, v.end).nonblocking();
+            if let Err(e) = self.mn_invalidate_range_start_nonblock(&range) {
+                self.mn_invalidate_range_end(&range, false);
+                result = Err(e);
+                continue;
             }
+            let gather = self.unmap_page_range(v.start, v.end);
+            self.mn_invalidate_range_end(&range, false);
+            zapped += self.tlb_finish_mmu(gather);
         }
         result.map(|()| zapped)
     }

@@ -13,16 +13,30 @@
 //! | KSM | `ksm.rs` | `mm/ksm.c` |
 //! | aging, reclaim | `reclaim.rs` | `mm/rmap.c`, `mm/vmscan.c` |
 //!
-//! Lock order: the KSM scanner lock, then `mmap_lock`, then the page-table
-//! lock. Notifier `invalidate_range_start`/`end` run with the mmap lock held
-//! and the page-table lock dropped (they may block); `invalidate_range`,
-//! `change_pte` and the young callbacks run under the page-table lock, as in
-//! Linux.
+//! Lock order: the KSM scanner lock, then `mmap_lock`, then a page lock
+//! (`PG_locked`, see `pgtable.rs`), then the page-table lock. A page lock is
+//! waited for with the page-table lock dropped (`lock_page` sleeps), and only
+//! by a thread that holds a reference to the page. Notifier
+//! `invalidate_range_start`/`end` run with the mmap lock (and possibly a page
+//! lock) held and the page-table lock dropped (they may block);
+//! `invalidate_range`, `change_pte` and the young callbacks run under the
+//! page-table lock, as in Linux.
+
+/// Runs the test hook at `$point` (`hooks.rs`); nothing without the
+/// `test-hooks` feature.
+macro_rules! mm_hook {
+    ($mm:expr, $point:ident, $hva:expr) => {
+        #[cfg(feature = "test-hooks")]
+        $mm.run_hook($crate::mm::MmHookPoint::$point, $hva);
+    };
+}
 
 mod check;
 mod error;
 mod fault;
 mod frame;
+#[cfg(feature = "test-hooks")]
+mod hooks;
 mod ksm;
 mod madvise;
 mod memory;
@@ -37,7 +51,7 @@ mod vma;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
+use parking_lot::{Condvar, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 
 use crate::notifier::{MmuNotifier, MmuNotifierMm, MmuNotifierOps, MmuNotifierRange};
 
@@ -45,6 +59,8 @@ pub use check::MmCheckError;
 pub use error::MmError;
 pub use fault::HostPfn;
 pub use frame::{FrameAllocator, FrameOwner, POISON_FREE};
+#[cfg(feature = "test-hooks")]
+pub use hooks::{MmHook, MmHookPoint};
 pub use ksm::{KsmConfig, KsmScanResult, KsmStats};
 pub use memory::{AnonMemory, FrameAccess, MachineMemory};
 pub use pgtable::{PageMeta, PresentPte, Pte};
@@ -107,6 +123,9 @@ pub struct Mm {
     /// `page_table_lock` (one lock for the whole table, as with split PTE
     /// locks disabled).
     pt: Mutex<PageTables>,
+    /// The page wait queue (`page_waitqueue`): `lock_page` sleeps here, with
+    /// the page-table lock dropped, until `unlock_page` wakes it.
+    page_wait: Condvar,
     frames: Arc<FrameAllocator>,
     notifiers: Arc<MmuNotifierMm>,
     /// ksmd's private state (`ksm_mmlist` cursor, stable and unstable trees).
@@ -116,6 +135,8 @@ pub struct Mm {
     reclaim_cursor: Mutex<Hva>,
     /// `mm_users == 0`: exit_mmap has run.
     exited: AtomicBool,
+    #[cfg(feature = "test-hooks")]
+    hook: hooks::HookSlot,
 }
 
 impl std::fmt::Debug for Mm {
@@ -133,12 +154,15 @@ impl Mm {
             id: NEXT_MM_ID.fetch_add(1, Ordering::Relaxed),
             mmap_lock: RwLock::new(VmaTree::default()),
             pt: Mutex::new(PageTables::default()),
+            page_wait: Condvar::new(),
             frames,
             notifiers: Arc::new(MmuNotifierMm::new()),
             ksm: Mutex::new(KsmState::default()),
             stats: MmStats::default(),
             reclaim_cursor: Mutex::new(0),
             exited: AtomicBool::new(false),
+            #[cfg(feature = "test-hooks")]
+            hook: Default::default(),
         })
     }
 
@@ -260,7 +284,28 @@ impl Mm {
     // Notifier wrappers: skip everything when nobody is registered, as the
     // inline `mmu_notifier_*` helpers test `mm_has_notifiers` first.
 
-    fn mn_invalidate_range_start(&self, range: &MmuNotifierRange) -> Result<(), MmError> {
+    /// `mmu_notifier_invalidate_range_start` for a blockable range. In 4.19
+    /// it returns nothing: a notifier may not fail a blockable start, and
+    /// one that does anyway is counted and logged, and still gets its
+    /// `invalidate_range_end` from the caller, which always ends the range.
+    fn mn_invalidate_range_start(&self, range: &MmuNotifierRange) {
+        debug_assert!(range.blockable());
+        if self.notifiers.has_notifiers()
+            && let Err(e) = self.notifiers.invalidate_range_start(range)
+        {
+            stats::inc(&self.stats.mn_start_failed);
+            tracing::warn!(
+                "a notifier failed a blockable invalidate_range_start [{:#x}, {:#x}): {e}",
+                range.start,
+                range.end
+            );
+        }
+    }
+
+    /// `mmu_notifier_invalidate_range_start_nonblock` (the OOM reaper): a
+    /// notifier that would have to block refuses with `Again`.
+    fn mn_invalidate_range_start_nonblock(&self, range: &MmuNotifierRange) -> Result<(), MmError> {
+        debug_assert!(!range.blockable());
         if self.notifiers.has_notifiers() {
             self.notifiers.invalidate_range_start(range)?;
         }
@@ -285,6 +330,35 @@ impl Mm {
             let freed = self.frames.free(pfn, self.frame_owner());
             debug_assert!(freed.is_ok(), "freeing frame {pfn}: {freed:?}");
         }
+    }
+
+    /// `lock_page`: takes `PG_locked` of `pfn`, sleeping with the page-table
+    /// lock dropped while another thread holds it. The caller holds a
+    /// reference to the page, so it cannot be freed meanwhile.
+    fn lock_page(&self, pt: &mut MutexGuard<'_, PageTables>, pfn: Pfn) -> Result<(), MmError> {
+        let mut waited = false;
+        loop {
+            match pt.pages.get_mut(&pfn) {
+                Some(m) if !m.locked => {
+                    m.locked = true;
+                    return Ok(());
+                }
+                Some(_) => {
+                    if !waited {
+                        stats::inc(&self.stats.page_lock_wait);
+                        waited = true;
+                    }
+                    self.page_wait.wait(pt);
+                }
+                None => return Err(MmError::BadFrame(pfn)),
+            }
+        }
+    }
+
+    /// `unlock_page`: clears `PG_locked` and wakes the waiters.
+    fn unlock_page(&self, pt: &mut PageTables, pfn: Pfn) {
+        pt.clear_page_locked(pfn);
+        self.page_wait.notify_all();
     }
 
     /// Drops page references gathered while unmapping (`tlb_finish_mmu`).
@@ -351,21 +425,4 @@ impl Mm {
             }
         }
     }
-}
-
-/// Validates `[addr, addr + len)` the way madvise and mprotect do: `addr`
-/// page aligned, `len` rounded up without overflow. `Ok(None)` for an empty
-/// range.
-fn checked_range(addr: Hva, len: u64) -> Result<Option<(Hva, Hva)>, MmError> {
-    if !is_page_aligned(addr) {
-        return Err(MmError::InvalidArgument("address is not page aligned"));
-    }
-    let len = page_align(len).ok_or(MmError::InvalidArgument("length overflows"))?;
-    let end = addr
-        .checked_add(len)
-        .filter(|&e| e <= TASK_SIZE)
-        .ok_or(MmError::InvalidArgument(
-            "range overflows the address space",
-        ))?;
-    Ok((len != 0).then_some((addr, end)))
 }

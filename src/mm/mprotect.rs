@@ -1,48 +1,94 @@
-//! mprotect: changing the protection of a range.
+//! mprotect: changing the protection of a range (4.19 `mm/mprotect.c`).
 
 use crate::notifier::{MmuNotifierRange, MmuNotifyEvent};
 
-use super::vma::Prot;
-use super::{Hva, Mm, MmError, checked_range};
+use super::madvise::contiguous_prefix;
+use super::pgtable::{LEAF_SPAN, vpn};
+use super::vma::{Prot, Vma};
+use super::{Hva, Mm, MmError, PAGE_SIZE, page_align};
+
+/// What one PUD entry maps (`PUD_SIZE`).
+const PUD_SIZE: u64 = 1 << 30;
 
 impl Mm {
-    /// `mprotect(addr, len, prot)`. A downgrade (a right removed) write-
-    /// protects the present PTEs between `invalidate_range_start` and
-    /// `invalidate_range_end` (`change_protection`), so secondary MMUs drop
-    /// mappings the new protection forbids; an upgrade only changes the VMA
-    /// (the next write faults and upgrades the PTE).
+    /// `mprotect(addr, len, prot)` (`do_mprotect_pkey`): applies `prot` VMA
+    /// by VMA from `addr` up to the first hole (`ENOMEM` there, the VMAs
+    /// before it changed). A VMA whose protection does not change is left
+    /// alone (`mprotect_fixup`); otherwise `change_protection` runs, which
+    /// calls the notifier only over populated page tables, once per PUD
+    /// (`change_pmd_range`: from the first populated PMD to the end of the
+    /// PUD's part of the range), write-protecting the present PTEs when
+    /// write permission goes. An upgrade leaves the PTEs as they are in a
+    /// private mapping: the next write faults and upgrades the PTE.
     pub fn mprotect(&self, addr: Hva, len: u64, prot: Prot) -> Result<(), MmError> {
         tracing::debug!(target: "shadowvm::trace", layer = "mm", kind = "host_op", op = "mprotect", start = addr, len, prot = ?prot, "host: mprotect");
         self.check_alive()?;
-        let Some((start, end)) = checked_range(addr, len)? else {
-            return Ok(());
-        };
-        let mut vmas = self.mmap_lock.write();
-        if !vmas.covers(start, end) {
-            return Err(MmError::NoMemory);
+        if !super::is_page_aligned(addr) {
+            return Err(MmError::InvalidArgument("address is not page aligned"));
         }
-        for v in vmas.overlapping(start, end) {
-            if v.prot.difference(prot).is_empty() {
-                continue; // no right removed
+        if len == 0 {
+            return Ok(());
+        }
+        // PAGE_ALIGN wrapping to 0, or the end wrapping: `end <= start`.
+        let end = page_align(len)
+            .and_then(|l| addr.checked_add(l))
+            .filter(|&e| e > addr)
+            .ok_or(MmError::NoMemory)?;
+        let mut vmas = self.mmap_lock.write();
+        let all: Vec<Vma> = vmas.iter().copied().collect();
+        let pieces = contiguous_prefix(&all, addr, end)?;
+        let reached = pieces.last().map_or(addr, |p| p.2);
+        for (v, s, e) in pieces {
+            if v.prot == prot {
+                continue; // newflags == oldflags
             }
-            let (s, e) = (v.start.max(start), v.end.min(end));
+            self.change_protection(s, e, prot);
+            vmas.modify_range(s, e, |v| v.prot = prot);
+        }
+        if reached == end {
+            Ok(())
+        } else {
+            Err(MmError::NoMemory)
+        }
+    }
+
+    /// `change_protection` over `[start, end)` of one VMA.
+    fn change_protection(&self, start: Hva, end: Hva, prot: Prot) {
+        for (s, e) in self.populated_pud_ranges(start, end) {
             let range = MmuNotifierRange::new(MmuNotifyEvent::ProtectionVma, s, e);
-            let _ = self.mn_invalidate_range_start(&range);
-            {
+            self.mn_invalidate_range_start(&range);
+            if !prot.contains(Prot::WRITE) {
                 let mut pt = self.pt.lock();
-                if !prot.contains(Prot::WRITE) {
-                    for (hva, mut p) in pt.present_in(s, e) {
-                        if p.writable {
-                            p.writable = false;
-                            pt.update(hva, p);
-                        }
+                for (hva, mut p) in pt.present_in(s, e) {
+                    if p.writable {
+                        p.writable = false;
+                        pt.update(hva, p);
                     }
                 }
             }
-            // flush_tlb_range → invalidate_range, then end.
+            // flush_tlb_range, then the end (which calls invalidate_range).
             self.mn_invalidate_range_end(&range, false);
         }
-        vmas.modify_range(start, end, |v| v.prot = prot);
-        Ok(())
+    }
+
+    /// For each PUD-sized piece of `[start, end)` that has a populated PTE
+    /// page: from the first such page (or `start`) to the piece's end, the
+    /// range `change_pmd_range` gives the notifier. The host page table here
+    /// frees a PTE page when its last entry goes (Linux keeps it until
+    /// munmap), so "populated" means "holds an entry".
+    fn populated_pud_ranges(&self, start: Hva, end: Hva) -> Vec<(Hva, Hva)> {
+        let pt = self.pt.lock();
+        let mut out = Vec::new();
+        let mut a = start;
+        while a < end {
+            let next = ((a | (PUD_SIZE - 1)) + 1).min(end);
+            if let Some(first) = pt.ptes.first_entry_in(vpn(a), vpn(next)) {
+                let pmd = (first << super::PAGE_SHIFT) & !(LEAF_SPAN - 1);
+                out.push((pmd.max(a), next));
+            }
+            a = next;
+        }
+        debug_assert!(out.iter().all(|r| r.0 % PAGE_SIZE == 0));
+        out
     }
 }

@@ -41,6 +41,11 @@ pub struct PageMeta {
     pub swap: Option<SwapSlot>,
     /// `PG_dirty`, moved here from a PTE that was write-protected.
     pub dirty: bool,
+    /// `PG_locked`: held across decisions that read `ksm`, the mapcount or
+    /// the swap cache and then act on them with the page-table lock dropped
+    /// (KSM's merge, `do_wp_page`'s reuse, swap-in, reclaim). Only a holder
+    /// of a reference may lock a page, so a locked page is never freed.
+    pub locked: bool,
 }
 
 /// Everything the page-table lock protects.
@@ -109,6 +114,31 @@ impl PageTables {
         Some(pte)
     }
 
+    /// `trylock_page`: takes the page lock if it is free. The caller holds
+    /// a reference to the page.
+    pub fn trylock_page(&mut self, pfn: Pfn) -> bool {
+        match self.pages.get_mut(&pfn) {
+            Some(m) if !m.locked => {
+                debug_assert!(m.refcount > 0);
+                m.locked = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Clears `PG_locked`; [`super::Mm::unlock_page`] also wakes waiters.
+    pub(super) fn clear_page_locked(&mut self, pfn: Pfn) {
+        let m = self.pages.get_mut(&pfn);
+        debug_assert!(
+            m.as_ref().is_some_and(|m| m.locked),
+            "unlocking unlocked page {pfn}"
+        );
+        if let Some(m) = m {
+            m.locked = false;
+        }
+    }
+
     /// `get_page`.
     pub fn get_page(&mut self, pfn: Pfn) {
         if let Some(meta) = self.pages.get_mut(&pfn) {
@@ -127,6 +157,7 @@ impl PageTables {
         }
         let meta = self.pages.remove(&pfn)?;
         debug_assert_eq!(meta.mapcount, 0);
+        debug_assert!(!meta.locked, "freeing locked page {pfn}");
         if let Some(slot) = meta.swap {
             // Leaving the swap cache drops its slot reference.
             let _ = self.swap.put(slot);
@@ -157,6 +188,8 @@ impl PageTables {
 /// Entries per leaf of [`PteMap`]: one x86 page table's worth.
 const LEAF_ENTRIES: usize = 512;
 const LEAF_SHIFT: u32 = 9;
+/// Bytes of address space one leaf (one PTE page) maps: `PMD_SIZE`.
+pub const LEAF_SPAN: u64 = (LEAF_ENTRIES as u64) << PAGE_SHIFT;
 
 /// One leaf: the PTEs of 2 MiB of address space.
 struct Leaf {
@@ -237,6 +270,11 @@ impl PteMap {
                 }
             })
         })
+    }
+
+    /// The first vpn in `[start, end)` that has an entry.
+    pub fn first_entry_in(&self, start: u64, end: u64) -> Option<u64> {
+        self.range(start, end).next().map(|(v, _)| v)
     }
 
     /// Every entry, in order.

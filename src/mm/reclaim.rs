@@ -212,64 +212,101 @@ impl Mm {
         let _ = self.reclaim_until(vmas, 2 * present + 2, nr);
     }
 
-    /// `try_to_unmap_one` for an anonymous page.
+    /// `shrink_page_list` for one anonymous page: `page_referenced` (the
+    /// host bit and every secondary MMU's), then with a reference and the
+    /// page lock held (`isolate_lru_page`, `trylock_page`: a page KSM is
+    /// merging is skipped this round), `try_to_unmap_one`.
     fn try_to_unmap_one(&self, hva: Hva, pfn: Pfn) -> Result<Unmapped, MmError> {
-        // A young page is not reclaimed (page_referenced + the recheck in
-        // try_to_unmap_one): ask the host bit and every secondary MMU.
         if self.clear_flush_young(hva)? {
             return Ok(Unmapped::Young);
         }
-        let range = MmuNotifierRange::new(MmuNotifyEvent::Unmap, hva, hva + PAGE_SIZE);
-        self.mn_invalidate_range_start(&range)?;
-        let outcome = {
+        {
             let mut pt = self.pt.lock();
-            let ok = match (pt.present(hva), pt.pages.get(&pfn)) {
-                (Some(p), Some(m)) => {
-                    p.pfn == pfn && !m.ksm && m.mapcount == 1 && m.refcount == 1 && !p.young
-                }
-                _ => false,
-            };
-            if !ok {
-                Unmapped::Skipped
-            } else {
-                let Some(Pte::Present(p)) = pt.unmap(hva) else {
-                    return Err(MmError::BadFrame(pfn));
-                };
-                // ptep_clear_flush: the flush reaches IOMMU-style MMUs.
-                self.mn_invalidate_range(hva, hva + PAGE_SIZE);
-                let (dirty, cached) = match pt.pages.get_mut(&pfn) {
-                    Some(m) => (m.dirty || p.dirty, m.swap),
-                    None => (p.dirty, None),
-                };
-                let swapped = if dirty {
-                    // pageout: write the page to a fresh slot; a stale swap
-                    // cache slot is dropped when the page is freed.
-                    let mut buf = vec![0u8; PAGE_SIZE as usize];
-                    use super::memory::FrameAccess;
-                    self.memory().read_frame(pfn, 0, &mut buf)?;
-                    let slot = pt.swap.alloc(&buf);
-                    pt.ptes.insert(vpn(hva), Pte::Swap(slot));
-                    inc(&self.stats.pswpout);
-                    tracing::debug!(target: "shadowvm::trace", layer = "mm", kind = "swap_out", hva, frame = pfn, "host: page written to swap and freed");
-                    true
-                } else {
-                    if let Some(slot) = cached {
-                        // Clean and identical to its swap copy: the PTE
-                        // takes a reference to the slot.
-                        pt.swap.dup(slot)?;
-                        pt.ptes.insert(vpn(hva), Pte::Swap(slot));
-                    }
-                    // else: never written since it was a zero page; the PTE
-                    // stays empty and the next touch gets a new zero page.
-                    false
-                };
-                Unmapped::Evicted { swapped }
+            if pt.present(hva).map(|p| p.pfn) != Some(pfn) {
+                return Ok(Unmapped::Skipped);
             }
-        };
-        self.mn_invalidate_range_end(&range, true);
-        if matches!(outcome, Unmapped::Evicted { .. }) {
-            self.put_pages(vec![pfn]);
+            pt.get_page(pfn);
+            if !pt.trylock_page(pfn) {
+                let freed = pt.put_page(pfn);
+                debug_assert!(freed.is_none(), "a mapped page is referenced");
+                return Ok(Unmapped::Skipped);
+            }
         }
-        Ok(outcome)
+        mm_hook!(self, ReclaimPageLocked, hva);
+        let outcome = self.unmap_locked_page(hva, pfn);
+        let mut pt = self.pt.lock();
+        self.unlock_page(&mut pt, pfn);
+        drop(pt);
+        let mut put = vec![pfn]; // our reference
+        if matches!(outcome, Ok(Unmapped::Evicted { .. })) {
+            put.push(pfn); // the mapping's
+        }
+        self.put_pages(put);
+        outcome
+    }
+
+    /// `try_to_unmap_one` with the page locked and referenced: inside
+    /// `invalidate_range_start/end`, rechecks the young bits
+    /// (`ptep_clear_flush_young_notify`), clears the PTE, stores the swap
+    /// entry (written to swap if the page is dirty) and flushes
+    /// (`mmu_notifier_invalidate_range`).
+    fn unmap_locked_page(&self, hva: Hva, pfn: Pfn) -> Result<Unmapped, MmError> {
+        let range = MmuNotifierRange::new(MmuNotifyEvent::Clear, hva, hva + PAGE_SIZE);
+        self.mn_invalidate_range_start(&range);
+        let outcome = self.unmap_in_range(hva, pfn);
+        self.mn_invalidate_range_end(&range, false);
+        outcome
+    }
+
+    fn unmap_in_range(&self, hva: Hva, pfn: Pfn) -> Result<Unmapped, MmError> {
+        let mut pt = self.pt.lock();
+        let Some(mut p) = pt.present(hva).filter(|p| p.pfn == pfn) else {
+            return Ok(Unmapped::Skipped);
+        };
+        // Only an exclusively mapped page nobody pins (the mapping and our
+        // reference): KSM pages are shared and stay.
+        let unpinned = pt
+            .pages
+            .get(&pfn)
+            .is_some_and(|m| !m.ksm && m.mapcount == 1 && m.refcount == 2);
+        if !unpinned {
+            return Ok(Unmapped::Skipped);
+        }
+        if self.age_pte_locked(&mut pt, hva, &mut p, true, true) {
+            return Ok(Unmapped::Young);
+        }
+        let Some(Pte::Present(p)) = pt.unmap(hva) else {
+            return Err(MmError::BadFrame(pfn));
+        };
+        let (dirty, cached) = match pt.pages.get_mut(&pfn) {
+            Some(m) => (m.dirty || p.dirty, m.swap),
+            None => (p.dirty, None),
+        };
+        let swapped = if dirty {
+            // pageout: write the page to a fresh slot; a stale swap cache
+            // slot is dropped when the page is freed.
+            let mut buf = vec![0u8; PAGE_SIZE as usize];
+            use super::memory::FrameAccess;
+            self.memory().read_frame(pfn, 0, &mut buf)?;
+            let slot = pt.swap.alloc(&buf);
+            pt.ptes.insert(vpn(hva), Pte::Swap(slot));
+            inc(&self.stats.pswpout);
+            tracing::debug!(target: "shadowvm::trace", layer = "mm", kind = "swap_out", hva, frame = pfn, "host: page written to swap and freed");
+            true
+        } else {
+            if let Some(slot) = cached {
+                // Clean and identical to its swap copy: the PTE takes a
+                // reference to the slot.
+                pt.swap.dup(slot)?;
+                pt.ptes.insert(vpn(hva), Pte::Swap(slot));
+            }
+            // else: never written since it was a zero page; the PTE stays
+            // empty and the next touch gets a new zero page.
+            false
+        };
+        // ptep_clear_flush + set_pte_at(swp_pte): "invalidate as we
+        // cleared the pte".
+        self.mn_invalidate_range(hva, hva + PAGE_SIZE);
+        Ok(Unmapped::Evicted { swapped })
     }
 }

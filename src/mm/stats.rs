@@ -43,6 +43,12 @@ counters!(
         pgactivate,
         /// Pages dropped by MADV_DONTNEED, munmap or exit.
         pgzap,
+        /// `lock_page` calls that had to sleep: another thread held the
+        /// page lock (KSM merging it, reclaim unmapping it).
+        page_lock_wait,
+        /// Blockable `invalidate_range_start` calls a notifier failed
+        /// (a notifier bug: blockable starts may not fail).
+        mn_start_failed,
     }
 );
 

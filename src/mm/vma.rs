@@ -79,18 +79,6 @@ impl VmaTree {
             .collect()
     }
 
-    /// Whether `[start, end)` is fully covered by VMAs without holes.
-    pub fn covers(&self, start: Hva, end: Hva) -> bool {
-        let mut at = start;
-        for v in self.overlapping(start, end) {
-            if v.start > at {
-                return false;
-            }
-            at = v.end;
-        }
-        at >= end
-    }
-
     pub fn iter(&self) -> impl Iterator<Item = &Vma> {
         self.vmas.values()
     }
@@ -220,8 +208,13 @@ mod tests {
         let removed = t.remove_range(0x2000, 0x3000);
         assert_eq!(removed, vec![vma(0x2000, 0x3000, Prot::READ)]);
         assert!(t.find(0x2000).is_none());
-        assert!(t.covers(0x1000, 0x2000));
-        assert!(!t.covers(0x1000, 0x4000));
+        assert_eq!(
+            t.overlapping(0x1000, 0x4000),
+            vec![
+                vma(0x1000, 0x2000, Prot::READ),
+                vma(0x3000, 0x9000, Prot::READ)
+            ]
+        );
         assert_eq!(t.unmapped_area(0x1000, 0x1000, 1 << 47).unwrap(), 0x2000);
         assert_eq!(t.unmapped_area(0x1000, 0x2000, 1 << 47).unwrap(), 0x9000);
     }

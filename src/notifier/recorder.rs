@@ -29,6 +29,7 @@ pub struct RecordingNotifier {
     log: Mutex<Vec<Recorded>>,
     callbacks: Callbacks,
     young: AtomicBool,
+    fail_starts: AtomicBool,
     does_not_block: bool,
     gate: Mutex<GateState>,
     gate_cv: Condvar,
@@ -52,6 +53,7 @@ impl RecordingNotifier {
             log: Mutex::new(Vec::new()),
             callbacks,
             young: AtomicBool::new(false),
+            fail_starts: AtomicBool::new(false),
             does_not_block: false,
             gate: Mutex::new(GateState::default()),
             gate_cv: Condvar::new(),
@@ -71,6 +73,12 @@ impl RecordingNotifier {
     /// What the young callbacks answer.
     pub fn set_young(&self, young: bool) {
         self.young.store(young, Ordering::SeqCst);
+    }
+
+    /// Makes every `invalidate_range_start` fail, blockable or not (a buggy
+    /// notifier: the callers must still end every range).
+    pub fn set_fail_starts(&self, fail: bool) {
+        self.fail_starts.store(fail, Ordering::SeqCst);
     }
 
     /// The next callback blocks until [`Self::open_gate`].
@@ -154,6 +162,9 @@ impl MmuNotifierOps for RecordingNotifier {
     }
     fn invalidate_range_start(&self, range: &MmuNotifierRange) -> Result<(), NotifierError> {
         self.record(Recorded::InvalidateRangeStart(*range));
+        if self.fail_starts.load(Ordering::SeqCst) {
+            return Err(NotifierError::Again);
+        }
         if !range.blockable() && !self.does_not_block {
             return Err(NotifierError::Again);
         }

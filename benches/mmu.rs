@@ -322,7 +322,7 @@ fn benches(c: &mut Criterion) {
                     &mut cursor,
                     v.pages,
                     |_| {},
-                    |i| assert_eq!(v.mmu.zap_gfn_by_scan(i), 1),
+                    |i| assert_eq!(v.mmu.zap_gfn_by_scan(i).unwrap(), 1),
                     |i| v.fault(i),
                 )
             });

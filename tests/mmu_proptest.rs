@@ -68,7 +68,9 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 use mmu_support::{A, ADDR, D, Guest, NX, P, PS, RW, US, spte_pfn};
 use shadowvm::mm::{FrameAccess, FrameOwner, MmError, MmapFlags, PAGE_SIZE, Pfn, Prot, Pte};
-use shadowvm::mmu::{FaultOutcome, FlushFrame, MmuError, PfErrorCode, ShadowMmuConfig, TlbFlush};
+use shadowvm::mmu::{
+    FaultOutcome, FlushFrame, MmuError, PfErrorCode, ShadowMmuConfig, TlbFlush, TlbFlushError,
+};
 
 // ---------------------------------------------------------------------------
 // The guest's layout
@@ -478,11 +480,12 @@ struct TlbModel {
 }
 
 impl TlbFlush for TlbModel {
-    fn flush_frames(&self, frames: &[FlushFrame]) {
+    fn flush_frames(&self, frames: &[FlushFrame]) -> Result<(), TlbFlushError> {
         let set: HashSet<Pfn> = frames.iter().map(|f| f.pfn).collect();
         self.entries
             .lock()
             .retain(|_, e| !set.contains(&spte_pfn(*e)));
+        Ok(())
     }
 }
 

@@ -252,51 +252,49 @@ impl Mm {
         if let Some(list) = ksm.unstable.get_mut(&checksum) {
             list.retain(|&t| t != tree_hva);
         }
-        let Some(kpfn) = merged? else {
+        let Some((kpfn, tree_merged)) = merged? else {
             return Ok(false);
         };
-        // stable_tree_insert, under the page lock of the new KSM page. It is
-        // mapped at hva (a reference we hold), so lock_page cannot fail.
+        // stable_tree_insert, under the page lock of the new KSM page (we
+        // hold a reference to it, so lock_page cannot fail); if the tree
+        // page was not merged after all, break_cow: the lone page stops being
+        // a KSM page, and as its bytes exist nowhere else reclaim must write
+        // them out.
         let mut pt = self.pt.lock();
         self.lock_page(&mut pt, kpfn)?;
-        let shared = pt.pages.get(&kpfn).is_some_and(|m| m.ksm && m.mapcount > 1);
-        if !shared {
-            // The tree page was not merged after all: break_cow. The lone
-            // page stops being a KSM page; its bytes exist nowhere else, so
-            // reclaim must write them out.
-            if let Some(m) = pt.pages.get_mut(&kpfn)
-                && m.mapcount <= 1
-            {
-                m.ksm = false;
-                m.dirty = true;
-            }
+        if !tree_merged
+            && let Some(m) = pt.pages.get_mut(&kpfn)
+            && m.mapcount <= 1
+        {
+            m.ksm = false;
+            m.dirty = true;
         }
         self.unlock_page(&mut pt, kpfn);
         drop(pt);
-        if shared {
+        if tree_merged {
             ksm.stable
                 .entry(mem.frame_checksum(kpfn)?)
                 .or_default()
                 .push(kpfn);
         }
-        Ok(shared)
+        Ok(tree_merged)
     }
 
     /// `try_to_merge_two_pages`: our page becomes the KSM page, then the
     /// tree page is replaced by it. Returns the KSM frame if the first step
-    /// succeeded (whether the second did shows in its mapcount).
+    /// succeeded, and whether the second did.
     fn try_to_merge_two_pages(
         &self,
         hva: Hva,
         pfn: Pfn,
         tree_hva: Hva,
         tree_pfn: Pfn,
-    ) -> Result<Option<Pfn>, MmError> {
+    ) -> Result<Option<(Pfn, bool)>, MmError> {
         let Some(kpfn) = self.try_to_merge_one_page(hva, pfn, None)? else {
             return Ok(None);
         };
-        self.try_to_merge_one_page(tree_hva, tree_pfn, Some(kpfn))?;
-        Ok(Some(kpfn))
+        let tree = self.try_to_merge_one_page(tree_hva, tree_pfn, Some(kpfn))?;
+        Ok(Some((kpfn, tree.is_some())))
     }
 
     /// `stable_tree_search`: a live KSM frame with the same bytes as `pfn`,

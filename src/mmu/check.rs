@@ -61,7 +61,7 @@ impl ShadowMmu {
     pub fn check_coherence(&self) -> Result<(), CoherenceError> {
         let inner = &self.inner;
         let st = inner.state.lock();
-        let quiet = inner.invalidate_in_progress.load(Ordering::Acquire) == 0;
+        let quiet = inner.inv.in_progress() == 0;
         let mm_owner = inner.mm.frame_owner();
         let mut seen: HashMap<SpteLoc, u64> = HashMap::new();
 

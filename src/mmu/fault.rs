@@ -15,10 +15,11 @@ use std::time::Instant;
 use crate::mm::{Access as HostAccess, FrameAccess, MmError};
 
 use super::guest_mem::GuestMem;
+use super::invalidate::SeqRead;
 use super::pte::{PAGE_SHIFT, PT64_ROOT_4LEVEL, level_size, pt_index};
 use super::shadow_page::Role;
 use super::spte;
-use super::stats::{add_ns, inc};
+use super::stats::{add_ns, inc, max};
 use super::tlb::FlushReason;
 use super::walk::{Access, GuestMmu, PageFault, PfErrorCode, WalkError};
 use super::{MmuError, ShadowMmu};
@@ -55,9 +56,12 @@ impl ShadowMmu {
     ) -> Result<FaultOutcome, MmuError> {
         self.check_vcpu(vcpu)?;
         let access = Access::from_error_code(error_code & !PfErrorCode::RSVD);
-        for _ in 0..MAX_FAULT_RETRIES {
+        for retries in 0..MAX_FAULT_RETRIES {
             match self.try_fault(vcpu, gva, access)? {
-                Some(outcome) => return Ok(outcome),
+                Some(outcome) => {
+                    max(&self.inner.stats.pf_retry_max, u64::from(retries));
+                    return Ok(outcome);
+                }
                 None => inc(&self.inner.stats.pf_retry),
             }
         }
@@ -71,16 +75,14 @@ impl ShadowMmu {
     /// handed to someone else) under the read: the outcome would then come
     /// from bytes that were never the guest's, e.g. a reserved-bit #PF out of
     /// the free poison. Frames are freed only after `invalidate_range_end`,
-    /// so if no invalidation started or ended since `seq`, every read was of
-    /// a live table. Taken under the MMU lock, where `end` moves the sequence.
-    fn invalidation_raced(&self, seq: u64) -> Result<bool, MmuError> {
-        let inner = &self.inner;
-        let st = inner.state.lock();
+    /// so if no invalidation of a page the walk touched was in progress or
+    /// ended since `seq`, every read was of a live table.
+    fn invalidation_raced(&self, seq: &SeqRead<'_>, pages: &[u64]) -> Result<bool, MmuError> {
+        let st = self.inner.state.lock();
         if st.released {
             return Err(MmuError::Released);
         }
-        Ok(inner.invalidate_in_progress.load(Ordering::Acquire) != 0
-            || inner.invalidate_seq.load(Ordering::Acquire) != seq)
+        Ok(seq.retry(pages))
     }
 
     /// One attempt; `None` means "raced an invalidation, retry".
@@ -91,11 +93,12 @@ impl ShadowMmu {
         access: Access,
     ) -> Result<Option<FaultOutcome>, MmuError> {
         let inner = &self.inner;
+        inner.fatal.check()?;
         if inner.state.lock().released {
             return Err(MmuError::Released);
         }
         // smp_rmb() in KVM: the sequence is read before anything it guards.
-        let seq = inner.invalidate_seq.load(Ordering::Acquire);
+        let seq = inner.inv.begin_read();
         let paging = inner.paging.lock()[vcpu];
         let gm = GuestMem::new(&inner.mm, &inner.slots);
         let t = Instant::now();
@@ -107,7 +110,7 @@ impl ShadowMmu {
                 if let Some(e) = gm.host_error.borrow_mut().take() {
                     return Err(MmuError::Memory(e));
                 }
-                if self.invalidation_raced(seq)? {
+                if self.invalidation_raced(&seq, &gm.touched.borrow())? {
                     return Ok(None);
                 }
                 inc(&inner.stats.pf_guest);
@@ -117,12 +120,13 @@ impl ShadowMmu {
         };
         let gpa = walk.gpa();
         let Some(hva) = inner.slots.gfn_to_hva(walk.gfn) else {
-            if self.invalidation_raced(seq)? {
+            if self.invalidation_raced(&seq, &gm.touched.borrow())? {
                 return Ok(None);
             }
             inc(&inner.stats.pf_mmio);
             return Ok(Some(FaultOutcome::Mmio { gpa }));
         };
+        gm.touched.borrow_mut().push(hva);
         let host_access = if access.write {
             HostAccess::Write
         } else {
@@ -135,27 +139,28 @@ impl ShadowMmu {
             Ok(h) => h,
             Err(MmError::OutOfFrames) => return Err(MmuError::Memory(MmError::OutOfFrames)),
             Err(error) => {
-                if self.invalidation_raced(seq)? {
+                if self.invalidation_raced(&seq, &gm.touched.borrow())? {
                     return Ok(None);
                 }
                 inc(&inner.stats.pf_host_error);
                 return Ok(Some(FaultOutcome::HostFault { gpa, error }));
             }
         };
+        #[cfg(feature = "test-hooks")]
         if let Some(hook) = inner.race_hook.lock().clone() {
             hook(hva);
         }
         let reads = gm.reads.take();
+        let touched = gm.touched.take();
 
         let t_install = Instant::now();
         let mut st = inner.state.lock();
         if st.released {
             return Err(MmuError::Released);
         }
-        // mmu_invalidate_retry: under the lock, after the translation.
-        if inner.invalidate_in_progress.load(Ordering::Acquire) != 0
-            || inner.invalidate_seq.load(Ordering::Acquire) != seq
-        {
+        // mmu_invalidate_retry_gfn: under the lock, after the translation,
+        // for the pages this translation relied on.
+        if seq.retry(&touched) {
             return Ok(None);
         }
         let Some(root) = st.vcpu_roots[vcpu] else {
@@ -197,21 +202,18 @@ impl ShadowMmu {
             let child_level = level - 1;
             let (gfn, role, protect) = if child_level >= walk.level {
                 let gfn = walk.table_gfn[usize::from(child_level - 1)];
-                let role = Role {
-                    level: child_level,
-                    access: walk.pt_access[usize::from(child_level - 1)].bits(),
-                    direct: false,
-                };
+                let role = Role::new(
+                    child_level,
+                    walk.pt_access[usize::from(child_level - 1)].bits(),
+                    false,
+                    &paging,
+                );
                 (gfn, role, !(writes_own_table && gfn == walk.gfn))
             } else {
                 // Below a guest large page: a direct page for the 4 KiB
                 // split of the range the child covers.
                 let span = level_size(level) >> PAGE_SHIFT;
-                let role = Role {
-                    level: child_level,
-                    access: walk.pte_access.bits(),
-                    direct: true,
-                };
+                let role = Role::new(child_level, walk.pte_access.bits(), true, &paging);
                 (walk.gfn & !(span - 1), role, true)
             };
             let e = ctx.word(sp, idx)?.load(Ordering::Acquire);
@@ -263,7 +265,7 @@ impl ShadowMmu {
             });
         }
         inc(&inner.stats.pf_fixed);
-        ctx.flush_now(inner.tlb.as_ref());
+        ctx.flush_now(inner.tlb.as_ref())?;
         add_ns(&inner.stats.pf_install_ns, t_install);
         Ok(Some(FaultOutcome::Fixed))
     }

@@ -4,7 +4,7 @@
 
 use std::cell::RefCell;
 
-use crate::mm::{Access, FrameAccess, Mm, MmError, PAGE_SIZE, Pfn};
+use crate::mm::{Access, FrameAccess, Hva, Mm, MmError, PAGE_SIZE, Pfn};
 
 use super::memslot::Memslots;
 use super::walk::GuestPtMemory;
@@ -17,6 +17,10 @@ pub struct GuestMem<'a> {
     pub slots: &'a Memslots,
     /// `(gpa, frame)` of every entry read.
     pub reads: RefCell<Vec<(u64, Pfn)>>,
+    /// The host page of every guest table the walk looked at, read or
+    /// written, whether it got a frame or not: what an invalidation must
+    /// not have touched for the walk's outcome to stand.
+    pub touched: RefCell<Vec<Hva>>,
     /// A host error that is the VMM's problem, not the guest's (no frame
     /// left): the fault fails instead of faulting the guest.
     pub host_error: RefCell<Option<MmError>>,
@@ -28,7 +32,15 @@ impl<'a> GuestMem<'a> {
             mm,
             slots,
             reads: RefCell::new(Vec::new()),
+            touched: RefCell::new(Vec::new()),
             host_error: RefCell::new(None),
+        }
+    }
+
+    fn touch(&self, hva: Hva) {
+        let mut t = self.touched.borrow_mut();
+        if !t.contains(&hva) {
+            t.push(hva);
         }
     }
 
@@ -41,6 +53,7 @@ impl<'a> GuestMem<'a> {
     /// The frame behind a gpa, faulting it in for reading.
     pub fn gpa_to_pfn(&self, gpa: u64) -> Option<Pfn> {
         let hva = self.slots.gfn_to_hva(gpa / PAGE_SIZE)?;
+        self.touch(hva);
         match self.mm.hva_to_pfn(hva, Access::Read) {
             Ok(h) => Some(h.pfn),
             Err(e) => {
@@ -68,6 +81,7 @@ impl GuestPtMemory for GuestMem<'_> {
 
     fn cmpxchg_gpte(&self, gpa: u64, old: u64, new: u64) -> Option<Result<(), u64>> {
         let hva = self.slots.gfn_to_hva(gpa / PAGE_SIZE)?;
+        self.touch(hva);
         match self.mm.cmpxchg_u64(hva + gpa % PAGE_SIZE, old, new) {
             Ok(found) if found == old => Some(Ok(())),
             Ok(found) => Some(Err(found)),

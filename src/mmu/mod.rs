@@ -15,9 +15,11 @@
 mod check;
 mod fault;
 mod guest_mem;
+mod invalidate;
 pub mod memslot;
 mod notifier;
 pub mod pte;
+#[cfg(feature = "test-hooks")]
 mod scan;
 mod shadow_page;
 mod spte;
@@ -26,7 +28,7 @@ pub mod tlb;
 pub mod walk;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use parking_lot::Mutex;
 
@@ -37,9 +39,10 @@ pub use check::CoherenceError;
 pub use fault::FaultOutcome;
 pub use memslot::{Memslot, MemslotError, Memslots};
 pub use stats::{MmuStats, MmuStatsSnapshot};
-pub use tlb::{FlushFrame, FlushReason, NoFlush, RecordingFlush, TlbFlush};
+pub use tlb::{FlushFrame, FlushReason, NoFlush, RecordingFlush, TlbFlush, TlbFlushError};
 pub use walk::{PagingState, PfErrorCode};
 
+use invalidate::Invalidations;
 use pte::{PT_BASE_ADDR_MASK, PT64_ROOT_4LEVEL, PteAccess, pt_index};
 use shadow_page::{Ctx, MmuState, Role, RootEntry};
 use stats::inc;
@@ -66,6 +69,52 @@ pub enum MmuError {
     TooManyRetries(u32),
     #[error("registering on the host mm: {0}")]
     Register(MmError),
+    #[error(transparent)]
+    TlbFlush(#[from] TlbFlushError),
+    /// A shadow-page frame the MMU owns could not be read or written.
+    #[error("shadow page {0:#x} is not a frame of machine memory")]
+    BadShadowPage(Pfn),
+    /// An earlier error nobody could be told about directly (inside a
+    /// notifier callback): the MMU no longer installs anything.
+    #[error("the shadow MMU stopped after an error: {0}")]
+    Stopped(Box<MmuError>),
+}
+
+/// Called once with the first error the MMU meets where it cannot return it
+/// (inside a notifier callback, or a flush on an error path): the VMM stops
+/// the VM, because a translation may be stale.
+pub type FatalHandler = Arc<dyn Fn(&MmuError) + Send + Sync>;
+
+/// The first fatal error, and who to tell.
+#[derive(Default)]
+pub(crate) struct Fatal {
+    error: Mutex<Option<MmuError>>,
+    handler: Mutex<Option<FatalHandler>>,
+}
+
+impl Fatal {
+    /// Records `e` if it is the first; tells the handler (outside the lock).
+    pub(crate) fn raise(&self, e: MmuError) {
+        {
+            let mut first = self.error.lock();
+            if first.is_some() {
+                return;
+            }
+            tracing::error!("shadow MMU: {e}");
+            *first = Some(e.clone());
+        }
+        let handler = self.handler.lock().clone();
+        if let Some(h) = handler {
+            h(&e);
+        }
+    }
+
+    fn check(&self) -> Result<(), MmuError> {
+        match &*self.error.lock() {
+            Some(e) => Err(MmuError::Stopped(Box::new(e.clone()))),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Tunables.
@@ -89,7 +138,9 @@ impl Default for ShadowMmuConfig {
 }
 
 /// A test hook run by the fault path between translating hva → frame and
-/// taking the MMU lock: the race window of rule 2.
+/// taking the MMU lock: the race window of rule 2. Exists only with the
+/// `test-hooks` feature.
+#[cfg(feature = "test-hooks")]
 pub type RaceHook = Arc<dyn Fn(u64) + Send + Sync>;
 
 /// Everything the notifier callbacks share with the fault path.
@@ -101,13 +152,12 @@ pub(crate) struct Inner {
     state: Mutex<MmuState>,
     /// Per-vCPU guest paging state (CR3 included).
     paging: Mutex<Vec<PagingState>>,
-    /// `mmu_invalidate_seq`: bumped at the end of every invalidation.
-    invalidate_seq: AtomicU64,
-    /// `mmu_invalidate_in_progress`: raised before the MMU lock is taken
-    /// (so a non-blockable start that fails still counts, and `end` always
-    /// balances it).
-    invalidate_in_progress: AtomicU32,
+    /// The invalidations in progress and those that ended recently, by
+    /// range (`invalidate.rs`).
+    inv: Invalidations,
     stats: MmuStats,
+    fatal: Fatal,
+    #[cfg(feature = "test-hooks")]
     race_hook: Mutex<Option<RaceHook>>,
 }
 
@@ -120,6 +170,7 @@ impl Inner {
             stats: &self.stats,
             flush: Vec::new(),
             tlb: self.tlb.as_ref(),
+            fatal: &self.fatal,
         }
     }
 }
@@ -156,9 +207,10 @@ impl ShadowMmu {
             },
             state: Mutex::new(state),
             paging: Mutex::new(vec![PagingState::new(0, cfg.maxphyaddr); nr]),
-            invalidate_seq: AtomicU64::new(0),
-            invalidate_in_progress: AtomicU32::new(0),
+            inv: Invalidations::default(),
             stats: MmuStats::default(),
+            fatal: Fatal::default(),
+            #[cfg(feature = "test-hooks")]
             race_hook: Mutex::new(None),
         });
         let reg = mm
@@ -184,7 +236,18 @@ impl ShadowMmu {
 
     /// `mmu_invalidate_seq` now.
     pub fn invalidate_seq(&self) -> u64 {
-        self.inner.invalidate_seq.load(Ordering::Acquire)
+        self.inner.inv.read_seq()
+    }
+
+    /// Sets who is told of the first error the MMU cannot return (see
+    /// [`FatalHandler`]).
+    pub fn set_fatal_handler(&self, handler: FatalHandler) {
+        *self.inner.fatal.handler.lock() = Some(handler);
+    }
+
+    /// The first such error, if one happened.
+    pub fn fatal_error(&self) -> Option<MmuError> {
+        self.inner.fatal.error.lock().clone()
     }
 
     /// Number of shadow pages.
@@ -203,6 +266,7 @@ impl ShadowMmu {
     }
 
     /// Installs (or removes) the race-window hook, for tests.
+    #[cfg(feature = "test-hooks")]
     pub fn set_race_hook(&self, hook: Option<RaceHook>) {
         *self.inner.race_hook.lock() = hook;
     }
@@ -221,8 +285,11 @@ impl ShadowMmu {
         Ok(self.inner.paging.lock()[vcpu])
     }
 
-    /// Sets CR0.WP / CR4 / EFER of a vCPU (`kvm_mmu_reset_context`): every
-    /// shadow page derived under the old mode is dropped.
+    /// Sets CR0.WP / CR4 / EFER of a vCPU (`kvm_mmu_reset_context`). The
+    /// shadow pages of the old mode stay (other vCPUs may be in it): pages
+    /// are keyed by a role that includes the mode. The vCPU leaves its root
+    /// (`kvm_mmu_unload`); the next [`ShadowMmu::load_cr3`] finds or builds
+    /// the root of its CR3 in the new mode.
     pub fn set_paging_mode(&self, vcpu: usize, mut mode: PagingState) -> Result<(), MmuError> {
         self.check_vcpu(vcpu)?;
         {
@@ -233,13 +300,7 @@ impl ShadowMmu {
             }
             p[vcpu] = mode;
         }
-        let mut st = self.inner.state.lock();
-        let mut ctx = self.inner.ctx(&mut st);
-        let all: Vec<Pfn> = ctx.st.pages.keys().copied().collect();
-        for p in all {
-            ctx.zap_page(p, FlushReason::Zapped)?;
-        }
-        ctx.flush_now(self.inner.tlb.as_ref());
+        self.inner.state.lock().vcpu_roots[vcpu] = None;
         Ok(())
     }
 
@@ -256,6 +317,9 @@ impl ShadowMmu {
             return Err(MmuError::InvalidCr3(cr3));
         }
         let gfn = addr >> pte::PAGE_SHIFT;
+        self.inner.fatal.check()?;
+        let mode = self.inner.paging.lock()[vcpu];
+        let role = Role::new(PT64_ROOT_4LEVEL, PteAccess::all().bits(), false, &mode);
         let mut st = self.inner.state.lock();
         if st.released {
             return Err(MmuError::Released);
@@ -263,7 +327,12 @@ impl ShadowMmu {
         let mut ctx = self.inner.ctx(&mut st);
         ctx.st.tick += 1;
         let tick = ctx.st.tick;
-        let root = match ctx.st.roots.iter_mut().find(|r| r.cr3_gfn == gfn) {
+        let cached = ctx
+            .st
+            .roots
+            .iter_mut()
+            .find(|r| r.cr3_gfn == gfn && r.role == role);
+        let root = match cached {
             Some(r) => {
                 r.last_used = tick;
                 r.sp
@@ -276,17 +345,13 @@ impl ShadowMmu {
                         break;
                     }
                 }
-                let role = Role {
-                    level: PT64_ROOT_4LEVEL,
-                    access: PteAccess::all().bits(),
-                    direct: false,
-                };
                 let sp = ctx.get_page(gfn, role, true)?;
                 if let Some(p) = ctx.st.pages.get_mut(&sp) {
                     p.root_count += 1;
                 }
                 ctx.st.roots.push(RootEntry {
                     cr3_gfn: gfn,
+                    role,
                     sp,
                     last_used: tick,
                 });
@@ -296,7 +361,7 @@ impl ShadowMmu {
         ctx.st.vcpu_roots[vcpu] = Some(root);
         ctx.resync_root(root)?;
         ctx.sync_unsync()?;
-        ctx.flush_now(self.inner.tlb.as_ref());
+        ctx.flush_now(self.inner.tlb.as_ref())?;
         drop(ctx);
         drop(st);
         self.inner.paging.lock()[vcpu].cr3 = cr3;
@@ -335,7 +400,7 @@ impl ShadowMmu {
             }
             sp = spte::pfn(e);
         }
-        ctx.flush_now(self.inner.tlb.as_ref());
+        ctx.flush_now(self.inner.tlb.as_ref())?;
         Ok(())
     }
 
@@ -352,7 +417,7 @@ impl ShadowMmu {
             ctx.resync_root(r)?;
         }
         ctx.sync_unsync()?;
-        ctx.flush_now(self.inner.tlb.as_ref());
+        ctx.flush_now(self.inner.tlb.as_ref())?;
         Ok(())
     }
 

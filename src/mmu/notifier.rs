@@ -13,12 +13,12 @@ use crate::notifier::{
     MmuNotifierOps, MmuNotifierRange, MmuNotifyEvent, NotifierError, NotifierPte,
 };
 
-use super::Inner;
 use super::pte::PT_ACCESSED_MASK;
 use super::shadow_page::Ctx;
 use super::spte;
 use super::stats::inc;
 use super::tlb::{FlushFrame, FlushReason};
+use super::{Inner, MmuError};
 
 impl Inner {
     /// The gfn ranges `[start, end)` of the host mm backs.
@@ -29,15 +29,32 @@ impl Inner {
     /// `kvm_unmap_hva_range`: zaps every leaf spte of the range, and the
     /// shadow pages of guest tables living there (their content came from
     /// the frames going away).
-    fn unmap_range(&self, ctx: &mut Ctx<'_>, start: u64, end: u64, reason: FlushReason) {
+    fn unmap_range(
+        &self,
+        ctx: &mut Ctx<'_>,
+        start: u64,
+        end: u64,
+        reason: FlushReason,
+    ) -> Result<(), MmuError> {
         for (g0, g1) in self.gfn_ranges(start, end) {
             for (_, (sp, idx)) in ctx.rmap_range(g0, g1) {
-                let _ = ctx.zap_entry(sp, idx as usize, reason);
+                ctx.zap_entry(sp, idx as usize, reason)?;
             }
             let tables: Vec<u64> = ctx.st.by_gfn.range_keys(g0, g1);
             for gfn in tables {
-                let _ = ctx.unprotect_gfn(gfn, reason);
+                ctx.unprotect_gfn(gfn, reason)?;
             }
+        }
+        Ok(())
+    }
+
+    /// The end of a callback's work: the flush is sent, and any error on the
+    /// way (the MMU cannot return it to the mm) stops the MMU and, through
+    /// the fatal handler, the VM.
+    fn finish(&self, mut ctx: Ctx<'_>, work: Result<(), MmuError>) {
+        let flushed = ctx.flush_now(self.tlb.as_ref());
+        if let Err(e) = work.and(flushed) {
+            self.fatal.raise(e);
         }
     }
 
@@ -79,21 +96,23 @@ impl MmuNotifierOps for Inner {
         }
         let roots = std::mem::take(&mut st.roots);
         let mut ctx = self.ctx(&mut st);
-        for r in roots {
-            let _ = ctx.drop_root(r.sp);
-        }
-        let rest: Vec<u64> = ctx.st.pages.keys().copied().collect();
-        for p in rest {
-            let _ = ctx.zap_page(p, FlushReason::Freed);
-        }
-        ctx.flush_now(self.tlb.as_ref());
+        let work = roots
+            .into_iter()
+            .try_for_each(|r| ctx.drop_root(r.sp))
+            .and_then(|()| {
+                let rest: Vec<u64> = ctx.st.pages.keys().copied().collect();
+                rest.into_iter()
+                    .try_for_each(|p| ctx.zap_page(p, FlushReason::Freed))
+            });
+        self.finish(ctx, work);
     }
 
     fn invalidate_range_start(&self, range: &MmuNotifierRange) -> Result<(), NotifierError> {
         inc(&self.stats.mn_invalidate_range_start);
-        // Counted before anything else, so end always balances it and a
-        // fault that raced us retries.
-        self.invalidate_in_progress.fetch_add(1, Ordering::AcqRel);
+        // Recorded before the MMU lock is taken, so a fault that checks after
+        // our zap sees it, and `end` always balances it (also when a
+        // non-blockable start below fails).
+        self.inv.begin(range.start, range.end);
         let mut st = if range.blockable() {
             self.state.lock()
         } else {
@@ -109,19 +128,16 @@ impl MmuNotifierOps for Inner {
             _ => FlushReason::Zapped,
         };
         let mut ctx = self.ctx(&mut st);
-        self.unmap_range(&mut ctx, range.start, range.end, reason);
-        // Returns only once no vCPU can reach the old frames.
-        ctx.flush_now(self.tlb.as_ref());
+        let work = self.unmap_range(&mut ctx, range.start, range.end, reason);
+        // Returns only once no vCPU can reach the old frames, or with the
+        // MMU (and the VM) stopped.
+        self.finish(ctx, work);
         Ok(())
     }
 
-    fn invalidate_range_end(&self, _range: &MmuNotifierRange) {
+    fn invalidate_range_end(&self, range: &MmuNotifierRange) {
         inc(&self.stats.mn_invalidate_range_end);
-        let _st = self.state.lock();
-        // Sequence first, then the count, both under the lock: a fault that
-        // checks after this sees the new sequence.
-        self.invalidate_seq.fetch_add(1, Ordering::AcqRel);
-        self.invalidate_in_progress.fetch_sub(1, Ordering::AcqRel);
+        self.inv.end(range.start, range.end);
     }
 
     fn invalidate_range(&self, _start: u64, _end: u64) {
@@ -134,14 +150,19 @@ impl MmuNotifierOps for Inner {
         inc(&self.stats.mn_change_pte);
         let mut st = self.state.lock();
         let mut ctx = self.ctx(&mut st);
+        let mut work = Ok(());
         for (g0, g1) in self.gfn_ranges(address, address + PAGE_SIZE) {
             for (_, (sp, idx)) in ctx.rmap_range(g0, g1) {
                 if pte.writable {
-                    let _ = ctx.zap_entry(sp, idx as usize, FlushReason::Zapped);
+                    work = work.and(ctx.zap_entry(sp, idx as usize, FlushReason::Zapped));
                     continue;
                 }
-                let Ok(w) = ctx.word(sp, idx as usize) else {
-                    continue;
+                let w = match ctx.word(sp, idx as usize) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        work = Err(e);
+                        continue;
+                    }
                 };
                 let mut old = w.load(Ordering::Acquire);
                 // The CPU may set A/D concurrently: compare-and-exchange.
@@ -159,7 +180,7 @@ impl MmuNotifierOps for Inner {
                 });
             }
         }
-        ctx.flush_now(self.tlb.as_ref());
+        self.finish(ctx, work);
     }
 
     fn clear_flush_young(&self, start: u64, end: u64) -> bool {
@@ -167,7 +188,7 @@ impl MmuNotifierOps for Inner {
         let mut st = self.state.lock();
         let mut ctx = self.ctx(&mut st);
         let young = self.age_range(&mut ctx, start, end, false);
-        ctx.flush_now(self.tlb.as_ref());
+        self.finish(ctx, Ok(()));
         young
     }
 

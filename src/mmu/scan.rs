@@ -5,11 +5,11 @@
 
 use std::sync::atomic::Ordering;
 
-use super::ShadowMmu;
 use super::pte::PT_ENTRIES;
 use super::shadow_page::SpteLoc;
 use super::spte;
 use super::tlb::FlushReason;
+use super::{MmuError, ShadowMmu};
 
 impl ShadowMmu {
     /// The naive alternative to the rmap, for benchmarks: walks every shadow
@@ -22,7 +22,7 @@ impl ShadowMmu {
     /// `Ctx::zap_entry` the rmap path uses (so it leaves the rmap too and the
     /// MMU stays coherent), and the TLB flush is sent before returning.
     /// Returns the number of sptes zapped.
-    pub fn zap_gfn_by_scan(&self, gfn: u64) -> usize {
+    pub fn zap_gfn_by_scan(&self, gfn: u64) -> Result<usize, MmuError> {
         let inner = &self.inner;
         let mut st = inner.state.lock();
         let mut ctx = inner.ctx(&mut st);
@@ -38,17 +38,12 @@ impl ShadowMmu {
                 }
             }
         }
-        let mut zapped = 0;
+        let zapped = found.len();
         for (p, idx) in found {
-            if ctx
-                .zap_entry(p, usize::from(idx), FlushReason::Zapped)
-                .is_ok()
-            {
-                zapped += 1;
-            }
+            ctx.zap_entry(p, usize::from(idx), FlushReason::Zapped)?;
         }
-        ctx.flush_now(inner.tlb.as_ref());
-        zapped
+        ctx.flush_now(inner.tlb.as_ref())?;
+        Ok(zapped)
     }
 }
 
@@ -166,7 +161,7 @@ mod tests {
         let frame = g.host_pfn(5);
         g.flush.take();
 
-        assert_eq!(g.mmu.zap_gfn_by_scan(5), 2);
+        assert_eq!(g.mmu.zap_gfn_by_scan(5).unwrap(), 2);
         assert_eq!(g.spte(0), None);
         assert_eq!(g.spte(1), None);
         assert!(g.spte(2).is_some(), "another gfn's spte was zapped");
@@ -175,8 +170,8 @@ mod tests {
         g.mmu.check_coherence().unwrap();
 
         // Nothing left to find; a gfn never mapped finds nothing either.
-        assert_eq!(g.mmu.zap_gfn_by_scan(5), 0);
-        assert_eq!(g.mmu.zap_gfn_by_scan(40), 0);
+        assert_eq!(g.mmu.zap_gfn_by_scan(5).unwrap(), 0);
+        assert_eq!(g.mmu.zap_gfn_by_scan(40).unwrap(), 0);
         assert_eq!(g.mmu.nr_sptes(), 1);
 
         // The zapped pages fault back in as usual.
@@ -196,7 +191,7 @@ mod tests {
         // Zap half by scan, then the rest through the notifier (the rmap):
         // both must agree on what is mapped, and the checker must pass.
         for i in (0..32).step_by(2) {
-            assert_eq!(g.mmu.zap_gfn_by_scan(i), 1, "gfn {i}");
+            assert_eq!(g.mmu.zap_gfn_by_scan(i).unwrap(), 1, "gfn {i}");
         }
         assert_eq!(g.mmu.nr_sptes(), 16);
         g.mmu.check_coherence().unwrap();

@@ -18,11 +18,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::mm::{FrameAccess, FrameAllocator, FrameOwner, MachineMemory, Pfn};
 
-use super::MmuError;
 use super::pte::{PT_ENTRIES, PT_WRITABLE_MASK};
 use super::spte;
 use super::stats::{MmuStats, add, inc};
 use super::tlb::{FlushFrame, FlushReason, TlbFlush};
+use super::walk::PagingState;
+use super::{Fatal, MmuError};
 
 /// Where an spte lives: the shadow page (by frame) and the index in it.
 pub type SpteLoc = (Pfn, u16);
@@ -30,7 +31,10 @@ pub type SpteLoc = (Pfn, u16);
 /// No gfn recorded for a leaf slot.
 pub const NO_GFN: u64 = u64::MAX;
 
-/// `union kvm_mmu_page_role`, the part that matters here.
+/// `union kvm_mmu_page_role`: everything besides the guest table's bytes
+/// that decides what a shadow page's entries say. Pages (roots included)
+/// are shared only between identical roles, so vCPUs in different paging
+/// modes never use each other's entries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Role {
     /// 4 for a root (PML4), 1 for a table of 4 KiB sptes.
@@ -40,6 +44,33 @@ pub struct Role {
     pub access: u8,
     /// Shadows part of a guest large page rather than a guest table.
     pub direct: bool,
+    /// CR0.WP: with WP clear a supervisor write to a read-only guest PTE
+    /// gets a writable, supervisor-only spte, which a WP=1 vCPU must not
+    /// use.
+    pub cr0_wp: bool,
+    /// EFER.NXE: sptes carry NX, and bit 63 of a guest PTE is a permission
+    /// rather than a reserved bit.
+    pub efer_nx: bool,
+    /// CR4.SMEP without CR0.WP: the WP=0 write spte is also non-executable.
+    pub smep_andnot_wp: bool,
+    /// CR4.SMAP without CR0.WP.
+    pub smap_andnot_wp: bool,
+}
+
+impl Role {
+    /// The role of a shadow page of `level` under the paging `mode`
+    /// (`kvm_calc_shadow_mmu_root_page_role` and `kvm_mmu_child_role`).
+    pub fn new(level: u8, access: u8, direct: bool, mode: &PagingState) -> Self {
+        Role {
+            level,
+            access,
+            direct,
+            cr0_wp: mode.cr0_wp,
+            efer_nx: mode.efer_nx,
+            smep_andnot_wp: mode.cr4_smep && !mode.cr0_wp,
+            smap_andnot_wp: mode.cr4_smap && !mode.cr0_wp,
+        }
+    }
 }
 
 /// `struct kvm_mmu_page`.
@@ -61,11 +92,12 @@ pub struct ShadowPage {
     pub leaf_gfns: Vec<u64>,
 }
 
-/// One entry of the root cache.
+/// One entry of the root cache, by guest CR3 and role.
 #[derive(Clone, Copy, Debug)]
 pub struct RootEntry {
     /// Guest CR3 page (PCD/PWT ignored).
     pub cr3_gfn: u64,
+    pub role: Role,
     pub sp: Pfn,
     pub last_used: u64,
 }
@@ -104,6 +136,8 @@ pub struct Ctx<'a> {
     pub flush: Vec<FlushFrame>,
     /// Where a flush still pending when the context is dropped goes.
     pub tlb: &'a dyn TlbFlush,
+    /// Where an error goes that nobody can be told directly.
+    pub fatal: &'a Fatal,
 }
 
 /// An operation that fails half-way (no frame for a shadow page) may already
@@ -114,20 +148,26 @@ pub struct Ctx<'a> {
 impl Drop for Ctx<'_> {
     fn drop(&mut self) {
         let tlb = self.tlb;
-        self.flush_now(tlb);
+        if let Err(e) = self.flush_now(tlb) {
+            self.fatal.raise(e);
+        }
     }
 }
 
 impl Ctx<'_> {
     /// The spte word `idx` of shadow page `sp`.
     pub fn word(&self, sp: Pfn, idx: usize) -> Result<&AtomicU64, MmuError> {
-        self.mem.frame_word(sp, idx).map_err(MmuError::Memory)
+        self.mem
+            .frame_word(sp, idx)
+            .map_err(|_| MmuError::BadShadowPage(sp))
     }
 
     /// Sends the gathered flush and waits for it (`kvm_flush_remote_tlbs`).
-    pub fn flush_now(&mut self, tlb: &dyn TlbFlush) {
+    /// An error means some vCPU may still reach a frame it must not: the
+    /// caller stops the VM.
+    pub fn flush_now(&mut self, tlb: &dyn TlbFlush) -> Result<(), MmuError> {
         if self.flush.is_empty() {
-            return;
+            return Ok(());
         }
         let mut batch = std::mem::take(&mut self.flush);
         // One entry per frame. `Freed` (the host may discard the contents)
@@ -137,7 +177,8 @@ impl Ctx<'_> {
         batch.dedup_by_key(|f| f.pfn);
         inc(&self.stats.remote_tlb_flush);
         add(&self.stats.remote_tlb_flush_frames, batch.len() as u64);
-        tlb.flush_frames(&batch);
+        tlb.flush_frames(&batch)?;
+        Ok(())
     }
 
     pub fn is_protected(&self, gfn: u64) -> bool {

@@ -32,6 +32,9 @@ mmu_counters!(
     /// Fault attempts dropped because an invalidation raced them
     /// (`mmu_invalidate_retry`).
     pf_retry,
+        /// Most retries one fault needed (bounded by invalidations of the
+        /// pages it relied on, not by invalidations elsewhere).
+        pf_retry_max,
     /// Nanoseconds in the guest page-table walk (`walk_addr`, with A/D
     /// emulation) of faults that got that far.
     pf_walk_ns,
@@ -71,6 +74,10 @@ mmu_counters!(
 
 pub(crate) fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
+}
+
+pub(crate) fn max(c: &AtomicU64, v: u64) {
+    c.fetch_max(v, Ordering::Relaxed);
 }
 
 pub(crate) fn add(c: &AtomicU64, n: u64) {

@@ -33,10 +33,26 @@ pub struct FlushFrame {
     pub reason: FlushReason,
 }
 
+/// A flush the host refused: frames `first..first + count` may still be
+/// reachable through stale translations.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("host invalidation ({method}) of frames {first:#x}..{:#x} failed: {}", first + count, std::io::Error::from_raw_os_error(*errno))]
+pub struct TlbFlushError {
+    /// How the flush was attempted (`mprotect`, `madvise`, `memslot_bounce`).
+    pub method: &'static str,
+    pub first: Pfn,
+    pub count: u64,
+    /// The errno the host returned.
+    pub errno: i32,
+}
+
 /// `kvm_flush_remote_tlbs`, by frame. Returns only when no vCPU can use a
-/// translation to any of the frames through a stale cached entry.
+/// translation to any of the frames through a stale cached entry; an error
+/// means that could not be ensured, and the VM must stop (fail-stop, never
+/// stale): the implementation keeps every vCPU out of the guest before it
+/// returns one.
 pub trait TlbFlush: Send + Sync {
-    fn flush_frames(&self, frames: &[FlushFrame]);
+    fn flush_frames(&self, frames: &[FlushFrame]) -> Result<(), TlbFlushError>;
 }
 
 /// A flush that does nothing: for a shadow MMU no vCPU runs on (unit tests,
@@ -44,14 +60,17 @@ pub trait TlbFlush: Send + Sync {
 pub struct NoFlush;
 
 impl TlbFlush for NoFlush {
-    fn flush_frames(&self, _frames: &[FlushFrame]) {}
+    fn flush_frames(&self, _frames: &[FlushFrame]) -> Result<(), TlbFlushError> {
+        Ok(())
+    }
 }
 
 /// Records every flush request, for tests that prove a flush happened before
-/// a callback returned.
+/// a callback returned; can be told to fail.
 #[derive(Default)]
 pub struct RecordingFlush {
     calls: Mutex<Vec<Vec<FlushFrame>>>,
+    fail: Mutex<Option<i32>>,
 }
 
 impl RecordingFlush {
@@ -63,6 +82,10 @@ impl RecordingFlush {
     pub fn take(&self) -> Vec<Vec<FlushFrame>> {
         std::mem::take(&mut *self.calls.lock())
     }
+    /// Makes every later flush fail with `errno` (`None`: succeed again).
+    pub fn set_fail(&self, errno: Option<i32>) {
+        *self.fail.lock() = errno;
+    }
     /// Whether `pfn` was flushed in some call.
     pub fn flushed(&self, pfn: Pfn) -> bool {
         self.calls.lock().iter().flatten().any(|f| f.pfn == pfn)
@@ -70,7 +93,16 @@ impl RecordingFlush {
 }
 
 impl TlbFlush for RecordingFlush {
-    fn flush_frames(&self, frames: &[FlushFrame]) {
+    fn flush_frames(&self, frames: &[FlushFrame]) -> Result<(), TlbFlushError> {
         self.calls.lock().push(frames.to_vec());
+        match *self.fail.lock() {
+            Some(errno) => Err(TlbFlushError {
+                method: "recording",
+                first: frames.first().map_or(0, |f| f.pfn),
+                count: frames.len() as u64,
+                errno,
+            }),
+            None => Ok(()),
+        }
     }
 }

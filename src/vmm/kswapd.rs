@@ -114,7 +114,7 @@ impl Aging {
     /// One aging pass: clears every present page's young bits (host PTE
     /// and sptes, `clear_young`), then invalidates every frame it found
     /// young in one batched host flush so the CPU sets Accessed afresh.
-    pub fn pass(&mut self, mm: &Mm, flush: &dyn TlbFlush) -> Result<AgingPass, MmError> {
+    pub fn pass(&mut self, mm: &Mm, flush: &dyn TlbFlush) -> Result<AgingPass, AgingError> {
         let end = self.base + self.history.len() as u64 * PAGE_SIZE;
         let aged = mm.age_range(self.base, end, false)?;
         let frames: Vec<FlushFrame> = aged
@@ -129,7 +129,7 @@ impl Aging {
             })
             .collect();
         if !frames.is_empty() {
-            flush.flush_frames(&frames);
+            flush.flush_frames(&frames)?;
         }
         for h in &mut self.history {
             *h = (*h << 1) & Self::MASK;
@@ -153,6 +153,16 @@ impl Aging {
             working_set: self.working_set(),
         })
     }
+}
+
+/// Why an aging pass failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgingError {
+    #[error(transparent)]
+    Mm(#[from] MmError),
+    /// The batched host flush failed: the VM is being stopped.
+    #[error(transparent)]
+    Flush(#[from] crate::mmu::TlbFlushError),
 }
 
 /// What kswapd reports in `--stats` / `--json`.
@@ -286,7 +296,11 @@ fn kswapd_loop(
     while !stop.sleep(interval) {
         let pass = match aging.pass(mm, flush) {
             Ok(p) => p,
-            Err(e) => return fail(e),
+            Err(AgingError::Mm(e)) => return fail(e),
+            Err(e) => {
+                stats.lock().error = Some(e.to_string());
+                return;
+            }
         };
         {
             let mut s = stats.lock();

@@ -36,7 +36,7 @@ use parking_lot::{RwLock, RwLockReadGuard};
 use super::kick::{VcpuKick, VcpuRequest};
 use super::vm::MemslotBouncer;
 use crate::mm::{PAGE_SIZE, Pfn};
-use crate::mmu::{FlushFrame, FlushReason, TlbFlush};
+use crate::mmu::{FlushFrame, FlushReason, TlbFlush, TlbFlushError};
 
 /// Above this many runs of contiguous frames in one flush, bouncing the
 /// memslot (~0.5–1 ms, DESIGN.md) is cheaper than one mprotect pair per
@@ -284,15 +284,21 @@ impl HostTlbFlush {
         &self.stats
     }
 
-    /// Invalidates one run; `false` if the host refused.
-    fn invalidate(&self, run: FrameRun) -> bool {
+    /// Invalidates one run.
+    fn invalidate(&self, run: FrameRun) -> Result<(), TlbFlushError> {
         if run.first >= self.nr_frames {
-            return true;
+            return Ok(());
         }
         let count = run.count.min(self.nr_frames - run.first);
         let addr = (self.base + (run.first * PAGE_SIZE) as usize) as *mut libc::c_void;
         let len = (count * PAGE_SIZE) as usize;
-        let ok = if run.discard {
+        let failed = |method: &'static str| TlbFlushError {
+            method,
+            first: run.first,
+            count,
+            errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+        };
+        let result = if run.discard {
             // SAFETY: `addr..addr+len` lies inside the VMM's private
             // anonymous mapping of machine memory (checked against
             // `nr_frames` above). The frames are being freed: nobody needs
@@ -303,7 +309,11 @@ impl HostTlbFlush {
             self.stats
                 .dontneed_frames
                 .fetch_add(count, Ordering::Relaxed);
-            r == 0
+            if r == 0 {
+                Ok(())
+            } else {
+                Err(failed("madvise"))
+            }
         } else {
             let t = Instant::now();
             let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
@@ -314,18 +324,14 @@ impl HostTlbFlush {
             // KVM zaps its sptes for these frames and flushes every vCPU's
             // TLB before the call returns. The second call restores the
             // original protection (and the VMAs merge back). Contents kept.
+            // No read-only fallback: a VMM thread writing the range (setting
+            // A/D bits in a guest table) would take SIGSEGV meanwhile.
             let r1 = unsafe { libc::mprotect(addr, len, rwx) };
-            let r1 = if r1 == 0 {
-                0
-            } else {
-                // PROT_EXEC refused (a W^X policy): the measured read-only
-                // toggle, which a vCPU writing the frame meanwhile may see
-                // as EFAULT from KVM_RUN.
-                // SAFETY: as above; read-only only until the call below.
-                unsafe { libc::mprotect(addr, len, libc::PROT_READ) }
-            };
-            // SAFETY: as above; restores read-write.
+            let e1 = (r1 != 0).then(|| failed("mprotect"));
+            // SAFETY: as above; restores read-write (also after a failure,
+            // which changed nothing).
             let r2 = unsafe { libc::mprotect(addr, len, libc::PROT_READ | libc::PROT_WRITE) };
+            let e2 = (r2 != 0).then(|| failed("mprotect"));
             self.stats
                 .mprotect_ns
                 .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -333,17 +339,16 @@ impl HostTlbFlush {
             self.stats
                 .mprotect_frames
                 .fetch_add(count, Ordering::Relaxed);
-            r1 == 0 && r2 == 0
+            match e1.or(e2) {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
         };
-        if !ok {
+        if let Err(e) = &result {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(
-                "host invalidation of frames {:#x}+{count} failed: {}",
-                run.first,
-                std::io::Error::last_os_error()
-            );
+            tracing::error!("{e}");
         }
-        ok
+        result
     }
 }
 
@@ -367,31 +372,35 @@ impl HostTlbFlush {
         true
     }
 
-    fn flush_frames_timed(&self, frames: &[FlushFrame]) {
+    fn flush_frames_timed(&self, frames: &[FlushFrame]) -> Result<(), TlbFlushError> {
         let runs = coalesce(frames, self.discard_freed);
         if runs.len() > self.bounce_runs.load(Ordering::Relaxed)
             && runs.iter().all(|r| !r.discard)
             && self.try_bounce(frames.len())
         {
             tracing::debug!(target: "shadowvm::trace", layer = "tlb", kind = "shootdown", frames = frames.len(), runs = runs.len(), method = "memslot_bounce", "stale host translations invalidated");
-            return;
+            return Ok(());
         }
         tracing::debug!(target: "shadowvm::trace", layer = "tlb", kind = "shootdown", frames = frames.len(), runs = runs.len(), method = if runs.iter().any(|r| r.discard) { "discard" } else { "protect_toggle" }, "stale host translations invalidated");
-        let mut failed = false;
+        let mut first_error = None;
         for run in runs {
-            failed |= !self.invalidate(run);
+            if let Err(e) = self.invalidate(run) {
+                first_error.get_or_insert(e);
+            }
         }
-        // Rule 3 must hold whatever the host refused: bounce the memslot.
-        if failed {
-            self.try_bounce(frames.len());
+        // Rule 3 must hold whatever the host refused: bounce the memslot;
+        // if that fails too, the flush fails and the VM must stop.
+        match first_error {
+            Some(e) if !self.try_bounce(frames.len()) => Err(e),
+            _ => Ok(()),
         }
     }
 }
 
 impl TlbFlush for HostTlbFlush {
-    fn flush_frames(&self, frames: &[FlushFrame]) {
+    fn flush_frames(&self, frames: &[FlushFrame]) -> Result<(), TlbFlushError> {
         if frames.is_empty() {
-            return;
+            return Ok(());
         }
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         self.stats
@@ -399,13 +408,14 @@ impl TlbFlush for HostTlbFlush {
             .fetch_add(frames.len() as u64, Ordering::Relaxed);
         if !self.enabled {
             tracing::debug!(target: "shadowvm::trace", layer = "tlb", kind = "shootdown", frames = frames.len(), runs = 0_usize, method = "disabled", "host flush disabled: nothing invalidated");
-            return;
+            return Ok(());
         }
         let t = Instant::now();
-        self.flush_frames_timed(frames);
+        let result = self.flush_frames_timed(frames);
         self.stats
             .flush_ns
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        result
     }
 }
 
@@ -482,7 +492,9 @@ mod tests {
         mem.fill_frame(2, 0xaa).unwrap();
         mem.fill_frame(3, 0xbb).unwrap();
         let flush = HostTlbFlush::new(mem.host_base(), mem.nr_frames()).with_discard_freed();
-        flush.flush_frames(&[f(2, FlushReason::Zapped), f(3, FlushReason::Freed)]);
+        flush
+            .flush_frames(&[f(2, FlushReason::Zapped), f(3, FlushReason::Freed)])
+            .unwrap();
         let mut b = [0u8; 1];
         mem.read_frame(2, 100, &mut b).unwrap();
         assert_eq!(b[0], 0xaa);

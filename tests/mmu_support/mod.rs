@@ -8,7 +8,7 @@ use std::sync::Arc;
 use shadowvm::mm::{Mm, MmapFlags, PAGE_SIZE, Pfn, Prot, Pte};
 use shadowvm::mmu::{
     FaultOutcome, FlushFrame, Memslot, Memslots, PfErrorCode, RecordingFlush, ShadowMmu,
-    ShadowMmuConfig, TlbFlush,
+    ShadowMmuConfig, TlbFlush, TlbFlushError,
 };
 
 pub const P: u64 = 1;
@@ -206,9 +206,9 @@ impl Guest {
 pub struct TeeFlush(pub Arc<RecordingFlush>, pub Arc<dyn TlbFlush>);
 
 impl TlbFlush for TeeFlush {
-    fn flush_frames(&self, frames: &[FlushFrame]) {
-        self.0.flush_frames(frames);
-        self.1.flush_frames(frames);
+    fn flush_frames(&self, frames: &[FlushFrame]) -> Result<(), TlbFlushError> {
+        self.0.flush_frames(frames)?;
+        self.1.flush_frames(frames)
     }
 }
 

@@ -1,6 +1,8 @@
 //! Errors of the simulated host mm: Linux's errno for bad calls, SIGSEGV for
 //! bad accesses.
 
+use std::sync::Arc;
+
 use crate::notifier::NotifierError;
 
 use super::swap::SwapSlot;
@@ -40,6 +42,24 @@ pub enum MmError {
     #[error(transparent)]
     Notifier(#[from] NotifierError),
     /// Machine memory could not be created.
-    #[error("machine memory: {0}")]
-    Machine(String),
+    #[error(transparent)]
+    Machine(#[from] MachineError),
 }
+
+/// Machine memory could not be mapped: `what` failed, because of `source`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("machine memory: {what}")]
+pub struct MachineError {
+    pub what: &'static str,
+    #[source]
+    pub source: Arc<dyn std::error::Error + Send + Sync>,
+}
+
+/// Errors compare by what failed (the source is for the message).
+impl PartialEq for MachineError {
+    fn eq(&self, other: &Self) -> bool {
+        self.what == other.what
+    }
+}
+
+impl Eq for MachineError {}

@@ -4,10 +4,13 @@
 //! under the VMM it is the memory registered with KVM, so a frame number is a
 //! KVM guest-physical page number and the CPU reads the same bytes.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
+use std::sync::Arc;
+
+use super::error::MachineError;
 use super::{MmError, PAGE_SIZE, Pfn};
 
 /// A contiguous run of frames backed by host memory.
@@ -25,10 +28,13 @@ pub unsafe trait MachineMemory: Send + Sync {
 
 /// Byte-level access to frames, provided for every [`MachineMemory`].
 ///
-/// Frames may be written concurrently by a vCPU, so copies are plain memcpy
-/// of memory nobody in this process holds a Rust reference to (the same
-/// stance as vm-memory's volatile slices), and page-table words go through
-/// [`AtomicU64`].
+/// Frames may be written concurrently by a vCPU (or a DMA device), so no
+/// Rust reference (`&[u8]`, `&mut [u8]`) is ever formed over them: byte
+/// copies go through vm-memory's [`VolatileSlice`], whole-frame work
+/// (fill, copy, compare, checksum) and page-table words through
+/// [`AtomicU64`]. A racing writer can make a copy or a comparison see a mix
+/// of old and new words, never undefined behaviour; callers that need a
+/// stable page (KSM, swap-out) write-protect it first.
 pub trait FrameAccess {
     /// Host pointer to byte `offset` of `pfn`, checked.
     fn frame_ptr(&self, pfn: Pfn, offset: usize, len: usize) -> Result<*mut u8, MmError>;
@@ -47,7 +53,12 @@ pub trait FrameAccess {
     /// The 64-bit word `index` (0..512) of a frame, for page-table entries
     /// the CPU updates concurrently.
     fn frame_word(&self, pfn: Pfn, index: usize) -> Result<&AtomicU64, MmError>;
+    /// The 512 words of a frame.
+    fn frame_words(&self, pfn: Pfn) -> Result<&[AtomicU64; WORDS], MmError>;
 }
+
+/// 64-bit words in a frame.
+pub const WORDS: usize = PAGE_SIZE as usize / 8;
 
 impl<M: MachineMemory + ?Sized> FrameAccess for M {
     fn frame_ptr(&self, pfn: Pfn, offset: usize, len: usize) -> Result<*mut u8, MmError> {
@@ -68,73 +79,73 @@ impl<M: MachineMemory + ?Sized> FrameAccess for M {
 
     fn read_frame(&self, pfn: Pfn, offset: usize, buf: &mut [u8]) -> Result<(), MmError> {
         let p = self.frame_ptr(pfn, offset, buf.len())?;
-        // SAFETY: `p..p+len` is inside machine memory (checked above) and
-        // cannot overlap `buf`, which is ordinary Rust memory.
-        unsafe { std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) };
+        // SAFETY: `p..p+len` is inside machine memory (checked above), which
+        // lives as long as `self`, and every access to it is volatile or
+        // atomic.
+        let v = unsafe { VolatileSlice::new(p, buf.len()) };
+        v.copy_to(buf);
         Ok(())
     }
 
     fn write_frame(&self, pfn: Pfn, offset: usize, buf: &[u8]) -> Result<(), MmError> {
         let p = self.frame_ptr(pfn, offset, buf.len())?;
-        // SAFETY: as in read_frame, in the other direction.
-        unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), p, buf.len()) };
+        // SAFETY: as in read_frame.
+        let v = unsafe { VolatileSlice::new(p, buf.len()) };
+        v.copy_from(buf);
         Ok(())
     }
 
     fn fill_frame(&self, pfn: Pfn, byte: u8) -> Result<(), MmError> {
-        let p = self.frame_ptr(pfn, 0, PAGE_SIZE as usize)?;
-        // SAFETY: the whole frame is inside machine memory (checked above).
-        unsafe { std::ptr::write_bytes(p, byte, PAGE_SIZE as usize) };
+        let pattern = u64::from_ne_bytes([byte; 8]);
+        for w in self.frame_words(pfn)? {
+            w.store(pattern, Ordering::Relaxed);
+        }
         Ok(())
     }
 
     fn copy_frame(&self, src: Pfn, dst: Pfn) -> Result<(), MmError> {
-        let s = self.frame_ptr(src, 0, PAGE_SIZE as usize)?;
-        let d = self.frame_ptr(dst, 0, PAGE_SIZE as usize)?;
-        if src == dst {
-            return Ok(());
+        let (s, d) = (self.frame_words(src)?, self.frame_words(dst)?);
+        if src != dst {
+            for (s, d) in s.iter().zip(d) {
+                d.store(s.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
         }
-        // SAFETY: both frames are inside machine memory and distinct frames
-        // do not overlap.
-        unsafe { std::ptr::copy_nonoverlapping(s, d, PAGE_SIZE as usize) };
         Ok(())
     }
 
     fn frames_identical(&self, a: Pfn, b: Pfn) -> Result<bool, MmError> {
-        let pa = self.frame_ptr(a, 0, PAGE_SIZE as usize)?;
-        let pb = self.frame_ptr(b, 0, PAGE_SIZE as usize)?;
-        // SAFETY: both frames lie inside machine memory; the slices live only
-        // for the comparison (a concurrent writer can only make it report
-        // "different", which callers treat as "do not merge").
-        let (sa, sb) = unsafe {
-            (
-                std::slice::from_raw_parts(pa, PAGE_SIZE as usize),
-                std::slice::from_raw_parts(pb, PAGE_SIZE as usize),
-            )
-        };
-        Ok(sa == sb)
+        let (a, b) = (self.frame_words(a)?, self.frame_words(b)?);
+        // A concurrent writer can only make this say "different", which
+        // callers treat as "do not merge".
+        Ok(a.iter()
+            .zip(b)
+            .all(|(x, y)| x.load(Ordering::Relaxed) == y.load(Ordering::Relaxed)))
     }
 
     fn frame_checksum(&self, pfn: Pfn) -> Result<u64, MmError> {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for i in 0..(PAGE_SIZE as usize / 8) {
-            let w = self
-                .frame_word(pfn, i)?
-                .load(std::sync::atomic::Ordering::Relaxed);
-            h = (h ^ w).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29);
+        for w in self.frame_words(pfn)? {
+            h = (h ^ w.load(Ordering::Relaxed))
+                .wrapping_mul(0x0000_0100_0000_01b3)
+                .rotate_left(29);
         }
         Ok(h)
     }
 
     fn frame_word(&self, pfn: Pfn, index: usize) -> Result<&AtomicU64, MmError> {
-        if index >= PAGE_SIZE as usize / 8 {
-            return Err(MmError::BadFrame(pfn));
-        }
-        let p = self.frame_ptr(pfn, index * 8, 8)?;
-        // SAFETY: `p` is 8-byte aligned (frames are 4 KiB aligned), inside
-        // machine memory, valid for the lifetime of `self`, and every access
-        // to page-table words goes through atomics.
-        Ok(unsafe { &*(p as *const AtomicU64) })
+        self.frame_words(pfn)?
+            .get(index)
+            .ok_or(MmError::BadFrame(pfn))
+    }
+
+    fn frame_words(&self, pfn: Pfn) -> Result<&[AtomicU64; WORDS], MmError> {
+        let p = self.frame_ptr(pfn, 0, PAGE_SIZE as usize)?;
+        // SAFETY: `p` is 4 KiB aligned (frames are), the whole frame is
+        // inside machine memory, valid for the lifetime of `self`, and
+        // `AtomicU64` has the layout of `u64` and may alias memory others
+        // access atomically or volatilely: no plain reference to machine
+        // memory exists anywhere.
+        Ok(unsafe { &*(p as *const [AtomicU64; WORDS]) })
     }
 }
 
@@ -159,11 +170,19 @@ impl AnonMemory {
             .checked_mul(PAGE_SIZE)
             .filter(|&b| b > 0 && b <= isize::MAX as u64)
             .ok_or(MmError::InvalidArgument("machine memory size"))?;
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), bytes as usize)])
-            .map_err(|e| MmError::Machine(e.to_string()))?;
+        let mem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), bytes as usize)]).map_err(|e| {
+                MachineError {
+                    what: "mapping it",
+                    source: Arc::new(e),
+                }
+            })?;
         let base = mem
             .get_host_address(GuestAddress(0))
-            .map_err(|e| MmError::Machine(e.to_string()))?;
+            .map_err(|e| MachineError {
+                what: "finding its host address",
+                source: Arc::new(e),
+            })?;
         Ok(Self {
             mem,
             base,

@@ -56,7 +56,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use crate::notifier::{MmuNotifier, MmuNotifierMm, MmuNotifierOps, MmuNotifierRange};
 
 pub use check::MmCheckError;
-pub use error::MmError;
+pub use error::{MachineError, MmError};
 pub use fault::HostPfn;
 pub use frame::{FrameAllocator, FrameOwner, POISON_FREE};
 #[cfg(feature = "test-hooks")]

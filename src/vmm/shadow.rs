@@ -406,7 +406,12 @@ impl ShadowPaging {
                 userspace_addr: machine.ram.base,
             })
             .map_err(|e| {
-                HypercallError::Mmu(MmuError::Register(MmError::Machine(e.to_string())))
+                HypercallError::Mmu(MmuError::Register(MmError::Machine(
+                    crate::mm::MachineError {
+                        what: "binding guest RAM",
+                        source: std::sync::Arc::new(e),
+                    },
+                )))
             })?;
         let cfg = ShadowMmuConfig {
             nr_vcpus: nr_vcpus as usize,

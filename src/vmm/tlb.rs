@@ -15,9 +15,21 @@
 //! the read-only toggle DESIGN.md measured: both run the host notifier, but
 //! while the range is read-only a vCPU writing the frame makes the host
 //! KVM fail `KVM_RUN` with `EFAULT` (seen in 1 of ~20 runs of
-//! `tests/shadow_stale.rs`); with `PROT_EXEC` the frame stays writable
-//! throughout (40 of 40 runs clean, and the guest still never reaches a
-//! zapped frame).
+//! `tests/shadow_stale.rs`), and a VMM thread writing it (setting A/D bits
+//! in a guest table, copying a frame) takes SIGSEGV; with `PROT_EXEC` the
+//! frame stays writable throughout (40 of 40 runs clean, and the guest
+//! still never reaches a zapped frame). There is no read-only fallback: if
+//! the toggle fails, the memslot bounce covers it, and if that fails the
+//! flush fails and the VM stops.
+//!
+//! The window: between the two `mprotect` calls (tens of microseconds per
+//! flush) the flushed frames are executable *in the VMM process*. Guest
+//! bytes become code the VMM could run only if a VMM thread were
+//! redirected there (a control-flow hijack), which no code path does; the
+//! window is closed before `flush_frames` returns. A method without it
+//! would change the VMA's protection key (`pkey_mprotect`, keeping
+//! read-write) instead of its execute bit, but our hosts have no PKU; the
+//! memslot bounce has no window but costs 0.5–1 ms and kicks every vCPU.
 //!
 //! `madvise(MADV_DONTNEED)` would do for a frame that is really being
 //! freed ([`FlushReason::Freed`], which the MMU now reports only from

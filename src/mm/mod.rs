@@ -23,6 +23,7 @@ mod check;
 mod error;
 mod fault;
 mod frame;
+mod interval;
 mod ksm;
 mod madvise;
 mod memory;

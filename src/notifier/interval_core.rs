@@ -79,6 +79,12 @@ impl MmuInterval {
         self.end
     }
 
+    /// The subscription's sequence as last set (`interval_sub->invalidate_seq`),
+    /// for checkers and models; a fault path uses `read_begin` instead.
+    pub fn seq(&self) -> u64 {
+        self.invalidate_seq.load(Ordering::Relaxed)
+    }
+
     /// `mmu_interval_set_seq`: called by the `invalidate` callback, under the
     /// lock the driver's fault path holds for `read_retry`, with the
     /// `cur_seq` the callback received, before it drops any mapping.

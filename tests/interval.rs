@@ -698,7 +698,16 @@ fn stress_lookups_never_install_a_page_changed_by_an_invalidation() {
     thread::scope(|s| {
         s.spawn(|| {
             let r = clear(0, 0x1000);
-            for _ in 0..20_000 {
+            let mut seen = 0;
+            for i in 0..5_000 {
+                if i % 16 == 0 {
+                    // Let the reader through now and then (it may be off
+                    // the CPU for the whole run otherwise).
+                    while installs.load(Ordering::Relaxed) == seen {
+                        thread::yield_now();
+                    }
+                    seen = installs.load(Ordering::Relaxed);
+                }
                 l.invalidate_range_start(&r).unwrap();
                 page.fetch_add(1, Ordering::SeqCst);
                 l.invalidate_range_end(&r, false);

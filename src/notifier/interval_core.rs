@@ -362,8 +362,14 @@ impl<T: Clone> ItreeCore<T> {
                 }
             }
         }
+        // Waiters count themselves under the lock before they sleep, so
+        // none can be missed; skipping the wake-up saves a futex call on
+        // every invalidation nobody waits for.
+        let wake = st.waiters != 0;
         drop(st);
-        self.wq.notify_all();
+        if wake {
+            self.wq.notify_all();
+        }
     }
 
     /// The current state.

@@ -15,18 +15,17 @@ use shadowvm::notifier::NotifierError;
 
 const CHECKED: DmaConfig = DmaConfig { check_frames: true };
 
+/// A fresh mm of `frames` frames with one read-write mapping of `len` bytes.
+fn anon(frames: u64, len: u64, flags: MmapFlags) -> (Arc<Mm>, u64) {
+    let mm = Mm::new_anonymous(frames).unwrap();
+    let hva = mm.mmap(None, len, Prot::READ | Prot::WRITE, flags).unwrap();
+    (mm, hva)
+}
+
 /// An mm with a `pages`-page buffer filled with a per-page pattern, and a
 /// device attached to it.
 fn setup(pages: u64) -> (Arc<Mm>, u64, DmaDevice) {
-    let mm = Mm::new_anonymous(256).unwrap();
-    let hva = mm
-        .mmap(
-            None,
-            pages * PAGE_SIZE,
-            Prot::READ | Prot::WRITE,
-            MmapFlags::MERGEABLE,
-        )
-        .unwrap();
+    let (mm, hva) = anon(256, pages * PAGE_SIZE, MmapFlags::MERGEABLE);
     for p in 0..pages {
         mm.write(hva + p * PAGE_SIZE, &pattern(p, PAGE_SIZE as usize))
             .unwrap();
@@ -102,15 +101,7 @@ fn write_is_seen_by_the_process_and_partial_words_keep_their_neighbours() {
 
 #[test]
 fn a_read_only_host_page_is_mapped_read_only_and_a_write_upgrades_it() {
-    let mm = Mm::new_anonymous(16).unwrap();
-    let hva = mm
-        .mmap(
-            None,
-            PAGE_SIZE,
-            Prot::READ | Prot::WRITE,
-            MmapFlags::empty(),
-        )
-        .unwrap();
+    let (mm, hva) = anon(16, PAGE_SIZE, MmapFlags::empty());
     let dev = DmaDevice::attach(&mm, hva, PAGE_SIZE, CHECKED).unwrap();
     assert_eq!(dev.read_u64(0).unwrap(), 0); // demand-zero, read fault
     assert!(!dev.iotlb_entries()[0].1.writable);
@@ -202,15 +193,7 @@ fn mprotect_read_only_takes_writes_away_until_it_is_lifted() {
 
 #[test]
 fn ksm_merge_invalidates_and_a_device_write_breaks_the_sharing() {
-    let mm = Mm::new_anonymous(64).unwrap();
-    let hva = mm
-        .mmap(
-            None,
-            2 * PAGE_SIZE,
-            Prot::READ | Prot::WRITE,
-            MmapFlags::MERGEABLE,
-        )
-        .unwrap();
+    let (mm, hva) = anon(64, 2 * PAGE_SIZE, MmapFlags::MERGEABLE);
     mm.write(hva, &[7; 64]).unwrap();
     mm.write(hva + PAGE_SIZE, &[7; 64]).unwrap();
     let dev = DmaDevice::attach(&mm, hva, 2 * PAGE_SIZE, CHECKED).unwrap();

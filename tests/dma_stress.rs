@@ -21,6 +21,13 @@ use shadowvm::mm::{FrameOwner, Mm, MmError, MmapFlags, PAGE_SIZE, POISON_FREE, P
 
 const CHECKED: DmaConfig = DmaConfig { check_frames: true };
 
+/// A fresh mm of `frames` frames with one read-write mapping of `len` bytes.
+fn anon(frames: u64, len: u64, flags: MmapFlags) -> (Arc<Mm>, u64) {
+    let mm = Mm::new_anonymous(frames).unwrap();
+    let hva = mm.mmap(None, len, Prot::READ | Prot::WRITE, flags).unwrap();
+    (mm, hva)
+}
+
 fn pfn(mm: &Mm, hva: u64) -> Option<u64> {
     match mm.pte(hva) {
         Some(Pte::Present(p)) => Some(p.pfn),
@@ -208,19 +215,11 @@ fn value(tag: u32, i: u64) -> u32 {
 #[test]
 fn dma_and_vcpu_writes_survive_full_rate_invalidations() {
     const PAGES: u64 = 8;
-    const HOST_OPS: u64 = 1500;
+    const HOST_OPS: u64 = 1000;
     // Few words per page, so the device and the vCPU often write the two
     // halves of the same word at once.
     const HOT_WORDS: u64 = 4;
-    let mm = Mm::new_anonymous(256).unwrap();
-    let hva = mm
-        .mmap(
-            None,
-            PAGES * PAGE_SIZE,
-            Prot::READ | Prot::WRITE,
-            MmapFlags::MERGEABLE,
-        )
-        .unwrap();
+    let (mm, hva) = anon(256, PAGES * PAGE_SIZE, MmapFlags::MERGEABLE);
     let dev = DmaDevice::attach(&mm, hva, PAGES * PAGE_SIZE, CHECKED).unwrap();
     // Bumped before and after every operation that destroys contents; a
     // check whose two readings differ accepts zeroes.
@@ -357,15 +356,7 @@ fn dma_and_vcpu_writes_survive_full_rate_invalidations() {
 
 #[test]
 fn a_recycled_frame_never_shows_the_device_another_pages_data() {
-    let mm = Mm::new_anonymous(64).unwrap();
-    let hva = mm
-        .mmap(
-            None,
-            2 * PAGE_SIZE,
-            Prot::READ | Prot::WRITE,
-            MmapFlags::empty(),
-        )
-        .unwrap();
+    let (mm, hva) = anon(64, 2 * PAGE_SIZE, MmapFlags::empty());
     let (a, b) = (hva, hva + PAGE_SIZE);
     const TAG_B: u64 = 0xbbbb_0000_0000_0000;
     mm.write(a, &1u64.to_le_bytes()).unwrap();
@@ -373,19 +364,25 @@ fn a_recycled_frame_never_shows_the_device_another_pages_data() {
     // The device sees page A only.
     let dev = DmaDevice::attach(&mm, a, PAGE_SIZE, CHECKED).unwrap();
     let stop = AtomicBool::new(false);
+    let reader_gone = AtomicBool::new(false);
     let reads = AtomicU64::new(0);
     thread::scope(|s| {
         s.spawn(|| {
             let _stop = SetOnDrop(&stop);
             // Drop a page and refill it, alternately: the allocator hands
             // the frame just freed to the other page.
-            for k in 2..20_000u64 {
+            let mut seen = 0;
+            for k in 2..8_000u64 {
+                if k % 32 == 0 {
+                    seen = wait_progress(&reads, seen, &reader_gone);
+                }
                 let (page, v) = if k % 2 == 0 { (a, k) } else { (b, TAG_B | k) };
                 mm.madvise_dontneed(page, PAGE_SIZE).unwrap();
                 mm.write(page, &v.to_le_bytes()).unwrap();
             }
         });
         s.spawn(|| {
+            let _gone = SetOnDrop(&reader_gone);
             let mut last = 0;
             while !stop.load(Ordering::SeqCst) {
                 let v = dev.read_u64(0).unwrap();
@@ -409,15 +406,7 @@ fn a_recycled_frame_never_shows_the_device_another_pages_data() {
 
 #[test]
 fn exit_while_the_device_is_busy_leaves_no_frame_behind() {
-    let mm = Mm::new_anonymous(64).unwrap();
-    let hva = mm
-        .mmap(
-            None,
-            4 * PAGE_SIZE,
-            Prot::READ | Prot::WRITE,
-            MmapFlags::empty(),
-        )
-        .unwrap();
+    let (mm, hva) = anon(64, 4 * PAGE_SIZE, MmapFlags::empty());
     let dev = DmaDevice::attach(&mm, hva, 4 * PAGE_SIZE, CHECKED).unwrap();
     let dmas = AtomicU64::new(0);
     let result = thread::scope(|s| {

@@ -508,18 +508,17 @@ fn the_interval_tree_is_dispatched_before_the_list_as_in_linux() {
 // --- Through the simulated mm -------------------------------------------
 
 fn mm_with(pages: u64) -> (Arc<Mm>, u64) {
-    let mm = Mm::new_anonymous(64).unwrap();
-    let hva = mm
-        .mmap(
-            None,
-            pages * PAGE_SIZE,
-            Prot::READ | Prot::WRITE,
-            MmapFlags::MERGEABLE,
-        )
-        .unwrap();
+    let (mm, hva) = anon(64, pages * PAGE_SIZE, MmapFlags::MERGEABLE);
     for p in 0..pages {
         mm.write(hva + p * PAGE_SIZE, &[p as u8 + 1; 8]).unwrap();
     }
+    (mm, hva)
+}
+
+/// A fresh mm of `frames` frames with one read-write mapping of `len` bytes.
+fn anon(frames: u64, len: u64, flags: MmapFlags) -> (Arc<Mm>, u64) {
+    let mm = Mm::new_anonymous(frames).unwrap();
+    let hva = mm.mmap(None, len, Prot::READ | Prot::WRITE, flags).unwrap();
     (mm, hva)
 }
 
@@ -598,15 +597,7 @@ fn mm_operations_report_linux_events_and_ranges() {
 
 #[test]
 fn mm_ksm_merge_and_cow_break_invalidate_the_interval() {
-    let mm = Mm::new_anonymous(64).unwrap();
-    let hva = mm
-        .mmap(
-            None,
-            2 * PAGE_SIZE,
-            Prot::READ | Prot::WRITE,
-            MmapFlags::MERGEABLE,
-        )
-        .unwrap();
+    let (mm, hva) = anon(64, 2 * PAGE_SIZE, MmapFlags::MERGEABLE);
     mm.write(hva, &[7; 16]).unwrap();
     mm.write(hva + PAGE_SIZE, &[7; 16]).unwrap();
     let d = Driver::new();

@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! vmm  ->  mmu  ->  mm  ->  notifier
+//!      ->  dma  ->
 //! ```
 //!
 //! * [`notifier`]: `mm/mmu_notifier.c` — the callback trait, SRCU-protected
@@ -13,6 +14,9 @@
 //! * [`mm`]: a simulated host `mm_struct` over real frames — VMAs, a host page
 //!   table with young/dirty bits, faults, munmap, madvise, mprotect, KSM,
 //!   aging, reclaim and exit, each calling the notifier where Linux does.
+//! * [`mmu`]: the shadow MMU, a secondary MMU on the list API.
+//! * [`dma`]: a simulated DMA device, a second secondary MMU on the
+//!   interval API (`mmu_interval_notifier`).
 //!
 //! # Example
 //!
@@ -50,6 +54,7 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod dma;
 pub mod mm;
 pub mod mmu;
 pub mod notifier;

@@ -37,6 +37,7 @@ mod fault;
 mod frame;
 #[cfg(feature = "test-hooks")]
 mod hooks;
+mod interval;
 mod ksm;
 mod madvise;
 mod memory;

@@ -5,6 +5,10 @@
 //! an immutable snapshot inside an SRCU read-side critical section; writers
 //! (register / unregister / release) build a new snapshot under `lock`,
 //! publish it, and retire the old one only after a grace period.
+//!
+//! The same mm carries the 5.5 interval tree ([`Itree`]); the dispatch
+//! functions call it first, as `__mmu_notifier_invalidate_range_start`,
+//! `__mmu_notifier_invalidate_range_end` and `__mmu_notifier_release` do.
 
 use std::any::Any;
 use std::ptr;
@@ -14,7 +18,11 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use parking_lot::Mutex;
 
 use super::NotifierError;
-use super::ops::{Callbacks, MmuNotifierOps, MmuNotifierRange, NotifierPte};
+use super::interval::{Itree, MmuIntervalNotifier};
+use super::interval_core::ItreeSnapshot;
+use super::ops::{
+    Callbacks, MmuIntervalNotifierOps, MmuNotifierOps, MmuNotifierRange, NotifierPte,
+};
 use super::srcu::Srcu;
 
 /// One registered notifier: `struct mmu_notifier` minus the list linkage.
@@ -56,6 +64,9 @@ pub struct MmuNotifierMm {
     list: AtomicPtr<Snapshot>,
     /// Length of the published snapshot, for the lock-free fast path.
     nr: AtomicUsize,
+    /// The interval subscriptions (`itree`, `invalidate_seq`, `wq`,
+    /// `deferred_list` of `struct mmu_notifier_subscriptions`).
+    itree: Arc<Itree>,
 }
 
 // The snapshot pointer is only dereferenced under SRCU, and what it points to
@@ -78,15 +89,53 @@ impl MmuNotifierMm {
             lock: Mutex::new(()),
             list: AtomicPtr::new(Box::into_raw(Box::default())),
             nr: AtomicUsize::new(0),
+            itree: Arc::new(Itree::new()),
         }
     }
 
     /// `mm_has_notifiers`: the cheap test callers make before dispatching.
+    /// True once an interval was ever inserted (`has_itree` is never
+    /// cleared), as Linux's `mm->notifier_subscriptions` stays allocated.
     pub fn has_notifiers(&self) -> bool {
-        self.nr.load(Ordering::Acquire) != 0
+        self.nr.load(Ordering::Acquire) != 0 || self.itree.is_enabled()
     }
 
-    /// Number of registered notifiers.
+    /// `subscriptions->has_itree`: an interval was ever inserted.
+    pub fn has_itree(&self) -> bool {
+        self.itree.is_enabled()
+    }
+
+    /// `mmu_interval_notifier_insert_locked`: subscribes `ops` to
+    /// `[start, start + length)`. The first insert on an mm turns the tree
+    /// on (`__mmu_notifier_register(NULL, mm)`), which the caller must do
+    /// holding every lock of the mm, as for `register_locked`: from then on
+    /// `has_notifiers` is true. Later inserts need no mm lock; one made while
+    /// an invalidation runs is deferred to its end, and its first
+    /// `read_begin` waits for that end. `pin` keeps the mm alive until
+    /// remove (`mmgrab`). `Overflow` for an empty or wrapping range.
+    pub fn mmu_interval_notifier_insert_locked(
+        &self,
+        start: u64,
+        length: u64,
+        ops: Arc<dyn MmuIntervalNotifierOps>,
+        pin: Arc<dyn Any + Send + Sync>,
+    ) -> Result<MmuIntervalNotifier, NotifierError> {
+        self.itree.insert(start, length, ops, pin)
+    }
+
+    /// The interval protocol's state (sequence, active ranges, tree size).
+    pub fn interval_snapshot(&self) -> ItreeSnapshot {
+        self.itree.snapshot()
+    }
+
+    /// The subscribed intervals overlapping `[start, end)`, as
+    /// `(start, end)`, in address order.
+    pub fn intervals_overlapping(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        self.itree.overlapping(start, end)
+    }
+
+    /// Number of registered (list) notifiers; intervals are counted by
+    /// [`interval_snapshot`](Self::interval_snapshot).
     pub fn len(&self) -> usize {
         self.nr.load(Ordering::Acquire)
     }
@@ -182,6 +231,10 @@ impl MmuNotifierMm {
     /// caller may free the pages afterwards.
     pub fn release(&self) {
         tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "release", "release: the mm is going away");
+        // mn_itree_release, then mn_hlist_release.
+        if self.itree.is_enabled() {
+            self.itree.release();
+        }
         {
             // SRCU here makes a concurrent unregister wait for ->release.
             let _guard = self.srcu.read_lock();
@@ -258,11 +311,20 @@ impl MmuNotifierMm {
         });
     }
 
-    /// `__mmu_notifier_invalidate_range_start`: every notifier is called even
-    /// after one fails; the last failure is returned.
+    /// `__mmu_notifier_invalidate_range_start`: the interval tree first
+    /// (`mn_itree_invalidate`), then the list. Every list notifier is called
+    /// even after a failure, the intervals' included (the caller ends the
+    /// range either way, and list notifiers balance start against end); the
+    /// last failure is returned.
     pub fn invalidate_range_start(&self, range: &MmuNotifierRange) -> Result<(), NotifierError> {
         tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "invalidate_range_start", start = range.start, end = range.end, event = ?range.event, blockable = range.blockable(), "invalidate_range_start");
         let mut ret = Ok(());
+        if self.itree.is_enabled() {
+            ret = self.itree.invalidate(range);
+        }
+        if self.is_empty() {
+            return ret;
+        }
         self.for_each(|r| {
             if r.callbacks.contains(Callbacks::INVALIDATE_RANGE_START)
                 && let Err(e) = r.ops.invalidate_range_start(range)
@@ -279,11 +341,18 @@ impl MmuNotifierMm {
         ret
     }
 
-    /// `__mmu_notifier_invalidate_range_end`: `invalidate_range` runs first
-    /// unless `only_end` says the caller already called it under the
+    /// `__mmu_notifier_invalidate_range_end`: the interval tree first
+    /// (`mn_itree_inv_end`), then the list, where `invalidate_range` runs
+    /// first unless `only_end` says the caller already called it under the
     /// page-table lock.
     pub fn invalidate_range_end(&self, range: &MmuNotifierRange, only_end: bool) {
         tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "invalidate_range_end", start = range.start, end = range.end, event = ?range.event, "invalidate_range_end");
+        if self.itree.is_enabled() {
+            self.itree.inv_end();
+        }
+        if self.is_empty() {
+            return;
+        }
         self.for_each(|r| {
             if !only_end && r.callbacks.contains(Callbacks::INVALIDATE_RANGE) {
                 r.ops.invalidate_range(range.start, range.end);
@@ -306,9 +375,13 @@ impl MmuNotifierMm {
     }
 
     /// `mm_has_blockable_invalidate_notifiers`: whether some notifier with an
-    /// invalidate callback may sleep in it. Callers hold the mmap lock, which
+    /// invalidate callback (or some interval) may sleep in it. Callers hold the mmap lock, which
     /// keeps the answer valid until they drop it.
     pub fn has_blockable_invalidate_notifiers(&self) -> bool {
+        // An interval's invalidate may sleep in a blockable range.
+        if self.itree.snapshot().nr_intervals != 0 {
+            return true;
+        }
         let mut ret = false;
         self.for_each(|r| {
             if r.callbacks.intersects(Callbacks::INVALIDATE) && !r.ops.invalidate_does_not_block() {

@@ -1,5 +1,5 @@
 //! A Rust port of Linux's MMU notifier (`mm/mmu_notifier.c`, 4.19), with the
-//! range struct of 5.0–5.2.
+//! range struct of 5.0–5.2 and the 5.5 `mmu_interval_notifier`.
 //!
 //! A secondary MMU (our shadow MMU, like KVM's) implements [`MmuNotifierOps`]
 //! and registers on a host mm; the mm calls [`MmuNotifierMm`]'s dispatch
@@ -13,16 +13,27 @@
 //! * `release` runs exactly once per notifier, from exit or unregister;
 //! * unregister returns only after every callback in flight has returned;
 //! * a registration pins the mm until it is unregistered.
+//!
+//! Interval subscriptions ([`MmuIntervalNotifier`], Linux 5.5+) live on the
+//! same [`MmuNotifierMm`] and are invalidated first; their sequence protocol
+//! (`mmu_interval_read_begin` / `mmu_interval_read_retry`, deferred inserts
+//! and removes) is in `interval_core.rs`, tested in `tests/interval.rs`,
+//! `tests/interval_proptest.rs` and `tests/loom_interval.rs`.
 
+mod interval;
+mod interval_core;
 mod list;
 mod ops;
 pub mod recorder;
 pub mod srcu;
 pub(crate) mod srcu_core;
 
+pub use interval::MmuIntervalNotifier;
+pub use interval_core::{ItreeSnapshot, MmuInterval};
 pub use list::{MmuNotifier, MmuNotifierMm};
 pub use ops::{
-    Callbacks, MmuNotifierOps, MmuNotifierRange, MmuNotifyEvent, NotifierPte, RangeFlags,
+    Callbacks, MmuIntervalNotifierOps, MmuNotifierOps, MmuNotifierRange, MmuNotifyEvent,
+    NotifierPte, RangeFlags,
 };
 pub use srcu::Srcu;
 
@@ -32,4 +43,8 @@ pub enum NotifierError {
     /// `-EAGAIN`: a callback would have to sleep in a non-blockable range.
     #[error("a notifier would have to block in a non-blockable invalidation")]
     Again,
+    /// `-EOVERFLOW`: an interval of length zero or past the end of the
+    /// address space.
+    #[error("the interval is empty or runs past the end of the address space")]
+    Overflow,
 }

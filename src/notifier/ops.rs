@@ -2,11 +2,13 @@
 //!
 //! Mirrors `struct mmu_notifier_ops` (`include/linux/mmu_notifier.h`, 4.19)
 //! with the 5.0–5.2 change that passes a `struct mmu_notifier_range`
-//! carrying start, end, blockability and the event.
+//! carrying start, end, blockability and the event, and the 5.5
+//! `struct mmu_interval_notifier_ops`.
 
 use bitflags::bitflags;
 
 use super::NotifierError;
+use super::interval_core::MmuInterval;
 
 /// Why an invalidation happens (`enum mmu_notifier_event`, Linux 5.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -173,4 +175,19 @@ pub trait MmuNotifierOps: Send + Sync {
     /// page-table lock when entries were cleared, and again from
     /// `invalidate_range_end` unless the caller says it already was.
     fn invalidate_range(&self, _start: u64, _end: u64) {}
+}
+
+/// `struct mmu_interval_notifier_ops`: the one callback of an interval
+/// subscription (Linux 5.5+). It replaces the
+/// `invalidate_range_start`/`end` pair: the end is implied by the sequence
+/// (`mmu_interval_read_begin` waits for it).
+pub trait MmuIntervalNotifierOps: Send + Sync {
+    /// `invalidate`: `range` overlaps `interval` and its translations are
+    /// about to change. Under the lock the fault path holds for
+    /// `read_retry`, call `interval.set_seq(cur_seq)` first, then drop every
+    /// mapping of `range`. Return `false` only if `range` is not blockable
+    /// and this would have to sleep (take a contended lock): the mm then
+    /// fails with `-EAGAIN`. A refusal of a blockable range is a bug (Linux
+    /// warns and goes on).
+    fn invalidate(&self, interval: &MmuInterval, range: &MmuNotifierRange, cur_seq: u64) -> bool;
 }

@@ -570,7 +570,7 @@ fn mm_operations_report_linux_events_and_ranges() {
     mm.madvise_dontneed(page(0), 3 * PAGE_SIZE).unwrap();
     mm.mprotect(page(2), PAGE_SIZE, Prot::READ).unwrap();
     mm.mprotect(page(2), PAGE_SIZE, Prot::READ | Prot::WRITE)
-        .unwrap(); // an upgrade invalidates nothing
+        .unwrap(); // change_protection runs for an upgrade too
     mm.write(page(2), &[9; 8]).unwrap(); // write fault on a read-only PTE: reuse, no event
     let before = d.calls().len();
     // Two turns of the clock: the first clears young bits, the second
@@ -580,18 +580,19 @@ fn mm_operations_report_linux_events_and_ranges() {
     assert!(!reclaim_events.is_empty());
     for (e, s, en) in &reclaim_events {
         assert!(
-            *e == MmuNotifyEvent::Unmap && en - s == PAGE_SIZE,
-            "reclaim unmaps one page at a time: {reclaim_events:?}"
+            *e == MmuNotifyEvent::Clear && en - s == PAGE_SIZE,
+            "reclaim (try_to_unmap_one, MMU_NOTIFY_CLEAR) unmaps one page at a time: {reclaim_events:?}"
         );
     }
-    mm.munmap(page(5), 4 * PAGE_SIZE).unwrap(); // clipped to the VMA end
+    mm.munmap(page(5), 4 * PAGE_SIZE).unwrap(); // not clipped to the VMA end
     let ev = events(&d);
     assert_eq!(ev[0], (MmuNotifyEvent::Clear, page(0), page(3)));
     assert_eq!(ev[1], (MmuNotifyEvent::ProtectionVma, page(2), page(3)));
-    assert_eq!(ev[2..before], []);
+    assert_eq!(ev[2], (MmuNotifyEvent::ProtectionVma, page(2), page(3)));
+    assert_eq!(ev[3..before], []);
     assert_eq!(
         *ev.last().unwrap(),
-        (MmuNotifyEvent::Unmap, page(5), page(8))
+        (MmuNotifyEvent::Unmap, page(5), page(9))
     );
 }
 
@@ -624,7 +625,7 @@ fn mm_ksm_merge_and_cow_break_invalidate_the_interval() {
 }
 
 #[test]
-fn mm_exit_releases_intervals_first_then_zaps_with_release() {
+fn mm_exit_releases_intervals_first_then_unmaps_everything() {
     let (mm, hva) = mm_with(2);
     let d = Driver::new();
     let n = mm
@@ -632,8 +633,10 @@ fn mm_exit_releases_intervals_first_then_zaps_with_release() {
         .unwrap();
     mm.exit_mmap();
     let ev = events(&d);
+    // mn_itree_release, then exit_mmap's unmap_vmas(0, -1), which the
+    // interval (still in the tree) sees whole.
     assert_eq!(ev[0], (MmuNotifyEvent::Release, 0, u64::MAX));
-    assert_eq!(ev[1], (MmuNotifyEvent::Release, hva, hva + 2 * PAGE_SIZE));
+    assert_eq!(ev[1], (MmuNotifyEvent::Unmap, 0, u64::MAX));
     // The subscription outlives the exit and is removed by its owner.
     assert_eq!(mm.notifiers().interval_snapshot().nr_intervals, 1);
     n.remove();

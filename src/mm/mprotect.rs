@@ -3,7 +3,7 @@
 use crate::notifier::{MmuNotifierRange, MmuNotifyEvent};
 
 use super::madvise::contiguous_prefix;
-use super::pgtable::{LEAF_SPAN, vpn};
+use super::pgtable::vpn;
 use super::vma::{Prot, Vma};
 use super::{Hva, Mm, MmError, PAGE_SIZE, page_align};
 
@@ -82,9 +82,8 @@ impl Mm {
         let mut a = start;
         while a < end {
             let next = ((a | (PUD_SIZE - 1)) + 1).min(end);
-            if let Some(first) = pt.ptes.first_entry_in(vpn(a), vpn(next)) {
-                let pmd = (first << super::PAGE_SHIFT) & !(LEAF_SPAN - 1);
-                out.push((pmd.max(a), next));
+            if let Some(leaf) = pt.ptes.first_populated_leaf(vpn(a), vpn(next)) {
+                out.push(((leaf << super::PAGE_SHIFT).max(a), next));
             }
             a = next;
         }

@@ -188,8 +188,6 @@ impl PageTables {
 /// Entries per leaf of [`PteMap`]: one x86 page table's worth.
 const LEAF_ENTRIES: usize = 512;
 const LEAF_SHIFT: u32 = 9;
-/// Bytes of address space one leaf (one PTE page) maps: `PMD_SIZE`.
-pub const LEAF_SPAN: u64 = (LEAF_ENTRIES as u64) << PAGE_SHIFT;
 
 /// One leaf: the PTEs of 2 MiB of address space.
 struct Leaf {
@@ -272,9 +270,18 @@ impl PteMap {
         })
     }
 
-    /// The first vpn in `[start, end)` that has an entry.
-    pub fn first_entry_in(&self, start: u64, end: u64) -> Option<u64> {
-        self.range(start, end).next().map(|(v, _)| v)
+    /// The first vpn of the first populated leaf (PTE page) overlapping
+    /// the vpns `[start, end)`: the leaf holds an entry, maybe outside the
+    /// range.
+    pub fn first_populated_leaf(&self, start: u64, end: u64) -> Option<u64> {
+        if start >= end {
+            return None;
+        }
+        let (first, last) = (split(start).0, split(end - 1).0);
+        self.order
+            .range(first..=last)
+            .next()
+            .map(|l| l << LEAF_SHIFT)
     }
 
     /// Every entry, in order.

@@ -77,12 +77,23 @@ impl ShadowMmu {
     /// the free poison. Frames are freed only after `invalidate_range_end`,
     /// so if no invalidation of a page the walk touched was in progress or
     /// ended since `seq`, every read was of a live table.
+    /// If so, waits for the invalidations of those pages in progress to end
+    /// before the retry.
     fn invalidation_raced(&self, seq: &SeqRead<'_>, pages: &[u64]) -> Result<bool, MmuError> {
-        let st = self.inner.state.lock();
-        if st.released {
-            return Err(MmuError::Released);
+        let raced = {
+            let st = self.inner.state.lock();
+            if st.released {
+                return Err(MmuError::Released);
+            }
+            seq.retry(pages)
+        };
+        if raced {
+            let stats = &self.inner.stats;
+            self.inner
+                .inv
+                .wait_for(pages, || inc(&stats.pf_invalidate_wait));
         }
-        Ok(seq.retry(pages))
+        Ok(raced)
     }
 
     /// One attempt; `None` means "raced an invalidation, retry".
@@ -161,6 +172,11 @@ impl ShadowMmu {
         // mmu_invalidate_retry_gfn: under the lock, after the translation,
         // for the pages this translation relied on.
         if seq.retry(&touched) {
+            drop(st);
+            drop(seq);
+            inner
+                .inv
+                .wait_for(&touched, || inc(&inner.stats.pf_invalidate_wait));
             return Ok(None);
         }
         let Some(root) = st.vcpu_roots[vcpu] else {

@@ -27,7 +27,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::mm::{Hva, PAGE_SIZE};
 
@@ -45,6 +45,8 @@ struct Tracker {
     ended: VecDeque<(u64, Hva, Hva)>,
     /// Sequences read by faults in flight, with their counts.
     readers: BTreeMap<u64, u32>,
+    /// Faults sleeping until an invalidation of their pages ends.
+    waiters: u32,
 }
 
 impl Tracker {
@@ -67,6 +69,8 @@ pub(crate) struct Invalidations {
     /// `mmu_invalidate_seq`: bumped at the end of every invalidation.
     seq: AtomicU64,
     tracker: Mutex<Tracker>,
+    /// Where faults wait for an overlapping invalidation to end.
+    ended_cv: Condvar,
 }
 
 /// Whether `[s, e)` overlaps one of the 4 KiB `pages`.
@@ -108,6 +112,29 @@ impl Invalidations {
         t.ended.push_back((seq, start, end));
         t.prune(seq);
         self.seq.store(seq, Ordering::Release);
+        if t.waiters > 0 {
+            self.ended_cv.notify_all();
+        }
+    }
+
+    /// Sleeps until no invalidation in progress overlaps `pages`. A fault
+    /// that raced one waits here instead of retrying while it runs (the
+    /// retry would only meet it again; KVM lets the guest spin on
+    /// `RET_PF_RETRY` instead). The caller holds no lock an invalidation
+    /// needs.
+    /// `before_sleeping` runs (once, under the tracker's lock) if it is
+    /// about to sleep.
+    pub fn wait_for(&self, pages: &[Hva], before_sleeping: impl FnOnce()) {
+        let mut t = self.tracker.lock();
+        let mut before = Some(before_sleeping);
+        while t.active.iter().any(|&(s, e)| overlaps(pages, s, e)) {
+            if let Some(f) = before.take() {
+                f();
+            }
+            t.waiters += 1;
+            self.ended_cv.wait(&mut t);
+            t.waiters -= 1;
+        }
     }
 
     /// Invalidations between begin and end.

@@ -32,9 +32,12 @@ mmu_counters!(
     /// Fault attempts dropped because an invalidation raced them
     /// (`mmu_invalidate_retry`).
     pf_retry,
-        /// Most retries one fault needed (bounded by invalidations of the
-        /// pages it relied on, not by invalidations elsewhere).
-        pf_retry_max,
+    /// Most retries one fault needed (bounded by invalidations of the
+    /// pages it relied on, not by invalidations elsewhere).
+    pf_retry_max,
+    /// Retries that first slept until an invalidation of the fault's pages
+    /// ended.
+    pf_invalidate_wait,
     /// Nanoseconds in the guest page-table walk (`walk_addr`, with A/D
     /// emulation) of faults that got that far.
     pf_walk_ns,

@@ -35,6 +35,8 @@ mod sync {
     }
 }
 
+// The diagnostics accessors of the core are not used by the models.
+#[allow(dead_code)]
 #[path = "../src/notifier/srcu_core.rs"]
 mod srcu_core;
 

@@ -31,7 +31,19 @@ fn range(start: u64, end: u64) -> MmuNotifierRange {
 }
 
 /// How long a thread that must be blocked is given to (wrongly) finish.
-const SETTLE: Duration = Duration::from_millis(100);
+/// Waits until `blocked()` says the other thread is waiting where it must,
+/// or `done()` says it went through (the bug these tests look for); a minute
+/// of neither is a hang. Event-driven: nothing here depends on timing.
+fn until_blocked_or_done(blocked: impl Fn() -> bool, done: impl Fn() -> bool) {
+    let t = std::time::Instant::now();
+    while !blocked() && !done() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "neither blocked nor done"
+        );
+        thread::yield_now();
+    }
+}
 
 #[test]
 fn young_results_are_ored_and_every_notifier_is_asked() {
@@ -265,7 +277,12 @@ fn unregister_waits_for_a_callback_in_flight() {
         reg.unregister();
         d.store(true, Ordering::SeqCst);
     });
-    thread::sleep(SETTLE);
+    // Unregister blocks in its own ->release (at the same gate) or in the
+    // grace period that waits for the callback in flight.
+    until_blocked_or_done(
+        || mm.notifiers().nr_synchronizing() > 0 || a.nr_blocked() > 1,
+        || done.load(Ordering::SeqCst),
+    );
     assert!(
         !done.load(Ordering::SeqCst),
         "unregister returned while a callback was running"
@@ -291,7 +308,11 @@ fn exit_waits_for_a_release_started_by_unregister() {
         m.exit_mmap();
         d.store(true, Ordering::SeqCst);
     });
-    thread::sleep(SETTLE);
+    // unregister's own synchronize is one waiter; exit's is the second.
+    until_blocked_or_done(
+        || mm.notifiers().nr_synchronizing() > 1,
+        || done.load(Ordering::SeqCst),
+    );
     assert!(
         !done.load(Ordering::SeqCst),
         "exit_mmap freed pages while ->release ran"
@@ -350,7 +371,10 @@ fn mm_register_is_serialized_against_mm_operations() {
         d.store(true, Ordering::SeqCst);
         r
     });
-    thread::sleep(SETTLE);
+    until_blocked_or_done(
+        || mm.stats().mmap_lock_wait > 0,
+        || done.load(Ordering::SeqCst),
+    );
     assert!(
         !done.load(Ordering::SeqCst),
         "register ran inside an mm operation"
@@ -402,7 +426,7 @@ fn call_srcu_runs_after_callbacks_in_flight() {
     let ran = Arc::new(AtomicBool::new(false));
     let r2 = ran.clone();
     l.call_srcu(Box::new(move || r2.store(true, Ordering::SeqCst)));
-    thread::sleep(SETTLE);
+    until_blocked_or_done(|| l.nr_synchronizing() > 0, || ran.load(Ordering::SeqCst));
     assert!(
         !ran.load(Ordering::SeqCst),
         "call_srcu ran during a read-side section"

@@ -235,8 +235,13 @@ impl Mm {
         Ok(self.notifiers.register_locked(ops, self.clone()))
     }
 
-    /// `down_write(&mm->mmap_sem)`.
+    /// `down_write(&mm->mmap_sem)`. A wait (another holder) is counted in
+    /// `mmap_lock_wait`.
     pub fn mmap_write_lock(&self) -> MmapWriteGuard<'_> {
+        if let Some(g) = self.mmap_lock.try_write() {
+            return MmapWriteGuard(g);
+        }
+        stats::inc(&self.stats.mmap_lock_wait);
         MmapWriteGuard(self.mmap_lock.write())
     }
 

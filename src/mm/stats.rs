@@ -46,6 +46,8 @@ counters!(
         /// `lock_page` calls that had to sleep: another thread held the
         /// page lock (KSM merging it, reclaim unmapping it).
         page_lock_wait,
+        /// `mmap_write_lock` calls that had to wait for another holder.
+        mmap_lock_wait,
         /// Blockable `invalidate_range_start` calls a notifier failed
         /// (a notifier bug: blockable starts may not fail).
         mn_start_failed,

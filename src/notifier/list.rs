@@ -404,6 +404,12 @@ impl MmuNotifierMm {
         self.srcu.barrier();
     }
 
+    /// Threads waiting for a grace period of this list's SRCU domain (an
+    /// unregister or an exit waiting for callbacks in flight).
+    pub fn nr_synchronizing(&self) -> usize {
+        self.srcu.nr_synchronizing()
+    }
+
     /// `synchronize_srcu`: wait for every dispatch in flight to finish.
     pub fn synchronize_callbacks(&self) {
         self.srcu.synchronize();

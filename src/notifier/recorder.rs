@@ -39,6 +39,8 @@ pub struct RecordingNotifier {
 struct GateState {
     armed: bool,
     entered: bool,
+    /// Callbacks waiting at the gate now.
+    blocked: u32,
 }
 
 impl RecordingNotifier {
@@ -108,11 +110,18 @@ impl RecordingNotifier {
         let mut g = self.gate.lock();
         if g.armed {
             g.entered = true;
+            g.blocked += 1;
             self.gate_cv.notify_all();
             while g.armed {
                 self.gate_cv.wait(&mut g);
             }
+            g.blocked -= 1;
         }
+    }
+
+    /// Callbacks blocked at the closed gate now.
+    pub fn nr_blocked(&self) -> u32 {
+        self.gate.lock().blocked
     }
 
     /// Everything recorded so far.

@@ -42,6 +42,9 @@ pub struct Srcu {
 /// State shared with the callback worker.
 struct Inner {
     core: SrcuCore,
+    /// Threads inside `synchronize_srcu` (callers and the callback worker):
+    /// an event tests wait for ("the writer is waiting for the readers").
+    synchronizing: std::sync::atomic::AtomicUsize,
     cbs: Mutex<Callbacks>,
     /// Signalled when a callback is queued or the domain is dropped.
     work: Condvar,
@@ -115,6 +118,7 @@ impl Srcu {
         Self {
             inner: Arc::new(Inner {
                 core: SrcuCore::new(),
+                synchronizing: std::sync::atomic::AtomicUsize::new(0),
                 cbs: Mutex::new(Callbacks::default()),
                 work: Condvar::new(),
                 done: Condvar::new(),
@@ -138,7 +142,20 @@ impl Srcu {
     /// began before the call has ended. Must not be called while holding a
     /// guard of the same domain (it would wait for itself).
     pub fn synchronize(&self) {
-        self.inner.core.synchronize();
+        self.inner.synchronize();
+    }
+
+    /// How many times a grace period found readers and waited for them.
+    pub fn nr_reader_waits(&self) -> usize {
+        self.inner.core.nr_reader_waits()
+    }
+
+    /// Threads waiting in `synchronize_srcu` now (the callback worker
+    /// included): a grace period is waiting for readers.
+    pub fn nr_synchronizing(&self) -> usize {
+        self.inner
+            .synchronizing
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// `call_srcu`: runs `f` on this domain's worker thread after a grace
@@ -190,6 +207,13 @@ impl Srcu {
 }
 
 impl Inner {
+    fn synchronize(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.synchronizing.fetch_add(1, SeqCst);
+        self.core.synchronize();
+        self.synchronizing.fetch_sub(1, SeqCst);
+    }
+
     /// The callback thread (Linux's `srcu_invoke_callbacks` work item, with
     /// the grace period driven inline instead of by a state machine).
     fn worker(&self) {
@@ -207,7 +231,7 @@ impl Inner {
             MutexGuard::unlocked(&mut cbs, || {
                 // Every callback in `batch` was queued before we took it, so
                 // this grace period began after each call_srcu returned.
-                self.core.synchronize();
+                self.synchronize();
                 for f in batch {
                     Self::invoke(f);
                 }
@@ -261,9 +285,20 @@ mod tests {
     use std::sync::mpsc;
     use std::time::{Duration, Instant};
 
-    /// Long enough that a synchronize() that wrongly returned would have done
-    /// so, on two busy shared cores.
-    const SETTLE: Duration = Duration::from_millis(50);
+    /// Waits until a grace period has found readers and is waiting for
+    /// them (`nr_reader_waits` past `before`), or `done` says it returned
+    /// (the bug the caller looks for). Event-driven; a minute of neither is
+    /// a hang.
+    fn until_waiting_or(srcu: &Srcu, before: usize, done: impl Fn() -> bool) {
+        let t = Instant::now();
+        while srcu.nr_reader_waits() <= before && !done() {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "neither waited nor done"
+            );
+            thread::yield_now();
+        }
+    }
 
     const fn assert_send_sync<T: Send + Sync>() {}
     const _: () = assert_send_sync::<Srcu>();
@@ -283,11 +318,12 @@ mod tests {
                 release_rx.recv().unwrap();
             });
             locked_rx.recv().unwrap();
+            let before = srcu.nr_reader_waits();
             let writer = s.spawn(|| {
                 srcu.synchronize();
                 done.store(true, Ordering::SeqCst);
             });
-            thread::sleep(SETTLE);
+            until_waiting_or(srcu, before, || done.load(Ordering::SeqCst));
             // Release the reader before asserting, so a failure fails
             // instead of leaving the scope waiting for a parked thread.
             let early = done.load(Ordering::SeqCst);
@@ -348,15 +384,14 @@ mod tests {
         let done = AtomicBool::new(false);
         thread::scope(|s| {
             let outer = srcu.read_lock();
+            let before = srcu.nr_reader_waits();
             let writer = s.spawn(|| {
                 srcu.synchronize();
                 done.store(true, Ordering::SeqCst);
             });
-            thread::sleep(SETTLE);
+            until_waiting_or(&srcu, before, || done.load(Ordering::SeqCst));
             let inner = srcu.read_lock();
-            thread::sleep(SETTLE);
             drop(inner);
-            thread::sleep(SETTLE);
             let early = done.load(Ordering::SeqCst);
             drop(outer);
             writer.join().unwrap();
@@ -371,11 +406,13 @@ mod tests {
         let ran_on = Arc::new(Mutex::new(None));
         let guard = srcu.read_lock();
         let r = Arc::clone(&ran_on);
+        let before = srcu.nr_reader_waits();
         srcu.call_srcu(Box::new(move || {
             *r.lock() = Some(thread::current().id());
         }));
-        // call_srcu did not block on the reader we hold.
-        thread::sleep(SETTLE);
+        // call_srcu did not block on the reader we hold; the worker's grace
+        // period waits for it.
+        until_waiting_or(&srcu, before, || ran_on.lock().is_some());
         assert!(ran_on.lock().is_none(), "callback ran under a reader");
         assert_eq!(srcu.nr_pending(), 1);
         drop(guard);
@@ -400,8 +437,9 @@ mod tests {
             });
             locked_rx.recv().unwrap();
             let r = Arc::clone(&ran);
+            let before = srcu.nr_reader_waits();
             srcu.call_srcu(Box::new(move || r.store(true, Ordering::SeqCst)));
-            thread::sleep(SETTLE);
+            until_waiting_or(srcu, before, || ran.load(Ordering::SeqCst));
             let early = ran.load(Ordering::SeqCst);
             release_tx.send(()).unwrap();
             assert!(!early, "callback ran under a reader");

@@ -75,6 +75,9 @@ pub struct SrcuCore {
     completed: CachePadded<AtomicUsize>,
     /// Serializes grace periods (`sp->mutex`).
     gp_lock: Mutex<()>,
+    /// Times a grace period found readers and had to wait for them (an
+    /// event tests wait for; never read by the algorithm).
+    reader_waits: AtomicUsize,
 }
 
 impl Default for SrcuCore {
@@ -102,6 +105,7 @@ impl SrcuCore {
             ],
             completed: CachePadded(AtomicUsize::new(0)),
             gp_lock: Mutex::new(()),
+            reader_waits: AtomicUsize::new(0),
         }
     }
 
@@ -182,9 +186,17 @@ impl SrcuCore {
         let mut iteration = 0u32;
         // Acquire: pairs with the Release decrement in read_unlock().
         while self.counts[idx].0.load(Ordering::Acquire) != 0 {
+            if iteration == 0 {
+                self.reader_waits.fetch_add(1, Ordering::Relaxed);
+            }
             spin_wait(iteration);
             iteration = iteration.saturating_add(1);
         }
+    }
+
+    /// How many times a grace period has found readers and waited for them.
+    pub fn nr_reader_waits(&self) -> usize {
+        self.reader_waits.load(Ordering::Relaxed)
     }
 
     /// Readers currently counted on index `idx` (a racy snapshot, for

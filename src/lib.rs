@@ -54,4 +54,5 @@ pub mod mm;
 pub mod mmu;
 pub mod notifier;
 pub(crate) mod sync;
+pub mod trace;
 pub mod vmm;

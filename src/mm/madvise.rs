@@ -12,7 +12,8 @@ impl Mm {
     /// with `NoMemory` if part of the range is unmapped (after dropping the
     /// mapped parts, as Linux does).
     pub fn madvise_dontneed(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        tracing::debug!(target: "shadowvm::trace", layer = "mm", kind = "host_op", op = "madvise_dontneed", start = addr, len, "host: madvise(MADV_DONTNEED)");
+        crate::trace::Event::HostOp(crate::trace::HostOp::MadviseDontneed { start: addr, len })
+            .emit();
         self.check_alive()?;
         let Some((start, end)) = checked_range(addr, len)? else {
             return Ok(());
@@ -42,7 +43,8 @@ impl Mm {
 
     /// `madvise(addr, len, MADV_MERGEABLE)`: lets KSM merge the range.
     pub fn madvise_mergeable(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        tracing::debug!(target: "shadowvm::trace", layer = "mm", kind = "host_op", op = "madvise_mergeable", start = addr, len, "host: madvise(MADV_MERGEABLE)");
+        crate::trace::Event::HostOp(crate::trace::HostOp::MadviseMergeable { start: addr, len })
+            .emit();
         self.set_vma_flag(addr, len, MmapFlags::MERGEABLE, true)
     }
 

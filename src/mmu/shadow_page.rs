@@ -281,7 +281,13 @@ impl Ctx<'_> {
         if level == 1 {
             self.rmap_remove((sp, idx as u16));
             inc(&self.stats.spte_zapped);
-            tracing::debug!(target: "shadowvm::trace", layer = "mmu", kind = "spte_zapped", sp, idx, frame = spte::pfn(old), reason = ?reason, "spte zapped");
+            crate::trace::Event::SpteZapped {
+                sp,
+                idx: idx as u64,
+                frame: spte::pfn(old),
+                reason: &reason,
+            }
+            .emit();
             self.flush.push(FlushFrame {
                 pfn: spte::pfn(old),
                 reason,
@@ -353,7 +359,11 @@ impl Ctx<'_> {
             let Some(page) = self.st.pages.get_mut(&p) else {
                 continue;
             };
-            tracing::debug!(target: "shadowvm::trace", layer = "mmu", kind = "shadow_page_zapped", sp = p, level = page.role.level, "shadow page zapped");
+            crate::trace::Event::ShadowPageZapped {
+                sp: p,
+                level: page.role.level,
+            }
+            .emit();
             let parents = std::mem::take(&mut page.parents);
             let level = page.role.level;
             for (pp, idx) in parents {

@@ -181,7 +181,7 @@ impl MmuNotifierMm {
     /// `release` started by a concurrent unregister has finished, so the
     /// caller may free the pages afterwards.
     pub fn release(&self) {
-        tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "release", "release: the mm is going away");
+        crate::trace::Event::Release.emit();
         {
             // SRCU here makes a concurrent unregister wait for ->release.
             let _guard = self.srcu.read_lock();
@@ -210,7 +210,7 @@ impl MmuNotifierMm {
 
     /// `__mmu_notifier_clear_flush_young`: young results are OR'ed.
     pub fn clear_flush_young(&self, start: u64, end: u64) -> bool {
-        tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "clear_flush_young", start, end, "clear_flush_young");
+        crate::trace::Event::ClearFlushYoung { start, end }.emit();
         let mut young = false;
         self.for_each(|r| {
             if r.callbacks.contains(Callbacks::CLEAR_FLUSH_YOUNG) {
@@ -223,7 +223,7 @@ impl MmuNotifierMm {
 
     /// `__mmu_notifier_clear_young`: young results are OR'ed.
     pub fn clear_young(&self, start: u64, end: u64) -> bool {
-        tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "clear_young", start, end, "clear_young");
+        crate::trace::Event::ClearYoung { start, end }.emit();
         let mut young = false;
         self.for_each(|r| {
             if r.callbacks.contains(Callbacks::CLEAR_YOUNG) {
@@ -236,7 +236,7 @@ impl MmuNotifierMm {
 
     /// `__mmu_notifier_test_young`: stops at the first young notifier.
     pub fn test_young(&self, address: u64) -> bool {
-        tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "test_young", address, "test_young");
+        crate::trace::Event::TestYoung { address }.emit();
         let mut young = false;
         self.for_each(|r| {
             if r.callbacks.contains(Callbacks::TEST_YOUNG) {
@@ -249,7 +249,12 @@ impl MmuNotifierMm {
 
     /// `__mmu_notifier_change_pte`.
     pub fn change_pte(&self, address: u64, pte: NotifierPte) {
-        tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "change_pte", address, frame = pte.frame, writable = pte.writable, "change_pte");
+        crate::trace::Event::ChangePte {
+            address,
+            frame: pte.frame,
+            writable: pte.writable,
+        }
+        .emit();
         self.for_each(|r| {
             if r.callbacks.contains(Callbacks::CHANGE_PTE) {
                 r.ops.change_pte(address, pte);
@@ -261,7 +266,13 @@ impl MmuNotifierMm {
     /// `__mmu_notifier_invalidate_range_start`: every notifier is called even
     /// after one fails; the last failure is returned.
     pub fn invalidate_range_start(&self, range: &MmuNotifierRange) -> Result<(), NotifierError> {
-        tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "invalidate_range_start", start = range.start, end = range.end, event = ?range.event, blockable = range.blockable(), "invalidate_range_start");
+        crate::trace::Event::InvalidateRangeStart {
+            start: range.start,
+            end: range.end,
+            event: &range.event,
+            blockable: range.blockable(),
+        }
+        .emit();
         let mut ret = Ok(());
         self.for_each(|r| {
             if r.callbacks.contains(Callbacks::INVALIDATE_RANGE_START)
@@ -283,7 +294,12 @@ impl MmuNotifierMm {
     /// unless `only_end` says the caller already called it under the
     /// page-table lock.
     pub fn invalidate_range_end(&self, range: &MmuNotifierRange, only_end: bool) {
-        tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "invalidate_range_end", start = range.start, end = range.end, event = ?range.event, "invalidate_range_end");
+        crate::trace::Event::InvalidateRangeEnd {
+            start: range.start,
+            end: range.end,
+            event: &range.event,
+        }
+        .emit();
         self.for_each(|r| {
             if !only_end && r.callbacks.contains(Callbacks::INVALIDATE_RANGE) {
                 r.ops.invalidate_range(range.start, range.end);

@@ -122,13 +122,13 @@ impl Console {
 /// Narration from the demo itself (what the guest saw).
 macro_rules! guest_saw {
     ($($arg:tt)*) => {
-        tracing::info!(target: "shadowvm::trace", layer = "guest", kind = "guest_saw", "{}", format!($($arg)*))
+        crate::trace::Event::GuestSaw(format_args!($($arg)*)).emit()
     };
 }
 
 macro_rules! demo_note {
     ($($arg:tt)*) => {
-        tracing::info!(target: "shadowvm::trace", layer = "demo", kind = "note", "{}", format!($($arg)*))
+        crate::trace::Event::Note(format_args!($($arg)*)).emit()
     };
 }
 

@@ -18,6 +18,7 @@ use super::config::Paging;
 use super::kick::VcpuRequest;
 use super::memory::{GuestMemWriter, GuestRam, check_range};
 use super::serial::{SerialDevice, SerialError};
+use crate::trace::{Event, PfOutcome};
 
 /// Errors that stop the VM while handling a hypercall (never the guest's
 /// arguments: those become errno results).
@@ -534,11 +535,21 @@ impl HypercallHandler {
                 rip,
             } => match self.paging.resolve_pf(cpu, cr2, error_code, rip)? {
                 PfResolution::Retry => {
-                    tracing::debug!(target: "shadowvm::trace", layer = "guest", kind = "resolve_pf", gva = cr2, error_code, outcome = "retry", "guest page fault fixed by the VMM");
+                    Event::ResolvePf {
+                        gva: cr2,
+                        error_code,
+                        outcome: PfOutcome::Retry,
+                    }
+                    .emit();
                     (abi::PF_RETRY as i64, None)
                 }
                 PfResolution::GuestFault { error_code } => {
-                    tracing::debug!(target: "shadowvm::trace", layer = "guest", kind = "resolve_pf", gva = cr2, error_code, outcome = "guest_fault", "guest page fault reflected to the guest");
+                    Event::ResolvePf {
+                        gva: cr2,
+                        error_code,
+                        outcome: PfOutcome::GuestFault,
+                    }
+                    .emit();
                     (abi::PF_GUEST_FAULT as i64, Some(error_code))
                 }
             },

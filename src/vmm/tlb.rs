@@ -37,6 +37,7 @@ use super::kick::{VcpuKick, VcpuRequest};
 use super::vm::MemslotBouncer;
 use crate::mm::{PAGE_SIZE, Pfn};
 use crate::mmu::{FlushFrame, FlushReason, TlbFlush};
+use crate::trace::{Event, ShootdownMethod};
 
 /// Above this many runs of contiguous frames in one flush, bouncing the
 /// memslot (~0.5–1 ms, DESIGN.md) is cheaper than one mprotect pair per
@@ -373,10 +374,25 @@ impl HostTlbFlush {
             && runs.iter().all(|r| !r.discard)
             && self.try_bounce(frames.len())
         {
-            tracing::debug!(target: "shadowvm::trace", layer = "tlb", kind = "shootdown", frames = frames.len(), runs = runs.len(), method = "memslot_bounce", "stale host translations invalidated");
+            Event::Shootdown {
+                frames: frames.len(),
+                runs: runs.len(),
+                method: ShootdownMethod::MemslotBounce,
+            }
+            .emit();
             return;
         }
-        tracing::debug!(target: "shadowvm::trace", layer = "tlb", kind = "shootdown", frames = frames.len(), runs = runs.len(), method = if runs.iter().any(|r| r.discard) { "discard" } else { "protect_toggle" }, "stale host translations invalidated");
+        let method = if runs.iter().any(|r| r.discard) {
+            ShootdownMethod::Discard
+        } else {
+            ShootdownMethod::ProtectToggle
+        };
+        Event::Shootdown {
+            frames: frames.len(),
+            runs: runs.len(),
+            method,
+        }
+        .emit();
         let mut failed = false;
         for run in runs {
             failed |= !self.invalidate(run);
@@ -398,7 +414,12 @@ impl TlbFlush for HostTlbFlush {
             .frames
             .fetch_add(frames.len() as u64, Ordering::Relaxed);
         if !self.enabled {
-            tracing::debug!(target: "shadowvm::trace", layer = "tlb", kind = "shootdown", frames = frames.len(), runs = 0_usize, method = "disabled", "host flush disabled: nothing invalidated");
+            Event::Shootdown {
+                frames: frames.len(),
+                runs: 0,
+                method: ShootdownMethod::Disabled,
+            }
+            .emit();
             return;
         }
         let t = Instant::now();

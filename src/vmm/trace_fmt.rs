@@ -12,38 +12,14 @@ use parking_lot::Mutex;
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
-use tracing_subscriber::layer::{Context, Layer};
+use tracing_subscriber::layer::Context;
 
-/// The target every trace event uses.
-pub const TARGET: &str = "shadowvm::trace";
-
-/// Event kinds collapsed into one "... and N more" line when repeated.
-const COLLAPSED: &[&str] = &[
-    "spte_zapped",
-    "shadow_page_zapped",
-    "accessed_cleared",
-    "resolve_pf",
-];
-
-/// Fields shown in hex.
-const HEX: &[&str] = &[
-    "start",
-    "end",
-    "address",
-    "gva",
-    "hva",
-    "frame",
-    "old_frame",
-    "new_frame",
-    "sp",
-    "len",
-    "error_code",
-];
+use crate::trace::{HEX_FIELDS, Kind, Layer, TARGET};
 
 struct State {
     out: Box<dyn Write + Send>,
     /// The last narrated kind and how many repeats were held back.
-    last: Option<(String, u64)>,
+    last: Option<(Kind, u64)>,
 }
 
 /// A `tracing_subscriber` layer writing `shadowvm::trace` events.
@@ -84,11 +60,11 @@ impl TraceLayer {
         if let Some((kind, n)) = st.last.take()
             && n > 0
         {
-            let indent = indent(layer_of_kind(&kind));
+            let indent = indent(Some(kind.layer()));
             let _ = writeln!(
                 st.out,
                 "{indent}... and {n} more {}",
-                kind.replace('_', " ")
+                kind.name().replace('_', " ")
             );
         }
     }
@@ -102,9 +78,9 @@ impl TraceLayer {
         let kind = fields
             .get("kind")
             .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        if COLLAPSED.contains(&kind.as_str())
+            .and_then(Kind::from_name);
+        if let Some(kind) = kind
+            && kind.repeats()
             && let Some((last, n)) = st.last.as_mut()
             && *last == kind
         {
@@ -112,45 +88,41 @@ impl TraceLayer {
             return;
         }
         Self::flush_repeats(&mut st);
-        st.last = Some((kind, 0));
+        st.last = kind.map(|k| (k, 0));
         let line = narrate(&fields);
         let _ = writeln!(st.out, "{line}");
     }
 }
 
-fn layer_of_kind(kind: &str) -> &'static str {
-    match kind {
-        "spte_zapped" | "shadow_page_zapped" | "accessed_cleared" | "spte_repointed" => "mmu",
-        "resolve_pf" => "guest",
-        _ => "notifier",
+/// Each layer one step deeper: a host operation, the notifier it calls,
+/// the shadow MMU the notifier calls, the shootdown, the guest.
+fn indent(layer: Option<Layer>) -> &'static str {
+    match layer {
+        Some(Layer::Mm) | Some(Layer::Demo) | None => "",
+        Some(Layer::Notifier) => "  ",
+        Some(Layer::Mmu) => "    ",
+        Some(Layer::Tlb) => "      ",
+        Some(Layer::Guest) => "        ",
     }
 }
 
-fn indent(layer: &str) -> &'static str {
+fn label(layer: Option<Layer>) -> &'static str {
     match layer {
-        "mm" => "",
-        "notifier" => "  ",
-        "mmu" => "    ",
-        "tlb" => "      ",
-        "guest" => "        ",
-        _ => "",
-    }
-}
-
-fn label(layer: &str) -> &'static str {
-    match layer {
-        "mm" => "host mm",
-        "notifier" => "notifier",
-        "mmu" => "shadow MMU",
-        "tlb" => "TLB shootdown",
-        "guest" => "guest",
-        _ => "demo",
+        Some(Layer::Mm) => "host mm",
+        Some(Layer::Notifier) => "notifier",
+        Some(Layer::Mmu) => "shadow MMU",
+        Some(Layer::Tlb) => "TLB shootdown",
+        Some(Layer::Guest) => "guest",
+        Some(Layer::Demo) | None => "demo",
     }
 }
 
 /// One human line for an event.
 pub fn narrate(fields: &Map<String, Value>) -> String {
-    let layer = fields.get("layer").and_then(Value::as_str).unwrap_or("");
+    let layer = fields
+        .get("layer")
+        .and_then(Value::as_str)
+        .and_then(Layer::from_name);
     let message = fields.get("message").and_then(Value::as_str).unwrap_or("");
     let message = message.strip_prefix("host: ").unwrap_or(message);
     let mut line = format!("{}[{}] {message}", indent(layer), label(layer));
@@ -162,7 +134,7 @@ pub fn narrate(fields: &Map<String, Value>) -> String {
         line.push_str(if first { ": " } else { ", " });
         first = false;
         let text = match v {
-            Value::Number(n) if HEX.contains(&k.as_str()) => {
+            Value::Number(n) if HEX_FIELDS.contains(&k.as_str()) => {
                 format!("{:#x}", n.as_u64().unwrap_or_default())
             }
             Value::String(s) => s.clone(),
@@ -195,7 +167,7 @@ impl Visit for Fields {
     }
 }
 
-impl<S: Subscriber> Layer<S> for TraceLayer {
+impl<S: Subscriber> tracing_subscriber::Layer<S> for TraceLayer {
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
         if event.metadata().target() != TARGET || !self.enabled.load(Ordering::Relaxed) {
             return;
@@ -203,5 +175,243 @@ impl<S: Subscriber> Layer<S> for TraceLayer {
         let mut f = Fields::default();
         event.record(&mut f);
         self.write(f.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::{Event as E, HostOp, PfOutcome, ShootdownMethod};
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buf {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// What `events` look like through a [`TraceLayer`].
+    fn render(json: bool, events: &[E<'_>]) -> String {
+        let buf = Buf::default();
+        let layer = TraceLayer::new(Box::new(buf.clone()), json);
+        layer.set_enabled(true);
+        let subscriber = tracing_subscriber::registry().with(layer.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            for e in events {
+                e.emit();
+            }
+        });
+        layer.flush();
+        String::from_utf8_lossy(&buf.0.lock()).into_owned()
+    }
+
+    /// Every event, with the keys its JSON object has (docs/trace-events.md).
+    #[test]
+    fn json_lines_have_the_documented_keys() {
+        #[derive(Debug)]
+        struct Clear;
+        let (ev, prot) = (Clear, Clear);
+        let common = ["kind", "layer", "message"];
+        let cases: Vec<(E<'_>, &[&str])> = vec![
+            (
+                E::HostOp(HostOp::MadviseDontneed { start: 1, len: 2 }),
+                &["op", "start", "len"],
+            ),
+            (
+                E::HostOp(HostOp::MadviseMergeable { start: 1, len: 2 }),
+                &["op", "start", "len"],
+            ),
+            (
+                E::HostOp(HostOp::Munmap { start: 1, len: 2 }),
+                &["op", "start", "len"],
+            ),
+            (
+                E::HostOp(HostOp::Mprotect {
+                    start: 1,
+                    len: 2,
+                    prot: &prot,
+                }),
+                &["op", "start", "len", "prot"],
+            ),
+            (
+                E::HostOp(HostOp::KsmScan { pages_to_scan: 1 }),
+                &["op", "pages_to_scan"],
+            ),
+            (
+                E::HostOp(HostOp::AgeRange {
+                    start: 1,
+                    end: 2,
+                    flush: true,
+                }),
+                &["op", "start", "end", "flush"],
+            ),
+            (
+                E::HostOp(HostOp::Reclaim { nr_to_scan: 1 }),
+                &["op", "nr_to_scan"],
+            ),
+            (
+                E::HostOp(HostOp::ClearFlushYoung { start: 1 }),
+                &["op", "start"],
+            ),
+            (E::HostOp(HostOp::ExitMmap), &["op"]),
+            (E::SwapOut { hva: 1, frame: 2 }, &["hva", "frame"]),
+            (
+                E::SwapIn {
+                    hva: 1,
+                    write: true,
+                },
+                &["hva", "write"],
+            ),
+            (
+                E::Cow {
+                    hva: 1,
+                    old_frame: 2,
+                    new_frame: 3,
+                },
+                &["hva", "old_frame", "new_frame"],
+            ),
+            (E::Release, &[]),
+            (E::ClearFlushYoung { start: 1, end: 2 }, &["start", "end"]),
+            (E::ClearYoung { start: 1, end: 2 }, &["start", "end"]),
+            (E::TestYoung { address: 1 }, &["address"]),
+            (
+                E::ChangePte {
+                    address: 1,
+                    frame: 2,
+                    writable: false,
+                },
+                &["address", "frame", "writable"],
+            ),
+            (
+                E::InvalidateRangeStart {
+                    start: 1,
+                    end: 2,
+                    event: &ev,
+                    blockable: true,
+                },
+                &["start", "end", "event", "blockable"],
+            ),
+            (
+                E::InvalidateRangeEnd {
+                    start: 1,
+                    end: 2,
+                    event: &ev,
+                },
+                &["start", "end", "event"],
+            ),
+            (
+                E::SpteZapped {
+                    sp: 1,
+                    idx: 2,
+                    frame: 3,
+                    reason: &ev,
+                },
+                &["sp", "idx", "frame", "reason"],
+            ),
+            (E::ShadowPageZapped { sp: 1, level: 2 }, &["sp", "level"]),
+            (
+                E::AccessedCleared {
+                    sp: 1,
+                    idx: 2,
+                    frame: 3,
+                },
+                &["sp", "idx", "frame"],
+            ),
+            (
+                E::SpteRepointed {
+                    sp: 1,
+                    idx: 2,
+                    old_frame: 3,
+                    new_frame: 4,
+                },
+                &["sp", "idx", "old_frame", "new_frame"],
+            ),
+            (
+                E::Shootdown {
+                    frames: 1,
+                    runs: 1,
+                    method: ShootdownMethod::ProtectToggle,
+                },
+                &["frames", "runs", "method"],
+            ),
+            (
+                E::ResolvePf {
+                    gva: 1,
+                    error_code: 6,
+                    outcome: PfOutcome::Retry,
+                },
+                &["gva", "error_code", "outcome"],
+            ),
+            (E::GuestSaw(format_args!("saw {}", 1)), &[]),
+            (E::Note(format_args!("note")), &[]),
+        ];
+        let mut kinds = std::collections::BTreeSet::new();
+        for (e, keys) in cases {
+            let line = render(true, &[e]);
+            let v: Value = serde_json::from_str(line.trim()).unwrap();
+            let got: std::collections::BTreeSet<&str> =
+                v.as_object().unwrap().keys().map(String::as_str).collect();
+            let want: std::collections::BTreeSet<&str> =
+                common.iter().chain(keys.iter()).copied().collect();
+            assert_eq!(got, want, "{line}");
+            assert_eq!(v["kind"], e.kind().name(), "{line}");
+            assert_eq!(v["layer"], e.kind().layer().name(), "{line}");
+            kinds.insert(e.kind().name());
+        }
+        assert_eq!(kinds.len(), Kind::ALL.len(), "every kind is covered");
+        let line = render(
+            true,
+            &[E::SpteZapped {
+                sp: 1,
+                idx: 2,
+                frame: 3,
+                reason: &ev,
+            }],
+        );
+        assert_eq!(
+            line.trim(),
+            r#"{"frame":3,"idx":2,"kind":"spte_zapped","layer":"mmu","message":"spte zapped","reason":"Clear","sp":1}"#
+        );
+    }
+
+    #[test]
+    fn narration_indents_by_layer_and_folds_repeats() {
+        let zap = |frame| E::SpteZapped {
+            sp: 0x208,
+            idx: 4,
+            frame,
+            reason: &"Zapped",
+        };
+        let text = render(
+            false,
+            &[
+                E::HostOp(HostOp::Munmap {
+                    start: 0x7000,
+                    len: 0x1000,
+                }),
+                zap(1),
+                zap(2),
+                zap(3),
+                E::Shootdown {
+                    frames: 3,
+                    runs: 1,
+                    method: ShootdownMethod::ProtectToggle,
+                },
+            ],
+        );
+        assert_eq!(
+            text,
+            "[host mm] munmap: len=0x1000, op=munmap, start=0x7000\n\
+             \x20   [shadow MMU] spte zapped: frame=0x1, idx=4, reason=\"Zapped\", sp=0x208\n\
+             \x20   ... and 2 more spte zapped\n\
+             \x20     [TLB shootdown] stale host translations invalidated: frames=3, method=protect_toggle, runs=1\n"
+        );
     }
 }

@@ -2,10 +2,11 @@
 //! that the VMM builds and owns, kept coherent with a simulated host mm
 //! through a Rust port of Linux's MMU notifier.
 //!
-//! Layers, each depending only on the ones below it:
+//! Layers, each depending only on the ones below it (docs/design.md;
+//! tests/layering.rs checks it):
 //!
 //! ```text
-//! vmm  ->  mmu  ->  mm  ->  notifier
+//! scenario  ->  vmm  ->  mmu  ->  mm  ->  notifier        (trace: used by all)
 //! ```
 //!
 //! * [`notifier`]: `mm/mmu_notifier.c` — the callback trait, SRCU-protected
@@ -13,6 +14,12 @@
 //! * [`mm`]: a simulated host `mm_struct` over real frames — VMAs, a host page
 //!   table with young/dirty bits, faults, munmap, madvise, mprotect, KSM,
 //!   aging, reclaim and exit, each calling the notifier where Linux does.
+//! * [`mmu`]: the shadow MMU, registered on the mm as a notifier.
+//! * [`vmm`]: the VMM on real KVM: VM and vCPUs, devices, hypercalls, the
+//!   kvm and shadow paging modes, the host side (ksmd, kswapd, scripted
+//!   host operations, the TLB shootdown).
+//! * [`scenario`]: the demos and the stress run, built on the VMM.
+//! * [`trace`]: the typed trace events every layer emits.
 //!
 //! # Example
 //!
@@ -53,6 +60,7 @@
 pub mod mm;
 pub mod mmu;
 pub mod notifier;
+pub mod scenario;
 pub(crate) mod sync;
 pub mod trace;
 pub mod vmm;

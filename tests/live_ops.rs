@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde_json::Value;
 use shadowvm::mmu::TlbFlush;
-use shadowvm::vmm::kswapd::{AGING_HISTORY, Aging};
+use shadowvm::vmm::host::aging::{AGING_HISTORY, Aging};
 use shadowvm::vmm::{GuestSource, Outcome, Paging, RunningVm, VmConfig};
 
 /// The `--json` object (the last stderr line).

@@ -204,7 +204,7 @@ fn two_vcpus_never_reach_a_zapped_frame() {
     assert!(s.host_invalidate.memslot_bounces >= 3, "{s:?}");
 }
 
-fn never_reaches_a_zapped_frame(g: Guest) -> shadowvm::vmm::hypercall::ShadowStats {
+fn never_reaches_a_zapped_frame(g: Guest) -> shadowvm::vmm::paging::shadow::ShadowStats {
     const WINDOW: Duration = Duration::from_millis(200);
 
     // Aging: the Accessed bit cleared in the spte is set again.

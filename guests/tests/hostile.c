@@ -41,17 +41,6 @@ static struct probe probes[2048];
 static int nr_probes, failures, checks, rejected, hypercalls;
 static bool shadow;
 
-#define CHECK(cond, ...)                                                                  \
-    do {                                                                                  \
-        checks++;                                                                         \
-        if (!(cond)) {                                                                    \
-            failures++;                                                                   \
-            printf("FAIL line %d: ", __LINE__);                                           \
-            printf(__VA_ARGS__);                                                          \
-            rt_write("\n", 1);                                                            \
-        }                                                                                 \
-    } while (0)
-
 static void add(uint64_t va, int kind, bool both_modes)
 {
     if (!both_modes && !shadow)

@@ -56,7 +56,7 @@
 //! Failure persistence is off: a failure prints the shrunk sequence.
 //! `PROPTEST_CASES` overrides the number of cases.
 
-mod mmu_support;
+mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -64,9 +64,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::{TestCaseError, TestRunner};
 
-use mmu_support::{A, ADDR, D, Guest, NX, P, PS, RW, US, spte_pfn};
+use common::mmu_guest::{A, ADDR, D, Guest, NX, P, PS, RW, US, spte_pfn};
 use shadowvm::mm::{FrameAccess, FrameOwner, MmError, MmapFlags, PAGE_SIZE, Pfn, Prot, Pte};
 use shadowvm::mmu::{FaultOutcome, FlushFrame, MmuError, PfErrorCode, ShadowMmuConfig, TlbFlush};
 
@@ -1727,21 +1727,9 @@ impl Harness {
     }
 }
 
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(512)
-}
-
 #[test]
 fn random_guest_and_host_operations_keep_the_shadow_tables_coherent() {
-    let config = Config {
-        cases: cases(),
-        failure_persistence: None,
-        ..Config::default()
-    };
-    let mut runner = TestRunner::new(config);
+    let mut runner = TestRunner::new(common::proptest_config());
     let result = runner.run(&scenario_strategy(), |s| {
         let mut h = Harness::new(&s)?;
         h.run(&s)?;
@@ -1779,7 +1767,7 @@ fn random_guest_and_host_operations_keep_the_shadow_tables_coherent() {
     // The sequences must reach the paths the properties are about. (A
     // stale TLB hit needs a store through the window, no invlpg, and a
     // reuse: a few per thousand cases, so it is only printed.)
-    if cases() >= 128 {
+    if common::proptest_cases() >= 128 {
         for (name, v) in counts.into_iter().filter(|(n, _)| *n != "stale TLB hits") {
             assert!(
                 v > 0,

@@ -1,7 +1,7 @@
-//! A guest for shadow-MMU tests: guest RAM in a host mm, bound to gpa 0 by
-//! one memslot, and a builder for the guest's own 4-level page tables,
-//! written into guest RAM through the mm as a guest kernel would.
-#![allow(dead_code)]
+//! A guest for shadow-MMU tests without KVM: guest RAM in a host mm,
+//! bound to gpa 0 by one memslot, and a builder for the guest's own
+//! 4-level page tables, written into guest RAM through the mm as a guest
+//! kernel would.
 
 use std::sync::Arc;
 
@@ -48,32 +48,7 @@ impl Guest {
         cfg: ShadowMmuConfig,
         flags: MmapFlags,
     ) -> Self {
-        let mm = Mm::new_anonymous(frames).unwrap();
-        let ram_hva = mm
-            .mmap(None, ram_pages * PAGE_SIZE, Prot::READ | Prot::WRITE, flags)
-            .unwrap();
-        let mut slots = Memslots::default();
-        slots
-            .add(Memslot {
-                base_gfn: 0,
-                npages: ram_pages,
-                userspace_addr: ram_hva,
-            })
-            .unwrap();
-        let flush = Arc::new(RecordingFlush::default());
-        let mmu = ShadowMmu::new(mm.clone(), slots, flush.clone(), cfg).unwrap();
-        let mut g = Guest {
-            mm,
-            mmu,
-            flush,
-            ram_hva,
-            ram_pages,
-            next_table: ram_pages,
-            cr3: 0,
-        };
-        g.cr3 = g.alloc_table();
-        g.mmu.load_cr3(0, g.cr3).unwrap();
-        g
+        Self::build(ram_pages, frames, cfg, flags, None)
     }
 
     /// Like [`Guest::with_config`], but every flush the MMU asks for also
@@ -85,6 +60,16 @@ impl Guest {
         cfg: ShadowMmuConfig,
         flags: MmapFlags,
         tlb: Arc<dyn TlbFlush>,
+    ) -> Self {
+        Self::build(ram_pages, frames, cfg, flags, Some(tlb))
+    }
+
+    fn build(
+        ram_pages: u64,
+        frames: u64,
+        cfg: ShadowMmuConfig,
+        flags: MmapFlags,
+        tlb: Option<Arc<dyn TlbFlush>>,
     ) -> Self {
         let mm = Mm::new_anonymous(frames).unwrap();
         let ram_hva = mm
@@ -99,8 +84,11 @@ impl Guest {
             })
             .unwrap();
         let flush = Arc::new(RecordingFlush::default());
-        let tee = Arc::new(TeeFlush(flush.clone(), tlb));
-        let mmu = ShadowMmu::new(mm.clone(), slots, tee, cfg).unwrap();
+        let mmu_flush: Arc<dyn TlbFlush> = match tlb {
+            Some(tlb) => Arc::new(TeeFlush(flush.clone(), tlb)),
+            None => flush.clone(),
+        };
+        let mmu = ShadowMmu::new(mm.clone(), slots, mmu_flush, cfg).unwrap();
         let mut g = Guest {
             mm,
             mmu,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::abi;
-use super::boot::{BootParams, loader, regs, write_boot_structures};
+use super::boot::{BootParams, ImageLayout, loader, regs, write_boot_structures};
 use super::config::{GuestSource, Paging, VmConfig};
 use super::devices::bus::BusOverlap;
 use super::devices::{ConsoleOut, ExitPort, PioBus, SerialDevice};
@@ -21,7 +21,7 @@ use super::host::kswapd::Kswapd;
 use super::host::timed_ops::TimedOps;
 use super::hypercall::{HypercallHandler, HypercallPort};
 use super::kvm::kick::{self, KickError, VcpuKick, VcpuRequest};
-use super::kvm::memory::SharedGuestMem;
+use super::kvm::memory::{GuestRam, SharedGuestMem};
 use super::kvm::{GuestFailure, Vcpu, VcpuReport, Vm, VmContext, VmStats, VmStop};
 use super::paging::shadow::{self, CheckError, ShadowPaging};
 use super::paging::{KvmPaging, PagingOps};
@@ -88,6 +88,14 @@ pub struct RunReport {
     /// the guest stopped (`Err` says what is violated). `None` when not
     /// asked for, and in kvm mode (no shadow MMU to check).
     pub check: Option<Result<(), CheckError>>,
+}
+
+/// Loads `image` (called `name` in errors) into `ram` with linux-loader.
+fn load(ram: &GuestRam, name: &str, image: &[u8]) -> Result<ImageLayout, VmmError> {
+    loader::load_elf(ram, image).map_err(|source| VmmError::Image {
+        image: name.to_string(),
+        source,
+    })
 }
 
 /// The port-I/O bus: the UART, the exit port and the hypercall port.
@@ -188,10 +196,7 @@ impl RunningVm {
         let (vm, paging, ram, boot_info, layout) = match config.paging {
             Paging::Kvm => {
                 let (vm, ram) = Vm::new_ram(config.mem_size)?;
-                let layout = loader::load_elf(&ram, &image).map_err(|source| VmmError::Image {
-                    image: image_name,
-                    source,
-                })?;
+                let layout = load(&ram, &image_name, &image)?;
                 let params = BootParams {
                     nr_vcpus: config.vcpus,
                     paging_mode: config.paging.abi_mode(),
@@ -204,7 +209,10 @@ impl RunningVm {
                 (vm, paging, ram, boot_info, layout)
             }
             Paging::Shadow => {
-                let v = shadow::build(config, &image_name, &image, &kicks)?;
+                let scratch = GuestRam::new(config.mem_size)?;
+                let layout = load(&scratch, &image_name, &image)?;
+                let v = shadow::build(config, &scratch, layout, &kicks)?;
+                drop(scratch);
                 memslot_bounce = Some(v.bounce);
                 let ram = v.paging.ram();
                 if let Some(ksm) = config.ksm {

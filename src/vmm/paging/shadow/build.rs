@@ -1,20 +1,20 @@
 //! Building a shadow-mode VM: machine memory registered with KVM, the host
-//! mm with guest RAM, the ELF and the boot structures written through the
-//! mm, the boot pages locked, and the shadow MMU with every vCPU's boot
-//! root.
+//! mm with guest RAM, the loaded image and the boot structures written
+//! through the mm, the boot pages locked, and the shadow MMU with every
+//! vCPU's boot root.
 
 use std::sync::Arc;
 
 use super::machine::{ShadowMachine, default_machine_mem};
 use super::{GuestCpu, ShadowPaging};
 use crate::vmm::abi::{BootInfo, PAGE_SIZE};
-use crate::vmm::boot::loader::{self, ImageLayout, LoaderError};
+use crate::vmm::boot::loader::ImageLayout;
 use crate::vmm::boot::structures::{self, BootError, BootParams};
 use crate::vmm::config::VmConfig;
 use crate::vmm::host::ops::HostOpsError;
 use crate::vmm::host::ram::ShadowRam;
 use crate::vmm::kvm::kick::VcpuKick;
-use crate::vmm::kvm::memory::{GuestMemWriter, GuestRam, MemoryError, SharedGuestMem};
+use crate::vmm::kvm::memory::{GuestMemWriter, MemoryError, SharedGuestMem};
 use crate::vmm::kvm::memslot::MemslotBounce;
 use crate::vmm::kvm::vm::{Vm, VmError};
 use crate::vmm::paging::PagingError;
@@ -26,18 +26,9 @@ pub enum BuildError {
     /// KVM or the VM could not be set up.
     #[error(transparent)]
     Vm(#[from] VmError),
-    /// Machine memory or the scratch image buffer could not be mapped.
+    /// Machine memory could not be mapped.
     #[error(transparent)]
     Memory(#[from] MemoryError),
-    /// The image is not a usable guest.
-    #[error("{image}: {source}")]
-    Image {
-        /// Guest name or path.
-        image: String,
-        /// Why.
-        #[source]
-        source: LoaderError,
-    },
     /// A `--host-ops` script touches the image.
     #[error(transparent)]
     HostOps(#[from] HostOpsError),
@@ -91,12 +82,15 @@ pub struct ShadowVm {
     pub bounce: Arc<MemslotBounce>,
 }
 
-/// Builds a shadow-mode VM for `config` from `image` (called `image_name`
-/// in errors). `kicks` are the vCPUs' kick handles (for memslot bounces).
+/// Builds a shadow-mode VM for `config` around the image loaded at
+/// `layout` in `image` (linux-loader writes into a vm-memory region: the
+/// caller loads into a scratch one, where untouched pages cost nothing,
+/// and it is copied into guest RAM through the host mm). `kicks` are the
+/// vCPUs' kick handles (for memslot bounces).
 pub fn build(
     config: &VmConfig,
-    image_name: &str,
-    image: &[u8],
+    image: &dyn GuestMemWriter,
+    layout: ImageLayout,
     kicks: &[Arc<VcpuKick>],
 ) -> Result<ShadowVm, BuildError> {
     let machine_mem = config
@@ -117,16 +111,7 @@ pub fn build(
         size: machine_mem,
         source,
     };
-    // linux-loader writes into a vm-memory region: load into a scratch one
-    // (untouched pages cost nothing) and copy the image into guest RAM
-    // through the host mm.
-    let scratch = GuestRam::new(config.mem_size)?;
-    let layout = loader::load_elf(&scratch, image).map_err(|source| BuildError::Image {
-        image: image_name.to_string(),
-        source,
-    })?;
-    copy_image(&scratch, &machine.ram, &layout).map_err(|e| too_small(TooSmall::Image(e)))?;
-    drop(scratch);
+    copy_image(image, &machine.ram, &layout).map_err(|e| too_small(TooSmall::Image(e)))?;
     let params = BootParams {
         nr_vcpus: config.vcpus,
         paging_mode: config.paging.abi_mode(),

@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 use proptest::prelude::*;
 use proptest::sample::Index;
-use proptest::test_runner::{TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 
 use shadowvm::mm::{
     Access, FrameAccess, FrameOwner, Hva, MMAP_BASE, Mm, MmError, MmapFlags, PAGE_SIZE, PagePin,
@@ -1410,17 +1410,13 @@ fn assert_exited(mm: &Arc<Mm>, hva: Hva) -> Result<(), TestCaseError> {
 
 #[test]
 fn random_operation_sequences_keep_the_mm_consistent() {
-    let mut runner = TestRunner::new(common::proptest_config());
-    let result = runner.run(&scenario_strategy(), |s| {
+    common::proptest_run(&scenario_strategy(), |s| {
         let mut h = Harness::new(&s)?;
         h.run(&s)?;
         h.finish(s.exit)?;
         bump(&COVERAGE.cases, 1);
         Ok(())
     });
-    if let Err(e) = result {
-        panic!("{e}");
-    }
     let c = &COVERAGE;
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     eprintln!(

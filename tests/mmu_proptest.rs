@@ -64,7 +64,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use proptest::prelude::*;
-use proptest::test_runner::{TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 
 use common::mmu_guest::{A, ADDR, D, Guest, NX, P, PS, RW, US, spte_pfn};
 use shadowvm::mm::{FrameAccess, FrameOwner, MmError, MmapFlags, PAGE_SIZE, Pfn, Prot, Pte};
@@ -1729,17 +1729,13 @@ impl Harness {
 
 #[test]
 fn random_guest_and_host_operations_keep_the_shadow_tables_coherent() {
-    let mut runner = TestRunner::new(common::proptest_config());
-    let result = runner.run(&scenario_strategy(), |s| {
+    common::proptest_run(&scenario_strategy(), |s| {
         let mut h = Harness::new(&s)?;
         h.run(&s)?;
         h.finish(s.exit)?;
         bump(&COVERAGE.cases, 1);
         Ok(())
     });
-    if let Err(e) = result {
-        panic!("{e}");
-    }
     let c = &COVERAGE;
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let counts = [

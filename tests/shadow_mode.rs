@@ -6,25 +6,8 @@
 
 mod common;
 
-use common::{Run, both_modes, guest_code, require_kvm, shadowvm, temp_file, tiny_elf};
-
-guest_code! {
-    /// Writes `!` to the serial port, then exits with status 5.
-    fn exit5() {
-        "mov $0x3f8, %dx"
-        "mov $0x21, %al"
-        "out %al, (%dx)"
-        "mov $5, %al"
-        "out %al, $0xf4"
-    }
-}
-
-guest_code! {
-    /// Halts.
-    fn halt() {
-        "hlt"
-    }
-}
+use common::elf::{exit5, halt};
+use common::{Run, both_modes, require_kvm, shadowvm, temp_file, tiny_elf};
 
 /// stdout with the mode name neutralized and the `concurrent` snippets
 /// (printed by other vCPUs at any moment, even in the middle of a line

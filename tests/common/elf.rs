@@ -21,6 +21,8 @@ macro_rules! guest_code {
         std::arch::global_asm!(
             ".pushsection .rodata.shadowvm_guest_code,\"a\"",
             ".balign 8",
+            concat!(".globl shadowvm_guest_code_", stringify!($name)),
+            concat!(".hidden shadowvm_guest_code_", stringify!($name)),
             concat!("shadowvm_guest_code_", stringify!($name), ":"),
             ".quad 2f - 1f",
             "1:",
@@ -46,6 +48,24 @@ macro_rules! guest_code {
     };
 }
 pub(crate) use guest_code;
+
+guest_code! {
+    /// Writes `!` to the serial port, then exits with status 5.
+    pub fn exit5() {
+        "mov $0x3f8, %dx"
+        "mov $0x21, %al"
+        "out %al, (%dx)"
+        "mov $5, %al"
+        "out %al, $0xf4"
+    }
+}
+
+guest_code! {
+    /// Halts.
+    pub fn halt() {
+        "hlt"
+    }
+}
 
 /// A minimal guest image: an x86-64 ELF executable with one RWX segment at
 /// 2 MiB holding `code` (the entry point), `memsz` bytes long in memory.

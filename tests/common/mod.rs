@@ -162,3 +162,15 @@ pub fn proptest_config() -> proptest::test_runner::Config {
         ..proptest::test_runner::Config::default()
     }
 }
+
+/// Runs `test` on values of `strategy` with [`proptest_config`]; fails
+/// with the shrunk counterexample.
+pub fn proptest_run<S: proptest::strategy::Strategy>(
+    strategy: &S,
+    test: impl Fn(S::Value) -> Result<(), proptest::test_runner::TestCaseError>,
+) {
+    let mut runner = proptest::test_runner::TestRunner::new(proptest_config());
+    if let Err(e) = runner.run(strategy, test) {
+        panic!("{e}");
+    }
+}

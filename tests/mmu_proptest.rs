@@ -45,7 +45,7 @@
 //!   spte that lets the access through, to the host's current frame;
 //! * the young callbacks see the spte Accessed bits the CPU model set.
 //!
-//! The TLB model follows DESIGN.md ("TLB shootdown"): on our machines the
+//! The TLB model follows docs/design.md ("TLB shootdown"): on our machines the
 //! host KVM's own shadow of our tables keeps translations per shadow root,
 //! across CR3 loads, until the frame they map is invalidated in the host;
 //! so the model drops an entry only when its frame is flushed.

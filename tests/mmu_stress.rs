@@ -1,6 +1,6 @@
 //! The shadow MMU under real concurrency: vCPU threads faulting while host
 //! threads invalidate, with the checkers run at quiescent points; and the
-//! fault/invalidate race (DESIGN.md rule 2) forced with threads, in both of
+//! fault/invalidate race (docs/design.md rule 2) forced with threads, in both of
 //! its shapes: an invalidation that completes inside the fault's window, and
 //! one still in progress when the fault takes the MMU lock.
 //!

@@ -2,7 +2,7 @@
 #include <shadowvm.h>
 
 /*
- * DESIGN.md rule 5 from the guest's side.  The guest builds page tables
+ * docs/design.md rule 5 from the guest's side.  The guest builds page tables
  * whose entries point at gpas beyond its RAM (where machine memory and the
  * shadow pool might be, seen from KVM), set reserved bits, or point back at
  * their own table, and probes them from ring 0 and ring 3: every probe must

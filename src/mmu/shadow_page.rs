@@ -314,7 +314,7 @@ impl Ctx<'_> {
     /// entry linking `sp` was cleared while `sp` itself survives under other
     /// parents (a table shared by several roots). Its leaves stay present,
     /// so nothing else flushes their frames, yet a vCPU, or the host KVM's
-    /// own shadow of our tables (DESIGN.md, "TLB shootdown": kept per root
+    /// own shadow of our tables (docs/design.md, "TLB shootdown": kept per root
     /// until the frame is invalidated in the host), may still translate
     /// through the link that is gone: after the guest unmaps a PML4 entry
     /// and invlpg's, or after a root is recycled and its frame reused as

@@ -151,7 +151,7 @@ impl Mm {
         slot: super::SwapSlot,
         write: bool,
     ) -> Result<Step, MmError> {
-        crate::trace::Event::SwapIn { hva: page, write }.emit();
+        crate::trace::emit!(SwapIn { hva: page, write });
         let pfn = self.alloc_page(vmas)?;
         let mut pt = self.pt.lock();
         if pt.pte(page) != Some(Pte::Swap(slot)) {
@@ -221,12 +221,11 @@ impl Mm {
             Some(p) => {
                 self.put_pages(vec![old.pfn]);
                 inc(&self.stats.pgcow);
-                crate::trace::Event::Cow {
+                crate::trace::emit!(Cow {
                     hva: page,
                     old_frame: old.pfn,
                     new_frame: p.pfn,
-                }
-                .emit();
+                });
                 Ok(Step::Done(p))
             }
             None => {

@@ -12,8 +12,10 @@ impl Mm {
     /// with `NoMemory` if part of the range is unmapped (after dropping the
     /// mapped parts, as Linux does).
     pub fn madvise_dontneed(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        crate::trace::Event::HostOp(crate::trace::HostOp::MadviseDontneed { start: addr, len })
-            .emit();
+        crate::trace::emit!(HostOp(crate::trace::HostOp::MadviseDontneed {
+            start: addr,
+            len
+        }));
         self.check_alive()?;
         let Some((start, end)) = checked_range(addr, len)? else {
             return Ok(());
@@ -43,8 +45,10 @@ impl Mm {
 
     /// `madvise(addr, len, MADV_MERGEABLE)`: lets KSM merge the range.
     pub fn madvise_mergeable(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        crate::trace::Event::HostOp(crate::trace::HostOp::MadviseMergeable { start: addr, len })
-            .emit();
+        crate::trace::emit!(HostOp(crate::trace::HostOp::MadviseMergeable {
+            start: addr,
+            len
+        }));
         self.set_vma_flag(addr, len, MmapFlags::MERGEABLE, true)
     }
 

@@ -12,12 +12,11 @@ impl Mm {
     /// mappings the new protection forbids; an upgrade only changes the VMA
     /// (the next write faults and upgrades the PTE).
     pub fn mprotect(&self, addr: Hva, len: u64, prot: Prot) -> Result<(), MmError> {
-        crate::trace::Event::HostOp(crate::trace::HostOp::Mprotect {
+        crate::trace::emit!(HostOp(crate::trace::HostOp::Mprotect {
             start: addr,
             len,
             prot: &prot,
-        })
-        .emit();
+        }));
         self.check_alive()?;
         let Some((start, end)) = checked_range(addr, len)? else {
             return Ok(());

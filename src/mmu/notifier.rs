@@ -57,12 +57,11 @@ impl Inner {
                 let old = w.fetch_and(!PT_ACCESSED_MASK, Ordering::AcqRel);
                 if spte::is_present(old) && spte::is_accessed(old) {
                     young = true;
-                    crate::trace::Event::AccessedCleared {
+                    crate::trace::emit!(AccessedCleared {
                         sp,
                         idx: idx.into(),
                         frame: spte::pfn(old),
-                    }
-                    .emit();
+                    });
                     ctx.flush.push(FlushFrame {
                         pfn: spte::pfn(old),
                         reason: FlushReason::AccessedCleared,
@@ -157,13 +156,12 @@ impl MmuNotifierOps for Inner {
                         Err(cur) => old = cur,
                     }
                 }
-                crate::trace::Event::SpteRepointed {
+                crate::trace::emit!(SpteRepointed {
                     sp,
                     idx: idx.into(),
                     old_frame: spte::pfn(old),
                     new_frame: pte.frame,
-                }
-                .emit();
+                });
                 ctx.flush.push(FlushFrame {
                     pfn: spte::pfn(old),
                     reason: FlushReason::Repointed,

@@ -281,13 +281,12 @@ impl Ctx<'_> {
         if level == 1 {
             self.rmap_remove((sp, idx as u16));
             inc(&self.stats.spte_zapped);
-            crate::trace::Event::SpteZapped {
+            crate::trace::emit!(SpteZapped {
                 sp,
                 idx: idx as u64,
                 frame: spte::pfn(old),
                 reason: &reason,
-            }
-            .emit();
+            });
             self.flush.push(FlushFrame {
                 pfn: spte::pfn(old),
                 reason,
@@ -359,11 +358,10 @@ impl Ctx<'_> {
             let Some(page) = self.st.pages.get_mut(&p) else {
                 continue;
             };
-            crate::trace::Event::ShadowPageZapped {
+            crate::trace::emit!(ShadowPageZapped {
                 sp: p,
                 level: page.role.level,
-            }
-            .emit();
+            });
             let parents = std::mem::take(&mut page.parents);
             let level = page.role.level;
             for (pp, idx) in parents {

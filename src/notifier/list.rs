@@ -181,7 +181,7 @@ impl MmuNotifierMm {
     /// `release` started by a concurrent unregister has finished, so the
     /// caller may free the pages afterwards.
     pub fn release(&self) {
-        crate::trace::Event::Release.emit();
+        crate::trace::emit!(Release);
         {
             // SRCU here makes a concurrent unregister wait for ->release.
             let _guard = self.srcu.read_lock();
@@ -210,7 +210,7 @@ impl MmuNotifierMm {
 
     /// `__mmu_notifier_clear_flush_young`: young results are OR'ed.
     pub fn clear_flush_young(&self, start: u64, end: u64) -> bool {
-        crate::trace::Event::ClearFlushYoung { start, end }.emit();
+        crate::trace::emit!(ClearFlushYoung { start, end });
         let mut young = false;
         self.for_each(|r| {
             if r.callbacks.contains(Callbacks::CLEAR_FLUSH_YOUNG) {
@@ -223,7 +223,7 @@ impl MmuNotifierMm {
 
     /// `__mmu_notifier_clear_young`: young results are OR'ed.
     pub fn clear_young(&self, start: u64, end: u64) -> bool {
-        crate::trace::Event::ClearYoung { start, end }.emit();
+        crate::trace::emit!(ClearYoung { start, end });
         let mut young = false;
         self.for_each(|r| {
             if r.callbacks.contains(Callbacks::CLEAR_YOUNG) {
@@ -236,7 +236,7 @@ impl MmuNotifierMm {
 
     /// `__mmu_notifier_test_young`: stops at the first young notifier.
     pub fn test_young(&self, address: u64) -> bool {
-        crate::trace::Event::TestYoung { address }.emit();
+        crate::trace::emit!(TestYoung { address });
         let mut young = false;
         self.for_each(|r| {
             if r.callbacks.contains(Callbacks::TEST_YOUNG) {
@@ -249,12 +249,11 @@ impl MmuNotifierMm {
 
     /// `__mmu_notifier_change_pte`.
     pub fn change_pte(&self, address: u64, pte: NotifierPte) {
-        crate::trace::Event::ChangePte {
+        crate::trace::emit!(ChangePte {
             address,
             frame: pte.frame,
             writable: pte.writable,
-        }
-        .emit();
+        });
         self.for_each(|r| {
             if r.callbacks.contains(Callbacks::CHANGE_PTE) {
                 r.ops.change_pte(address, pte);
@@ -266,13 +265,12 @@ impl MmuNotifierMm {
     /// `__mmu_notifier_invalidate_range_start`: every notifier is called even
     /// after one fails; the last failure is returned.
     pub fn invalidate_range_start(&self, range: &MmuNotifierRange) -> Result<(), NotifierError> {
-        crate::trace::Event::InvalidateRangeStart {
+        crate::trace::emit!(InvalidateRangeStart {
             start: range.start,
             end: range.end,
             event: &range.event,
             blockable: range.blockable(),
-        }
-        .emit();
+        });
         let mut ret = Ok(());
         self.for_each(|r| {
             if r.callbacks.contains(Callbacks::INVALIDATE_RANGE_START)
@@ -294,12 +292,11 @@ impl MmuNotifierMm {
     /// unless `only_end` says the caller already called it under the
     /// page-table lock.
     pub fn invalidate_range_end(&self, range: &MmuNotifierRange, only_end: bool) {
-        crate::trace::Event::InvalidateRangeEnd {
+        crate::trace::emit!(InvalidateRangeEnd {
             start: range.start,
             end: range.end,
             event: &range.event,
-        }
-        .emit();
+        });
         self.for_each(|r| {
             if !only_end && r.callbacks.contains(Callbacks::INVALIDATE_RANGE) {
                 r.ops.invalidate_range(range.start, range.end);

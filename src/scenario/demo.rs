@@ -17,7 +17,6 @@ use serde_json::Value;
 
 use super::narrate::TraceLayer;
 use crate::mm::{FrameAccess, Mm, PAGE_SIZE, Prot, Pte};
-use crate::trace::Event;
 use crate::vmm::config::ConfigError;
 use crate::vmm::{
     ConsoleBuffer, GuestSource, Outcome, Paging, RunReport, RunningVm, VmConfig, VmmError, guests,
@@ -129,14 +128,14 @@ pub fn find(name: &str) -> Option<&'static Scenario> {
 /// Narration from the demo itself (what the guest saw).
 macro_rules! guest_saw {
     ($($arg:tt)*) => {
-        Event::GuestSaw(format_args!($($arg)*)).emit()
+        crate::trace::emit!(GuestSaw(format_args!($($arg)*)))
     };
 }
 
 /// A remark of the demo's own.
 macro_rules! demo_note {
     ($($arg:tt)*) => {
-        Event::Note(format_args!($($arg)*)).emit()
+        crate::trace::emit!(Note(format_args!($($arg)*)))
     };
 }
 

@@ -307,10 +307,28 @@ impl Event<'_> {
         }
     }
 
-    /// Emits the event: a `tracing` event with target [`TARGET`], at
-    /// DEBUG (INFO for a demo's own lines).
-    #[inline]
+    /// The `tracing` level: DEBUG, INFO for a demo's own lines.
+    pub fn level(&self) -> tracing::Level {
+        match self {
+            Event::GuestSaw(_) | Event::Note(_) => tracing::Level::INFO,
+            _ => tracing::Level::DEBUG,
+        }
+    }
+
+    /// Emits the event: a `tracing` event with target [`TARGET`] at
+    /// [`Event::level`]. Inlined into the hot paths that emit (the fault
+    /// path, notifier dispatch): when nobody listens at that level, the
+    /// cost is one relaxed load and no event is built.
+    #[inline(always)]
     pub fn emit(self) {
+        if tracing::level_enabled!(self.level()) {
+            self.record();
+        }
+    }
+
+    /// The `tracing` event itself.
+    #[inline(never)]
+    fn record(self) {
         let kind = self.kind().name();
         let layer = self.kind().layer().name();
         match self {
@@ -414,7 +432,6 @@ impl Event<'_> {
 }
 
 impl HostOp<'_> {
-    #[inline]
     fn emit(self, kind: &str, layer: &str) {
         let op = self.name();
         match self {

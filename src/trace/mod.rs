@@ -1,7 +1,7 @@
 //! The trace-event schema: every event a layer reports about host memory
 //! operations and what they do to the shadow tables (docs/trace-events.md).
 //!
-//! Events are [`Event`] values, emitted as `tracing` events with target
+//! Events are [`Event`] values, emitted (with [`emit!`]) as `tracing` events with target
 //! [`TARGET`] and the fields `layer`, `kind`, the event's own fields and a
 //! `message`; without a subscriber that listens, an emission costs one
 //! callsite-interest check. `shadowvm demo` narrates them or writes them as
@@ -13,6 +13,19 @@
 mod event;
 
 pub use event::{Event, HostOp, PfOutcome, ShootdownMethod};
+
+/// Emits `Event::$variant ...` ([`Event::emit`]):
+/// `trace::emit!(SwapIn { hva, write })`. The event is only built when a
+/// subscriber listens at INFO or more verbose, so a hot path that emits
+/// pays one relaxed load when tracing is off.
+macro_rules! emit {
+    ($($event:tt)+) => {
+        if ::tracing::level_enabled!(::tracing::Level::INFO) {
+            $crate::trace::Event::$($event)+.emit();
+        }
+    };
+}
+pub(crate) use emit;
 
 /// The `tracing` target of every event.
 pub const TARGET: &str = "shadowvm::trace";

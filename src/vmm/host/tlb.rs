@@ -33,7 +33,7 @@ use std::time::Instant;
 
 use crate::mm::{PAGE_SIZE, Pfn};
 use crate::mmu::{FlushFrame, FlushReason, TlbFlush};
-use crate::trace::{Event, ShootdownMethod};
+use crate::trace::ShootdownMethod;
 use crate::vmm::kvm::memslot::MemslotBounce;
 
 /// Above this many runs of contiguous frames in one flush, bouncing the
@@ -314,12 +314,11 @@ impl HostTlbFlush {
             && runs.iter().all(|r| !r.discard)
             && self.try_bounce(frames.len())
         {
-            Event::Shootdown {
+            crate::trace::emit!(Shootdown {
                 frames: frames.len(),
                 runs: runs.len(),
                 method: ShootdownMethod::MemslotBounce,
-            }
-            .emit();
+            });
             return;
         }
         let method = if runs.iter().any(|r| r.discard) {
@@ -327,12 +326,11 @@ impl HostTlbFlush {
         } else {
             ShootdownMethod::ProtectToggle
         };
-        Event::Shootdown {
+        crate::trace::emit!(Shootdown {
             frames: frames.len(),
             runs: runs.len(),
             method,
-        }
-        .emit();
+        });
         let mut failed = false;
         for run in runs {
             failed |= !self.invalidate(run);
@@ -354,12 +352,11 @@ impl TlbFlush for HostTlbFlush {
             .frames
             .fetch_add(frames.len() as u64, Ordering::Relaxed);
         if !self.enabled {
-            Event::Shootdown {
+            crate::trace::emit!(Shootdown {
                 frames: frames.len(),
                 runs: 0,
                 method: ShootdownMethod::Disabled,
-            }
-            .emit();
+            });
             return;
         }
         let t = Instant::now();

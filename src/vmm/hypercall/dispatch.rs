@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::decode::Hypercall;
-use crate::trace::{Event, PfOutcome};
+use crate::trace::PfOutcome;
 use crate::vmm::abi;
 use crate::vmm::devices::console::ConsoleError;
 use crate::vmm::devices::serial::SerialDevice;
@@ -110,21 +110,19 @@ impl HypercallHandler {
                 rip,
             } => match self.paging.resolve_pf(cpu, cr2, error_code, rip)? {
                 PfResolution::Retry => {
-                    Event::ResolvePf {
+                    crate::trace::emit!(ResolvePf {
                         gva: cr2,
                         error_code,
                         outcome: PfOutcome::Retry,
-                    }
-                    .emit();
+                    });
                     (abi::PF_RETRY as i64, None)
                 }
                 PfResolution::GuestFault { error_code } => {
-                    Event::ResolvePf {
+                    crate::trace::emit!(ResolvePf {
                         gva: cr2,
                         error_code,
                         outcome: PfOutcome::GuestFault,
-                    }
-                    .emit();
+                    });
                     (abi::PF_GUEST_FAULT as i64, Some(error_code))
                 }
             },

@@ -9,7 +9,7 @@
  *
  * it makes the access, and prints one line: fault or not, the #PF error code
  * and the leaf's A/D bits afterwards, then a summary.  The output is the
- * oracle of DESIGN.md rule 6: shadow mode must print exactly what kvm mode
+ * oracle of docs/design.md rule 6: shadow mode must print exactly what kvm mode
  * prints (tests/access.rs diffs them).  Each line is also checked against the
  * SDM's rules (model() below); a line that disagrees says so.
  *

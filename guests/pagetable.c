@@ -5,17 +5,6 @@
 
 static int checks, failures;
 
-#define CHECK(cond, ...)                                                                  \
-    do {                                                                                  \
-        checks++;                                                                         \
-        if (!(cond)) {                                                                    \
-            failures++;                                                                   \
-            printf("FAIL line %d: ", __LINE__);                                           \
-            printf(__VA_ARGS__);                                                          \
-            rt_write("\n", 1);                                                            \
-        }                                                                                 \
-    } while (0)
-
 /* One access, made from ring 3 by user_probe().  Static: user-accessible. */
 static struct probe {
     uint64_t va, val;

@@ -2,11 +2,12 @@
 //! that the VMM builds and owns, kept coherent with a simulated host mm
 //! through a Rust port of Linux's MMU notifier.
 //!
-//! Layers, each depending only on the ones below it:
+//! Layers, each depending only on the ones below it (docs/design.md;
+//! tests/layering.rs checks it):
 //!
 //! ```text
-//! vmm  ->  mmu  ->  mm  ->  notifier
-//!      ->  dma  ->
+//! scenario  ->  vmm  ->  mmu  ->  mm  ->  notifier        (trace: used by all)
+//!                    ->  dma  ->
 //! ```
 //!
 //! * [`notifier`]: `mm/mmu_notifier.c` — the callback trait, SRCU-protected
@@ -17,6 +18,11 @@
 //! * [`mmu`]: the shadow MMU, a secondary MMU on the list API.
 //! * [`dma`]: a simulated DMA device, a second secondary MMU on the
 //!   interval API (`mmu_interval_notifier`).
+//! * [`vmm`]: the VMM on real KVM: VM and vCPUs, devices, hypercalls, the
+//!   kvm and shadow paging modes, the host side (ksmd, kswapd, scripted
+//!   host operations, the TLB shootdown).
+//! * [`scenario`]: the demos and the stress run, built on the VMM.
+//! * [`trace`]: the typed trace events every layer emits.
 //!
 //! # Example
 //!
@@ -58,5 +64,7 @@ pub mod dma;
 pub mod mm;
 pub mod mmu;
 pub mod notifier;
+pub mod scenario;
 pub(crate) mod sync;
+pub mod trace;
 pub mod vmm;

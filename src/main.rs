@@ -8,8 +8,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use shadowvm::vmm::{self, GuestSource, Outcome, Paging, VmConfig, guests};
 
-mod demo_cmd;
-mod stress_cmd;
+mod cli;
 
 /// Exit status when shadowvm itself cannot start the guest (bad input, no KVM).
 const EXIT_USAGE: u8 = 2;
@@ -39,10 +38,10 @@ enum Command {
     Run(RunArgs),
     /// Issue 6's reliability run: the verify guest under ksmd, kswapd and
     /// scripted host memory operations; exit 0 if nothing was corrupted.
-    Stress(stress_cmd::StressArgs),
+    Stress(cli::stress::StressArgs),
     /// Narrated demos of host memory operations on a running guest; without
     /// a scenario, list them.
-    Demo(demo_cmd::DemoArgs),
+    Demo(cli::demo::DemoArgs),
     /// List the built-in guests.
     Guests {
         /// Also list the test guests (test-*).
@@ -152,8 +151,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Guests { all } => list_guests(all),
-        Command::Stress(args) => stress_cmd::main(args),
-        Command::Demo(args) => demo_cmd::main(args),
+        Command::Stress(args) => cli::stress::main(args),
+        Command::Demo(args) => cli::demo::main(args),
         Command::Run(args) => match run(args) {
             Ok(code) => code,
             Err(e) => {
@@ -226,12 +225,12 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         });
     }
     if args.reclaim {
-        config.reclaim = Some(vmm::kswapd::ReclaimConfig {
+        config.reclaim = Some(vmm::host::kswapd::ReclaimConfig {
             interval: std::time::Duration::from_millis(args.reclaim_interval_ms.max(1)),
         });
     }
     if let Some(spec) = &args.host_ops {
-        let script = vmm::hostops::HostOpScript::load(spec, config.mem_size)?;
+        let script = vmm::host::ops::HostOpScript::load(spec, config.mem_size)?;
         config.host_ops = Some(std::sync::Arc::new(script));
     }
     config.validate()?;
@@ -254,7 +253,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         if let (Some(check), Some(obj)) = (&report.check, v.as_object_mut()) {
             let text = match check {
                 Ok(()) => "ok".to_string(),
-                Err(e) => e.clone(),
+                Err(e) => e.to_string(),
             };
             obj.insert("check".into(), text.into());
         }

@@ -7,13 +7,13 @@
 //!
 //! In kvm mode the output is spot-checked against the SDM by hand (the guest
 //! checks every line against its own model of the rules, too); shadow mode
-//! must print exactly the same bytes (DESIGN.md rule 6).
+//! must print exactly the same bytes (docs/design.md rule 6).
 
 mod common;
 
 use std::collections::HashMap;
 
-use common::{Run, require_kvm, shadowvm};
+use common::{Run, require_kvm, shadowvm_in};
 
 /// Leaf combinations x PDE combinations x accesses x rings, per mode.
 const COMBINATIONS: usize = 64 * 16 * 3 * 2;
@@ -26,7 +26,7 @@ const MODES: [&str; 4] = [
 ];
 
 fn run_access(paging: &str) -> Run {
-    shadowvm(&["run", "access", "--paging", paging, "--timeout", "120s"])
+    shadowvm_in(paging, &["run", "access"], &["--timeout", "120s"])
 }
 
 /// The run without its table lines (which `Run::check` would print):

@@ -5,7 +5,7 @@
 //! device is busy, and one host operation invalidating both the shadow MMU
 //! and the device. The coherence checker runs after every step.
 
-mod mmu_support;
+mod common;
 
 use std::sync::Arc;
 
@@ -339,7 +339,7 @@ fn detach_removes_the_interval_and_the_mm_pin() {
 /// MMU (list API) and the device (interval API).
 #[test]
 fn one_host_operation_invalidates_the_shadow_mmu_and_the_device() {
-    use mmu_support::{Guest, P, RW, US};
+    use common::mmu_guest::{Guest, P, RW, US};
     let mut g = Guest::new(16, 256);
     let gva = 0x40_0000;
     let gpa = 3 * PAGE_SIZE;
@@ -379,5 +379,5 @@ fn one_host_operation_invalidates_the_shadow_mmu_and_the_device() {
     ));
     let new = pfn(&g.mm, hva).unwrap();
     assert_eq!(dev.iotlb_entries()[0].1.pfn, new);
-    assert_eq!(mmu_support::spte_pfn(g.spte(gva).unwrap()), new);
+    assert_eq!(common::mmu_guest::spte_pfn(g.spte(gva).unwrap()), new);
 }

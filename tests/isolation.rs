@@ -1,4 +1,4 @@
-//! DESIGN.md rule 5 (isolation), issue 5: `test-hostile` writes hostile
+//! docs/design.md rule 5 (isolation), issue 5: `test-hostile` writes hostile
 //! page tables (frames beyond its RAM and where machine memory and the
 //! shadow pool lie, reserved bits, tables pointing at themselves), loads
 //! 10,000 distinct CR3 values and CR3 values the VMM must refuse, and makes
@@ -9,7 +9,19 @@
 
 mod common;
 
-use common::{Run, require_kvm, shadowvm, temp_file, tiny_elf};
+use common::{Run, guest_code, require_kvm, shadowvm, temp_file, tiny_elf};
+
+guest_code! {
+    /// Turns on kvm-clock at gpa 0x1000, then halts (reached only if KVM
+    /// accepted the MSR).
+    fn pvclock() {
+        "mov $0x4b564d01, %ecx" // MSR_KVM_SYSTEM_TIME_NEW
+        "mov $0x1001, %eax" // gpa 0x1000 | enable
+        "xor %edx, %edx"
+        "wrmsr"
+        "hlt"
+    }
+}
 
 /// The summary line's counts: (probes, faults, rejected hypercalls).
 fn summary(r: &Run) -> (u64, u64, u64) {
@@ -62,14 +74,7 @@ fn hostile_guest_in_shadow_mode_stays_isolated_and_coherent() {
             r.stderr.lines().any(|l| l == "coherence check: ok"),
             "coherence check: ok",
         );
-        let json = r
-            .stderr
-            .lines()
-            .rev()
-            .find(|l| l.starts_with('{'))
-            .unwrap_or_default();
-        let v: serde_json::Value =
-            serde_json::from_str(json).unwrap_or_else(|e| panic!("bad JSON {json:?}: {e}"));
+        let v = r.json();
         assert_eq!(v["check"], "ok", "{v}");
         // The gpas beyond RAM were never mapped: the faults there were
         // answered as MMIO (a guest fault).
@@ -105,14 +110,8 @@ fn kvm_paravirtual_msrs_are_refused() {
     if !require_kvm() {
         return;
     }
-    let code = [
-        0xb9, 0x01, 0x4d, 0x56, 0x4b, // mov ecx, MSR_KVM_SYSTEM_TIME_NEW
-        0xb8, 0x01, 0x10, 0x00, 0x00, // mov eax, 0x1001 (gpa 0x1000 | enable)
-        0x31, 0xd2, // xor edx, edx
-        0x0f, 0x30, // wrmsr
-        0xf4, // hlt: reached only if KVM accepted the MSR
-    ];
-    let elf = temp_file("pvclock.elf", &tiny_elf(&code, code.len() as u64));
+    let code = pvclock();
+    let elf = temp_file("pvclock.elf", &tiny_elf(code, code.len() as u64));
     for paging in ["shadow", "kvm"] {
         let r = shadowvm(&["run", elf.to_str().unwrap(), "--paging", paging]);
         r.check(r.code == Some(125), "the wrmsr must fault (status 125)");

@@ -5,15 +5,7 @@
 
 mod common;
 
-use common::{Run, require_kvm, shadowvm};
-
-/// Runs `args` with `--paging mode` inserted before any `--`.
-fn run(args: &[&str], mode: &str) -> Run {
-    let mut a: Vec<&str> = args.to_vec();
-    let at = a.iter().position(|s| *s == "--").unwrap_or(a.len());
-    a.splice(at..at, ["--paging", mode, "--timeout", "20s"]);
-    shadowvm(&a)
-}
+use common::{Run, both_modes, require_kvm};
 
 /// stdout without the lines containing any of `timing`.
 fn deterministic(r: &Run, timing: &[&str]) -> String {
@@ -28,8 +20,7 @@ fn deterministic(r: &Run, timing: &[&str]) -> String {
 /// of `expect`, and print the same deterministic output. Returns the shadow
 /// run.
 fn both(args: &[&str], code: i32, expect: &[&str], timing: &[&str]) -> Run {
-    let kvm = run(args, "kvm");
-    let shadow = run(args, "shadow");
+    let (kvm, shadow) = both_modes(args, &["--timeout", "20s"]);
     for (mode, r) in [("kvm", &kvm), ("shadow", &shadow)] {
         r.check(
             r.code == Some(code),

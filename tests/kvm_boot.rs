@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::elf::{exit5, halt};
 use common::{require_kvm, shadowvm, temp_file, tiny_elf};
 
 #[test]
@@ -152,14 +153,7 @@ fn json_stats() {
     }
     let r = shadowvm(&["run", "hello", "--json"]);
     r.check(r.code == Some(0), "hello exits 0");
-    let line = r
-        .stderr
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_default();
-    let v: serde_json::Value =
-        serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"));
+    let v = r.json();
     assert!(v["exits"]["io"].as_u64().unwrap_or(0) > 0, "{v}");
     assert_eq!(v["hypercalls"]["exit"], 1, "{v}");
     assert!(
@@ -208,15 +202,12 @@ fn bare_elf_guests_without_the_runtime() {
         return;
     }
     // hlt on both vCPUs: every vCPU halted, exit status 0.
-    let halt = temp_file("halt.elf", &tiny_elf(&[0xf4], 1));
+    let halt = temp_file("halt.elf", &tiny_elf(halt(), 1));
     let r = shadowvm(&["run", halt.to_str().unwrap(), "--vcpus", "2"]);
     r.check(r.code == Some(0), "all vCPUs halted: exit status 0");
 
-    // mov $0x3f8, %dx; mov $'!', %al; out %al, (%dx); mov $5, %al; out %al, $0xf4
-    let code = [
-        0x66, 0xba, 0xf8, 0x03, 0xb0, b'!', 0xee, 0xb0, 5, 0xe6, 0xf4,
-    ];
-    let exit5 = temp_file("exit5.elf", &tiny_elf(&code, code.len() as u64));
+    let code = exit5();
+    let exit5 = temp_file("exit5.elf", &tiny_elf(code, code.len() as u64));
     let r = shadowvm(&["run", exit5.to_str().unwrap()]);
     r.check(r.code == Some(5), "exit port: status 5");
     r.check(r.stdout == "!", "one serial byte");

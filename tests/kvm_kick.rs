@@ -62,8 +62,8 @@ fn kick_and_wait_reaches_a_spinning_vcpu() {
         report.outcome
     );
     assert!(
-        report.stats.exits["intr"] >= u64::from(KICKS),
+        report.stats.vm.exits["intr"] >= u64::from(KICKS),
         "{:?}",
-        report.stats.exits
+        report.stats.vm.exits
     );
 }

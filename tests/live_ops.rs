@@ -7,22 +7,18 @@
 
 mod common;
 
-use std::io::Write;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use parking_lot::Mutex;
+use common::{CounterGuest, wait_for};
 use serde_json::Value;
 use shadowvm::mmu::TlbFlush;
-use shadowvm::vmm::kswapd::{AGING_HISTORY, Aging};
-use shadowvm::vmm::{GuestSource, Outcome, Paging, RunningVm, VmConfig};
+use shadowvm::vmm::Outcome;
+use shadowvm::vmm::host::aging::{AGING_HISTORY, Aging};
 
 /// The `--json` object (the last stderr line).
 fn json(run: &common::Run) -> Value {
-    let line = run.stderr.lines().last().unwrap_or_default();
-    let v = serde_json::from_str(line);
-    run.check(v.is_ok(), "stderr ends with the --json object");
-    v.unwrap()
+    run.json_at_end()
 }
 
 fn num(v: &Value, path: &[&str]) -> u64 {
@@ -239,56 +235,16 @@ fn ksm_and_reclaim_need_shadow_paging() {
     }
 }
 
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
 /// test-counter increments a counter on its own page forever; the host
 /// writes one page the guest never touches. Aging passes (clear the young
 /// bits, then one batched host invalidation) must see the counter page
 /// young in every pass and the untouched page young only in the first.
 #[test]
 fn aging_keeps_the_hot_page_young_and_the_idle_page_goes_cold() {
-    if !common::require_kvm() {
+    let Some(g) = CounterGuest::start(0, |_| {}) else {
         return;
-    }
-    if shadowvm::vmm::guests::find("test-counter").is_none() {
-        return;
-    }
-    let mut config = VmConfig::new(GuestSource::Builtin("test-counter".into()));
-    config.mem_size = 16 << 20;
-    config.paging = Paging::Shadow;
-    let console = Console::default();
-    let vm = RunningVm::start(&config, Box::new(console.clone())).expect("start test-counter");
-    let prefix = "counter 0 at ";
-    let gpa = wait_for("the counter address", || {
-        let text = String::from_utf8_lossy(&console.0.lock()).into_owned();
-        let line = text.lines().find(|l| l.starts_with(prefix))?;
-        u64::from_str_radix(line.trim_start_matches(prefix).trim(), 16).ok()
-    });
-    let sp = vm.shadow().expect("shadow mode").clone();
-    let mm = sp.ram().mm().clone();
-    let hot = sp.ram().base() + gpa;
+    };
+    let (vm, sp, mm, hot) = (g.vm, g.shadow, g.mm, g.hva);
     wait_for("the counter page", || match mm.pte(hot) {
         Some(shadowvm::mm::Pte::Present(_)) => Some(()),
         _ => None,

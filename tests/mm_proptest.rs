@@ -27,6 +27,8 @@
 //! the shrunk operation sequence, which is the regression to add here as a
 //! deterministic test. `PROPTEST_CASES` overrides the number of cases.
 
+mod common;
+
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 use proptest::prelude::*;
 use proptest::sample::Index;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 
 use shadowvm::mm::{
     Access, FrameAccess, FrameOwner, Hva, MMAP_BASE, Mm, MmError, MmapFlags, PAGE_SIZE, PagePin,
@@ -1429,31 +1431,15 @@ fn assert_exited(mm: &Arc<Mm>, hva: Hva) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(512)
-}
-
 #[test]
 fn random_operation_sequences_keep_the_mm_consistent() {
-    let config = Config {
-        cases: cases(),
-        failure_persistence: None,
-        ..Config::default()
-    };
-    let mut runner = TestRunner::new(config);
-    let result = runner.run(&scenario_strategy(), |s| {
+    common::proptest_run(&scenario_strategy(), |s| {
         let mut h = Harness::new(&s)?;
         h.run(&s)?;
         h.finish(s.exit)?;
         bump(&COVERAGE.cases, 1);
         Ok(())
     });
-    if let Err(e) = result {
-        panic!("{e}");
-    }
     let c = &COVERAGE;
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     eprintln!(
@@ -1480,7 +1466,7 @@ fn random_operation_sequences_keep_the_mm_consistent() {
     // The sequences must reach the paths the properties are about (counted
     // over the successful cases only, so this holds for any seed with enough
     // cases).
-    if cases() >= 128 {
+    if common::proptest_cases() >= 128 {
         for (name, v) in [
             ("KSM merges", get(&c.ksm_merges)),
             ("KSM COW breaks", get(&c.pgcow)),

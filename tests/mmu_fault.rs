@@ -2,12 +2,12 @@
 //! notifier callback keeping the shadow tables coherent, with the coherence
 //! checker after each step.
 
-mod mmu_support;
+mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use mmu_support::*;
+use common::mmu_guest::*;
 use shadowvm::mm::{Access, FrameAccess, FrameOwner, MmError, MmapFlags, PAGE_SIZE, Prot};
 use shadowvm::mmu::walk::FaultKind;
 use shadowvm::mmu::{

@@ -45,7 +45,7 @@
 //!   spte that lets the access through, to the host's current frame;
 //! * the young callbacks see the spte Accessed bits the CPU model set.
 //!
-//! The TLB model follows DESIGN.md ("TLB shootdown"): on our machines the
+//! The TLB model follows docs/design.md ("TLB shootdown"): on our machines the
 //! host KVM's own shadow of our tables keeps translations per shadow root,
 //! across CR3 loads, until the frame they map is invalidated in the host;
 //! so the model drops an entry only when its frame is flushed.
@@ -56,7 +56,7 @@
 //! Failure persistence is off: a failure prints the shrunk sequence.
 //! `PROPTEST_CASES` overrides the number of cases.
 
-mod mmu_support;
+mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -64,9 +64,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 
-use mmu_support::{A, ADDR, D, Guest, NX, P, PS, RW, US, spte_pfn};
+use common::mmu_guest::{A, ADDR, D, Guest, NX, P, PS, RW, US, spte_pfn};
 use shadowvm::mm::{FrameAccess, FrameOwner, MmError, MmapFlags, PAGE_SIZE, Pfn, Prot, Pte};
 use shadowvm::mmu::{
     FaultOutcome, FlushFrame, MmuError, PfErrorCode, ShadowMmuConfig, TlbFlush, TlbFlushError,
@@ -1736,31 +1736,15 @@ impl Harness {
     }
 }
 
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(512)
-}
-
 #[test]
 fn random_guest_and_host_operations_keep_the_shadow_tables_coherent() {
-    let config = Config {
-        cases: cases(),
-        failure_persistence: None,
-        ..Config::default()
-    };
-    let mut runner = TestRunner::new(config);
-    let result = runner.run(&scenario_strategy(), |s| {
+    common::proptest_run(&scenario_strategy(), |s| {
         let mut h = Harness::new(&s)?;
         h.run(&s)?;
         h.finish(s.exit)?;
         bump(&COVERAGE.cases, 1);
         Ok(())
     });
-    if let Err(e) = result {
-        panic!("{e}");
-    }
     let c = &COVERAGE;
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let counts = [
@@ -1788,7 +1772,7 @@ fn random_guest_and_host_operations_keep_the_shadow_tables_coherent() {
     // The sequences must reach the paths the properties are about. (A
     // stale TLB hit needs a store through the window, no invlpg, and a
     // reuse: a few per thousand cases, so it is only printed.)
-    if cases() >= 128 {
+    if common::proptest_cases() >= 128 {
         for (name, v) in counts.into_iter().filter(|(n, _)| *n != "stale TLB hits") {
             assert!(
                 v > 0,

@@ -1,12 +1,12 @@
 //! The shadow MMU under host activity: range-aware fault retry, paging-mode
 //! roles, and fail-stop when the TLB shootdown fails.
 
-mod mmu_support;
+mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use mmu_support::{A, D, Guest, NX, P, RW, US};
+use common::mmu_guest::{A, D, Guest, NX, P, RW, US};
 use parking_lot::Mutex;
 use shadowvm::mm::{MmapFlags, PAGE_SIZE};
 use shadowvm::mmu::{FaultOutcome, MmuError, PfErrorCode, ShadowMmuConfig};

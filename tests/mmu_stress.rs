@@ -1,19 +1,19 @@
 //! The shadow MMU under real concurrency: vCPU threads faulting while host
 //! threads invalidate, with the checkers run at quiescent points; and the
-//! fault/invalidate race (DESIGN.md rule 2) forced with threads, in both of
+//! fault/invalidate race (docs/design.md rule 2) forced with threads, in both of
 //! its shapes: an invalidation that completes inside the fault's window, and
 //! one still in progress when the fault takes the MMU lock.
 //!
 //! `SHADOWVM_STRESS_MS` sets the stress run's length (default 1500 ms).
 
-mod mmu_support;
+mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use mmu_support::{ADDR, D, Guest, P, RW, US, spte_pfn};
+use common::mmu_guest::{A, ADDR, D, Guest, P, RW, US, spte_pfn};
 use shadowvm::mm::{FrameOwner, MmError, MmapFlags, PAGE_SIZE, Prot, Pte};
 use shadowvm::mmu::{FaultOutcome, MmuError, PfErrorCode, RaceHook, ShadowMmu, ShadowMmuConfig};
 use shadowvm::notifier::{MmuNotifierOps, MmuNotifierRange, NotifierError};
@@ -140,7 +140,7 @@ fn setup() -> Setup {
     let victim_ptes = (NR_DATA..NR_DATA + NR_VICTIM)
         .map(|page| {
             let e = g.pte_gpa(cr3_a, gva_of(page), 1);
-            (e, g.read_u64(e) & !(mmu_support::A | D))
+            (e, g.read_u64(e) & !(A | D))
         })
         .collect();
     // Nothing was shadowed from these tables yet, so writing them behind
@@ -342,7 +342,7 @@ fn restore_victim(s: &Setup) -> Result<(), String> {
             Err(MmError::OutOfFrames) => return Ok(()), // next round
             Err(err) => return Err(format!("reading the victim table: {err}")),
         };
-        if cur & !(mmu_support::A | D) != v {
+        if cur & !(A | D) != v {
             match s.g.mm.write(hva, &v.to_le_bytes()) {
                 Ok(()) | Err(MmError::OutOfFrames) => {}
                 Err(err) => return Err(format!("restoring the victim table: {err}")),

@@ -1,23 +1,13 @@
-//! Every built-in guest in `--paging kvm` and `--paging shadow`: same console
+//! Built-in guests in `--paging kvm` and `--paging shadow`: same console
 //! output (apart from the line naming the mode) and the same exit status
-//! (DESIGN.md rule 6, at the level of whole guests). Plus the shadow-mode
-//! statistics and running out of machine memory.
+//! (docs/design.md rule 6, at the level of whole guests); every built-in
+//! guest is run in both modes here or by the test the list below names.
+//! Plus the shadow-mode statistics and running out of machine memory.
 
 mod common;
 
-use common::{Run, require_kvm, shadowvm, temp_file, tiny_elf};
-
-/// Runs `args` in both modes.
-fn both(args: &[&str]) -> (Run, Run) {
-    let with = |mode: &str| {
-        let mut a: Vec<&str> = args.to_vec();
-        // Options go before a `--`.
-        let at = a.iter().position(|s| *s == "--").unwrap_or(a.len());
-        a.splice(at..at, ["--paging", mode]);
-        shadowvm(&a)
-    };
-    (with("kvm"), with("shadow"))
-}
+use common::elf::{exit5, halt};
+use common::{Run, both_modes, require_kvm, shadowvm, temp_file, tiny_elf};
 
 /// stdout with the mode name neutralized and the `concurrent` snippets
 /// (printed by other vCPUs at any moment, even in the middle of a line
@@ -32,7 +22,7 @@ fn normalized(r: &Run, concurrent: &[&str]) -> String {
 }
 
 fn same(args: &[&str], concurrent: &[&str]) -> (Run, Run) {
-    let (kvm, shadow) = both(args);
+    let (kvm, shadow) = both_modes(args, &[]);
     shadow.check(
         kvm.code == shadow.code,
         &format!("{args:?}: exit status {:?} in kvm mode", kvm.code),
@@ -121,13 +111,11 @@ fn bare_elf_guests_in_both_modes() {
     if !require_kvm() {
         return;
     }
-    let halt = temp_file("shadow-halt.elf", &tiny_elf(&[0xf4], 1));
+    let halt = temp_file("shadow-halt.elf", &tiny_elf(halt(), 1));
     let (_, s) = same(&["run", halt.to_str().unwrap(), "--vcpus", "2"], &[]);
     s.check(s.code == Some(0), "all vCPUs halted");
-    let code = [
-        0x66, 0xba, 0xf8, 0x03, 0xb0, b'!', 0xee, 0xb0, 5, 0xe6, 0xf4,
-    ];
-    let exit5 = temp_file("shadow-exit5.elf", &tiny_elf(&code, code.len() as u64));
+    let code = exit5();
+    let exit5 = temp_file("shadow-exit5.elf", &tiny_elf(code, code.len() as u64));
     let (_, s) = same(&["run", exit5.to_str().unwrap()], &[]);
     s.check(s.code == Some(5) && s.stdout == "!", "exit port");
 }
@@ -141,14 +129,7 @@ fn shadow_json_stats() {
         "run", "memtest", "--paging", "shadow", "--mem", "16M", "--json", "--", "size=1M",
     ]);
     r.check(r.code == Some(0), "memtest exits 0");
-    let line = r
-        .stderr
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_default();
-    let v: serde_json::Value =
-        serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"));
+    let v = r.json();
     assert_eq!(v["paging"], "shadow", "{v}");
     // 1 MiB written, then read back after the balloon: 256 faults each.
     let fixed = v["mmu"]["pf_fixed"].as_u64().unwrap_or(0);
@@ -173,12 +154,7 @@ fn shadow_json_stats() {
 
     // kvm mode has none of it.
     let r = shadowvm(&["run", "hello", "--paging", "kvm", "--json"]);
-    let line = r
-        .stderr
-        .lines()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or("{}");
-    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    let v = r.json();
     assert!(v.get("mmu").is_none(), "{v}");
 }
 
@@ -205,14 +181,7 @@ fn touch_guest_and_timing_counters() {
     ] {
         r.check(r.stdout.contains(want), want);
     }
-    let line = r
-        .stderr
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_default();
-    let v: serde_json::Value =
-        serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"));
+    let v = r.json();
     let n = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
     let m = &v["mmu"];
     assert!(n(&m["pf_fixed"]) >= 64, "{v}");
@@ -273,4 +242,54 @@ fn guest_ram_larger_than_machine_memory_runs_through_reclaim() {
         r.stdout.contains("8192 KiB, 4 patterns, 0 errors"),
         "memtest verified every byte",
     );
+}
+
+/// Every built-in guest and the test that runs it in both modes.
+const BOTH_MODES: &[(&str, &str)] = &[
+    ("access", "access.rs: access_shadow_output_equals_kvm"),
+    ("balloon", "issue6_guests.rs: balloon_guest_in_both_modes"),
+    ("hello", "hello_in_both_modes"),
+    (
+        "hostops",
+        "host_ops.rs: each mode's own results (kvm mode has no host operations)",
+    ),
+    ("ksm", "issue6_guests.rs: ksm_guest_in_both_modes"),
+    ("memtest", "memtest_in_both_modes"),
+    ("pagetable", "pagetable_in_both_modes"),
+    ("touch", "touch_guest_and_timing_counters"),
+    ("verify", "issue6_guests.rs: verify_guest_in_both_modes"),
+    ("wss", "issue6_guests.rs: wss_guest_in_both_modes"),
+    ("test-badport", "test_guests_in_both_modes"),
+    ("test-counter", "every_builtin_guest_in_both_modes"),
+    ("test-exitport", "test_guests_in_both_modes"),
+    ("test-hostile", "isolation.rs: hostile_guest_in_*_mode"),
+    ("test-hypercalls", "hypercalls_in_both_modes"),
+    ("test-spin", "test_guests_in_both_modes"),
+    ("test-triplefault", "test_guests_in_both_modes"),
+];
+
+/// The guest list against [`BOTH_MODES`] (a new guest needs a both-modes
+/// test), and the guest no other test runs in both modes.
+#[test]
+fn every_builtin_guest_in_both_modes() {
+    use shadowvm::vmm::guests;
+    if let Some(reason) = guests::unavailable_reason() {
+        eprintln!("skipping: no built-in guests: {reason}");
+        return;
+    }
+    let mut built: Vec<&str> = guests::list(true).map(|g| g.name).collect();
+    let mut listed: Vec<&str> = BOTH_MODES.iter().map(|(g, _)| *g).collect();
+    built.sort_unstable();
+    listed.sort_unstable();
+    assert_eq!(
+        built, listed,
+        "every built-in guest needs a test that runs it in both modes (BOTH_MODES)"
+    );
+    if !require_kvm() {
+        return;
+    }
+    // Counts forever on its own page: stopped by --timeout in both modes.
+    let (_, s) = same(&["run", "test-counter", "--timeout", "1s"], &[]);
+    s.check(s.code == Some(124), "timed out");
+    s.check(s.stdout.starts_with("counter 0 at "), "counting");
 }

@@ -1,4 +1,4 @@
-//! Stale shadow translations (DESIGN.md rule 3, "TLB shootdown"): a ring-3
+//! Stale shadow translations (docs/design.md rule 3, "TLB shootdown"): a ring-3
 //! guest loop increments a counter on its own page while this test, as the
 //! host, ages, discards and write-protects that page through the host mm.
 //! Once the host operation returns, the guest must never write the old
@@ -12,64 +12,14 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
-use shadowvm::mm::{Access, FrameAccess, Mm, Pfn, Prot, Pte};
-use shadowvm::vmm::{GuestSource, Outcome, Paging, RunningVm, VmConfig};
+use common::{CounterGuest as Guest, poll, wait_for};
+use shadowvm::mm::{Access, Pfn, Prot};
+use shadowvm::vmm::Outcome;
 
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock()).into_owned()
-    }
-}
-
-struct Guest {
-    vm: RunningVm,
-    cpu: u32,
-    console: Console,
-    mm: Arc<Mm>,
-    hva: u64,
-}
-
-fn poll<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
+/// How long the checks below poll for the guest's reaction.
+const POLL: Duration = Duration::from_secs(5);
 
 /// Boots test-counter in shadow mode and waits until it counts.
 fn start(host_tlb_flush: bool) -> Option<Guest> {
@@ -78,33 +28,10 @@ fn start(host_tlb_flush: bool) -> Option<Guest> {
 
 /// Boots test-counter on `vcpus` vCPUs; the test works on vCPU `cpu`'s page.
 fn start_on(host_tlb_flush: bool, vcpus: u32, cpu: u32) -> Option<Guest> {
-    if !common::require_kvm() {
-        return None;
-    }
-    shadowvm::vmm::guests::find("test-counter")?;
-    let mut config = VmConfig::new(GuestSource::Builtin("test-counter".into()));
-    config.mem_size = 16 << 20;
-    config.paging = Paging::Shadow;
-    config.host_tlb_flush = host_tlb_flush;
-    config.vcpus = vcpus;
-    let console = Console::default();
-    let vm = RunningVm::start(&config, Box::new(console.clone())).expect("start test-counter");
-    let prefix = format!("counter {cpu} at ");
-    let gpa = wait_for("the counter address", || {
-        let text = console.text();
-        let line = text.lines().find(|l| l.starts_with(&prefix))?;
-        u64::from_str_radix(line.trim_start_matches(&prefix).trim(), 16).ok()
-    });
-    let sp = vm.shadow().expect("shadow mode").clone();
-    let mm = sp.ram().mm().clone();
-    let hva = sp.ram().base() + gpa;
-    let g = Guest {
-        vm,
-        cpu,
-        console,
-        mm,
-        hva,
-    };
+    let g = Guest::start(cpu, |config| {
+        config.host_tlb_flush = host_tlb_flush;
+        config.vcpus = vcpus;
+    })?;
     // Counting: the page is present and its counter moves.
     let pfn = wait_for("the counter page", || g.pfn());
     let v = g.read(pfn);
@@ -112,22 +39,8 @@ fn start_on(host_tlb_flush: bool, vcpus: u32, cpu: u32) -> Option<Guest> {
     Some(g)
 }
 
+/// What the tests below do to the counter page.
 impl Guest {
-    fn pfn(&self) -> Option<Pfn> {
-        match self.mm.pte(self.hva) {
-            Some(Pte::Present(p)) => Some(p.pfn),
-            _ => None,
-        }
-    }
-
-    fn read(&self, pfn: Pfn) -> u64 {
-        self.mm
-            .memory()
-            .frame_word(pfn, 0)
-            .expect("frame")
-            .load(std::sync::atomic::Ordering::SeqCst)
-    }
-
     /// Whether frame `pfn` changed within `window` after now.
     fn changes(&self, pfn: Pfn, window: Duration) -> bool {
         let v = self.read(pfn);
@@ -204,7 +117,7 @@ fn two_vcpus_never_reach_a_zapped_frame() {
     assert!(s.host_invalidate.memslot_bounces >= 3, "{s:?}");
 }
 
-fn never_reaches_a_zapped_frame(g: Guest) -> shadowvm::vmm::hypercall::ShadowStats {
+fn never_reaches_a_zapped_frame(g: Guest) -> shadowvm::vmm::paging::shadow::ShadowStats {
     const WINDOW: Duration = Duration::from_millis(200);
 
     // Aging: the Accessed bit cleared in the spte is set again.
@@ -220,7 +133,7 @@ fn never_reaches_a_zapped_frame(g: Guest) -> shadowvm::vmm::hypercall::ShadowSta
         !g.changes(old, WINDOW),
         "the guest wrote the discarded frame {old:#x} after MADV_DONTNEED returned"
     );
-    let Some(new) = poll(|| g.pfn()) else {
+    let Some(new) = poll(POLL, || g.pfn()) else {
         g.vm.stop();
         let report = g.vm.wait(Some(Duration::from_secs(5)));
         panic!(
@@ -242,7 +155,7 @@ fn never_reaches_a_zapped_frame(g: Guest) -> shadowvm::vmm::hypercall::ShadowSta
         "the guest wrote a write-protected frame after mprotect returned"
     );
     let line = format!("counter {}: fault vector 14", g.cpu);
-    let _ = poll(|| g.console.text().contains(&line).then_some(()));
+    let _ = poll(POLL, || g.console.text().contains(&line).then_some(()));
     // One vCPU: main returns 3 and the VM exits; two: stop the other one.
     g.vm.stop();
     let report = g.vm.wait(Some(Duration::from_secs(10)));

@@ -302,6 +302,21 @@ static inline void cpu_relax(void)
 }
 __attribute__((noreturn)) void halt_forever(void);
 
+/* Self-checking guests: CHECK(cond, fmt, ...) counts a check in the
+ * guest's `checks` and, if cond is false, a failure in `failures`, printing
+ * "FAIL line N: " and the message. The guest defines both counters
+ * (static int checks, failures;) and reports them at the end. */
+#define CHECK(cond, ...)                                                                  \
+    do {                                                                                  \
+        checks++;                                                                         \
+        if (!(cond)) {                                                                    \
+            failures++;                                                                   \
+            printf("FAIL line %d: ", __LINE__);                                           \
+            printf(__VA_ARGS__);                                                          \
+            rt_write("\n", 1);                                                            \
+        }                                                                                 \
+    } while (0)
+
 /* Guest entry points. */
 int main(const struct svm_boot_info *bi);
 void ap_main(const struct svm_boot_info *bi, unsigned cpu);

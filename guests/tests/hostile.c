@@ -2,7 +2,7 @@
 #include <shadowvm.h>
 
 /*
- * DESIGN.md rule 5 from the guest's side.  The guest builds page tables
+ * docs/design.md rule 5 from the guest's side.  The guest builds page tables
  * whose entries point at gpas beyond its RAM (where machine memory and the
  * shadow pool might be, seen from KVM), set reserved bits, or point back at
  * their own table, and probes them from ring 0 and ring 3: every probe must
@@ -40,17 +40,6 @@ struct probe {
 static struct probe probes[2048];
 static int nr_probes, failures, checks, rejected, hypercalls;
 static bool shadow;
-
-#define CHECK(cond, ...)                                                                  \
-    do {                                                                                  \
-        checks++;                                                                         \
-        if (!(cond)) {                                                                    \
-            failures++;                                                                   \
-            printf("FAIL line %d: ", __LINE__);                                           \
-            printf(__VA_ARGS__);                                                          \
-            rt_write("\n", 1);                                                            \
-        }                                                                                 \
-    } while (0)
 
 static void add(uint64_t va, int kind, bool both_modes)
 {

@@ -10,10 +10,9 @@ use parking_lot::Mutex;
 use crate::mm::{Access, FrameAccess, FrameOwner, Hva, MachineMemory, Mm, MmError, PAGE_SIZE, Pfn};
 use crate::notifier::MmuIntervalNotifier;
 
-use super::DmaError;
-use super::fault::MAX_FAULT_RETRIES;
 use super::iotlb::{Iotlb, IotlbEntry};
 use super::stats::{DmaStats, DmaStatsSnapshot, add, inc};
+use super::{DmaError, MAX_FAULT_RETRIES};
 
 /// A test hook run by the fault path between `hva_to_pfn` and taking the
 /// device lock, with the faulting iova: the window a host invalidation must

@@ -15,15 +15,11 @@
 
 use crate::mm::Access;
 
-use super::DmaError;
 use super::device::DmaDevice;
 use super::iotlb::IotlbEntry;
 use super::stats::inc;
+use super::{DmaError, MAX_FAULT_RETRIES};
 use crate::mm::PAGE_SIZE;
-
-/// Bound on attempts of one fault; each failed one means an invalidation of
-/// the device's interval collided with it.
-pub(crate) const MAX_FAULT_RETRIES: u32 = 1000;
 
 impl DmaDevice {
     /// Maps the page of `iova` for `access` (ODP's page fault); returns the

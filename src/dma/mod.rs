@@ -43,6 +43,10 @@ pub use engine::{DmaDone, DmaEngine, DmaOp};
 pub use iotlb::IotlbEntry;
 pub use stats::{DmaStats, DmaStatsSnapshot};
 
+/// Bound on attempts of one device fault; each failed one means an
+/// invalidation of the device's interval collided with it.
+pub(crate) const MAX_FAULT_RETRIES: u32 = 1000;
+
 /// Errors of the DMA device, as its driver would report them.
 #[derive(Debug, thiserror::Error)]
 pub enum DmaError {

@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use crate::notifier::NotifierError;
 
-use super::swap::SwapSlot;
-use super::{Hva, Pfn};
+use super::{Hva, Pfn, SwapSlot};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MmError {

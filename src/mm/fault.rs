@@ -199,7 +199,7 @@ impl Mm {
         slot: super::SwapSlot,
         write: bool,
     ) -> Result<Step, MmError> {
-        tracing::debug!(target: "shadowvm::trace", layer = "mm", kind = "swap_in", hva = page, write, "host: swap-in (do_swap_page)");
+        crate::trace::emit!(SwapIn { hva: page, write });
         let pfn = self.alloc_page(vmas)?;
         let mut pt = self.pt.lock();
         if pt.pte(page) != Some(Pte::Swap(slot)) {
@@ -276,7 +276,11 @@ impl Mm {
             Some(p) => {
                 self.put_pages(vec![old.pfn]);
                 inc(&self.stats.pgcow);
-                tracing::debug!(target: "shadowvm::trace", layer = "mm", kind = "cow", hva = page, old_frame = old.pfn, new_frame = p.pfn, "host: copy-on-write broke the sharing");
+                crate::trace::emit!(Cow {
+                    hva: page,
+                    old_frame: old.pfn,
+                    new_frame: p.pfn,
+                });
                 Ok(Step::Done(p))
             }
             None => {

@@ -32,7 +32,10 @@ impl Mm {
     /// zapped; `ENOMEM` if part of the range is unmapped, after zapping the
     /// mapped parts.
     pub fn madvise_dontneed(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        tracing::debug!(target: "shadowvm::trace", layer = "mm", kind = "host_op", op = "madvise_dontneed", start = addr, len, "host: madvise(MADV_DONTNEED)");
+        crate::trace::emit!(HostOp(crate::trace::HostOp::MadviseDontneed {
+            start: addr,
+            len
+        }));
         self.check_alive()?;
         let Some((start, end)) = madvise_range(addr, len)? else {
             return Ok(());
@@ -55,7 +58,10 @@ impl Mm {
 
     /// `madvise(addr, len, MADV_MERGEABLE)`: lets KSM merge the range.
     pub fn madvise_mergeable(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        tracing::debug!(target: "shadowvm::trace", layer = "mm", kind = "host_op", op = "madvise_mergeable", start = addr, len, "host: madvise(MADV_MERGEABLE)");
+        crate::trace::emit!(HostOp(crate::trace::HostOp::MadviseMergeable {
+            start: addr,
+            len
+        }));
         self.check_alive()?;
         let Some((start, end)) = madvise_range(addr, len)? else {
             return Ok(());

@@ -55,7 +55,7 @@ impl Mm {
 
     /// `munmap(addr, len)`.
     pub fn munmap(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        tracing::debug!(target: "shadowvm::trace", layer = "mm", kind = "host_op", op = "munmap", start = addr, len, "host: munmap");
+        crate::trace::emit!(HostOp(crate::trace::HostOp::Munmap { start: addr, len }));
         self.check_alive()?;
         if !is_page_aligned(addr) {
             return Err(MmError::InvalidArgument("address is not page aligned"));
@@ -142,7 +142,7 @@ impl Mm {
     /// frame and swap slot returned. Later calls on the mm fail with
     /// `Exited`; a second exit does nothing.
     pub fn exit_mmap(&self) {
-        tracing::debug!(target: "shadowvm::trace", layer = "mm", kind = "host_op", op = "exit_mmap", "host: exit_mmap");
+        crate::trace::emit!(HostOp(crate::trace::HostOp::ExitMmap));
         let mut ksm = self.ksm.lock();
         let mut vmas = self.mmap_lock.write();
         if self.exited.swap(true, std::sync::atomic::Ordering::AcqRel) {

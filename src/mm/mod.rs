@@ -67,7 +67,6 @@ pub use memory::{AnonMemory, FrameAccess, MachineMemory};
 pub use pgtable::{PageMeta, PresentPte, Pte};
 pub use reclaim::{AgingResult, ReclaimResult};
 pub use stats::{MmStats, MmStatsSnapshot};
-pub use swap::SwapSlot;
 pub use vma::{MmapFlags, Prot, Vma};
 
 use ksm::KsmState;
@@ -78,6 +77,8 @@ use vma::VmaTree;
 pub type Hva = u64;
 /// A frame number of machine memory.
 pub type Pfn = u64;
+/// Index of a swap slot (`swp_entry_t`'s offset).
+pub type SwapSlot = u32;
 
 pub const PAGE_SHIFT: u32 = 12;
 pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;

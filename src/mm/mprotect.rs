@@ -21,7 +21,11 @@ impl Mm {
     /// write permission goes. An upgrade leaves the PTEs as they are in a
     /// private mapping: the next write faults and upgrades the PTE.
     pub fn mprotect(&self, addr: Hva, len: u64, prot: Prot) -> Result<(), MmError> {
-        tracing::debug!(target: "shadowvm::trace", layer = "mm", kind = "host_op", op = "mprotect", start = addr, len, prot = ?prot, "host: mprotect");
+        crate::trace::emit!(HostOp(crate::trace::HostOp::Mprotect {
+            start: addr,
+            len,
+            prot: &prot,
+        }));
         self.check_alive()?;
         if !super::is_page_aligned(addr) {
             return Err(MmError::InvalidArgument("address is not page aligned"));

@@ -2,7 +2,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use super::swap::{SwapSlot, SwapStore};
+use super::SwapSlot;
+use super::swap::SwapStore;
 use super::{Hva, PAGE_SHIFT, Pfn};
 
 /// A host page-table entry.

@@ -48,7 +48,7 @@ impl Mm {
     /// `ptep_clear_flush_young_notify`: test and clear the host young bit and
     /// every secondary MMU's, flushing the secondary TLBs.
     pub fn clear_flush_young(&self, hva: Hva) -> Result<bool, MmError> {
-        tracing::debug!(target: "shadowvm::trace", layer = "mm", kind = "host_op", op = "clear_flush_young", start = hva, "host: ptep_clear_flush_young");
+        crate::trace::emit!(HostOp(crate::trace::HostOp::ClearFlushYoung { start: hva }));
         self.young_op(hva, true, true)
     }
 
@@ -104,7 +104,7 @@ impl Mm {
     /// flushes) the young bits of every present page and reports which were
     /// young.
     pub fn age_range(&self, start: Hva, end: Hva, flush: bool) -> Result<AgingResult, MmError> {
-        tracing::debug!(target: "shadowvm::trace", layer = "mm", kind = "host_op", op = "age_range", start, end, flush, "host: aging pass");
+        crate::trace::emit!(HostOp(crate::trace::HostOp::AgeRange { start, end, flush }));
         self.check_alive()?;
         let mut res = AgingResult::default();
         let pages: Vec<Hva> = {
@@ -132,7 +132,7 @@ impl Mm {
     /// cleared); a cold one is unmapped under `invalidate_range_start/end`,
     /// written to swap if dirty, and freed. A later access swaps it back in.
     pub fn reclaim(&self, nr_to_scan: u64) -> Result<ReclaimResult, MmError> {
-        tracing::debug!(target: "shadowvm::trace", layer = "mm", kind = "host_op", op = "reclaim", nr_to_scan, "host: reclaim (kswapd)");
+        crate::trace::emit!(HostOp(crate::trace::HostOp::Reclaim { nr_to_scan }));
         self.check_alive()?;
         let vmas = self.mmap_lock.read();
         self.reclaim_locked(&vmas, nr_to_scan)
@@ -291,7 +291,7 @@ impl Mm {
             let slot = pt.swap.alloc(&buf);
             pt.ptes.insert(vpn(hva), Pte::Swap(slot));
             inc(&self.stats.pswpout);
-            tracing::debug!(target: "shadowvm::trace", layer = "mm", kind = "swap_out", hva, frame = pfn, "host: page written to swap and freed");
+            crate::trace::emit!(SwapOut { hva, frame: pfn });
             true
         } else {
             if let Some(slot) = cached {

@@ -4,10 +4,7 @@
 //! `swap_map[]`: one for every swap PTE that refers to it and one while the
 //! page sits in the swap cache (mapped and still identical to the slot).
 
-use super::{MmError, PAGE_SIZE};
-
-/// Index of a swap slot (`swp_entry_t`'s offset).
-pub type SwapSlot = u32;
+use super::{MmError, PAGE_SIZE, SwapSlot};
 
 #[derive(Default)]
 pub struct SwapStore {

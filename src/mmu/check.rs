@@ -1,4 +1,4 @@
-//! The coherence checker: DESIGN.md rules 1 (coherence) and 5 (isolation)
+//! The coherence checker: docs/design.md rules 1 (coherence) and 5 (isolation)
 //! over the host mm and the shadow MMU together.
 
 use std::collections::HashMap;

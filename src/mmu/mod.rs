@@ -10,7 +10,7 @@
 //! * `fault.rs`: the fault path with KVM's invalidation-sequence retry.
 //! * `notifier.rs`: the `MmuNotifierOps` implementation.
 //! * [`tlb`]: the flush the MMU requests, by frame.
-//! * `check.rs`: the coherence checker (DESIGN.md rules 1 and 5).
+//! * `check.rs`: the coherence checker (docs/design.md rules 1 and 5).
 
 mod check;
 mod fault;

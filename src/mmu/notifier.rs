@@ -74,7 +74,11 @@ impl Inner {
                 let old = w.fetch_and(!PT_ACCESSED_MASK, Ordering::AcqRel);
                 if spte::is_present(old) && spte::is_accessed(old) {
                     young = true;
-                    tracing::debug!(target: "shadowvm::trace", layer = "mmu", kind = "accessed_cleared", sp, idx, frame = spte::pfn(old), "spte Accessed bit cleared");
+                    crate::trace::emit!(AccessedCleared {
+                        sp,
+                        idx: idx.into(),
+                        frame: spte::pfn(old),
+                    });
                     ctx.flush.push(FlushFrame {
                         pfn: spte::pfn(old),
                         reason: FlushReason::AccessedCleared,
@@ -173,7 +177,12 @@ impl MmuNotifierOps for Inner {
                         Err(cur) => old = cur,
                     }
                 }
-                tracing::debug!(target: "shadowvm::trace", layer = "mmu", kind = "spte_repointed", sp, idx, old_frame = spte::pfn(old), new_frame = pte.frame, "spte repointed read-only");
+                crate::trace::emit!(SpteRepointed {
+                    sp,
+                    idx: idx.into(),
+                    old_frame: spte::pfn(old),
+                    new_frame: pte.frame,
+                });
                 ctx.flush.push(FlushFrame {
                     pfn: spte::pfn(old),
                     reason: FlushReason::Repointed,

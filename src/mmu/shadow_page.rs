@@ -322,7 +322,12 @@ impl Ctx<'_> {
         if level == 1 {
             self.rmap_remove((sp, idx as u16));
             inc(&self.stats.spte_zapped);
-            tracing::debug!(target: "shadowvm::trace", layer = "mmu", kind = "spte_zapped", sp, idx, frame = spte::pfn(old), reason = ?reason, "spte zapped");
+            crate::trace::emit!(SpteZapped {
+                sp,
+                idx: idx as u64,
+                frame: spte::pfn(old),
+                reason: &reason,
+            });
             self.flush.push(FlushFrame {
                 pfn: spte::pfn(old),
                 reason,
@@ -349,7 +354,7 @@ impl Ctx<'_> {
     /// entry linking `sp` was cleared while `sp` itself survives under other
     /// parents (a table shared by several roots). Its leaves stay present,
     /// so nothing else flushes their frames, yet a vCPU, or the host KVM's
-    /// own shadow of our tables (DESIGN.md, "TLB shootdown": kept per root
+    /// own shadow of our tables (docs/design.md, "TLB shootdown": kept per root
     /// until the frame is invalidated in the host), may still translate
     /// through the link that is gone: after the guest unmaps a PML4 entry
     /// and invlpg's, or after a root is recycled and its frame reused as
@@ -394,7 +399,10 @@ impl Ctx<'_> {
             let Some(page) = self.st.pages.get_mut(&p) else {
                 continue;
             };
-            tracing::debug!(target: "shadowvm::trace", layer = "mmu", kind = "shadow_page_zapped", sp = p, level = page.role.level, "shadow page zapped");
+            crate::trace::emit!(ShadowPageZapped {
+                sp: p,
+                level: page.role.level,
+            });
             let parents = std::mem::take(&mut page.parents);
             let level = page.role.level;
             for (pp, idx) in parents {

@@ -2,7 +2,7 @@
 //!
 //! On our machines the only flush that reaches the host KVM's own shadow of
 //! our tables is invalidating the affected frames in the real host mm
-//! (DESIGN.md, "TLB shootdown"), so the request names frames, not gvas.
+//! (docs/design.md, "TLB shootdown"), so the request names frames, not gvas.
 
 use parking_lot::Mutex;
 

@@ -4,7 +4,7 @@
 //!
 //! It mirrors KVM's `FNAME(walk_addr_generic)` in
 //! `arch/x86/kvm/mmu/paging_tmpl.h` (PTTYPE 64, 4-level, no nested paging)
-//! step for step, so that shadow mode and kvm mode agree (DESIGN.md rule 6):
+//! step for step, so that shadow mode and kvm mode agree (docs/design.md rule 6):
 //! same fault or no fault, same error code, same A/D bits in guest memory.
 //! Where KVM differs from bare hardware, this follows KVM, and says so.
 //!
@@ -207,7 +207,7 @@ pub struct PagingState {
 }
 
 impl PagingState {
-    /// The mode shadowvm guests boot in (DESIGN.md): CR0.WP and EFER.NX set,
+    /// The mode shadowvm guests boot in (docs/design.md): CR0.WP and EFER.NX set,
     /// no SMEP/SMAP, 1 GiB pages available, Intel.
     pub const fn new(cr3: u64, maxphyaddr: u8) -> Self {
         PagingState {

@@ -5,7 +5,7 @@
 //! rights, §4.7 error codes, §4.8 A/D flags), not from the walker's helpers.
 //!
 //! The reference encodes KVM's (not bare hardware's) choices where the two
-//! may differ, because shadow mode must match kvm mode (DESIGN.md rule 6):
+//! may differ, because shadow mode must match kvm mode (docs/design.md rule 6):
 //! A/D bits are written only by a walk that succeeds, and a table pointer
 //! outside guest RAM is a not-present fault.
 

@@ -230,7 +230,7 @@ impl MmuNotifierMm {
     /// `release` started by a concurrent unregister has finished, so the
     /// caller may free the pages afterwards.
     pub fn release(&self) {
-        tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "release", "release: the mm is going away");
+        crate::trace::emit!(Release);
         // mn_itree_release, then mn_hlist_release.
         if self.itree.is_enabled() {
             self.itree.release();
@@ -263,7 +263,7 @@ impl MmuNotifierMm {
 
     /// `__mmu_notifier_clear_flush_young`: young results are OR'ed.
     pub fn clear_flush_young(&self, start: u64, end: u64) -> bool {
-        tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "clear_flush_young", start, end, "clear_flush_young");
+        crate::trace::emit!(ClearFlushYoung { start, end });
         let mut young = false;
         self.for_each(|r| {
             if r.callbacks.contains(Callbacks::CLEAR_FLUSH_YOUNG) {
@@ -276,7 +276,7 @@ impl MmuNotifierMm {
 
     /// `__mmu_notifier_clear_young`: young results are OR'ed.
     pub fn clear_young(&self, start: u64, end: u64) -> bool {
-        tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "clear_young", start, end, "clear_young");
+        crate::trace::emit!(ClearYoung { start, end });
         let mut young = false;
         self.for_each(|r| {
             if r.callbacks.contains(Callbacks::CLEAR_YOUNG) {
@@ -289,7 +289,7 @@ impl MmuNotifierMm {
 
     /// `__mmu_notifier_test_young`: stops at the first young notifier.
     pub fn test_young(&self, address: u64) -> bool {
-        tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "test_young", address, "test_young");
+        crate::trace::emit!(TestYoung { address });
         let mut young = false;
         self.for_each(|r| {
             if r.callbacks.contains(Callbacks::TEST_YOUNG) {
@@ -302,7 +302,11 @@ impl MmuNotifierMm {
 
     /// `__mmu_notifier_change_pte`.
     pub fn change_pte(&self, address: u64, pte: NotifierPte) {
-        tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "change_pte", address, frame = pte.frame, writable = pte.writable, "change_pte");
+        crate::trace::emit!(ChangePte {
+            address,
+            frame: pte.frame,
+            writable: pte.writable,
+        });
         self.for_each(|r| {
             if r.callbacks.contains(Callbacks::CHANGE_PTE) {
                 r.ops.change_pte(address, pte);
@@ -317,7 +321,12 @@ impl MmuNotifierMm {
     /// range either way, and list notifiers balance start against end); the
     /// last failure is returned.
     pub fn invalidate_range_start(&self, range: &MmuNotifierRange) -> Result<(), NotifierError> {
-        tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "invalidate_range_start", start = range.start, end = range.end, event = ?range.event, blockable = range.blockable(), "invalidate_range_start");
+        crate::trace::emit!(InvalidateRangeStart {
+            start: range.start,
+            end: range.end,
+            event: &range.event,
+            blockable: range.blockable(),
+        });
         let mut ret = Ok(());
         if self.itree.is_enabled() {
             ret = self.itree.invalidate(range);
@@ -346,7 +355,11 @@ impl MmuNotifierMm {
     /// first unless `only_end` says the caller already called it under the
     /// page-table lock.
     pub fn invalidate_range_end(&self, range: &MmuNotifierRange, only_end: bool) {
-        tracing::debug!(target: "shadowvm::trace", layer = "notifier", kind = "invalidate_range_end", start = range.start, end = range.end, event = ?range.event, "invalidate_range_end");
+        crate::trace::emit!(InvalidateRangeEnd {
+            start: range.start,
+            end: range.end,
+            event: &range.event,
+        });
         if self.itree.is_enabled() {
             self.itree.inv_end();
         }

@@ -42,6 +42,23 @@ pub mod hc {
     pub const SET_PAGING: u64 = 9;
     /// The highest hypercall number.
     pub const MAX: u64 = 9;
+
+    /// The name of hypercall `nr` (in `--stats`).
+    pub fn name(nr: u64) -> &'static str {
+        match nr {
+            NOP => "nop",
+            PRINT => "print",
+            EXIT => "exit",
+            LOAD_CR3 => "load_cr3",
+            INVLPG => "invlpg",
+            FLUSH_TLB => "flush_tlb",
+            RESOLVE_PF => "resolve_pf",
+            BALLOON => "balloon",
+            HOST_OP => "host_op",
+            SET_PAGING => "set_paging",
+            _ => "unknown",
+        }
+    }
 }
 
 /// `FLUSH_TLB` flag: also drop global translations.
@@ -122,6 +139,16 @@ pub const PERCPU_KSTACK_TOP: u64 = 0x8000;
 pub const IMAGE_MIN_GPA: u64 = 0x20_0000;
 /// The most vCPUs the layout has room for.
 pub const MAX_VCPUS: u32 = 32;
+
+/// gpa of vCPU `cpu`'s TSS.
+pub fn tss_gpa(cpu: u32) -> u64 {
+    TSS_GPA + u64::from(cpu) * TSS_STRIDE
+}
+
+/// gpa of vCPU `cpu`'s per-vCPU area.
+pub fn percpu_gpa(cpu: u32) -> u64 {
+    PERCPU_GPA + u64::from(cpu) * PERCPU_STRIDE
+}
 
 /// `svm_boot_info.magic`: "SVMB".
 pub const BOOT_INFO_MAGIC: u32 = 0x424d_5653;

@@ -1,16 +1,20 @@
 //! The errors `vmm::run` returns before a guest runs: bad configuration,
 //! bad images, no KVM. Failures of a running guest are not errors but
-//! outcomes (`run::Outcome`), so that statistics still come back with them.
+//! outcomes (`run::Outcome`, with `exits::VmmFailure` when the VMM is at
+//! fault), so that statistics still come back with them.
 
 use std::path::PathBuf;
 
-use super::boot::BootError;
+use super::boot::{BootError, LoaderError};
 use super::config::ConfigError;
-use super::kick::KickError;
-use super::loader::LoaderError;
-use super::memory::MemoryError;
-use super::serial::SerialError;
-use super::vm::VmError;
+use super::devices::bus::BusOverlap;
+use super::devices::serial::SerialError;
+use super::host::ops::HostOpsError;
+use super::host::thread::StartError;
+use super::kvm::kick::KickError;
+use super::kvm::memory::MemoryError;
+use super::kvm::vm::VmError;
+use super::paging::shadow::BuildError;
 
 /// Why a VM could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -18,17 +22,9 @@ pub enum VmmError {
     /// A configuration value is out of range.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// `--machine-mem` cannot even hold the boot structures.
-    #[error("--machine-mem {size} is too small to boot the guest: {reason}")]
-    MachineMemTooSmall {
-        /// The machine memory size.
-        size: String,
-        /// What ran out.
-        reason: String,
-    },
-    /// The shadow MMU could not be set up.
-    #[error("cannot set up shadow paging: {0}")]
-    ShadowSetup(String),
+    /// A shadow-mode VM could not be built.
+    #[error(transparent)]
+    Shadow(#[from] BuildError),
     /// The built-in guests were not compiled in.
     #[error("built-in guest `{name}` is not available: {reason}")]
     GuestsUnavailable {
@@ -46,6 +42,7 @@ pub enum VmmError {
         /// The file.
         path: PathBuf,
         /// Why.
+        #[source]
         source: std::io::Error,
     },
     /// The image is not a usable guest.
@@ -54,6 +51,7 @@ pub enum VmmError {
         /// Guest name or path.
         image: String,
         /// Why.
+        #[source]
         source: LoaderError,
     },
     /// KVM or the VM could not be set up.
@@ -70,32 +68,24 @@ pub enum VmmError {
     Kick(#[from] KickError),
     /// A `--host-ops` script that cannot be used.
     #[error(transparent)]
-    HostOps(#[from] super::hostops::HostOpsError),
+    HostOps(#[from] HostOpsError),
     /// The console could not be set up.
     #[error(transparent)]
     Serial(#[from] SerialError),
+    /// Two devices claim the same port.
+    #[error(transparent)]
+    Bus(#[from] BusOverlap),
     /// A vCPU thread could not be started.
     #[error("cannot start the thread of vCPU {vcpu}: {source}")]
     Thread {
         /// vCPU index.
         vcpu: u32,
         /// Why.
+        #[source]
         source: std::io::Error,
     },
-    /// A host-side memory thread (ksmd, kswapd) could not be started.
-    #[error("cannot start the {name} thread: {source}")]
-    HostThread {
-        /// The thread's name.
-        name: &'static str,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// Marking guest RAM for a host-side memory thread failed.
-    #[error("cannot set up {name} on guest RAM: {source}")]
-    HostMm {
-        /// The thread's name.
-        name: &'static str,
-        /// Why.
-        source: crate::mm::MmError,
-    },
+    /// A host-side thread (ksmd, kswapd, the scripted operations) could
+    /// not be started.
+    #[error(transparent)]
+    HostThread(#[from] StartError),
 }

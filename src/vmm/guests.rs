@@ -64,7 +64,8 @@ mod tests {
             "test-badport",
         ] {
             let g = find(name).unwrap_or_else(|| panic!("built-in guest {name} missing"));
-            crate::vmm::loader::check_elf(g.elf, 4 << 20).unwrap_or_else(|e| panic!("{name}: {e}"));
+            crate::vmm::boot::loader::check_elf(g.elf, 4 << 20)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
         }
         assert!(list(false).all(|g| !g.hidden));
         assert!(list(true).any(|g| g.hidden));

@@ -1,15 +1,21 @@
-//! The VMM: KVM VM and vCPUs, guest RAM, boot, exits, serial, hypercalls,
-//! vCPU kicks, and the built-in guests.
+//! The VMM: a KVM VM whose guest runs on the VMM's shadow page tables (or,
+//! in kvm mode, on its own).
 //!
 //! ```text
-//! run::run ─> config (validate) ─> guests / loader (check the ELF)
-//!          ─> vm (KVM, RAM as memslot 0) ─> loader (copy) ─> boot (GDT, TSS, tables, boot info)
-//!          ─> vcpu threads: KVM_RUN ─> exit::VmExit ─> pio (serial, exit port)
-//!                                                   └─> hypercall (PagingOps: kvm or shadow)
-//!          ─> kick (signal + immediate_exit) for stop and TLB shootdowns
+//! run ─> config (validate) ─> guests / boot::loader (check the ELF)
+//!     ─> kvm mode:    kvm::Vm (guest RAM as memslot 0) ─> boot (load, GDT, TSS, tables, boot info)
+//!        shadow mode: paging::shadow::build (machine memory, host mm, boot through the mm, MMU)
+//!                     + host (ksmd, kswapd, scripted ops, the TLB shootdown)
+//!     ─> vCPU threads: kvm::vcpu (KVM_RUN ─> kvm::exit::VmExit)
+//!                      ─> exits::VmmExits ─> devices::PioBus (UART, exit port, hypercall port)
+//!                                         ─> hypercall ─> paging (PagingOps: kvm or shadow)
+//!     ─> kvm::kick (signal + immediate_exit) for stops and TLB shootdowns
 //! ```
 //!
-//! The guest ABI is in `docs/guest-abi.md` and [`abi`].
+//! Dependencies point down the list below (tests/layering.rs):
+//! `run`, `stats`, `error` ─> `exits` ─> `hypercall` ─> `paging` ─>
+//! `config` ─> `host` ─> `devices`, `boot` ─> `kvm` ─> `abi`, `units`,
+//! `x86`. The guest ABI is in `docs/guest-abi.md` and [`abi`].
 //!
 //! # Example
 //!
@@ -24,31 +30,24 @@
 pub mod abi;
 pub mod boot;
 pub mod config;
-pub mod cpu_state;
-pub mod demo;
+pub mod devices;
 pub mod error;
-pub mod exit;
+pub mod exits;
 pub mod guests;
-pub mod hostops;
+pub mod host;
 pub mod hypercall;
-pub mod kick;
-pub mod ksmd;
-pub mod kswapd;
-pub mod loader;
-pub mod memory;
-pub mod pio;
+pub mod kvm;
+pub mod paging;
 pub mod run;
-pub mod serial;
-pub mod shadow;
 pub mod stats;
-pub mod stress;
-pub mod tlb;
-pub mod trace_fmt;
-pub mod vcpu;
-pub mod vm;
+pub mod units;
+pub mod x86;
 
-pub use config::{GuestSource, Paging, VmConfig, parse_duration, parse_mem_size};
+pub use config::{GuestSource, Paging, VmConfig};
+pub use devices::ConsoleBuffer;
 pub use error::VmmError;
-pub use kick::VcpuRequest;
+pub use exits::VmmFailure;
+pub use kvm::kick::VcpuRequest;
 pub use run::{Outcome, RunReport, RunningVm, run};
 pub use stats::StatsSnapshot;
+pub use units::{parse_duration, parse_mem_size};

@@ -8,23 +8,24 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
-
-use super::boot::{self, BootParams};
+use super::abi;
+use super::boot::{BootParams, ImageLayout, loader, regs, write_boot_structures};
 use super::config::{GuestSource, Paging, VmConfig};
+use super::devices::bus::BusOverlap;
+use super::devices::{ConsoleOut, ExitPort, PioBus, SerialDevice};
 use super::error::VmmError;
+use super::exits::{VmmExits, VmmFailure};
 use super::guests;
-use super::hostops::TimedOps;
-use super::hypercall::{HypercallHandler, KvmPaging, PagingOps, SharedGuestMem};
-use super::kick::{self, KickError, VcpuKick, VcpuRequest};
-use super::ksmd::Ksmd;
-use super::kswapd::Kswapd;
-use super::loader;
-use super::serial::{ConsoleOut, SerialDevice};
-use super::shadow::{self, ShadowPaging};
-use super::stats::{StatsSnapshot, VmStats};
-use super::vcpu::{GuestFailure, Vcpu, VcpuReport, VmContext, VmStop};
-use super::vm::Vm;
+use super::host::ksmd::Ksmd;
+use super::host::kswapd::Kswapd;
+use super::host::timed_ops::TimedOps;
+use super::hypercall::{HypercallHandler, HypercallPort};
+use super::kvm::kick::{self, KickError, VcpuKick, VcpuRequest};
+use super::kvm::memory::{GuestRam, SharedGuestMem};
+use super::kvm::{GuestFailure, Vcpu, VcpuReport, Vm, VmContext, VmStats, VmStop};
+use super::paging::shadow::{self, CheckError, ShadowPaging};
+use super::paging::{KvmPaging, PagingOps};
+use super::stats::StatsSnapshot;
 
 /// How a run ended.
 #[derive(Debug)]
@@ -41,7 +42,7 @@ pub enum Outcome {
     /// The guest failed (triple fault, unknown port, ...).
     Failed(GuestFailure),
     /// The VMM failed while the guest ran.
-    VmmError(String),
+    VmmError(VmmFailure),
     /// The host stopped it (`RunningVm::stop`).
     Stopped,
     /// `--timeout` expired; each vCPU's registers when it was stopped.
@@ -86,7 +87,35 @@ pub struct RunReport {
     /// `VmConfig::check` in shadow mode: the coherence checks run after
     /// the guest stopped (`Err` says what is violated). `None` when not
     /// asked for, and in kvm mode (no shadow MMU to check).
-    pub check: Option<Result<(), String>>,
+    pub check: Option<Result<(), CheckError>>,
+}
+
+/// Loads `image` (called `name` in errors) into `ram` with linux-loader.
+fn load(ram: &GuestRam, name: &str, image: &[u8]) -> Result<ImageLayout, VmmError> {
+    loader::load_elf(ram, image).map_err(|source| VmmError::Image {
+        image: name.to_string(),
+        source,
+    })
+}
+
+/// The port-I/O bus: the UART, the exit port and the hypercall port.
+fn pio_bus(serial: &Arc<SerialDevice>, stats: &Arc<VmStats>) -> Result<PioBus, BusOverlap> {
+    let mut bus = PioBus::new();
+    bus.insert(abi::PORT_SERIAL, abi::PORT_SERIAL_LEN, serial.clone())?;
+    bus.insert(abi::PORT_EXIT, 1, Arc::new(ExitPort::new(stats.clone())))?;
+    bus.insert(abi::PORT_HYPERCALL, 1, Arc::new(HypercallPort))?;
+    Ok(bus)
+}
+
+/// Stops a VM whose start failed half-way and joins the vCPU threads it
+/// already started; the outcome is dropped (start returns the error).
+fn abort(ctx: &VmContext<VmmExits>, threads: Vec<std::thread::JoinHandle<VcpuReport>>) {
+    ctx.request_stop(VmStop::Host);
+    for t in threads {
+        if t.join().is_err() {
+            tracing::error!("a vCPU thread panicked while the VM was being torn down");
+        }
+    }
 }
 
 /// The image bytes for `source`.
@@ -126,7 +155,7 @@ pub fn run(config: &VmConfig, console: ConsoleOut) -> Result<RunReport, VmmError
 
 /// A VM whose vCPU threads are running.
 pub struct RunningVm {
-    ctx: Arc<VmContext>,
+    ctx: Arc<VmContext<VmmExits>>,
     threads: Vec<std::thread::JoinHandle<VcpuReport>>,
     stats: Arc<VmStats>,
     vcpus: u32,
@@ -156,7 +185,7 @@ impl RunningVm {
 
         // Everything from here on counts as VM creation.
         let stats = Arc::new(VmStats::new(Instant::now()));
-        let serial = Arc::new(Mutex::new(SerialDevice::new(console, stats.clone())?));
+        let serial = Arc::new(SerialDevice::new(console, stats.clone())?);
         let kicks: Vec<Arc<VcpuKick>> = (0..config.vcpus)
             .map(|id| Arc::new(VcpuKick::new(id)))
             .collect();
@@ -167,23 +196,23 @@ impl RunningVm {
         let (vm, paging, ram, boot_info, layout) = match config.paging {
             Paging::Kvm => {
                 let (vm, ram) = Vm::new_ram(config.mem_size)?;
-                let layout = loader::load_elf(&ram, &image).map_err(|source| VmmError::Image {
-                    image: image_name,
-                    source,
-                })?;
+                let layout = load(&ram, &image_name, &image)?;
                 let params = BootParams {
                     nr_vcpus: config.vcpus,
                     paging_mode: config.paging.abi_mode(),
                     cmdline: &config.cmdline,
                     image: layout,
                 };
-                let boot_info = boot::write_boot_structures(&mut &*ram, &params)?;
+                let boot_info = write_boot_structures(&mut &*ram, &params)?;
                 let paging: Arc<dyn PagingOps> = Arc::new(KvmPaging::new(ram.clone()));
                 let ram: SharedGuestMem = ram;
                 (vm, paging, ram, boot_info, layout)
             }
             Paging::Shadow => {
-                let v = shadow::build(config, &image_name, &image, &kicks)?;
+                let scratch = GuestRam::new(config.mem_size)?;
+                let layout = load(&scratch, &image_name, &image)?;
+                let v = shadow::build(config, &scratch, layout, &kicks)?;
+                drop(scratch);
                 memslot_bounce = Some(v.bounce);
                 let ram = v.paging.ram();
                 if let Some(ksm) = config.ksm {
@@ -193,26 +222,30 @@ impl RunningVm {
                     let flush: Arc<dyn crate::mmu::TlbFlush> = v.paging.host_flush().clone();
                     kswapd = Some(Kswapd::start(ram, flush, reclaim)?);
                 }
-                if let Some(script) = &config.host_ops {
-                    script.check_image(v.layout.start, v.layout.end)?;
-                    v.paging.set_host_ops(script.clone());
-                }
                 shadow_paging = Some(v.paging.clone());
                 let paging: Arc<dyn PagingOps> = v.paging;
                 (v.vm, paging, v.ram, v.boot_info, v.layout)
             }
         };
 
-        let hypercalls = HypercallHandler::new(paging, ram, serial.clone());
-        let mut ctx = VmContext::new(serial, hypercalls, stats.clone(), kicks.clone());
-        if let Some(b) = memslot_bounce {
-            ctx = ctx.with_memslot_bounce(b);
-        }
-        let ctx = Arc::new(ctx);
+        let bus = pio_bus(&serial, &stats)?;
+        let hypercalls = HypercallHandler::new(paging.clone(), ram, serial);
+        let exits = VmmExits::new(bus, hypercalls);
+        let ctx = Arc::new(VmContext::new(
+            exits,
+            stats.clone(),
+            kicks.clone(),
+            memslot_bounce,
+        ));
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for id in 0..config.vcpus {
-            let cr3 = ctx.hypercalls.paging().boot_cr3(id, boot_info.boot_cr3);
-            let fd = vm.create_vcpu(id, config.vcpus, layout.entry, cr3)?;
+            let cr3 = paging.boot_cr3(id, boot_info.boot_cr3);
+            let sregs = |sregs| {
+                let mut sregs = regs::vcpu_sregs(sregs, id, config.vcpus);
+                sregs.cr3 = cr3;
+                sregs
+            };
+            let fd = vm.create_vcpu(id, sregs, &regs::vcpu_regs(layout.entry, id))?;
             vcpus.push(Vcpu::new(id, fd, ctx.clone(), kicks[id as usize].clone()));
         }
         stats.vm_created();
@@ -226,10 +259,7 @@ impl RunningVm {
             {
                 Ok(t) => threads.push(t),
                 Err(source) => {
-                    ctx.request_stop(VmStop::VmmError(format!("cannot start vCPU {id}")));
-                    for t in threads {
-                        let _ = t.join();
-                    }
+                    abort(&ctx, threads);
                     return Err(VmmError::Thread { vcpu: id, source });
                 }
             }
@@ -237,19 +267,14 @@ impl RunningVm {
         let host_ops = match (&config.host_ops, &shadow_paging) {
             (Some(script), Some(s)) => {
                 let stop_ctx = ctx.clone();
-                let on_error =
-                    Box::new(move |msg: String| stop_ctx.request_stop(VmStop::VmmError(msg)));
-                match TimedOps::start(s.ram().clone(), script, on_error) {
+                let on_failure = Box::new(move |e| {
+                    stop_ctx.request_stop(VmStop::VmmError(VmmFailure::HostOp(e)));
+                });
+                match TimedOps::start(s.ram().clone(), script, on_failure) {
                     Ok(t) => t,
-                    Err(source) => {
-                        ctx.request_stop(VmStop::VmmError("cannot start host-ops".into()));
-                        for t in threads {
-                            let _ = t.join();
-                        }
-                        return Err(VmmError::HostThread {
-                            name: "host-ops",
-                            source,
-                        });
+                    Err(e) => {
+                        abort(&ctx, threads);
+                        return Err(e.into());
                     }
                 }
             }
@@ -306,7 +331,7 @@ impl RunningVm {
     /// Waits up to `timeout` for the guest to stop, without ending the run
     /// (`wait` still reports it): true if it stopped.
     pub fn wait_for_stop(&self, timeout: Option<Duration>) -> bool {
-        self.ctx.wait_for_stop(timeout).is_some()
+        self.ctx.wait_for_stop(timeout)
     }
 
     /// Stops the guest from the host side.
@@ -322,7 +347,7 @@ impl RunningVm {
     /// torn down (`exit_mmap`, [`ShadowPaging::exit_mmap`]): the report
     /// says whether every frame came back.
     pub fn wait(mut self, timeout: Option<Duration>) -> RunReport {
-        if self.ctx.wait_for_stop(timeout).is_none() {
+        if !self.ctx.wait_for_stop(timeout) {
             self.ctx.request_stop(VmStop::TimedOut);
         }
         let mut reports = Vec::with_capacity(self.threads.len());
@@ -331,14 +356,14 @@ impl RunningVm {
                 Ok(r) => reports.push(r),
                 Err(_) => self
                     .ctx
-                    .request_stop(VmStop::VmmError(format!("vCPU {id} thread panicked"))),
+                    .request_stop(VmStop::VmmError(VmmFailure::VcpuPanicked(id as u32))),
             }
         }
-        let outcome = match self.ctx.stop_reason() {
+        let outcome = match self.ctx.take_stop_reason() {
             Some(VmStop::Exit { code, vcpu }) => Outcome::Exited { code, vcpu },
             Some(VmStop::AllHalted) => Outcome::AllHalted,
             Some(VmStop::Failed(f)) => Outcome::Failed(f),
-            Some(VmStop::VmmError(msg)) => Outcome::VmmError(msg),
+            Some(VmStop::VmmError(e)) => Outcome::VmmError(e),
             Some(VmStop::Host) => Outcome::Stopped,
             Some(VmStop::TimedOut) | None => Outcome::TimedOut {
                 after: timeout.unwrap_or_default(),
@@ -362,11 +387,13 @@ impl RunningVm {
             Some(s) if self.check => Some(s.check()),
             _ => None,
         };
-        let mut stats = self.stats.snapshot(self.vcpus, self.paging.name());
-        stats.shadow = self.ctx.hypercalls.paging().shadow_stats();
-        stats.ksm = ksm;
-        stats.reclaim = reclaim;
-        stats.exit = self.shadow.as_ref().map(|s| s.exit_mmap());
+        let stats = StatsSnapshot {
+            vm: self.stats.snapshot(self.vcpus, self.paging.name()),
+            shadow: self.shadow.as_ref().map(|s| s.stats()),
+            ksm,
+            reclaim,
+            exit: self.shadow.as_ref().map(|s| s.exit_mmap()),
+        };
         RunReport {
             outcome,
             stats,

@@ -1,13 +1,25 @@
-//! Helpers for the tests that boot guests on /dev/kvm.
+//! The one fixture every integration test shares (crosvm's habit): the
+//! KVM skip rule, running the `shadowvm` binary (in one paging mode or
+//! both), its `--json` output, waiting for an event, the counter guest on a
+//! live VM, guest code written as assembly, and the proptest settings.
 //!
-//! Without a usable /dev/kvm these tests print "skipping: /dev/kvm not
+//! Without a usable /dev/kvm the KVM tests print "skipping: /dev/kvm not
 //! available" and pass, unless `CI=true` or `SHADOWVM_REQUIRE_KVM=1`, in
 //! which case they fail: CI must really boot guests.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros, unused_imports)]
+
+pub mod counter;
+pub mod elf;
+pub mod mmu_guest;
 
 use std::fs::OpenOptions;
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub use counter::CounterGuest;
+pub(crate) use elf::guest_code;
+pub use elf::{temp_file, tiny_elf};
 
 /// Whether /dev/kvm can be opened read-write.
 pub fn kvm_usable() -> bool {
@@ -50,6 +62,25 @@ impl Run {
             self.code, self.stdout, self.stderr
         );
     }
+
+    /// The `--json` object: the last stderr line that starts with `{`.
+    pub fn json(&self) -> serde_json::Value {
+        let line = self
+            .stderr
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .unwrap_or_default();
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
+    }
+
+    /// The `--json` object, which must be stderr's last line.
+    pub fn json_at_end(&self) -> serde_json::Value {
+        let line = self.stderr.lines().last().unwrap_or_default();
+        let v = serde_json::from_str(line);
+        self.check(v.is_ok(), "stderr ends with the --json object");
+        v.unwrap_or_default()
+    }
 }
 
 /// Runs the real `shadowvm` binary with `args` (and extra `env`).
@@ -76,38 +107,70 @@ pub fn shadowvm(args: &[&str]) -> Run {
     shadowvm_env(args, &[])
 }
 
-/// A minimal guest image: an x86-64 ELF executable with one RWX segment at
-/// 2 MiB holding `code` (the entry point), `memsz` bytes long in memory.
-pub fn tiny_elf(code: &[u8], memsz: u64) -> Vec<u8> {
-    let mut e = vec![0u8; 64 + 56];
-    e[..4].copy_from_slice(b"\x7fELF");
-    e[4] = 2; // 64-bit
-    e[5] = 1; // little-endian
-    e[6] = 1; // version
-    e[16] = 2; // ET_EXEC
-    e[18] = 62; // x86-64
-    e[20] = 1;
-    e[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes()); // entry
-    e[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
-    e[52] = 64; // ehsize
-    e[54] = 56; // phentsize
-    e[56] = 1; // phnum
-    e[64] = 1; // PT_LOAD
-    e[68] = 7; // R W X
-    e[72..80].copy_from_slice(&120u64.to_le_bytes()); // offset
-    e[80..88].copy_from_slice(&0x20_0000u64.to_le_bytes()); // vaddr
-    e[88..96].copy_from_slice(&0x20_0000u64.to_le_bytes()); // paddr
-    e[96..104].copy_from_slice(&(code.len() as u64).to_le_bytes()); // filesz
-    e[104..112].copy_from_slice(&memsz.max(code.len() as u64).to_le_bytes());
-    e.extend_from_slice(code);
-    e
+/// Runs `args` with `--paging mode` and `options` inserted before any
+/// `--` (options go before the guest's command line).
+pub fn shadowvm_in(mode: &str, args: &[&str], options: &[&str]) -> Run {
+    let mut a: Vec<&str> = args.to_vec();
+    let at = a.iter().position(|s| *s == "--").unwrap_or(a.len());
+    let inserted: Vec<&str> = ["--paging", mode].iter().chain(options).copied().collect();
+    a.splice(at..at, inserted);
+    shadowvm(&a)
 }
 
-/// Writes `bytes` to a fresh file in a per-process temporary directory.
-pub fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("shadowvm-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("create temp dir");
-    let path = dir.join(name);
-    std::fs::write(&path, bytes).expect("write temp file");
-    path
+/// Runs `args` (with `options`) in kvm mode, then in shadow mode.
+pub fn both_modes(args: &[&str], options: &[&str]) -> (Run, Run) {
+    (
+        shadowvm_in("kvm", args, options),
+        shadowvm_in("shadow", args, options),
+    )
+}
+
+/// Polls `f` every 2 ms until it returns `Some`, for at most `timeout`.
+pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Polls `f` until it returns `Some`; fails the test after 10 s, naming
+/// `what` it waited for.
+pub fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    poll(Duration::from_secs(10), f).unwrap_or_else(|| panic!("timed out waiting for {what}"))
+}
+
+/// Cases of a proptest run: `PROPTEST_CASES`, else 512.
+pub fn proptest_cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(512)
+}
+
+/// The proptest settings every property test uses: [`proptest_cases`]
+/// cases, no failure files written into the tree.
+pub fn proptest_config() -> proptest::test_runner::Config {
+    proptest::test_runner::Config {
+        cases: proptest_cases(),
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    }
+}
+
+/// Runs `test` on values of `strategy` with [`proptest_config`]; fails
+/// with the shrunk counterexample.
+pub fn proptest_run<S: proptest::strategy::Strategy>(
+    strategy: &S,
+    test: impl Fn(S::Value) -> Result<(), proptest::test_runner::TestCaseError>,
+) {
+    let mut runner = proptest::test_runner::TestRunner::new(proptest_config());
+    if let Err(e) = runner.run(strategy, test) {
+        panic!("{e}");
+    }
 }

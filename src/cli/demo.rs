@@ -1,0 +1,41 @@
+//! `shadowvm demo [<scenario>] [--json]`: parses and calls
+//! `shadowvm::vmm::demo`.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use shadowvm::scenario::demo;
+
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// The scenario to run; without one, list them.
+    scenario: Option<String>,
+
+    /// Write the events (and the counters) as JSON lines instead of the
+    /// narrated view.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn main(args: DemoArgs) -> ExitCode {
+    let Some(name) = args.scenario else {
+        let mut out = std::io::stdout().lock();
+        for s in demo::SCENARIOS {
+            let _ = writeln!(out, "{:<10} {}", s.name, s.description);
+        }
+        return ExitCode::SUCCESS;
+    };
+    if demo::find(&name).is_none() {
+        eprintln!(
+            "shadowvm: error: unknown demo scenario `{name}` (try `shadowvm demo` for the list)"
+        );
+        return ExitCode::from(2);
+    }
+    match demo::run(&name, args.json, Box::new(std::io::stdout())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shadowvm: error: demo {name}: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

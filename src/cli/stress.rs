@@ -1,0 +1,123 @@
+//! `shadowvm stress`: issue 6's bounded reliability run (the library's
+//! `vmm::stress`), from the command line.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use shadowvm::scenario::stress;
+use shadowvm::vmm;
+
+/// Exit status when the run cannot start (bad arguments, no KVM).
+const EXIT_USAGE: u8 = 2;
+/// Exit status when the run found a problem.
+const EXIT_FAILED: u8 = 1;
+
+#[derive(clap::Args)]
+pub struct StressArgs {
+    /// How long to run, in seconds: whole `verify` runs until then.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    seconds: u64,
+
+    /// vCPUs of the verify guest.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    vcpus: u32,
+
+    /// Guest RAM (verify uses the lower half, the host thread the upper).
+    #[arg(long, default_value = "32M", value_name = "SIZE")]
+    mem: String,
+
+    /// Machine memory: smaller than what is touched, so reclaim works.
+    #[arg(long, default_value = "10M", value_name = "SIZE")]
+    machine_mem: String,
+
+    /// verify's pages (they must fit in the lower half of RAM).
+    #[arg(long, default_value_t = 2048, value_name = "N")]
+    pages: u64,
+
+    /// Print the report as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `shadowvm stress`: 0 if everything held, 1 if not, 2 if it could
+/// not run.
+pub fn main(args: StressArgs) -> ExitCode {
+    let config = match config_from(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("shadowvm: error: {e:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let json = args.json;
+    let report = stress::stress(&config, |console| {
+        if !json {
+            print!("{console}");
+        }
+    });
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("shadowvm: error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    if json {
+        let v = serde_json::to_string(&report).unwrap_or_default();
+        let _ = writeln!(out, "{v}");
+    } else {
+        for (i, r) in report.runs.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "run {i}: {} rounds in {:.2}s: {}; corrupted bytes {}; check {}; frames returned {}",
+                r.rounds,
+                r.seconds,
+                r.outcome,
+                r.corrupted_bytes
+                    .map_or_else(|| "unknown".to_string(), |n| n.to_string()),
+                r.check,
+                r.frames_returned
+            );
+        }
+        for (k, v) in &report.ops {
+            let rate = report.ops_per_sec.get(k).copied().unwrap_or(0.0);
+            let _ = writeln!(out, "{k:>24}: {v:>10} ({rate:.1}/s)");
+        }
+        for (k, v) in &report.timings_ns {
+            let _ = writeln!(out, "{k:>24}: {:>10.1} us mean", v / 1000.0);
+        }
+        if report.host_op_errors > 0 {
+            let _ = writeln!(
+                out,
+                "host operations failed: {} (last: {})",
+                report.host_op_errors,
+                report
+                    .host_op_last_error
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            );
+        }
+    }
+    let _ = out.flush();
+    eprintln!("{}", report.verdict());
+    if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    }
+}
+
+fn config_from(args: &StressArgs) -> anyhow::Result<stress::StressConfig> {
+    anyhow::ensure!(args.seconds >= 1, "--seconds must be at least 1");
+    anyhow::ensure!((1..=32).contains(&args.vcpus), "--vcpus must be 1 to 32");
+    let mut c = stress::StressConfig::new(Duration::from_secs(args.seconds));
+    c.vcpus = args.vcpus;
+    c.mem_size = vmm::parse_mem_size(&args.mem).map_err(|e| anyhow::anyhow!("--mem: {e}"))?;
+    c.machine_mem = vmm::parse_mem_size(&args.machine_mem)
+        .map_err(|e| anyhow::anyhow!("--machine-mem: {e}"))?;
+    c.pages = args.pages;
+    Ok(c)
+}

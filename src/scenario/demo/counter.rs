@@ -1,0 +1,106 @@
+//! The guest every scenario but `cow` watches: `test-counter` in shadow
+//! mode, counting on a page of its own, and how the host side sees that
+//! page.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{DemoError, Result};
+use crate::mm::{FrameAccess, Mm, Pte};
+use crate::vmm::{ConsoleBuffer, GuestSource, Paging, RunningVm, VmConfig, guests};
+
+/// Polls `f` every millisecond for at most `timeout`.
+pub(super) fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The running guest and its counter page.
+pub(super) struct Guest {
+    pub(super) vm: RunningVm,
+    pub(super) console: ConsoleBuffer,
+    pub(super) mm: Arc<Mm>,
+    pub(super) base: u64,
+    pub(super) size: u64,
+    pub(super) gpa: u64,
+    pub(super) hva: u64,
+}
+
+impl Guest {
+    pub(super) fn pfn(&self) -> Option<u64> {
+        match self.mm.pte(self.hva) {
+            Some(Pte::Present(p)) => Some(p.pfn),
+            _ => None,
+        }
+    }
+
+    pub(super) fn read(&self, pfn: u64) -> u64 {
+        self.mm
+            .memory()
+            .frame_word(pfn, 0)
+            .map(|w| w.load(std::sync::atomic::Ordering::SeqCst))
+            .unwrap_or_default()
+    }
+
+    pub(super) fn fault_line(&self) -> Option<String> {
+        let text = self.console.text();
+        text.lines()
+            .find(|l| l.contains(": fault vector"))
+            .map(str::to_string)
+    }
+}
+
+/// Boots `test-counter` and waits until its counter moves.
+pub(super) fn boot() -> Result<Guest> {
+    if guests::find("test-counter").is_none() {
+        return Err(DemoError::NotBuiltIn("test-counter"));
+    }
+    let mut config = VmConfig::new(GuestSource::Builtin("test-counter".into()));
+    config.mem_size = 16 << 20;
+    config.paging = Paging::Shadow;
+    config.validate()?;
+    let console = ConsoleBuffer::new();
+    let vm = RunningVm::start(&config, Box::new(console.clone()))?;
+    let gpa = wait_for(Duration::from_secs(5), || {
+        let text = console.text();
+        let line = text.lines().find(|l| l.starts_with("counter 0 at "))?;
+        u64::from_str_radix(line.trim_start_matches("counter 0 at ").trim(), 16).ok()
+    });
+    let Some(gpa) = gpa else {
+        vm.stop();
+        let r = vm.wait(Some(Duration::from_secs(5)));
+        return Err(DemoError::NotCounting(Box::new(r.outcome)));
+    };
+    let sp = vm.shadow().ok_or(DemoError::NotShadow)?.clone();
+    let mm = sp.ram().mm().clone();
+    let base = sp.ram().base();
+    let size = sp.ram().size_bytes();
+    let g = Guest {
+        vm,
+        console,
+        mm,
+        base,
+        size,
+        gpa,
+        hva: base + gpa,
+    };
+    let counting = wait_for(Duration::from_secs(5), || {
+        let pfn = g.pfn()?;
+        let v = g.read(pfn);
+        wait_for(Duration::from_millis(200), || {
+            (g.read(pfn) != v).then_some(())
+        })
+    });
+    if counting.is_none() {
+        return Err(DemoError::CounterStill);
+    }
+    Ok(g)
+}

@@ -1,0 +1,127 @@
+//! The always-mapped pages: exception delivery needs the GDT, IDT, TSS,
+//! stacks and handler code mapped before any exception, so they are
+//! prefaulted into every vCPU's root at boot, after every CR3 load, and
+//! whenever sptes were zapped.
+
+use std::sync::atomic::Ordering;
+
+use super::ShadowPaging;
+use crate::mmu::{FaultOutcome, PfErrorCode};
+use crate::vmm::abi::{self, PAGE_SIZE, percpu_gpa, tss_gpa};
+use crate::vmm::boot::loader::ImageLayout;
+use crate::vmm::paging::PagingError;
+
+/// One page exception delivery may touch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct CriticalPage {
+    gva: u64,
+    /// Written during delivery (stacks), so prefaulted writable.
+    write: bool,
+}
+
+/// The pages vCPU `cpu` needs mapped to take an exception: the GDT, the
+/// boot info, its TSS, its per-vCPU area (per-vCPU page, IST, trap and
+/// kernel stacks), and the image (IDT, stubs at 0x201000, handler code).
+/// All identity-mapped by the boot tables (docs/guest-abi.md §3).
+pub(super) fn critical_pages(cpu: u32, image: &ImageLayout) -> Vec<CriticalPage> {
+    let page = |gva: u64, write: bool| CriticalPage {
+        gva: gva & !(PAGE_SIZE - 1),
+        write,
+    };
+    let mut v = vec![
+        page(abi::GDT_GPA, true),
+        page(abi::BOOT_INFO_GPA, false),
+        page(tss_gpa(cpu), true),
+    ];
+    let area = percpu_gpa(cpu);
+    v.extend((0..abi::PERCPU_STRIDE / PAGE_SIZE).map(|i| page(area + i * PAGE_SIZE, true)));
+    let start = image.start & !(PAGE_SIZE - 1);
+    let end = image.end.next_multiple_of(PAGE_SIZE);
+    v.extend(
+        (start..end)
+            .step_by(PAGE_SIZE as usize)
+            .map(|g| page(g, false)),
+    );
+    v.dedup();
+    v
+}
+
+impl ShadowPaging {
+    /// Maps vCPU `vcpu`'s critical pages in its root; with `only_missing`,
+    /// only those whose spte is gone.
+    pub(super) fn prefault(&self, vcpu: usize, only_missing: bool) -> Result<(), PagingError> {
+        for p in &self.critical[vcpu] {
+            if only_missing
+                && self
+                    .mmu
+                    .lookup_spte(vcpu, p.gva)
+                    .map_err(|e| self.mmu_err(e))?
+                    .is_some()
+            {
+                continue;
+            }
+            // Supervisor accesses, as exception delivery makes them. A write
+            // the guest's tables refuse (a read-only page) is tried as a read.
+            let mut tries = vec![PfErrorCode::empty()];
+            if p.write {
+                tries.insert(0, PfErrorCode::WRITE);
+            }
+            for ec in tries {
+                match self
+                    .mmu
+                    .page_fault(vcpu, p.gva, ec)
+                    .map_err(|e| self.mmu_err(e))?
+                {
+                    FaultOutcome::Fixed | FaultOutcome::Retry => break,
+                    // Not mapped by the guest's tables, or not RAM: nothing
+                    // to prefault (kvm mode would fault the same way).
+                    FaultOutcome::Guest(_)
+                    | FaultOutcome::Mmio { .. }
+                    | FaultOutcome::HostFault { .. } => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After anything that may have zapped sptes: puts back every vCPU's
+    /// critical pages (roots are shared between vCPUs with the same CR3,
+    /// so one vCPU's guest page-table write can empty another's root; an
+    /// exception the other vCPU takes before this runs is not covered, see
+    /// docs/shadow-mmu.md).
+    pub(super) fn ensure_critical(&self) -> Result<(), PagingError> {
+        let now = self.zaps();
+        if self.zaps_seen.load(Ordering::Acquire) == now {
+            return Ok(());
+        }
+        for vcpu in 0..self.critical.len() {
+            self.prefault(vcpu, true)?;
+        }
+        // Zaps made by the prefaults themselves (replacing a stale entry)
+        // are covered: everything was re-checked after `now` was read.
+        self.zaps_seen.fetch_max(now, Ordering::AcqRel);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn critical_pages_cover_delivery() {
+        let image = ImageLayout {
+            start: 0x20_0000,
+            end: 0x20_3010,
+            entry: 0x20_0000,
+        };
+        let v = critical_pages(1, &image);
+        let has = |gva: u64, write: bool| v.contains(&CriticalPage { gva, write });
+        assert!(has(abi::GDT_GPA, true));
+        assert!(has(0x4000, true)); // vCPU 1's TSS at 0x4100
+        assert!(has(percpu_gpa(1) + 0x3000, true)); // trap stack
+        assert!(has(0x20_1000, false)); // exception stubs
+        assert!(has(0x20_3000, false));
+        assert!(!has(percpu_gpa(0), true));
+    }
+}

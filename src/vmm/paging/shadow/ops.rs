@@ -1,0 +1,193 @@
+//! The paging hypercalls on the shadow MMU.
+
+use kvm_bindings::kvm_sregs;
+
+use super::ShadowPaging;
+use crate::mm::MmError;
+use crate::mmu::{FaultOutcome, MmuError, PfErrorCode};
+use crate::vmm::abi::{self, PAGE_SIZE};
+use crate::vmm::config::Paging;
+use crate::vmm::host::ram::host_err;
+use crate::vmm::kvm::cpu::CpuAccess;
+use crate::vmm::kvm::kick::VcpuRequest;
+use crate::vmm::paging::{PagingError, PagingOps, PfResolution};
+
+/// Sets the vCPU's real CR3 to the shadow root `root`.
+fn set_root(cpu: &mut dyn CpuAccess, root: u64) -> Result<(), PagingError> {
+    let mut sregs: kvm_sregs = cpu.sregs()?;
+    sregs.cr3 = root << 12;
+    Ok(cpu.set_sregs(&sregs)?)
+}
+
+impl PagingOps for ShadowPaging {
+    fn mode(&self) -> Paging {
+        Paging::Shadow
+    }
+
+    fn boot_cr3(&self, vcpu: u32, guest_cr3: u64) -> u64 {
+        self.boot_cr3
+            .get(vcpu as usize)
+            .copied()
+            .unwrap_or(guest_cr3)
+    }
+
+    fn handle_requests(
+        &self,
+        _cpu: &mut dyn CpuAccess,
+        _requests: VcpuRequest,
+    ) -> Result<(), PagingError> {
+        self.ensure_critical()
+    }
+
+    fn load_cr3(&self, cpu: &mut dyn CpuAccess, cr3: u64) -> Result<i64, PagingError> {
+        let vcpu = cpu.id() as usize;
+        let root = match self.mmu.load_cr3(vcpu, cr3) {
+            Ok(r) => r,
+            Err(MmuError::InvalidCr3(_)) => return Ok(abi::errno::EINVAL),
+            Err(e) => return Err(self.mmu_err(e)),
+        };
+        set_root(cpu, root)?;
+        // A new root starts empty; a cached one may have lost entries.
+        self.prefault(vcpu, true)?;
+        self.ensure_critical()?;
+        Ok(0)
+    }
+
+    fn invlpg(&self, cpu: &mut dyn CpuAccess, gva: u64) -> Result<i64, PagingError> {
+        self.mmu
+            .invlpg(cpu.id() as usize, gva)
+            .map_err(|e| self.mmu_err(e))?;
+        self.ensure_critical()?;
+        Ok(0)
+    }
+
+    fn flush_tlb(&self, cpu: &mut dyn CpuAccess, _global: bool) -> Result<i64, PagingError> {
+        // No spte is ever global: a global flush is a flush.
+        self.mmu
+            .flush_tlb(cpu.id() as usize)
+            .map_err(|e| self.mmu_err(e))?;
+        self.ensure_critical()?;
+        Ok(0)
+    }
+
+    fn resolve_pf(
+        &self,
+        cpu: &mut dyn CpuAccess,
+        cr2: u64,
+        error_code: u64,
+        _rip: u64,
+    ) -> Result<PfResolution, PagingError> {
+        let ec = PfErrorCode::from_bits_truncate(error_code as u32);
+        let outcome = match self.mmu.page_fault(cpu.id() as usize, cr2, ec) {
+            Ok(o) => o,
+            // Host invalidations (ksmd merging, kswapd evicting) kept racing
+            // the fault: let the guest retry the access, as KVM's
+            // RET_PF_RETRY re-enters the guest, rather than fail the run.
+            // Re-entering also lets the vCPU see kicks and stop requests.
+            Err(MmuError::TooManyRetries(_)) => FaultOutcome::Retry,
+            Err(e) => return Err(self.mmu_err(e)),
+        };
+        let res = match outcome {
+            FaultOutcome::Fixed | FaultOutcome::Retry => PfResolution::Retry,
+            FaultOutcome::Guest(pf) => PfResolution::GuestFault {
+                error_code: u64::from(pf.error_code.bits()),
+            },
+            // Guest RAM the host does not back (MMIO: outside every memslot;
+            // or refused by the host mm): the guest sees its own fault with
+            // the error code it passed in (docs/guest-abi.md, shadow mode).
+            FaultOutcome::Mmio { .. } | FaultOutcome::HostFault { .. } => {
+                PfResolution::GuestFault { error_code }
+            }
+        };
+        self.ensure_critical()?;
+        Ok(res)
+    }
+
+    fn balloon(
+        &self,
+        _cpu: &mut dyn CpuAccess,
+        gpa: u64,
+        nr_pages: u64,
+    ) -> Result<i64, PagingError> {
+        let len = nr_pages * PAGE_SIZE;
+        let r = match self.ram.mm().madvise_dontneed(self.ram.base() + gpa, len) {
+            Ok(()) => nr_pages as i64,
+            // The image is mlocked in shadow mode (exception delivery needs
+            // it): it cannot be given back.
+            Err(MmError::Locked(_)) => abi::errno::EINVAL,
+            Err(MmError::OutOfFrames) => {
+                return Err(self.mmu_err(MmuError::Memory(MmError::OutOfFrames)));
+            }
+            Err(source) => {
+                return Err(PagingError::Memory(host_err(gpa, len)(source)));
+            }
+        };
+        self.ensure_critical()?;
+        Ok(r)
+    }
+
+    fn host_op(
+        &self,
+        _cpu: &mut dyn CpuAccess,
+        op: u64,
+        arg0: u64,
+        _arg1: u64,
+    ) -> Result<i64, PagingError> {
+        if op != abi::HOST_OP_CHECKPOINT {
+            return Ok(abi::errno::EINVAL);
+        }
+        // decode already refused n >= 2^16; a direct caller gets EINVAL too.
+        let Ok(n) = u16::try_from(arg0) else {
+            return Ok(abi::errno::EINVAL);
+        };
+        let Some(script) = &self.host_ops else {
+            return Ok(0);
+        };
+        let mut ran = 0;
+        for hop in script.checkpoint(n) {
+            match hop.apply(&self.ram) {
+                Ok(()) => ran += 1,
+                Err(MmError::OutOfFrames) => {
+                    return Err(self.mmu_err(MmuError::Memory(MmError::OutOfFrames)));
+                }
+                // The script's operation failed (e.g. the range was already
+                // unmapped): the user's script, not the guest, is wrong.
+                Err(source) => {
+                    return Err(PagingError::Memory(host_err(hop.gpa, hop.len)(source)));
+                }
+            }
+        }
+        self.ensure_critical()?;
+        Ok(ran)
+    }
+
+    fn set_paging(&self, cpu: &mut dyn CpuAccess, wp: bool, nx: bool) -> Result<i64, PagingError> {
+        // The real CR0.WP and EFER.NXE stay set, as KVM keeps them under its
+        // own shadow paging: the shadow tables give the guest's mode its
+        // meaning (WP=0: supervisor-only writable sptes for read-only guest
+        // PTEs; NXE=0: no NX in sptes, bit 63 of a guest PTE a reserved-bit
+        // fault of the walker). `set_paging_mode` drops every shadow page
+        // built under the old mode (`kvm_mmu_reset_context`).
+        let vcpu = cpu.id() as usize;
+        let mut mode = self.mmu.paging(vcpu).map_err(|e| self.mmu_err(e))?;
+        if (mode.cr0_wp, mode.efer_nx) == (wp, nx) {
+            return Ok(0);
+        }
+        mode.cr0_wp = wp;
+        mode.efer_nx = nx;
+        self.mmu
+            .set_paging_mode(vcpu, mode)
+            .map_err(|e| self.mmu_err(e))?;
+        // Then what LOAD_CR3 does: back on the (now empty) root for the
+        // guest's CR3, with the exception-delivery pages prefaulted, on this
+        // vCPU and any other whose root the reset emptied.
+        let root = self
+            .mmu
+            .load_cr3(vcpu, mode.cr3)
+            .map_err(|e| self.mmu_err(e))?;
+        set_root(cpu, root)?;
+        self.prefault(vcpu, true)?;
+        self.ensure_critical()?;
+        Ok(0)
+    }
+}

@@ -82,6 +82,18 @@ impl ShadowMmu {
             }
             for idx in 0..PT_ENTRIES {
                 let e = word(inner, p, idx)?;
+                if page.role.level == PT64_ROOT_4LEVEL
+                    && let Some(r) = inner.cfg.reserved.filter(|r| r.index == idx)
+                {
+                    // Rule 5: the VMM's slot links its own tables, in every
+                    // root, and nothing else.
+                    ensure!(
+                        e == r.entry,
+                        "root {p}[{idx}] is {e:#x}, not the VMM's reserved entry {:#x}",
+                        r.entry
+                    );
+                    continue;
+                }
                 if !spte::is_present(e) {
                     continue;
                 }
@@ -196,6 +208,9 @@ impl ShadowMmu {
             };
             let synced = synced && !page.unsync;
             for idx in 0..PT_ENTRIES {
+                if level == PT64_ROOT_4LEVEL && inner.cfg.reserved.is_some_and(|r| r.index == idx) {
+                    continue;
+                }
                 let e = word(inner, p, idx)?;
                 if !spte::is_present(e) {
                     continue;

@@ -54,8 +54,29 @@ impl ShadowMmu {
         gva: u64,
         error_code: PfErrorCode,
     ) -> Result<FaultOutcome, MmuError> {
-        self.check_vcpu(vcpu)?;
         let access = Access::from_error_code(error_code & !PfErrorCode::RSVD);
+        self.page_fault_access(vcpu, gva, access)
+    }
+
+    /// [`ShadowMmu::page_fault`] for an access described in full (EFLAGS.AC
+    /// too, which SMAP needs: KVM reads it from the vCPU in
+    /// `permission_fault`).
+    pub fn page_fault_access(
+        &self,
+        vcpu: usize,
+        gva: u64,
+        access: Access,
+    ) -> Result<FaultOutcome, MmuError> {
+        self.check_vcpu(vcpu)?;
+        if self.inner.cfg.reserved.is_some_and(|r| r.contains(gva)) {
+            // The VMM's slot: never walk the guest's tables there, so no
+            // guest mapping can ever be built over it.
+            let mode = self.inner.paging.lock()[vcpu];
+            inc(&self.inner.stats.pf_guest);
+            return Ok(FaultOutcome::Guest(
+                GuestMmu::new(mode).reserved_fault(gva, access),
+            ));
+        }
         for retries in 0..MAX_FAULT_RETRIES {
             match self.try_fault(vcpu, gva, access)? {
                 Some(outcome) => {

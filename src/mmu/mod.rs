@@ -40,7 +40,7 @@ pub use fault::FaultOutcome;
 pub use memslot::{Memslot, MemslotError, Memslots};
 pub use stats::{MmuStats, MmuStatsSnapshot};
 pub use tlb::{FlushFrame, FlushReason, NoFlush, RecordingFlush, TlbFlush, TlbFlushError};
-pub use walk::{PagingState, PfErrorCode};
+pub use walk::{Access, PagingState, PfErrorCode};
 
 use invalidate::Invalidations;
 use pte::{PT_BASE_ADDR_MASK, PT64_ROOT_4LEVEL, PteAccess, pt_index};
@@ -117,6 +117,25 @@ impl Fatal {
     }
 }
 
+/// A PML4 slot the VMM keeps for itself (the switcher, docs/guest-abi.md):
+/// every root holds `entry` there, which links tables the VMM owns, nothing
+/// ever zaps it, and the MMU builds no guest mapping under it: a fault
+/// there is the guest's, whatever its own tables say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReservedSlot {
+    /// The PML4 index.
+    pub index: usize,
+    /// The root entry (a non-leaf entry to VMM-owned tables).
+    pub entry: u64,
+}
+
+impl ReservedSlot {
+    /// Whether `gva` lies under the slot.
+    pub fn contains(&self, gva: u64) -> bool {
+        pt_index(gva, PT64_ROOT_4LEVEL) == self.index
+    }
+}
+
 /// Tunables.
 #[derive(Clone, Copy, Debug)]
 pub struct ShadowMmuConfig {
@@ -125,6 +144,8 @@ pub struct ShadowMmuConfig {
     pub max_roots: usize,
     /// Guest CPUID's physical-address width.
     pub maxphyaddr: u8,
+    /// The PML4 slot the VMM keeps, if any.
+    pub reserved: Option<ReservedSlot>,
 }
 
 impl Default for ShadowMmuConfig {
@@ -133,6 +154,7 @@ impl Default for ShadowMmuConfig {
             nr_vcpus: 1,
             max_roots: 8,
             maxphyaddr: 40,
+            reserved: None,
         }
     }
 }
@@ -171,6 +193,7 @@ impl Inner {
             flush: Vec::new(),
             tlb: self.tlb.as_ref(),
             fatal: &self.fatal,
+            reserved: self.cfg.reserved,
         }
     }
 }

@@ -18,12 +18,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::mm::{FrameAccess, FrameAllocator, FrameOwner, MachineMemory, Pfn};
 
-use super::pte::{PT_ENTRIES, PT_WRITABLE_MASK};
+use super::pte::{PT_ENTRIES, PT_WRITABLE_MASK, PT64_ROOT_4LEVEL};
 use super::spte;
 use super::stats::{MmuStats, add, inc};
 use super::tlb::{FlushFrame, FlushReason, TlbFlush};
 use super::walk::PagingState;
-use super::{Fatal, MmuError};
+use super::{Fatal, MmuError, ReservedSlot};
 
 /// Where an spte lives: the shadow page (by frame) and the index in it.
 pub type SpteLoc = (Pfn, u16);
@@ -138,6 +138,8 @@ pub struct Ctx<'a> {
     pub tlb: &'a dyn TlbFlush,
     /// Where an error goes that nobody can be told directly.
     pub fatal: &'a Fatal,
+    /// The VMM's PML4 slot: held in every root, never zapped.
+    pub reserved: Option<ReservedSlot>,
 }
 
 /// An operation that fails half-way (no frame for a shadow page) may already
@@ -155,6 +157,11 @@ impl Drop for Ctx<'_> {
 }
 
 impl Ctx<'_> {
+    /// Whether entry `idx` of a page of `level` is the VMM's reserved slot.
+    fn is_reserved(&self, level: u8, idx: usize) -> bool {
+        level == PT64_ROOT_4LEVEL && self.reserved.is_some_and(|r| r.index == idx)
+    }
+
     /// The spte word `idx` of shadow page `sp`.
     pub fn word(&self, sp: Pfn, idx: usize) -> Result<&AtomicU64, MmuError> {
         self.mem
@@ -197,6 +204,9 @@ impl Ctx<'_> {
         }
         let pfn = self.alloc_shadow_frame()?;
         inc(&self.stats.mmu_cache_miss);
+        if let Some(r) = self.reserved.filter(|_| role.level == PT64_ROOT_4LEVEL) {
+            self.word(pfn, r.index)?.store(r.entry, Ordering::Release);
+        }
         let unsync = !protect && !role.direct;
         self.st.pages.insert(
             pfn,
@@ -315,6 +325,9 @@ impl Ctx<'_> {
             Some(p) => p.role.level,
             None => return Ok(()),
         };
+        if self.is_reserved(level, idx) {
+            return Ok(());
+        }
         let old = self.word(sp, idx)?.swap(0, Ordering::AcqRel);
         if !spte::is_present(old) {
             return Ok(());
@@ -373,6 +386,9 @@ impl Ctx<'_> {
                 continue;
             };
             for idx in 0..PT_ENTRIES {
+                if self.is_reserved(level, idx) {
+                    continue;
+                }
                 let e = self.word(p, idx)?.load(Ordering::Acquire);
                 if !spte::is_present(e) {
                     continue;
@@ -413,6 +429,9 @@ impl Ctx<'_> {
             for idx in 0..PT_ENTRIES {
                 if level == 1 {
                     self.zap_entry(p, idx, reason)?;
+                    continue;
+                }
+                if self.is_reserved(level, idx) {
                     continue;
                 }
                 let old = self.word(p, idx)?.swap(0, Ordering::AcqRel);

@@ -242,6 +242,11 @@ pub enum FaultKind {
         /// Guest-physical address of the entry that could not be read.
         gpa: u64,
     },
+    /// The address lies in a range the VMM reserves for itself (the
+    /// switcher): the MMU never maps guest memory there, whatever the
+    /// guest's tables say, and reports the protection fault its own
+    /// read-only, supervisor-only mapping gives.
+    Reserved,
     /// Guest RAM holding an entry vanished between reading it and setting
     /// its A/D bits (KVM: `__try_cmpxchg_user` returned `-EFAULT`, `goto
     /// error` with `errcode == 0`): a not-present #PF.
@@ -624,6 +629,20 @@ impl GuestMmu {
 
         walk.leaf_in_ram = mem.is_ram(walk.gfn << PAGE_SHIFT);
         Attempt::Done(walk)
+    }
+
+    /// The fault for an access to a gva the VMM reserves (the switcher,
+    /// mapped present, read-only and supervisor-only in every root): a
+    /// protection fault with the access's bits, never a walk of the guest's
+    /// tables.
+    pub fn reserved_fault(&self, gva: u64, access: Access) -> PageFault {
+        self.fault(
+            gva,
+            access,
+            PfErrorCode::PRESENT,
+            PT64_ROOT_4LEVEL,
+            FaultKind::Reserved,
+        )
     }
 
     /// The `error:` label: every fault carries the access's W/R and U/S

@@ -2,7 +2,7 @@
 #include <shadowvm.h>
 
 /*
- * BALLOON (docs/guest-abi.md §6) is a hypercall, so ring 0; all the
+ * BALLOON (docs/guest-abi.md §6) is a hypercall, so ring 1; all the
  * reading and writing runs in ring 3.  Chunks 0, 2, 4, ... of K pages are
  * ballooned (one call each), so every ballooned range sits between pages
  * that must keep their contents.  Then the invalid calls, each of which

@@ -3,8 +3,8 @@
 
 static volatile uint64_t aps_done;
 
-/* Ring 3: formatting runs natively here; ring 0 would emulate every
- * instruction of printf. */
+/* Ring 3: formatting runs natively here; ring 1 (the kernel's) would
+ * emulate every instruction of printf. */
 static long user_main(void *arg)
 {
     const struct svm_boot_info *bi = arg;
@@ -12,7 +12,7 @@ static long user_main(void *arg)
     printf("vCPUs: %u, memory: %lu MiB, paging: %s, cmdline: \"%s\"\n", bi->nr_vcpus,
            bi->mem_size >> 20, bi->paging_mode == SVM_PAGING_KVM ? "kvm" : "shadow",
            (const char *)bi->cmdline_gpa);
-    printf("hello from ring %d\n", in_user_mode() ? 3 : 0);
+    printf("hello from ring %d\n", in_user_mode() ? 3 : 1);
     return 42;
 }
 
@@ -27,7 +27,7 @@ int main(const struct svm_boot_info *bi)
         puts("ring 3 call failed");
         return 1;
     }
-    puts("back in ring 0");
+    puts("back in ring 1");
     while (atomic_load(&aps_done) + 1 < bi->nr_vcpus)
         cpu_relax();
     puts("bye");
@@ -41,7 +41,7 @@ void ap_main(const struct svm_boot_info *bi, unsigned cpu)
 
     (void)bi;
     memcpy(line, msg, sizeof(msg));
-    line[5] = (char)('0' + cpu % 10); /* no printf in ring 0: it is emulated */
+    line[5] = (char)('0' + cpu % 10); /* no printf in ring 1: it is emulated */
     if (cpu >= 10)
         printf("vCPU %u: hello\n", cpu);
     else

@@ -1,4 +1,4 @@
-/* guest: pagetable - builds its own page tables, switches CR3, maps/unmaps/remaps pages and checks reads, #PF error codes and A/D bits from ring 0 and ring 3 */
+/* guest: pagetable - builds its own page tables, switches CR3, maps/unmaps/remaps pages and checks reads, #PF error codes and A/D bits from ring 1 and ring 3 */
 #include <shadowvm.h>
 
 #define WIN 0x8000000000ull /* PML4 slot 1 (512 GiB): not mapped by the boot tables */
@@ -30,7 +30,7 @@ static long access(int ring, bool write, uint64_t va, uint64_t *val, struct svm_
     long ret;
 
     memset(f, 0, sizeof(*f));
-    if (ring == 0)
+    if (ring == 1)
         return write ? probe_write64((volatile void *)va, *val, f)
                      : probe_read64((const volatile void *)va, val, f);
     probe.va = va;
@@ -68,8 +68,7 @@ static void expect_fault(int ring, bool write, uint64_t va, uint64_t vector, uin
 
 int main(const struct svm_boot_info *bi)
 {
-    uint64_t *boot = (uint64_t *)bi->boot_cr3;
-    uint64_t *pml4 = alloc_pages(1);
+    uint64_t *pml4 = pt_new_root();
     uint64_t *a = alloc_pages(1), *b = alloc_pages(1), *c = alloc_pages(1);
     uint64_t *pte, v;
     struct svm_fault f;
@@ -82,8 +81,8 @@ int main(const struct svm_boot_info *bi)
     b[0] = 0xbbbbbbbb00000002ull;
     c[0] = 0xcccccccc00000003ull;
 
-    /* Share the boot identity map (kernel, GDT, stacks, this image), add a window. */
-    pml4[0] = boot[0];
+    /* Share the boot identity map (kernel, stacks, this image) and the
+     * switcher's entry, add a window. */
     pt_map(pml4, WIN, (uint64_t)a, PTE_P | PTE_W | PTE_U);
     pt_map(pml4, WIN + PAGE_SIZE, (uint64_t)b, PTE_P | PTE_U); /* read-only */
     pt_map(pml4, WIN + 3 * PAGE_SIZE, (uint64_t)c, PTE_P | PTE_W); /* supervisor */
@@ -92,10 +91,10 @@ int main(const struct svm_boot_info *bi)
     puts("pagetable: switched to the guest's own tables");
 
     /* Present pages. */
-    expect_value(0, WIN, a[0]);
+    expect_value(1, WIN, a[0]);
     expect_value(3, WIN, a[0]);
     expect_value(3, WIN + PAGE_SIZE, b[0]);
-    expect_value(0, WIN + 3 * PAGE_SIZE, c[0]);
+    expect_value(1, WIN + 3 * PAGE_SIZE, c[0]);
 
     /* Accessed and dirty bits, set by the CPU. */
     pte = pt_lookup(pml4, WIN);
@@ -110,9 +109,9 @@ int main(const struct svm_boot_info *bi)
 
     /* Protection faults: architectural error codes and CR2. */
     expect_fault(3, true, WIN + PAGE_SIZE, 14, PF_P | PF_W | PF_U);  /* read-only */
-    expect_fault(0, true, WIN + PAGE_SIZE, 14, PF_P | PF_W);         /* CR0.WP=1 */
+    expect_fault(1, true, WIN + PAGE_SIZE, 14, PF_P | PF_W);         /* CR0.WP=1 */
     expect_fault(3, false, WIN + 2 * PAGE_SIZE, 14, PF_U);           /* not present */
-    expect_fault(0, false, WIN + 2 * PAGE_SIZE, 14, 0);
+    expect_fault(1, false, WIN + 2 * PAGE_SIZE, 14, 0);
     expect_fault(3, false, WIN + 3 * PAGE_SIZE, 14, PF_P | PF_U);    /* supervisor page */
     expect_fault(3, false, WIN + (1ull << 30), 14, PF_U);            /* no page directory */
     expect_fault(3, false, 0x8000000000000000ull, 13, 0);            /* non-canonical: #GP */
@@ -121,13 +120,13 @@ int main(const struct svm_boot_info *bi)
     pt_map(pml4, WIN, (uint64_t)c, PTE_P | PTE_W | PTE_U);
     invlpg(WIN);
     expect_value(3, WIN, c[0]);
-    expect_value(0, WIN, c[0]);
+    expect_value(1, WIN, c[0]);
 
     /* Unmap. */
     CHECK((pt_unmap(pml4, WIN) & PTE_ADDR_MASK) == (uint64_t)c, "pt_unmap returned the wrong frame");
     invlpg(WIN);
     expect_fault(3, false, WIN, 14, PF_U);
-    expect_fault(0, true, WIN, 14, PF_W);
+    expect_fault(1, true, WIN, 14, PF_W);
 
     /* Map again, with a full flush this time. */
     pt_map(pml4, WIN, (uint64_t)b, PTE_P | PTE_W | PTE_U);

@@ -5,7 +5,7 @@
  * The per-page cost of a demand fault (first touch) and of a mapped access
  * (re-touch), measured in ring 3 where rdtsc and the stores run natively, in
  * TSC cycles: shadow mode / kvm mode ratios need no TSC frequency.  With
- * chunk=K (K > 0) the pages are then ballooned back K at a time from ring 0,
+ * chunk=K (K > 0) the pages are then ballooned back K at a time from ring 1,
  * so every call makes the VMM flush K frames (the TLB-shootdown cost, read
  * from --json).  Other vCPUs spin in ring 3 on a page of their own meanwhile,
  * so a shootdown has a running vCPU to reach.  Used by scripts/bench.sh.
@@ -91,7 +91,7 @@ int main(const struct svm_boot_info *bi)
     if (pass("first") || pass("retouch"))
         return 1;
     {
-        /* The bare hypercall round trip from ring 0 (emulated), for scale. */
+        /* The bare hypercall round trip from ring 1 (emulated), for scale. */
         uint64_t t0 = rdtsc();
 
         for (int i = 0; i < 64; i++)

@@ -6,11 +6,12 @@
  * runtime in guests/rt/ that every built-in guest links against.
  *
  * A guest defines `int main(const struct svm_boot_info *bi)`, which runs on
- * vCPU 0 in ring 0; its return value becomes shadowvm's exit code.  It may
- * define `void ap_main(const struct svm_boot_info *bi, unsigned cpu)` for the
- * other vCPUs (the default one halts).
+ * vCPU 0 in ring 1 (the guest kernel never runs in ring 0: ABI v2); its
+ * return value becomes shadowvm's exit code.  It may define
+ * `void ap_main(const struct svm_boot_info *bi, unsigned cpu)` for the other
+ * vCPUs (the default one halts).
  *
- * Ring 0 is emulated on our KVM backend (~1-3 us per instruction) while ring 3
+ * Ring 1 is emulated on our KVM backend (~1-3 us per instruction) while ring 3
  * runs natively, so keep kernel-mode work tiny and run loops in user mode
  * with run_user().
  */
@@ -33,19 +34,24 @@
 #define SVM_PORT_EXIT       0xf4  /* out: shadowvm exits with (value & 0xff) */
 #define SVM_PORT_HYPERCALL  0xf5  /* outl %eax: hypercall number in eax */
 
-/* Hypercall numbers (rax).  Arguments in rdi, rsi, rdx, r10; results in rax
- * (and rdx where stated).  Every other register is preserved. */
+/* Hypercall numbers: the whole of rax (bits above 31 set: SVM_ENOSYS).
+ * Arguments in rdi, rsi, rdx, r10; results in rax (and rdx, rsi where
+ * stated).  Every other register is preserved.  Ring 1 only: from ring 3
+ * every hypercall returns SVM_EPERM. */
 #define SVM_HC_NOP          0 /* () -> 0 */
 #define SVM_HC_PRINT        1 /* (gpa, len) -> len written */
 #define SVM_HC_EXIT         2 /* (code) -> does not return */
 #define SVM_HC_LOAD_CR3     3 /* (cr3) -> 0 */
 #define SVM_HC_INVLPG       4 /* (gva) -> 0 */
 #define SVM_HC_FLUSH_TLB    5 /* (flags) -> 0 */
-#define SVM_HC_RESOLVE_PF   6 /* (cr2, error_code, rip) -> SVM_PF_*, rdx = error code */
+#define SVM_HC_RESOLVE_PF   6 /* (error_code, rflags, rip) -> SVM_PF_*, rdx = error code, rsi = CR2 */
 #define SVM_HC_BALLOON      7 /* (gpa, nr_pages) -> pages given back */
 #define SVM_HC_HOST_OP      8 /* (op, arg0, arg1) -> op-specific */
-#define SVM_HC_SET_PAGING   9 /* (flags) -> 0: CR0.WP, EFER.NXE */
-#define SVM_HC_MAX          9
+#define SVM_HC_SET_PAGING   9 /* (flags) -> 0: CR0.WP, EFER.NXE, CR4.SMEP, CR4.SMAP */
+/* ABI v2, ring 1 (0x100..): */
+#define SVM_HC_SET_TRAP_TABLE 0x100 /* (gpa, count) -> 0: struct svm_trap_info[count] */
+#define SVM_HC_SET_STACK    0x101 /* (index, rsp) -> 0: 0 = kernel stack, 1..7 = IST */
+#define SVM_HC_HALT         0x102 /* () -> does not return: this vCPU stops */
 
 /* SVM_HC_FLUSH_TLB flags. */
 #define SVM_FLUSH_GLOBAL    1u /* also drop global translations */
@@ -53,6 +59,8 @@
 /* SVM_HC_SET_PAGING flags (any other bit: SVM_EINVAL). */
 #define SVM_SET_PAGING_WP   1u /* CR0.WP: supervisor writes honour R/W */
 #define SVM_SET_PAGING_NX   2u /* EFER.NXE: XD is a permission bit, else bit 63 is reserved */
+#define SVM_SET_PAGING_SMEP 4u /* CR4.SMEP: ring 1 may not execute user pages */
+#define SVM_SET_PAGING_SMAP 8u /* CR4.SMAP: ring 1 may not touch user pages unless EFLAGS.AC */
 
 /* SVM_HC_RESOLVE_PF results. */
 #define SVM_PF_RETRY        0 /* fixed: return from the #PF handler (iretq) */
@@ -64,42 +72,55 @@
 #define SVM_HOST_OP_MAX     1
 
 /* Hypercall errors (negated Linux errno values). */
+#define SVM_EPERM           (-1)   /* a hypercall from ring 3 */
 #define SVM_EFAULT          (-14)
 #define SVM_EINVAL          (-22)
 #define SVM_ENOSYS          (-38)  /* unknown hypercall number */
-#define SVM_EOPNOTSUPP      (-95)  /* known, but not available in this paging mode */
+#define SVM_EOPNOTSUPP      (-95)  /* known, but not available in this paging mode or on this host */
 
 /* Paging modes (svm_boot_info.paging_mode). */
 #define SVM_PAGING_KVM      0
 #define SVM_PAGING_SHADOW   1
 
-/* GDT selectors set up by the VMM. */
-#define SVM_KERNEL_CS       0x08
-#define SVM_KERNEL_DS       0x10
+/* GDT selectors (the switcher's GDT).  The kernel runs in ring 1: its
+ * selectors have DPL 1 and RPL 1.  There is no ring-0 descriptor. */
+#define SVM_KERNEL_CS       0x09 /* GDT entry 1: 64-bit code, DPL 1 */
+#define SVM_KERNEL_DS       0x11 /* GDT entry 2: data, DPL 1 */
 #define SVM_USER_DS         0x1b /* GDT entry 3, RPL 3 */
 #define SVM_USER_CS         0x23 /* GDT entry 4, RPL 3 */
 #define SVM_TSS_SEL(cpu)    (0x28 + 16 * (cpu))
 
+/* The switcher: the VMM's GDT, IDTs and TSSes, mapped read-only and
+ * supervisor-only in the reserved range [SVM_SWITCHER_GVA, 2^64) (PML4 slot
+ * 511).  Shadow mode refuses any guest mapping there; kvm mode maps it
+ * through boot_cr3's entry 511, which tables the guest builds must copy. */
+#define SVM_SWITCHER_GVA    0xffffff8000000000ull
+#define SVM_SWITCHER_PML4_INDEX 511
+#define SVM_SWITCHER_GDT    SVM_SWITCHER_GVA
+#define SVM_SWITCHER_IDT(cpu) (SVM_SWITCHER_GVA + (1 + 2 * (uint64_t)(cpu)) * 4096)
+#define SVM_SWITCHER_TSS(cpu) (SVM_SWITCHER_GVA + (2 + 2 * (uint64_t)(cpu)) * 4096)
+#define SVM_IDT_ENTRIES     256
+#define SVM_IST_MAX         7
+
 /* Guest physical memory layout (identity-mapped at boot: gva == gpa). */
-#define SVM_GDT_GPA         0x1000
 #define SVM_BOOT_INFO_GPA   0x2000
 #define SVM_CMDLINE_GPA     0x2800
 #define SVM_CMDLINE_MAX     2048   /* bytes, including the NUL */
-#define SVM_TSS_GPA         0x4000 /* 256 bytes per vCPU */
 #define SVM_BOOT_PML4_GPA   0x8000
 #define SVM_PERCPU_GPA      0x100000 /* 32 KiB per vCPU, see below */
 #define SVM_PERCPU_STRIDE   0x8000
 #define SVM_IMAGE_MIN_GPA   0x200000 /* ELF segments must lie at or above 2 MiB */
 #define SVM_MAX_VCPUS       32
 
-/* The per-vCPU area (GS.base points at its first byte). */
+/* The per-vCPU area (GS.base points at its first byte).  SET_STACK accepts
+ * only stacks inside the calling vCPU's own area; the runtime uses: */
 #define SVM_PERCPU_PAGE     0x0000 /* 4 KiB: quadword 0 = its own address, 1 = vCPU index */
 #define SVM_PERCPU_IST      0x2000 /* top of the 4 KiB IST1 stack (NMI, #DF, #MC) */
-#define SVM_PERCPU_TRAP     0x4000 /* top of the 8 KiB TSS.RSP0 stack (traps from ring 3) */
+#define SVM_PERCPU_TRAP     0x4000 /* top of the 8 KiB kernel stack for traps from ring 3 */
 #define SVM_PERCPU_KSTACK   0x8000 /* top of the 16 KiB kernel stack (RSP at entry) */
 
 #define SVM_BOOT_INFO_MAGIC   0x424d5653u /* "SVMB" */
-#define SVM_BOOT_INFO_VERSION 1
+#define SVM_BOOT_INFO_VERSION 2
 
 #ifndef __ASSEMBLER__
 /* At SVM_BOOT_INFO_GPA; rdi points at it on entry.  Read-only for the guest. */
@@ -123,7 +144,18 @@ struct svm_boot_info {
     uint64_t user_end;     /* 104 */
 };
 
-/* Architectural page-table bits. */
+/* One SVM_HC_SET_TRAP_TABLE entry: `vector` goes to `handler` (in the
+ * image) in ring 1, on IST stack `ist` (0: the current stack, or the kernel
+ * stack from ring 3); handler 0 unregisters it.  The handler's first
+ * instruction must reload SS with SVM_KERNEL_DS (see docs/guest-abi.md §6). */
+struct svm_trap_info {
+    uint64_t handler;
+    uint8_t vector;
+    uint8_t ist;
+    uint16_t flags;    /* 0 */
+    uint32_t reserved; /* 0 */
+};
+
 /* The time-stamp counter, serialized (native in ring 3). */
 static inline uint64_t rdtsc(void)
 {
@@ -134,7 +166,7 @@ static inline uint64_t rdtsc(void)
 }
 
 /* The TSC rate in MHz from CPUID leaves 0x15/0x16, or 0 when the CPU does
- * not say (call it from ring 0: CPUID is one emulated instruction there). */
+ * not say (call it from ring 1: CPUID is one emulated instruction there). */
 static inline uint64_t cpuid_tsc_mhz(void)
 {
     uint32_t a, b, c, d;
@@ -186,24 +218,25 @@ static inline uint64_t cpuid_tsc_mhz(void)
 struct svm_hc_result {
     long rax;
     long rdx;
+    long rsi;
 };
 
-/* Raw hypercall; only valid in ring 0 (ring 3 gets #GP). */
+/* Raw hypercall; ring 1 only (ring 3 gets SVM_EPERM). */
 static inline struct svm_hc_result svm_hypercall(long nr, long a0, long a1, long a2, long a3)
 {
     register long r10 __asm__("r10") = a3;
-    long rax = nr, rdx = a2;
+    long rax = nr, rdx = a2, rsi = a1;
     __asm__ volatile("outl %%eax, %[port]"
-                     : "+a"(rax), "+d"(rdx)
-                     : [port] "i"(SVM_PORT_HYPERCALL), "D"(a0), "S"(a1), "r"(r10)
+                     : "+a"(rax), "+d"(rdx), "+S"(rsi)
+                     : [port] "i"(SVM_PORT_HYPERCALL), "D"(a0), "r"(r10)
                      : "memory");
-    return (struct svm_hc_result){ rax, rdx };
+    return (struct svm_hc_result){ rax, rdx, rsi };
 }
 
 /* The boot info, valid after entry on every vCPU. */
 extern const struct svm_boot_info *svm_boot;
 
-/* Console; all work in ring 0 and ring 3.  rt_write (and so printf, puts)
+/* Console; all work in ring 1 and ring 3.  rt_write (and so printf, puts)
  * uses the PRINT hypercall, one exit per call; serial_write goes through
  * the UART's data register, one exit per byte.  Output longer than 511
  * bytes per printf call is truncated. */
@@ -214,7 +247,7 @@ int printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 int vsnprintf(char *buf, size_t size, const char *fmt, va_list ap);
 int snprintf(char *buf, size_t size, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
-/* Leave the VM; work in ring 0 and ring 3. */
+/* Leave the VM; work in ring 1 and ring 3. */
 __attribute__((noreturn)) void exit(int code);
 __attribute__((noreturn)) void panic(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
@@ -229,7 +262,7 @@ const char *cmdline_get(const char *key, size_t *len);
 /* `key=N` parsed as a number with an optional K/M/G suffix, or `dflt`. */
 uint64_t cmdline_u64(const char *key, uint64_t dflt);
 
-/* vCPU identity (ring 0 only). */
+/* vCPU identity (ring 1 only). */
 unsigned cpu_id(void);
 unsigned nr_cpus(void);
 static inline bool in_user_mode(void)
@@ -242,7 +275,7 @@ static inline bool in_user_mode(void)
 /* Page allocator: bump allocation from svm_boot->free_start.  The pages are
  * zero (RAM starts zeroed and is never reused), identity-mapped and
  * user-accessible in the boot tables.  Returns NULL when RAM runs out.
- * Safe on any vCPU, ring 0 or 3. */
+ * Safe on any vCPU, ring 1 or 3. */
 void *alloc_pages(size_t nr_pages);
 
 /* Paging: always through these wrappers (hypercalls), never the native
@@ -253,13 +286,29 @@ void invlpg(uint64_t va);
 void flush_tlb(unsigned flags);
 long balloon(uint64_t gpa, uint64_t nr_pages);
 long host_op(long op, long arg0, long arg1);
-/* CR0.WP and EFER.NXE (SVM_SET_PAGING_* flags); never write them natively.
- * Returns 0 or a negative SVM_E* error. */
+/* CR0.WP, EFER.NXE, CR4.SMEP, CR4.SMAP (SVM_SET_PAGING_* flags); the
+ * native instructions fault in ring 1.  Returns 0 or a negative SVM_E*
+ * error (SVM_EOPNOTSUPP: the host refuses SMEP or SMAP).  Enable SMEP only
+ * on tables that map the kernel's code supervisor-only: the boot tables
+ * map the image user-accessible. */
 long set_paging(unsigned flags);
+
+/* Exceptions: the runtime registers its handlers for vectors 0-31 at entry
+ * (NMI, #DF, #MC on IST1).  set_trap replaces one (handler in the image,
+ * first instruction reloading SS; 0 unregisters it); rt_trap_stub(v) is the
+ * runtime's own handler for v, to put back.  set_stack sets this vCPU's
+ * kernel stack (index 0) or IST stack (1..7), inside its per-vCPU area. */
+long set_trap(unsigned vector, uint64_t handler, unsigned ist);
+uint64_t rt_trap_stub(unsigned vector);
+long set_stack(unsigned index, uint64_t rsp);
 
 /* Page-table helpers over identity-mapped tables.  `pml4` is a table's
  * address; missing intermediate tables come from alloc_pages() with
- * P|W|U set.  pt_map maps one 4 KiB page: pte = pa | flags. */
+ * P|W|U set.  pt_map maps one 4 KiB page: pte = pa | flags.
+ * pt_new_root allocates a PML4 with the boot tables' entries 0 (kernel,
+ * image, RAM) and 511 (the switcher: kvm mode needs it to deliver
+ * exceptions) copied; NULL when RAM runs out. */
+uint64_t *pt_new_root(void);
 int pt_map(uint64_t *pml4, uint64_t va, uint64_t pa, uint64_t flags);
 /* The leaf PTE's address, or NULL if an intermediate level is missing
  * (2 MiB leaves: returns the PDE). */
@@ -268,7 +317,7 @@ uint64_t *pt_lookup(uint64_t *pml4, uint64_t va);
 uint64_t pt_unmap(uint64_t *pml4, uint64_t va);
 
 /* Fault probes: one access that may fault.  Return 0 on success or -1 if it
- * faulted, with *fault (if not NULL) filled in.  They work in ring 0 and
+ * faulted, with *fault (if not NULL) filled in.  They work in ring 1 and
  * ring 3 (the fault is fixed up and the probe returns; nothing is retried). */
 struct svm_fault {
     uint64_t vector;
@@ -279,6 +328,29 @@ long probe_read64(const volatile void *addr, uint64_t *out, struct svm_fault *fa
 long probe_write64(volatile void *addr, uint64_t val, struct svm_fault *fault);
 /* An instruction fetch: calls addr, which must hold a `ret` (0xc3). */
 long probe_exec(const volatile void *addr, struct svm_fault *fault);
+
+/* SVM_PROBE_INSN(name, "insn") defines
+ *     long name(long arg, struct svm_fault *fault);
+ * which runs the one instruction `insn` (AT&T syntax) with arg in %rdi and
+ * returns 0 if it completed (%rax, %rcx, %rdx, %rsi, %r8, %r9 may be
+ * clobbered by it), or -1 with *fault filled in if it raised an exception:
+ * a probe for instructions that may fault, e.g. privileged ones. */
+#define SVM_PROBE_INSN(name, insn)                                                       \
+    long name(long arg, struct svm_fault *fault);                                       \
+    __asm__(".pushsection .text\n.globl " #name "\n" #name ":\n"                        \
+            "    mov %rsi, %r9\n"                                                        \
+            "1:  " insn "\n"                                                             \
+            "    xor %eax, %eax\n"                                                       \
+            "    ret\n"                                                                  \
+            ".pushsection __ex_table, \"a\"\n.balign 8\n.quad 1b, rt_probe_fixup\n"   \
+            ".popsection\n.popsection\n")
+
+/* Proof that exception handlers run in ring 1: while handler_cpl_check is
+ * set, every exception handler first executes a privileged instruction
+ * (mov %cr0) and counts, per vector, whether it faulted (handler_cpl_ok)
+ * or not (handler_cpl_bad: the handler ran in ring 0). */
+extern volatile bool handler_cpl_check;
+extern volatile uint64_t handler_cpl_ok[32], handler_cpl_bad[32];
 
 /* Run fn(arg) in ring 3 on this vCPU's user stack and come back.
  * Returns RUN_USER_OK with *ret = fn's return value, or RUN_USER_FAULT if

@@ -4,8 +4,8 @@
  * Two paths to the same stdout: the 16550 UART (serial_write: `rep outsb`
  * to its data register; KVM exits once per byte) and the PRINT hypercall
  * (rt_write: one exit per 4 KiB).  printf and puts use rt_write.  Ring 3
- * asks the kernel through RT_SYS_WRITE.  The UART needs no setup and never
- * makes the guest wait.
+ * asks the kernel through RT_SYS_WRITE (hypercalls are ring 1 only).  The
+ * UART needs no setup and never makes the guest wait.
  */
 #include "rt.h"
 

@@ -1,28 +1,32 @@
 /*
- * entry.S - guest entry, the IDT, exception stubs, ring-3 entry/return and
- * fault probes.
+ * entry.S - guest entry, the trap table, exception stubs, ring-3
+ * entry/return and fault probes.
  *
- * Every instruction here that runs in ring 0 is emulated by our KVM backend,
- * so the paths are short: the IDT is built by the assembler (the stubs sit at
- * a fixed address, see linker.ld), not by a loop at boot.
+ * The guest kernel runs in ring 1 (ABI v2), where every instruction is
+ * emulated by our KVM backend, so the paths are short: the trap table is
+ * built by the assembler (the stubs sit at a fixed address, see linker.ld),
+ * not by a loop at boot.  The IDT itself is the VMM's (the switcher):
+ * SET_TRAP_TABLE registers these stubs in it.
  */
 #include <shadowvm.h>
 #include "rt.h"
 
 /* ---------------------------------------------------------------------- */
-/* Entry: long mode, CPL0, rdi = boot info, rsi = vCPU index, rsp = kernel
- * stack top, GS.base = per-vCPU page.  Every vCPU starts here.            */
+/* Entry: long mode, CPL1, rdi = boot info, rsi = vCPU index, rsp = kernel
+ * stack top, GS.base = per-vCPU page, no exception handler registered yet
+ * (rt_start registers them first).  Every vCPU starts here.                */
 /* ---------------------------------------------------------------------- */
     .section .text.boot, "ax"
     .globl _start
 _start:
-    lidt rt_idt_descr(%rip)
     call rt_start
-1:  hlt
-    jmp 1b
+    jmp halt_forever
 
 /* ---------------------------------------------------------------------- */
-/* Exception stubs, RT_ISR_STRIDE bytes apart from RT_ISR_BASE.            */
+/* Exception stubs, RT_ISR_STRIDE bytes apart from RT_ISR_BASE.  The first */
+/* instruction of each reloads SS: from ring 3 our backend delivers with   */
+/* SS = 0 (not the architectural RPL-1 null selector), and a nested         */
+/* exception's iretq would then fault.                                      */
 /* ---------------------------------------------------------------------- */
 /* Vectors for which the CPU pushes an error code. */
 #define HAS_ERR(v) ((v) == 8 || ((v) >= 10 && (v) <= 14) || (v) == 17 || (v) == 21 || (v) == 29 || (v) == 30)
@@ -33,6 +37,7 @@ rt_isr_table:
     .set vec, 0
     .rept RT_NR_VECTORS
     .balign RT_ISR_STRIDE
+    mov rt_kernel_ss(%rip), %ss
     .if HAS_ERR(vec) == 0
     pushq $0
     .endif
@@ -42,6 +47,8 @@ rt_isr_table:
     .endr
 
     .text
+rt_kernel_ss:
+    .word SVM_KERNEL_DS
 rt_isr_common:
     push %rax
     push %rbx
@@ -79,34 +86,26 @@ rt_isr_common:
     iretq
 
 /* ---------------------------------------------------------------------- */
-/* The IDT: 64-bit interrupt gates, DPL 0; NMI, #DF and #MC on IST1.        */
+/* The trap table for SET_TRAP_TABLE (struct svm_trap_info): every         */
+/* exception vector to its stub; NMI, #DF and #MC on IST1.                 */
 /* ---------------------------------------------------------------------- */
     .section .rodata
     .balign 16
-rt_idt:
+    .globl rt_trap_table
+rt_trap_table:
     .set vec, 0
     .rept RT_NR_VECTORS
-    .set handler, RT_ISR_BASE + vec * RT_ISR_STRIDE
-    .word handler & 0xffff
-    .word SVM_KERNEL_CS
+    .quad RT_ISR_BASE + vec * RT_ISR_STRIDE
+    .byte vec
     .if vec == 2 || vec == 8 || vec == 18
     .byte 1
     .else
     .byte 0
     .endif
-    .byte 0x8e
-    .word (handler >> 16) & 0xffff
-    .long handler >> 32
+    .word 0
     .long 0
     .set vec, vec + 1
     .endr
-rt_idt_end:
-
-    .balign 8
-    .word 0, 0, 0
-rt_idt_descr:
-    .word rt_idt_end - rt_idt - 1
-    .quad rt_idt
 
 /* ---------------------------------------------------------------------- */
 /* Ring 3.                                                                 */
@@ -153,7 +152,7 @@ rt_user_sys_ud2:
     ud2             /* the #UD handler recognises this address, then skips it */
     ret
 
-/* void rt_return_to_kernel(long status): ring 0, on the trap stack.
+/* void rt_return_to_kernel(long status): ring 1, on the trap stack.
  * Abandons the trap frame and returns `status` from rt_enter_user. */
     .globl rt_return_to_kernel
 rt_return_to_kernel:
@@ -218,9 +217,11 @@ rt_probe_fixup:
 1:  mov $-1, %rax
     ret
 
+/* hlt faults in ring 1: the HALT hypercall stops the vCPU instead. */
     .globl halt_forever
 halt_forever:
-    hlt
+    mov $SVM_HC_HALT, %eax
+    outl %eax, $SVM_PORT_HYPERCALL
     jmp halt_forever
 
     .section .note.GNU-stack, "", @progbits

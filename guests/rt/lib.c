@@ -1,7 +1,7 @@
 /*
  * lib.c - the few libc pieces the guests use, and command-line parsing.
  * memset/memcpy use one string instruction: gcc may call them for struct
- * copies, and in ring 0 one emulated instruction beats a loop.
+ * copies, and in ring 1 one emulated instruction beats a loop.
  */
 #include "rt.h"
 

@@ -50,6 +50,18 @@ long set_paging(unsigned flags)
     return svm_hypercall(SVM_HC_SET_PAGING, (long)flags, 0, 0, 0).rax;
 }
 
+uint64_t *pt_new_root(void)
+{
+    const uint64_t *boot = (const uint64_t *)svm_boot->boot_cr3;
+    uint64_t *pml4 = alloc_pages(1);
+
+    if (pml4) {
+        pml4[0] = boot[0];
+        pml4[SVM_SWITCHER_PML4_INDEX] = boot[SVM_SWITCHER_PML4_INDEX];
+    }
+    return pml4;
+}
+
 static unsigned pt_index(uint64_t va, int level)
 {
     return (unsigned)((va >> (12 + 9 * level)) & 511);

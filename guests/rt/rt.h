@@ -13,8 +13,9 @@
 #define RT_CPU_USER_VALUE  32
 #define RT_CPU_USER_FAULT  40  /* struct svm_fault * of the current run_user */
 #define RT_CPU_CR3         48  /* the guest's CR3 as last loaded through LOAD_CR3 */
+#define RT_CPU_IN_CHECK    56  /* inside the handler_cpl_check probe */
 
-/* Ring-3 -> ring-0 "system calls": ud2 at rt_user_sys_ud2, number in rax,
+/* Ring-3 -> ring-1 "system calls": ud2 at rt_user_sys_ud2, number in rax,
  * arguments in rdi, rsi, result in rax. */
 #define RT_SYS_RETURN      1   /* (value): leave run_user() with RUN_USER_OK */
 #define RT_SYS_WRITE       2   /* (buf, len) */
@@ -35,6 +36,7 @@ struct rt_cpu {
     uint64_t user_value;
     struct svm_fault *user_fault;
     uint64_t cr3;
+    uint64_t in_cpl_check;
 };
 
 /* What rt_isr_common pushes, lowest address first. */
@@ -60,6 +62,7 @@ extern char rt_user_sys_ud2[];
 extern char rt_probe_exec_ret[], rt_probe_fixup[];
 struct rt_extable { uint64_t insn, fixup; };
 extern const struct rt_extable __start_ex_table[], __stop_ex_table[];
+extern const struct svm_trap_info rt_trap_table[RT_NR_VECTORS];
 
 /* trap.c */
 void rt_trap(struct rt_frame *f);

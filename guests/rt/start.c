@@ -11,8 +11,12 @@ void rt_start(const struct svm_boot_info *bi, uint64_t cpu);
 
 void rt_start(const struct svm_boot_info *bi, uint64_t cpu)
 {
-    uint64_t unset = 0;
+    uint64_t area = bi->percpu_base + cpu * bi->percpu_stride, unset = 0;
 
+    /* Handlers and stacks first: until then any exception stops the VM. */
+    svm_hypercall(SVM_HC_SET_TRAP_TABLE, (long)rt_trap_table, RT_NR_VECTORS, 0, 0);
+    svm_hypercall(SVM_HC_SET_STACK, 0, (long)(area + SVM_PERCPU_TRAP), 0, 0);
+    svm_hypercall(SVM_HC_SET_STACK, 1, (long)(area + SVM_PERCPU_IST), 0, 0);
     svm_boot = bi;
     __atomic_compare_exchange_n(&alloc_next, &unset, bi->free_start, false, __ATOMIC_SEQ_CST,
                                 __ATOMIC_SEQ_CST);

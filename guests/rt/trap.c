@@ -1,12 +1,38 @@
 /*
- * trap.c - the one C exception handler, ring-3 system calls, run_user().
+ * trap.c - the one C exception handler, ring-3 system calls, run_user(),
+ * registering handlers and stacks.
  *
- * #PF: ask the VMM first (SVM_HC_RESOLVE_PF).  "Retry" means the VMM fixed
- * its tables and the access can simply run again; "guest fault" hands back
- * the architectural error code, and the fault is the guest's own: a probe's
- * fixup, the end of a run_user() call, or a panic.
+ * #PF: ask the VMM first (SVM_HC_RESOLVE_PF, which also returns CR2: ring 1
+ * cannot read it).  "Retry" means the VMM fixed its tables and the access
+ * can simply run again; "guest fault" hands back the architectural error
+ * code, and the fault is the guest's own: a probe's fixup, the end of a
+ * run_user() call, or a panic.
  */
 #include "rt.h"
+
+volatile bool handler_cpl_check;
+volatile uint64_t handler_cpl_ok[RT_NR_VECTORS], handler_cpl_bad[RT_NR_VECTORS];
+
+/* A privileged instruction: in ring 1 it raises #GP, which the probe turns
+ * into -1; 0 means it ran, so the handler was in ring 0. */
+SVM_PROBE_INSN(rt_probe_mov_cr0, "mov %cr0, %rax");
+
+/* handler_cpl_check: prove this handler runs in ring 1.  The probe's #GP
+ * enters rt_trap again, with in_cpl_check set so it does not recurse. */
+static void check_cpl(uint64_t vector)
+{
+    struct rt_cpu *c = this_cpu();
+    struct svm_fault f;
+
+    if (!handler_cpl_check || c->in_cpl_check || vector >= RT_NR_VECTORS)
+        return;
+    c->in_cpl_check = 1;
+    if (rt_probe_mov_cr0(0, &f) == -1 && f.vector == 13)
+        __atomic_fetch_add(&handler_cpl_ok[vector], 1, __ATOMIC_RELAXED);
+    else
+        __atomic_fetch_add(&handler_cpl_bad[vector], 1, __ATOMIC_RELAXED);
+    c->in_cpl_check = 0;
+}
 
 static const char *const vector_names[RT_NR_VECTORS] = {
     "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "#MF(9)",
@@ -58,17 +84,18 @@ void rt_trap(struct rt_frame *f)
     bool from_user = (f->cs & 3) == 3;
     uint64_t cr2 = 0;
 
+    check_cpl(f->vector);
     switch (f->vector) {
     case 14: {
         struct svm_hc_result r;
 
-        __asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
-        r = svm_hypercall(SVM_HC_RESOLVE_PF, (long)cr2, (long)f->error_code, (long)f->rip, 0);
+        r = svm_hypercall(SVM_HC_RESOLVE_PF, (long)f->error_code, (long)f->rflags, (long)f->rip, 0);
         if (r.rax == SVM_PF_RETRY)
             return;
         if (r.rax != SVM_PF_GUEST_FAULT)
-            panic("RESOLVE_PF(%lx, %lx) failed: %ld", cr2, f->error_code, r.rax);
+            panic("RESOLVE_PF(%lx) failed: %ld", f->error_code, r.rax);
         f->error_code = (uint64_t)r.rdx;
+        cr2 = (uint64_t)r.rsi;
         break;
     }
     case 6:
@@ -138,4 +165,23 @@ int run_user(long (*fn)(void *), void *arg, long *ret, struct svm_fault *fault)
     if (status == RUN_USER_OK && ret)
         *ret = (long)c->user_value;
     return (int)status;
+}
+
+long set_trap(unsigned vector, uint64_t handler, unsigned ist)
+{
+    static struct svm_trap_info t[SVM_MAX_VCPUS]; /* one per vCPU: any may call */
+    struct svm_trap_info *e = &t[cpu_id() % SVM_MAX_VCPUS];
+
+    *e = (struct svm_trap_info){ .handler = handler, .vector = (uint8_t)vector, .ist = (uint8_t)ist };
+    return svm_hypercall(SVM_HC_SET_TRAP_TABLE, (long)e, 1, 0, 0).rax;
+}
+
+uint64_t rt_trap_stub(unsigned vector)
+{
+    return vector < RT_NR_VECTORS ? RT_ISR_BASE + vector * RT_ISR_STRIDE : 0;
+}
+
+long set_stack(unsigned index, uint64_t rsp)
+{
+    return svm_hypercall(SVM_HC_SET_STACK, index, (long)rsp, 0, 0).rax;
 }

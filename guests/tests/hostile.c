@@ -5,7 +5,7 @@
  * docs/design.md rule 5 from the guest's side.  The guest builds page tables
  * whose entries point at gpas beyond its RAM (where machine memory and the
  * shadow pool might be, seen from KVM), set reserved bits, or point back at
- * their own table, and probes them from ring 0 and ring 3: every probe must
+ * their own table, and probes them from ring 1 and ring 3: every probe must
  * end in a #PF at the probed address.  Then it loads 10,000 distinct CR3
  * values, tries CR3 values the VMM must refuse, and makes hypercalls with
  * garbage arguments.  The VMM must survive all of it; the host-side test
@@ -45,10 +45,10 @@ static void add(uint64_t va, int kind, bool both_modes)
 {
     if (!both_modes && !shadow)
         return;
-    for (int ring = 0; ring <= 3; ring += 3)
+    for (int ring = 1; ring <= 3; ring += 2)
         for (int write = 0; write <= 1; write++) {
-            /* A read-only supervisor self-reference can be read in ring 0. */
-            if (kind == PROT && ring == 0 && !write)
+            /* A read-only supervisor self-reference can be read in ring 1. */
+            if (kind == PROT && ring == 1 && !write)
                 continue;
             if (nr_probes == (int)(sizeof(probes) / sizeof(probes[0])))
                 panic("too many probes");
@@ -89,7 +89,7 @@ static void run_probes(void)
     long ret;
 
     for (int i = done; i < nr_probes; i++)
-        if (probes[i].ring == 0)
+        if (probes[i].ring == 1)
             run_probe(&probes[i]);
     CHECK(run_user(user_probes, NULL, &ret, &f) == RUN_USER_OK,
           "ring 3 probes escaped: vector %lu error 0x%lx cr2 0x%lx", f.vector, f.error_code, f.cr2);
@@ -123,9 +123,10 @@ static uint64_t va_of(unsigned l4, unsigned l3, unsigned l2, unsigned l1)
     return SLOT(l4) | (uint64_t)l3 << 30 | (uint64_t)l2 << 21 | (uint64_t)l1 << 12;
 }
 
-/* Ring 3: write PML4 entry 0 of the boot tables into every CR3 page. */
+/* Ring 3: write PML4 entry 0 of the boot tables, and the switcher's entry
+ * (kvm mode delivers exceptions through it), into every CR3 page. */
 struct fill {
-    uint64_t *pages, entry0;
+    uint64_t *pages, entry0, entry511;
 };
 static struct fill fill;
 
@@ -133,8 +134,10 @@ static long user_fill(void *arg)
 {
     struct fill *f = arg;
 
-    for (int i = 0; i < NR_CR3; i++)
+    for (int i = 0; i < NR_CR3; i++) {
         f->pages[i * 512] = f->entry0;
+        f->pages[i * 512 + SVM_SWITCHER_PML4_INDEX] = f->entry511;
+    }
     return 0;
 }
 
@@ -189,7 +192,7 @@ int main(const struct svm_boot_info *bi)
     uint64_t mem = bi->mem_size, *boot = (uint64_t *)bi->boot_cr3;
     unsigned phys = maxphyaddr();
     uint64_t top = 1ull << phys; /* first gpa above MAXPHYADDR */
-    uint64_t *pml4 = alloc_pages(1), *pdpt = alloc_pages(1), *pd = alloc_pages(1), *pt = alloc_pages(1);
+    uint64_t *pml4 = pt_new_root(), *pdpt = alloc_pages(1), *pd = alloc_pages(1), *pt = alloc_pages(1);
     uint64_t *bait = alloc_pages(1);
     const uint64_t UW = PTE_P | PTE_W | PTE_U;
     uint64_t v;
@@ -207,8 +210,8 @@ int main(const struct svm_boot_info *bi)
     }
     bait[0] = 0xba17ba17ba17ba17ull;
 
-    /* PML4: the boot identity map, the window, and hostile entries. */
-    pml4[0] = boot[0];
+    /* PML4: the boot identity map, the switcher, the window, and hostile
+     * entries. */
     pml4[1] = (uint64_t)pdpt | UW;
     pml4[2] = mem | UW;                                 /* PDPT beyond RAM */
     pml4[3] = (uint64_t)pml4 | PTE_P;                   /* itself, supervisor read-only */
@@ -353,6 +356,7 @@ int main(const struct svm_boot_info *bi)
             xpt[(pa >> 12) & 511] = pa | UW;
         }
         fill.entry0 = (uint64_t)xpdpt | UW;
+        fill.entry511 = boot[SVM_SWITCHER_PML4_INDEX];
     }
     {
         long ret;
@@ -418,20 +422,34 @@ int main(const struct svm_boot_info *bi)
             { SVM_HC_INVLPG, 1ull << 47, 0, SVM_EINVAL },
             { SVM_HC_INVLPG, ~0ull, 0, 0 },
             { SVM_HC_FLUSH_TLB, ~0ull, 0, SVM_EINVAL },
-            { SVM_HC_RESOLVE_PF, 1ull << 63, PF_W | PF_U, SVM_PF_GUEST_FAULT },
-            { SVM_HC_RESOLVE_PF, ~0ull, PF_I, SVM_PF_GUEST_FAULT },
-            { SVM_HC_RESOLVE_PF, WIN, PF_P | PF_W | PF_U | PF_RSVD | PF_I, SVM_PF_GUEST_FAULT },
-            { SVM_HC_RESOLVE_PF, 0, 0xffff, SVM_PF_GUEST_FAULT },
-            { SVM_HC_RESOLVE_PF, 0, 0x10000, SVM_EINVAL },
+            /* CR2 is the last fault: a probe of the null page, below. */
+            { SVM_HC_RESOLVE_PF, PF_W | PF_U, 1ull << 63, SVM_PF_GUEST_FAULT },
+            { SVM_HC_RESOLVE_PF, PF_I, ~0ull, SVM_PF_GUEST_FAULT },
+            { SVM_HC_RESOLVE_PF, PF_P | PF_W | PF_U | PF_RSVD | PF_I, 0, SVM_PF_GUEST_FAULT },
+            { SVM_HC_RESOLVE_PF, 0xffff, 0, SVM_PF_GUEST_FAULT },
+            { SVM_HC_RESOLVE_PF, 0x10000, 0, SVM_EINVAL },
+            { SVM_HC_RESOLVE_PF, ~0ull, 0, SVM_EINVAL },
+            { SVM_HC_SET_TRAP_TABLE, ~0ull - 8, 2, SVM_EFAULT },
+            { SVM_HC_SET_TRAP_TABLE, 0x200000, 257, SVM_EINVAL },
+            { SVM_HC_SET_TRAP_TABLE, 0x200000, ~0ull, SVM_EINVAL },
+            { SVM_HC_SET_STACK, 8, 0, SVM_EINVAL },
+            { SVM_HC_SET_STACK, ~0ull, 0, SVM_EINVAL },
+            { SVM_HC_SET_STACK, 0, 0x200000, SVM_EINVAL },
+            { SVM_HC_SET_STACK, 0, ~0ull, SVM_EINVAL },
+            { SVM_HC_SET_STACK, 0, SVM_SWITCHER_GVA + 0x2000, SVM_EINVAL },
             { SVM_HC_HOST_OP, ~0ull, 0, SVM_EINVAL },
             { SVM_HC_HOST_OP, 1ull << 32, 0, SVM_EINVAL },
-            { SVM_HC_SET_PAGING, 4, 0, SVM_EINVAL },
+            { SVM_HC_SET_PAGING, 16, 0, SVM_EINVAL },
             { SVM_HC_SET_PAGING, ~0ull, 0, SVM_EINVAL },
             { SVM_HC_SET_PAGING, 1ull << 63 | SVM_SET_PAGING_WP | SVM_SET_PAGING_NX, 0, SVM_EINVAL },
         };
 
         for (size_t i = 0; i < sizeof(e) / sizeof(e[0]); i++) {
-            long rc = hc(e[i].nr, (long)e[i].a0, (long)e[i].a1, 0);
+            long rc;
+
+            if (e[i].nr == SVM_HC_RESOLVE_PF) /* CR2: a not-present page */
+                probe_read64((const volatile void *)8, &v, &f);
+            rc = hc(e[i].nr, (long)e[i].a0, (long)e[i].a1, 0);
 
             rejected += rc < 0;
             CHECK(rc == e[i].want, "hypercall %ld(0x%lx, 0x%lx): %ld, want %ld", e[i].nr, e[i].a0, e[i].a1, rc,
@@ -439,12 +457,18 @@ int main(const struct svm_boot_info *bi)
         }
     }
 
-    /* Garbage hypercalls. */
+    /* Garbage hypercalls: every number (plus unknown ones, and known ones
+     * with bits above 31), garbage arguments. */
     for (int i = 0; i < NR_HC; i++) {
         static const uint64_t edge[] = { ~0ull, 1ull << 63, 1ull << 52, 1ull << 40, -PAGE_SIZE,
                                          0x7ffffffff000ull, 0x800000000000ull, 0xfffull };
+        static const long nrs[] = { SVM_HC_NOP, SVM_HC_PRINT, SVM_HC_EXIT, SVM_HC_LOAD_CR3, SVM_HC_INVLPG,
+                                    SVM_HC_FLUSH_TLB, SVM_HC_RESOLVE_PF, SVM_HC_BALLOON, SVM_HC_HOST_OP,
+                                    SVM_HC_SET_PAGING, SVM_HC_SET_TRAP_TABLE, SVM_HC_SET_STACK, SVM_HC_HALT };
+        const int nr_known = sizeof(nrs) / sizeof(nrs[0]);
         uint64_t r = rnd();
         long nr = (long)(r % 20), rc;
+        bool known = nr < nr_known;
         uint64_t a[3];
 
         for (int k = 0; k < 3; k++) {
@@ -452,10 +476,22 @@ int main(const struct svm_boot_info *bi)
 
             a[k] = (x & 3) == 0 ? edge[(x >> 2) % (sizeof(edge) / sizeof(edge[0]))] : rnd();
         }
+        if (known)
+            nr = nrs[nr];
+        else if (r & 0x200)
+            nr = (long)((r >> 20) & 0x3ff) + 10;         /* unknown, near the known ones */
+        else
+            nr = nrs[(r >> 20) % nr_known] | (long)(1ull << (32 + (r >> 8) % 31)); /* bits above 31 */
         if (a[0] == 0x800000000000ull)
             a[0] = mem + (r >> 40 << 12);                /* just past RAM */
-        if (nr == SVM_HC_EXIT)
-            nr = -1 - (long)(r >> 60);                   /* never exit by accident */
+        if (nr == SVM_HC_EXIT || nr == SVM_HC_HALT)
+            nr = -1 - (long)(r >> 60);                   /* never exit or halt by accident */
+        if (nr == SVM_HC_SET_TRAP_TABLE)
+            a[1] |= 1ull << (9 + (r >> 8) % 55);         /* never a table (> 256 entries) */
+        if (nr == SVM_HC_SET_STACK)
+            a[0] |= 8;                                   /* never a stack */
+        if (nr == SVM_HC_RESOLVE_PF)                     /* CR2: a not-present page */
+            probe_read64((const volatile void *)8, &v, &f);
         if (nr == SVM_HC_LOAD_CR3)
             a[0] |= 1ull << (52 + (r >> 8) % 12);        /* never a usable table */
         if (nr == SVM_HC_BALLOON)
@@ -463,20 +499,22 @@ int main(const struct svm_boot_info *bi)
         if (nr == SVM_HC_PRINT && a[1] <= 4096)
             a[0] |= 1ull << 62;                          /* never prints */
         if (nr == SVM_HC_RESOLVE_PF && (r & 0x100))
-            a[1] &= 0x1f;                                /* a valid error code, any address */
+            a[0] &= 0x1f;                                /* a valid error code */
         if (nr == SVM_HC_INVLPG && (r & 0x100))
             a[0] &= 0x7fffffffffffull;                   /* canonical */
         if (nr == SVM_HC_SET_PAGING)
-            a[0] |= 1ull << (2 + (r >> 8) % 62);         /* never a mode change */
+            a[0] |= 1ull << (4 + (r >> 8) % 60);         /* never a mode change */
         rc = hc(nr, (long)a[0], (long)a[1], (long)a[2]);
         rejected += rc < 0;
-        if (nr < 0 || nr > SVM_HC_MAX)
+        known = false;
+        for (int k = 0; k < nr_known; k++)
+            known |= nr == nrs[k];
+        if (!known)
             CHECK(rc == SVM_ENOSYS, "hypercall %ld: %ld, want ENOSYS", nr, rc);
         else if (nr == SVM_HC_NOP)
             CHECK(rc == 0, "NOP: %ld", rc);
-        else if (nr == SVM_HC_RESOLVE_PF && (a[1] & ~0xffffull) == 0)
-            CHECK(rc == SVM_PF_RETRY || rc == SVM_PF_GUEST_FAULT, "RESOLVE_PF(0x%lx, 0x%lx): %ld", a[0],
-                  a[1], rc);
+        else if (nr == SVM_HC_RESOLVE_PF && (a[0] & ~0xffffull) == 0)
+            CHECK(rc == SVM_PF_GUEST_FAULT, "RESOLVE_PF(0x%lx, 0x%lx): %ld", a[0], a[1], rc);
         else if (nr == SVM_HC_INVLPG && (a[0] >> 47 == 0 || a[0] >> 47 == 0x1ffff))
             CHECK(rc == 0, "INVLPG(0x%lx): %ld", a[0], rc);
         else if (nr == SVM_HC_HOST_OP && a[0] == SVM_HOST_OP_PING)

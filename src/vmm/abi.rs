@@ -17,7 +17,12 @@ pub const PORT_EXIT: u16 = 0xf4;
 /// Hypercall port: `outl %eax, $0xf5` with the hypercall number in `eax`.
 pub const PORT_HYPERCALL: u16 = 0xf5;
 
-/// Hypercall numbers (`rax`).
+/// Hypercall numbers: the whole of `rax` (a value with bits above 31 set
+/// is no hypercall: `ENOSYS`).
+///
+/// The table is in ranges, so that independent additions do not collide:
+/// `0x000..` the paging and console calls, `0x100..` ABI v2's ring-1 calls
+/// (trap table, stacks, halt).
 pub mod hc {
     /// `() -> 0`.
     pub const NOP: u64 = 0;
@@ -31,17 +36,48 @@ pub mod hc {
     pub const INVLPG: u64 = 4;
     /// `(flags) -> 0`: drop all translations (`FLUSH_GLOBAL`: global ones too).
     pub const FLUSH_TLB: u64 = 5;
-    /// `(cr2, error_code, rip) -> PF_RETRY | PF_GUEST_FAULT`, `rdx` = error code.
+    /// `(error_code, rflags, rip) -> PF_RETRY | PF_GUEST_FAULT`, `rdx` =
+    /// error code, `rsi` = CR2.
     pub const RESOLVE_PF: u64 = 6;
     /// `(gpa, nr_pages) -> nr_pages`: give guest frames back to the host.
     pub const BALLOON: u64 = 7;
     /// `(op, arg0, arg1) -> op-specific`: host-side operations for demos.
     pub const HOST_OP: u64 = 8;
-    /// `(flags) -> 0`: set the guest's CR0.WP (`SET_PAGING_WP`) and EFER.NXE
-    /// (`SET_PAGING_NX`); any other bit is `EINVAL`.
+    /// `(flags) -> 0`: set the guest's CR0.WP (`SET_PAGING_WP`), EFER.NXE
+    /// (`SET_PAGING_NX`), CR4.SMEP (`SET_PAGING_SMEP`) and CR4.SMAP
+    /// (`SET_PAGING_SMAP`); any other bit is `EINVAL`.
     pub const SET_PAGING: u64 = 9;
-    /// The highest hypercall number.
-    pub const MAX: u64 = 9;
+    /// `(gpa, count) -> 0`: register ring-1 exception handlers, `count`
+    /// `TrapInfo` entries at `gpa` (Xen's `set_trap_table`).
+    pub const SET_TRAP_TABLE: u64 = 0x100;
+    /// `(index, rsp) -> 0`: this vCPU's kernel stack (`index` 0: TSS.RSP0
+    /// and RSP1) or IST stack `index` (1..=7) (Xen's `stack_switch`).
+    pub const SET_STACK: u64 = 0x101;
+    /// `()`: stop this vCPU (there are no interrupts to wake it); replaces
+    /// `hlt`, which faults in ring 1.
+    pub const HALT: u64 = 0x102;
+
+    /// Every hypercall, in `--stats` order.
+    pub const ALL: [u64; 13] = [
+        NOP,
+        PRINT,
+        EXIT,
+        LOAD_CR3,
+        INVLPG,
+        FLUSH_TLB,
+        RESOLVE_PF,
+        BALLOON,
+        HOST_OP,
+        SET_PAGING,
+        SET_TRAP_TABLE,
+        SET_STACK,
+        HALT,
+    ];
+
+    /// The position of hypercall `nr` in [`ALL`], if it is one.
+    pub fn index(nr: u64) -> Option<usize> {
+        ALL.iter().position(|&n| n == nr)
+    }
 
     /// The name of hypercall `nr` (in `--stats`).
     pub fn name(nr: u64) -> &'static str {
@@ -56,6 +92,9 @@ pub mod hc {
             BALLOON => "balloon",
             HOST_OP => "host_op",
             SET_PAGING => "set_paging",
+            SET_TRAP_TABLE => "set_trap_table",
+            SET_STACK => "set_stack",
+            HALT => "halt",
             _ => "unknown",
         }
     }
@@ -67,6 +106,13 @@ pub const FLUSH_GLOBAL: u64 = 1 << 0;
 pub const SET_PAGING_WP: u64 = 1 << 0;
 /// `SET_PAGING` flag: EFER.NXE (XD is a permission bit; else bit 63 is reserved).
 pub const SET_PAGING_NX: u64 = 1 << 1;
+/// `SET_PAGING` flag: CR4.SMEP (supervisor fetches from user pages fault).
+pub const SET_PAGING_SMEP: u64 = 1 << 2;
+/// `SET_PAGING` flag: CR4.SMAP (supervisor data accesses to user pages
+/// fault unless EFLAGS.AC is set).
+pub const SET_PAGING_SMAP: u64 = 1 << 3;
+/// Every `SET_PAGING` flag.
+pub const SET_PAGING_ALL: u64 = SET_PAGING_WP | SET_PAGING_NX | SET_PAGING_SMEP | SET_PAGING_SMAP;
 /// `RESOLVE_PF` result: the VMM fixed its tables; retry the access.
 pub const PF_RETRY: u64 = 0;
 /// `RESOLVE_PF` result: the guest's own fault; `rdx` holds the error code.
@@ -81,13 +127,16 @@ pub const HOST_OP_MAX: u64 = 1;
 
 /// Hypercall error results: negated Linux errno values.
 pub mod errno {
+    /// A hypercall from ring 3: only the guest kernel (ring 1) may make them.
+    pub const EPERM: i64 = -1;
     /// A guest address range lies outside RAM.
     pub const EFAULT: i64 = -14;
     /// An argument is malformed.
     pub const EINVAL: i64 = -22;
     /// No such hypercall.
     pub const ENOSYS: i64 = -38;
-    /// The hypercall exists but not in this paging mode.
+    /// The hypercall exists but not in this paging mode, or the host's KVM
+    /// refuses the mode it asks for.
     pub const EOPNOTSUPP: i64 = -95;
 }
 
@@ -96,10 +145,12 @@ pub const PAGING_MODE_KVM: u32 = 0;
 /// `svm_boot_info.paging_mode`: the VMM's shadow tables.
 pub const PAGING_MODE_SHADOW: u32 = 1;
 
-/// Kernel code selector (GDT entry 1).
-pub const KERNEL_CS: u16 = 0x08;
-/// Kernel data selector (GDT entry 2).
-pub const KERNEL_DS: u16 = 0x10;
+/// The ring the guest kernel runs in.
+pub const KERNEL_RPL: u16 = 1;
+/// Kernel code selector: GDT entry 1, 64-bit code, DPL 1, RPL 1.
+pub const KERNEL_CS: u16 = 0x08 | KERNEL_RPL;
+/// Kernel data selector: GDT entry 2, DPL 1, RPL 1.
+pub const KERNEL_DS: u16 = 0x10 | KERNEL_RPL;
 /// User data selector (GDT entry 3, RPL 3).
 pub const USER_DS: u16 = 0x1b;
 /// User code selector (GDT entry 4, RPL 3).
@@ -107,20 +158,62 @@ pub const USER_CS: u16 = 0x23;
 /// The TSS selector of vCPU 0; vCPU `n` uses `TSS_SEL_BASE + 16 * n`.
 pub const TSS_SEL_BASE: u16 = 0x28;
 
+/// The switcher: the reserved gva range `[SWITCHER_GVA, 2^64)` (PML4 slot
+/// 511), where the VMM maps the GDT, the IDTs and the TSSes read-only and
+/// supervisor-only. Shadow mode refuses any guest mapping there.
+pub const SWITCHER_GVA: u64 = 0xffff_ff80_0000_0000;
+/// The PML4 slot of the switcher range.
+pub const SWITCHER_PML4_INDEX: usize = 511;
+/// Entries of each vCPU's IDT.
+pub const IDT_ENTRIES: u64 = 256;
+/// Highest IST index (`SET_STACK` index, `TrapInfo::ist`).
+pub const IST_MAX: u64 = 7;
+
+/// gva of the GDT (switcher page 0).
+pub const fn switcher_gdt() -> u64 {
+    SWITCHER_GVA
+}
+
+/// gva of vCPU `cpu`'s IDT (switcher page `1 + 2 * cpu`).
+pub const fn switcher_idt(cpu: u32) -> u64 {
+    SWITCHER_GVA + (1 + 2 * cpu as u64) * PAGE_SIZE
+}
+
+/// gva of vCPU `cpu`'s TSS and I/O bitmap (switcher page `2 + 2 * cpu`).
+pub const fn switcher_tss(cpu: u32) -> u64 {
+    SWITCHER_GVA + (2 + 2 * cpu as u64) * PAGE_SIZE
+}
+
+/// One entry of the `SET_TRAP_TABLE` table (`struct svm_trap_info`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrapInfo {
+    /// Handler address in the image; 0 unregisters the vector.
+    pub handler: u64,
+    /// Exception vector.
+    pub vector: u8,
+    /// IST index, 0 (the current or kernel stack) to `IST_MAX`.
+    pub ist: u8,
+    /// Zero.
+    pub flags: u16,
+    /// Zero.
+    pub reserved: u32,
+}
+
+// SAFETY: `TrapInfo` is `repr(C)`, made only of integers, with no padding
+// (checked by the size assertion below), so any byte pattern is a valid value.
+unsafe impl ByteValued for TrapInfo {}
+
+const _: () = assert!(std::mem::size_of::<TrapInfo>() == 16);
+
 /// Size of a page.
 pub const PAGE_SIZE: u64 = 4096;
-/// The GDT page.
-pub const GDT_GPA: u64 = 0x1000;
 /// The boot-info page (user-readable, read-only).
 pub const BOOT_INFO_GPA: u64 = 0x2000;
 /// The command line, NUL-terminated, in the boot-info page.
 pub const CMDLINE_GPA: u64 = 0x2800;
 /// Room for the command line, including its NUL.
 pub const CMDLINE_MAX: usize = 2048;
-/// The TSSes, `TSS_STRIDE` bytes apart.
-pub const TSS_GPA: u64 = 0x4000;
-/// Bytes per TSS slot.
-pub const TSS_STRIDE: u64 = 256;
 /// The boot PML4; the PDPT, the 4 KiB table for the first 2 MiB and the
 /// page directories follow it.
 pub const BOOT_PML4_GPA: u64 = 0x8000;
@@ -128,22 +221,20 @@ pub const BOOT_PML4_GPA: u64 = 0x8000;
 pub const PERCPU_GPA: u64 = 0x10_0000;
 /// Bytes per per-vCPU area.
 pub const PERCPU_STRIDE: u64 = 0x8000;
-/// Offset of the top of the IST1 stack in a per-vCPU area.
+/// Offset of the top of the runtime's IST1 stack in a per-vCPU area (the
+/// VMM only checks that stacks lie in the area; their use is the guest's).
 pub const PERCPU_IST_TOP: u64 = 0x2000;
-/// Offset of the top of the TSS.RSP0 stack in a per-vCPU area.
+/// Offset of the top of the runtime's trap stack (TSS.RSP0) in a per-vCPU
+/// area.
 pub const PERCPU_TRAP_TOP: u64 = 0x4000;
 /// Offset of the top of the kernel stack (RSP at entry) in a per-vCPU area.
 pub const PERCPU_KSTACK_TOP: u64 = 0x8000;
 /// ELF segments must lie at or above this address; everything below it is
-/// the VMM-built area, supervisor-only except the boot-info page.
+/// the VMM-built area (boot info, boot tables, per-vCPU areas),
+/// supervisor-only except the boot-info page.
 pub const IMAGE_MIN_GPA: u64 = 0x20_0000;
 /// The most vCPUs the layout has room for.
 pub const MAX_VCPUS: u32 = 32;
-
-/// gpa of vCPU `cpu`'s TSS.
-pub fn tss_gpa(cpu: u32) -> u64 {
-    TSS_GPA + u64::from(cpu) * TSS_STRIDE
-}
 
 /// gpa of vCPU `cpu`'s per-vCPU area.
 pub fn percpu_gpa(cpu: u32) -> u64 {
@@ -153,7 +244,7 @@ pub fn percpu_gpa(cpu: u32) -> u64 {
 /// `svm_boot_info.magic`: "SVMB".
 pub const BOOT_INFO_MAGIC: u32 = 0x424d_5653;
 /// `svm_boot_info.version`.
-pub const BOOT_INFO_VERSION: u32 = 1;
+pub const BOOT_INFO_VERSION: u32 = 2;
 
 /// `struct svm_boot_info` at `BOOT_INFO_GPA`.
 #[repr(C)]
@@ -220,11 +311,11 @@ mod tests {
                 continue;
             };
             let value = value
-                .trim_end_matches('u')
                 .trim_start_matches('(')
-                .trim_end_matches(')');
+                .trim_end_matches(')')
+                .trim_end_matches(['u', 'l']);
             let parsed = if let Some(hex) = value.strip_prefix("0x") {
-                i64::from_str_radix(hex.trim_end_matches('u'), 16).ok()
+                u64::from_str_radix(hex, 16).ok().map(|v| v as i64)
             } else {
                 value.parse::<i64>().ok()
             };
@@ -259,18 +350,24 @@ mod tests {
             ("SVM_HC_BALLOON", hc::BALLOON),
             ("SVM_HC_HOST_OP", hc::HOST_OP),
             ("SVM_HC_SET_PAGING", hc::SET_PAGING),
+            ("SVM_HC_SET_TRAP_TABLE", hc::SET_TRAP_TABLE),
+            ("SVM_HC_SET_STACK", hc::SET_STACK),
+            ("SVM_HC_HALT", hc::HALT),
             ("SVM_SET_PAGING_WP", SET_PAGING_WP),
             ("SVM_SET_PAGING_NX", SET_PAGING_NX),
-            ("SVM_HC_MAX", hc::MAX),
+            ("SVM_SET_PAGING_SMEP", SET_PAGING_SMEP),
+            ("SVM_SET_PAGING_SMAP", SET_PAGING_SMAP),
             ("SVM_PF_RETRY", PF_RETRY),
             ("SVM_PF_GUEST_FAULT", PF_GUEST_FAULT),
             ("SVM_HOST_OP_PING", HOST_OP_PING),
             ("SVM_HOST_OP_CHECKPOINT", HOST_OP_CHECKPOINT),
             ("SVM_HOST_OP_MAX", HOST_OP_MAX),
-            ("SVM_GDT_GPA", GDT_GPA),
             ("SVM_BOOT_INFO_GPA", BOOT_INFO_GPA),
             ("SVM_CMDLINE_GPA", CMDLINE_GPA),
-            ("SVM_TSS_GPA", TSS_GPA),
+            ("SVM_SWITCHER_GVA", SWITCHER_GVA),
+            ("SVM_SWITCHER_PML4_INDEX", SWITCHER_PML4_INDEX as u64),
+            ("SVM_IDT_ENTRIES", IDT_ENTRIES),
+            ("SVM_IST_MAX", IST_MAX),
             ("SVM_BOOT_PML4_GPA", BOOT_PML4_GPA),
             ("SVM_PERCPU_GPA", PERCPU_GPA),
             ("SVM_PERCPU_STRIDE", PERCPU_STRIDE),
@@ -283,6 +380,7 @@ mod tests {
         }
         expect("SVM_CMDLINE_MAX", CMDLINE_MAX as i64);
         expect("SVM_MAX_VCPUS", MAX_VCPUS.into());
+        expect("SVM_EPERM", errno::EPERM);
         expect("SVM_EFAULT", errno::EFAULT);
         expect("SVM_EINVAL", errno::EINVAL);
         expect("SVM_ENOSYS", errno::ENOSYS);
@@ -296,5 +394,21 @@ mod tests {
         expect("SVM_BOOT_INFO_MAGIC", BOOT_INFO_MAGIC.into());
         expect("SVM_BOOT_INFO_VERSION", BOOT_INFO_VERSION.into());
         expect("SVM_FLUSH_GLOBAL", FLUSH_GLOBAL as i64);
+        // The same hypercall table in both: every SVM_HC_ name is known here.
+        let in_header = d.keys().filter(|k| k.starts_with("SVM_HC_")).count();
+        assert_eq!(
+            in_header,
+            hc::ALL.len(),
+            "shadowvm.h and hc::ALL list the same hypercalls"
+        );
+    }
+
+    #[test]
+    fn switcher_layout() {
+        assert_eq!(SWITCHER_GVA >> 39 & 511, SWITCHER_PML4_INDEX as u64);
+        assert_eq!(switcher_idt(0), SWITCHER_GVA + PAGE_SIZE);
+        assert_eq!(switcher_tss(1), SWITCHER_GVA + 4 * PAGE_SIZE);
+        assert_eq!(KERNEL_CS & 3, KERNEL_RPL);
+        assert_eq!(KERNEL_DS & 3, KERNEL_RPL);
     }
 }

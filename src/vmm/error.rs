@@ -15,6 +15,7 @@ use super::kvm::kick::KickError;
 use super::kvm::memory::MemoryError;
 use super::kvm::vm::VmError;
 use super::paging::shadow::BuildError;
+use super::switcher::SwitcherError;
 
 /// Why a VM could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +84,22 @@ pub enum VmmError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// The switcher could not be built.
+    #[error(transparent)]
+    Switcher(#[from] SwitcherError),
+    /// kvm mode puts the switcher just above guest RAM, which must stay
+    /// below the guest's physical-address width.
+    #[error(
+        "--mem {} leaves no room for the switcher below the guest's {maxphyaddr}-bit physical \
+         address space: use less --mem",
+        crate::vmm::units::format_size(*.mem_size)
+    )]
+    NoRoomForSwitcher {
+        /// Bytes of guest RAM.
+        mem_size: u64,
+        /// CPUID's physical-address width.
+        maxphyaddr: u8,
     },
     /// A host-side thread (ksmd, kswapd, the scripted operations) could
     /// not be started.

@@ -4,9 +4,9 @@
 
 use super::devices::bus::{DeviceError, PioBus};
 use super::host::ops::HostOpFailed;
-use super::hypercall::{HypercallError, HypercallHandler, HypercallOutcome};
+use super::hypercall::{HypercallError, HypercallHandler};
 use super::kvm::cpu::CpuAccess;
-use super::kvm::exit::{IoAction, VcpuError, VcpuExits};
+use super::kvm::exit::{HypercallExit, IoAction, VcpuError, VcpuExits};
 use super::kvm::kick::VcpuRequest;
 use super::paging::PagingError;
 
@@ -42,12 +42,24 @@ pub enum VmmFailure {
 pub struct VmmExits {
     bus: PioBus,
     hypercalls: HypercallHandler,
+    /// kvm mode: the switcher's read-only memslot, `[start, end)` in KVM
+    /// gpas. A write there (a ring-1 write with CR0.WP=0) is dropped, as
+    /// by ROM.
+    rom: Option<std::ops::Range<u64>>,
 }
 
 impl VmmExits {
-    /// Exits go to `bus` and `hypercalls`.
-    pub fn new(bus: PioBus, hypercalls: HypercallHandler) -> Self {
-        VmmExits { bus, hypercalls }
+    /// Exits go to `bus` and `hypercalls`; writes to `rom` are dropped.
+    pub fn new(
+        bus: PioBus,
+        hypercalls: HypercallHandler,
+        rom: Option<std::ops::Range<u64>>,
+    ) -> Self {
+        VmmExits {
+            bus,
+            hypercalls,
+            rom,
+        }
     }
 }
 
@@ -63,11 +75,15 @@ impl VcpuExits for VmmExits {
         self.bus.read(port, data)
     }
 
-    fn hypercall(&self, cpu: &mut dyn CpuAccess, nr: u64) -> Result<Option<u8>, ExitError> {
-        Ok(match self.hypercalls.handle(cpu, nr)? {
-            HypercallOutcome::Resume => None,
-            HypercallOutcome::Exit(code) => Some(code),
-        })
+    fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        let end = addr.saturating_add(data.len() as u64);
+        self.rom
+            .as_ref()
+            .is_some_and(|r| r.start <= addr && end <= r.end)
+    }
+
+    fn hypercall(&self, cpu: &mut dyn CpuAccess, nr: u64) -> Result<HypercallExit, ExitError> {
+        Ok(self.hypercalls.handle(cpu, nr)?)
     }
 
     /// kvm mode: nothing to do, KVM keeps its translations coherent with the

@@ -3,8 +3,10 @@
 //!
 //! ```text
 //! run ─> config (validate) ─> guests / boot::loader (check the ELF)
-//!     ─> kvm mode:    kvm::Vm (guest RAM as memslot 0) ─> boot (load, GDT, TSS, tables, boot info)
-//!        shadow mode: paging::shadow::build (machine memory, host mm, boot through the mm, MMU)
+//!     ─> kvm mode:    kvm::Vm (guest RAM as memslot 0, the switcher as read-only memslot 1)
+//!                     ─> boot (load, tables, boot info)
+//!        shadow mode: paging::shadow::build (machine memory, the switcher in reserved frames,
+//!                     host mm, boot through the mm, MMU)
 //!                     + host (ksmd, kswapd, scripted ops, the TLB shootdown)
 //!     ─> vCPU threads: kvm::vcpu (KVM_RUN ─> kvm::exit::VmExit)
 //!                      ─> exits::VmmExits ─> devices::PioBus (UART, exit port, hypercall port)
@@ -14,8 +16,8 @@
 //!
 //! Dependencies point down the list below (tests/layering.rs):
 //! `run`, `stats`, `error` ─> `exits` ─> `hypercall` ─> `paging` ─>
-//! `config` ─> `host` ─> `devices`, `boot` ─> `kvm` ─> `abi`, `units`,
-//! `x86`. The guest ABI is in `docs/guest-abi.md` and [`abi`].
+//! `config` ─> `host` ─> `devices`, `boot` ─> `switcher`, `kvm` ─> `abi`,
+//! `units`, `x86`. The guest ABI is in `docs/guest-abi.md` and [`abi`].
 //!
 //! # Example
 //!
@@ -40,6 +42,7 @@ pub mod kvm;
 pub mod paging;
 pub mod run;
 pub mod stats;
+pub mod switcher;
 pub mod units;
 pub mod x86;
 

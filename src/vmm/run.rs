@@ -8,7 +8,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::abi;
+use super::abi::{self, PAGE_SIZE};
 use super::boot::{BootParams, ImageLayout, loader, regs, write_boot_structures};
 use super::config::{GuestSource, Paging, VmConfig};
 use super::devices::bus::BusOverlap;
@@ -19,13 +19,15 @@ use super::guests;
 use super::host::ksmd::Ksmd;
 use super::host::kswapd::Kswapd;
 use super::host::timed_ops::TimedOps;
-use super::hypercall::{HypercallHandler, HypercallPort};
+use super::hypercall::{HypercallHandler, HypercallPort, Limits};
 use super::kvm::kick::{self, KickError, VcpuKick, VcpuRequest};
 use super::kvm::memory::{GuestRam, SharedGuestMem};
 use super::kvm::{GuestFailure, Vcpu, VcpuReport, Vm, VmContext, VmStats, VmStop};
 use super::paging::shadow::{self, CheckError, ShadowPaging};
 use super::paging::{KvmPaging, PagingOps};
 use super::stats::StatsSnapshot;
+use super::switcher::{self, Switcher};
+use crate::mm::AnonMemory;
 
 /// How a run ended.
 #[derive(Debug)]
@@ -105,6 +107,35 @@ fn pio_bus(serial: &Arc<SerialDevice>, stats: &Arc<VmStats>) -> Result<PioBus, B
     bus.insert(abi::PORT_EXIT, 1, Arc::new(ExitPort::new(stats.clone())))?;
     bus.insert(abi::PORT_HYPERCALL, 1, Arc::new(HypercallPort))?;
     Ok(bus)
+}
+
+/// kvm mode's switcher: its own memory, registered as read-only memslot 1
+/// just above guest RAM, so that no gpa of guest RAM reaches it and the
+/// guest cannot write it. Returns it with its range of KVM gpas.
+fn kvm_switcher(
+    vm: &mut Vm,
+    config: &VmConfig,
+) -> Result<(Arc<Switcher>, std::ops::Range<u64>), VmmError> {
+    let pages = switcher::pages(config.vcpus);
+    let gpa = config.mem_size;
+    let end = gpa + pages * PAGE_SIZE;
+    let maxphyaddr = vm.maxphyaddr();
+    if end > 1 << maxphyaddr {
+        return Err(VmmError::NoRoomForSwitcher {
+            mem_size: config.mem_size,
+            maxphyaddr,
+        });
+    }
+    let mem = Arc::new(AnonMemory::new(pages).map_err(|source| {
+        super::kvm::memory::MemoryError::Host {
+            gpa,
+            len: pages * PAGE_SIZE,
+            source,
+        }
+    })?);
+    let switcher = Arc::new(Switcher::new(mem.clone(), 0, gpa, config.vcpus)?);
+    vm.add_readonly_memory(1, gpa, mem)?;
+    Ok((switcher, gpa..end))
 }
 
 /// Stops a VM whose start failed half-way and joins the vCPU threads it
@@ -193,20 +224,24 @@ impl RunningVm {
         let mut memslot_bounce = None;
         let mut ksmd = None;
         let mut kswapd = None;
-        let (vm, paging, ram, boot_info, layout) = match config.paging {
+        let mut rom = None;
+        let (vm, paging, ram, boot_info, layout, switcher) = match config.paging {
             Paging::Kvm => {
-                let (vm, ram) = Vm::new_ram(config.mem_size)?;
+                let (mut vm, ram) = Vm::new_ram(config.mem_size)?;
+                let (switcher, range) = kvm_switcher(&mut vm, config)?;
+                rom = Some(range);
                 let layout = load(&ram, &image_name, &image)?;
                 let params = BootParams {
                     nr_vcpus: config.vcpus,
                     paging_mode: config.paging.abi_mode(),
                     cmdline: &config.cmdline,
                     image: layout,
+                    switcher_pml4e: switcher.pml4e(),
                 };
                 let boot_info = write_boot_structures(&mut &*ram, &params)?;
                 let paging: Arc<dyn PagingOps> = Arc::new(KvmPaging::new(ram.clone()));
                 let ram: SharedGuestMem = ram;
-                (vm, paging, ram, boot_info, layout)
+                (vm, paging, ram, boot_info, layout, switcher)
             }
             Paging::Shadow => {
                 let scratch = GuestRam::new(config.mem_size)?;
@@ -224,13 +259,18 @@ impl RunningVm {
                 }
                 shadow_paging = Some(v.paging.clone());
                 let paging: Arc<dyn PagingOps> = v.paging;
-                (v.vm, paging, v.ram, v.boot_info, v.layout)
+                (v.vm, paging, v.ram, v.boot_info, v.layout, v.switcher)
             }
         };
 
         let bus = pio_bus(&serial, &stats)?;
-        let hypercalls = HypercallHandler::new(paging.clone(), ram, serial);
-        let exits = VmmExits::new(bus, hypercalls);
+        let limits = Limits {
+            mem_size: config.mem_size,
+            image_start: boot_info.image_start & !(PAGE_SIZE - 1),
+            image_end: boot_info.image_end,
+        };
+        let hypercalls = HypercallHandler::new(paging.clone(), ram, serial, switcher, limits);
+        let exits = VmmExits::new(bus, hypercalls, rom);
         let ctx = Arc::new(VmContext::new(
             exits,
             stats.clone(),

@@ -1,6 +1,7 @@
-//! What a boot loader writes into guest memory: the GDT, one TSS per vCPU,
-//! identity-mapped boot page tables, the boot-info page and the per-vCPU
-//! pages.
+//! What a boot loader writes into guest memory: identity-mapped boot page
+//! tables (with the switcher's PML4 entry), the boot-info page and the
+//! per-vCPU pages. The GDT, IDTs and TSSes are not in guest memory: they
+//! are the switcher's (`vmm/switcher/`).
 //!
 //! Everything is written through [`GuestMemWriter`], so the same code can
 //! build the boot structures into a test buffer, into `GuestRam`, or (in
@@ -9,7 +10,7 @@
 use vm_memory::ByteValued;
 
 use super::loader::ImageLayout;
-use crate::vmm::abi::{self, BootInfo, PAGE_SIZE, percpu_gpa, tss_gpa};
+use crate::vmm::abi::{self, BootInfo, PAGE_SIZE, percpu_gpa};
 use crate::vmm::kvm::memory::{GuestMemWriter, MemoryError};
 use crate::vmm::x86::pte;
 
@@ -37,10 +38,6 @@ pub const BOOT_PT0_GPA: u64 = abi::BOOT_PML4_GPA + 2 * PAGE_SIZE;
 /// The first boot page directory; one per GiB of RAM follows.
 pub const BOOT_PD_GPA: u64 = abi::BOOT_PML4_GPA + 3 * PAGE_SIZE;
 
-/// Bytes of a 64-bit TSS.
-pub const TSS_SIZE: u64 = 104;
-const GDT_FIXED_ENTRIES: u64 = 5;
-
 /// Inputs of [`write_boot_structures`].
 #[derive(Clone, Debug)]
 pub struct BootParams<'a> {
@@ -52,63 +49,9 @@ pub struct BootParams<'a> {
     pub cmdline: &'a str,
     /// The loaded image.
     pub image: ImageLayout,
-}
-
-/// A segment descriptor (8 bytes).
-fn seg_desc(base: u32, limit: u32, access: u8, flags: u8) -> u64 {
-    let base = u64::from(base);
-    let limit = u64::from(limit);
-    (limit & 0xffff)
-        | ((base & 0xff_ffff) << 16)
-        | (u64::from(access) << 40)
-        | (((limit >> 16) & 0xf) << 48)
-        | (u64::from(flags & 0xf) << 52)
-        | ((base >> 24) << 56)
-}
-
-/// The GDT's fixed entries: null, kernel code, kernel data, user data,
-/// user code (selectors in `abi`).
-pub fn gdt_fixed_entries() -> [u64; GDT_FIXED_ENTRIES as usize] {
-    [
-        0,
-        seg_desc(0, 0xfffff, 0x9b, 0xa), // kernel code: P, DPL0, exec/read/accessed; G, L
-        seg_desc(0, 0xfffff, 0x93, 0xc), // kernel data: P, DPL0, read/write/accessed; G, DB
-        seg_desc(0, 0xfffff, 0xf3, 0xc), // user data: DPL3
-        seg_desc(0, 0xfffff, 0xfb, 0xa), // user code: DPL3, L
-    ]
-}
-
-/// The GDT's limit with `nr_vcpus` TSS descriptors.
-pub fn gdt_limit(nr_vcpus: u32) -> u16 {
-    // Fits: MAX_VCPUS is checked before this is called.
-    ((GDT_FIXED_ENTRIES * 8 + u64::from(nr_vcpus) * 16) - 1) as u16
-}
-
-/// Writes the GDT: fixed entries, then a busy 64-bit TSS descriptor per vCPU.
-pub fn write_gdt<M: GuestMemWriter>(mem: &mut M, nr_vcpus: u32) -> Result<(), BootError> {
-    let mut gdt = Vec::with_capacity(GDT_FIXED_ENTRIES as usize + 2 * nr_vcpus as usize);
-    gdt.extend_from_slice(&gdt_fixed_entries());
-    for cpu in 0..nr_vcpus {
-        let base = tss_gpa(cpu);
-        // Type 0xb: busy 64-bit TSS, as after `ltr`; P=1, DPL0.
-        gdt.push(seg_desc(base as u32, (TSS_SIZE - 1) as u32, 0x8b, 0));
-        gdt.push(base >> 32);
-    }
-    let bytes: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
-    mem.write_bytes(abi::GDT_GPA, &bytes)?;
-    Ok(())
-}
-
-/// Writes vCPU `cpu`'s 64-bit TSS: RSP0 = its trap stack, IST1 = its IST
-/// stack, no I/O permission bitmap (ring 3 gets #GP on any port).
-pub fn write_tss<M: GuestMemWriter>(mem: &mut M, cpu: u32) -> Result<(), BootError> {
-    let mut tss = [0u8; TSS_SIZE as usize];
-    let area = percpu_gpa(cpu);
-    tss[4..12].copy_from_slice(&(area + abi::PERCPU_TRAP_TOP).to_le_bytes()); // RSP0
-    tss[36..44].copy_from_slice(&(area + abi::PERCPU_IST_TOP).to_le_bytes()); // IST1
-    tss[102..104].copy_from_slice(&(TSS_SIZE as u16).to_le_bytes()); // I/O map base: none
-    mem.write_bytes(tss_gpa(cpu), &tss)?;
-    Ok(())
+    /// The PML4 entry of the switcher range (slot
+    /// `abi::SWITCHER_PML4_INDEX`), copied into the boot PML4.
+    pub switcher_pml4e: u64,
 }
 
 /// Builds the identity-mapped boot page tables for `[0, mem_size)` and
@@ -117,10 +60,12 @@ pub fn write_tss<M: GuestMemWriter>(mem: &mut M, cpu: u32) -> Result<(), BootErr
 /// The first 2 MiB (the VMM area) is mapped with 4 KiB pages, supervisor
 /// only, except that page 0 is not present and the boot-info page is
 /// user-readable and read-only. The rest of RAM is mapped with writable,
-/// user-accessible 2 MiB pages.
+/// user-accessible 2 MiB pages. PML4 slot `abi::SWITCHER_PML4_INDEX` holds
+/// `switcher_pml4e`.
 pub fn build_boot_page_tables<M: GuestMemWriter>(
     mem: &mut M,
     mem_size: u64,
+    switcher_pml4e: u64,
 ) -> Result<u64, BootError> {
     const GIB: u64 = 1 << 30;
     const PDE_SPAN: u64 = 2 << 20;
@@ -136,6 +81,7 @@ pub fn build_boot_page_tables<M: GuestMemWriter>(
 
     let mut pml4 = [0u64; 512];
     pml4[0] = BOOT_PDPT_GPA | pte::P | pte::W | pte::U;
+    pml4[abi::SWITCHER_PML4_INDEX] = switcher_pml4e;
     mem.write_bytes(abi::BOOT_PML4_GPA, &table(&pml4))?;
 
     let mut pdpt = [0u64; 512];
@@ -173,7 +119,7 @@ pub fn build_boot_page_tables<M: GuestMemWriter>(
     Ok(abi::BOOT_PML4_GPA)
 }
 
-/// Writes everything the guest finds at entry: GDT, TSSes, page tables,
+/// Writes everything the guest finds in its memory at entry: page tables,
 /// per-vCPU pages, the command line and the boot info. Returns the boot info.
 pub fn write_boot_structures<M: GuestMemWriter>(
     mem: &mut M,
@@ -186,10 +132,8 @@ pub fn write_boot_structures<M: GuestMemWriter>(
         return Err(BootError::CmdlineTooLong(p.cmdline.len()));
     }
     let mem_size = mem.size();
-    write_gdt(mem, p.nr_vcpus)?;
-    let cr3 = build_boot_page_tables(mem, mem_size)?;
+    let cr3 = build_boot_page_tables(mem, mem_size, p.switcher_pml4e)?;
     for cpu in 0..p.nr_vcpus {
-        write_tss(mem, cpu)?;
         let area = percpu_gpa(cpu);
         mem.write_u64(area, area)?; // self pointer
         mem.write_u64(area + 8, u64::from(cpu))?;
@@ -260,6 +204,7 @@ mod tests {
                 end: 0x20_4321,
                 entry: 0x20_0000,
             },
+            switcher_pml4e: 0xabc_d021,
         }
     }
 
@@ -271,8 +216,10 @@ mod tests {
         let cr3 = info.boot_cr3;
         assert_eq!(walk(&mem, cr3, 0), None, "page 0 is a guard");
         assert_eq!(
-            walk(&mem, cr3, abi::GDT_GPA + 8),
-            Some((abi::GDT_GPA + 8, true, false))
+            mem.read_u64(cr3 + 8 * abi::SWITCHER_PML4_INDEX as u64)
+                .unwrap(),
+            0xabc_d021,
+            "the switcher's PML4 entry"
         );
         assert_eq!(
             walk(&mem, cr3, abi::BOOT_INFO_GPA),
@@ -312,7 +259,7 @@ mod tests {
             }
         }
         let mut mem = Sparse(Default::default(), 3 << 30);
-        let cr3 = build_boot_page_tables(&mut mem, 3 << 30).unwrap();
+        let cr3 = build_boot_page_tables(&mut mem, 3 << 30, 0).unwrap();
         let pdpt2 = mem.read_u64(BOOT_PDPT_GPA + 16).unwrap();
         assert_eq!(pdpt2 & pte::ADDR_MASK, BOOT_PD_GPA + 2 * PAGE_SIZE);
         let last_pde = mem.read_u64(BOOT_PD_GPA + 2 * PAGE_SIZE + 511 * 8).unwrap();
@@ -320,44 +267,15 @@ mod tests {
         assert_eq!(mem.read_u64(BOOT_PDPT_GPA + 24).unwrap(), 0);
         assert_eq!(cr3, abi::BOOT_PML4_GPA);
         assert!(
-            build_boot_page_tables(&mut mem, 3 << 20).is_err(),
+            build_boot_page_tables(&mut mem, 3 << 20, 0).is_err(),
             "not a multiple of 2 MiB"
         );
     }
 
     #[test]
-    fn gdt_and_tss() {
+    fn percpu_pages() {
         let mut mem = BufferMemory::new(4 << 20);
         write_boot_structures(&mut mem, &params("")).unwrap();
-        assert_eq!(
-            mem.read_u64(abi::GDT_GPA + 8).unwrap(),
-            0x00af_9b00_0000_ffff
-        );
-        assert_eq!(
-            mem.read_u64(abi::GDT_GPA + 16).unwrap(),
-            0x00cf_9300_0000_ffff
-        );
-        assert_eq!(
-            mem.read_u64(abi::GDT_GPA + 24).unwrap(),
-            0x00cf_f300_0000_ffff
-        );
-        assert_eq!(
-            mem.read_u64(abi::GDT_GPA + 32).unwrap(),
-            0x00af_fb00_0000_ffff
-        );
-        // vCPU 1's TSS descriptor: base 0x4100, limit 103, busy.
-        let tss1 = mem
-            .read_u64(abi::GDT_GPA + u64::from(abi::TSS_SEL_BASE) + 16)
-            .unwrap();
-        assert_eq!(tss1, 0x0000_8b00_4100_0067);
-        assert_eq!(
-            mem.read_u64(tss_gpa(1) + 4).unwrap(),
-            percpu_gpa(1) + abi::PERCPU_TRAP_TOP
-        );
-        assert_eq!(
-            mem.read_u64(tss_gpa(1) + 36).unwrap(),
-            percpu_gpa(1) + abi::PERCPU_IST_TOP
-        );
         assert_eq!(mem.read_u64(percpu_gpa(1)).unwrap(), percpu_gpa(1));
         assert_eq!(mem.read_u64(percpu_gpa(1) + 8).unwrap(), 1);
     }

@@ -1,11 +1,12 @@
-//! Decoding and validating a hypercall (pure): `outl %eax, $0xf5` with the
-//! number in `eax` and arguments in `rdi, rsi, rdx, r10`
-//! (docs/guest-abi.md). Bad arguments become a negative errno for the
-//! guest; nothing a guest passes can make the VMM fail.
+//! Decoding and validating a hypercall (pure): `outl %eax, $0xf5` from
+//! ring 1 with the number in `rax` (all of it) and arguments in `rdi, rsi,
+//! rdx, r10` (docs/guest-abi.md). Bad arguments become a negative errno for
+//! the guest; nothing a guest passes can make the VMM fail.
 
-use crate::vmm::abi::{self, PAGE_SIZE, hc};
+use crate::vmm::abi::{self, PAGE_SIZE, TrapInfo, hc, percpu_gpa};
 use crate::vmm::host::ops::MAX_CHECKPOINT;
 use crate::vmm::kvm::memory::check_range;
+use crate::vmm::paging::GuestPagingMode;
 use crate::vmm::x86::pte;
 
 /// A decoded, validated hypercall.
@@ -40,14 +41,12 @@ pub enum Hypercall {
         /// Global entries too.
         global: bool,
     },
-    /// RESOLVE_PF.
+    /// RESOLVE_PF of the fault at the vCPU's CR2.
     ResolvePf {
-        /// Faulting address.
-        cr2: u64,
-        /// Hardware error code.
+        /// The #PF error code from the trap frame.
         error_code: u64,
-        /// Faulting instruction.
-        rip: u64,
+        /// RFLAGS from the trap frame (EFLAGS.AC waives SMAP).
+        rflags: u64,
     },
     /// BALLOON.
     Balloon {
@@ -66,12 +65,36 @@ pub enum Hypercall {
         arg1: u64,
     },
     /// SET_PAGING.
-    SetPaging {
-        /// CR0.WP.
-        wp: bool,
-        /// EFER.NXE.
-        nx: bool,
+    SetPaging(GuestPagingMode),
+    /// SET_TRAP_TABLE: `count` entries at `gpa` (each validated by
+    /// [`validate_trap`] once read).
+    SetTrapTable {
+        /// The table.
+        gpa: u64,
+        /// Entries.
+        count: u64,
     },
+    /// SET_STACK.
+    SetStack {
+        /// 0: kernel stack (TSS.RSP0 and RSP1); 1..=7: IST.
+        index: u64,
+        /// Top of the stack (0: none).
+        rsp: u64,
+    },
+    /// HALT.
+    Halt,
+}
+
+/// What arguments are checked against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes of guest RAM.
+    pub mem_size: u64,
+    /// The image, page aligned: handlers must lie in `[image_start,
+    /// image_end)`, which is always mapped (docs/guest-abi.md §9).
+    pub image_start: u64,
+    /// End of the image.
+    pub image_end: u64,
 }
 
 /// Longest PRINT.
@@ -85,11 +108,29 @@ pub fn is_canonical(va: u64) -> bool {
     (((va << 16) as i64) >> 16) as u64 == va
 }
 
+/// One SET_TRAP_TABLE entry: `Ok(None)` unregisters its vector, `Ok(Some
+/// ((handler, ist)))` registers a ring-1 handler. The handler must lie in
+/// the image (always mapped, so delivery never faults on it); flags and
+/// the reserved field must be zero.
+pub fn validate_trap(t: &TrapInfo, limits: &Limits) -> Result<Option<(u64, u8)>, i64> {
+    if t.flags != 0 || t.reserved != 0 || u64::from(t.ist) > abi::IST_MAX {
+        return Err(abi::errno::EINVAL);
+    }
+    if t.handler == 0 {
+        return Ok(None);
+    }
+    if !(limits.image_start..limits.image_end).contains(&t.handler) {
+        return Err(abi::errno::EINVAL);
+    }
+    Ok(Some((t.handler, t.ist)))
+}
+
 impl Hypercall {
-    /// Decodes hypercall `nr` with `args` (`rdi, rsi, rdx, r10`) for a
-    /// guest with `mem_size` bytes of RAM; `Err` is the errno to return.
-    pub fn decode(nr: u64, args: [u64; 4], mem_size: u64) -> Result<Self, i64> {
+    /// Decodes hypercall `nr` (the whole of `rax`) with `args` (`rdi, rsi,
+    /// rdx, r10`) made by vCPU `cpu`; `Err` is the errno to return.
+    pub fn decode(nr: u64, args: [u64; 4], limits: &Limits, cpu: u32) -> Result<Self, i64> {
         use abi::errno::{EFAULT, EINVAL, ENOSYS};
+        let mem_size = limits.mem_size;
         let [a0, a1, a2, _a3] = args;
         Ok(match nr {
             hc::NOP => Hypercall::Nop,
@@ -125,13 +166,12 @@ impl Hypercall {
                 }
             }
             hc::RESOLVE_PF => {
-                if a1 & !PF_ERROR_CODE_MASK != 0 {
+                if a0 & !PF_ERROR_CODE_MASK != 0 {
                     return Err(EINVAL);
                 }
                 Hypercall::ResolvePf {
-                    cr2: a0,
-                    error_code: a1,
-                    rip: a2,
+                    error_code: a0,
+                    rflags: a1,
                 }
             }
             hc::BALLOON => {
@@ -160,14 +200,36 @@ impl Hypercall {
                 }
             }
             hc::SET_PAGING => {
-                if a0 & !(abi::SET_PAGING_WP | abi::SET_PAGING_NX) != 0 {
+                if a0 & !abi::SET_PAGING_ALL != 0 {
                     return Err(EINVAL);
                 }
-                Hypercall::SetPaging {
+                Hypercall::SetPaging(GuestPagingMode {
                     wp: a0 & abi::SET_PAGING_WP != 0,
                     nx: a0 & abi::SET_PAGING_NX != 0,
-                }
+                    smep: a0 & abi::SET_PAGING_SMEP != 0,
+                    smap: a0 & abi::SET_PAGING_SMAP != 0,
+                })
             }
+            hc::SET_TRAP_TABLE => {
+                let entry = std::mem::size_of::<TrapInfo>() as u64;
+                if a1 > abi::IDT_ENTRIES {
+                    return Err(EINVAL);
+                }
+                check_range(a0, a1 * entry, mem_size).map_err(|_| EFAULT)?;
+                Hypercall::SetTrapTable { gpa: a0, count: a1 }
+            }
+            hc::SET_STACK => {
+                // Stacks lie in the calling vCPU's own per-vCPU area, which
+                // the VMM keeps mapped in every root and locked in the host:
+                // delivery never faults on them (docs/guest-abi.md §6).
+                let area = percpu_gpa(cpu);
+                let in_area = a1 > area && a1 <= area + abi::PERCPU_STRIDE;
+                if a0 > abi::IST_MAX || !(a1 == 0 || in_area) {
+                    return Err(EINVAL);
+                }
+                Hypercall::SetStack { index: a0, rsp: a1 }
+            }
+            hc::HALT => Hypercall::Halt,
             _ => return Err(ENOSYS),
         })
     }
@@ -179,19 +241,41 @@ mod tests {
     use crate::vmm::abi::errno::{EFAULT, EINVAL, ENOSYS};
 
     const MEM: u64 = 16 << 20;
+    const LIMITS: Limits = Limits {
+        mem_size: MEM,
+        image_start: 0x20_0000,
+        image_end: 0x20_8000,
+    };
 
     fn decode(nr: u64, a: &[u64]) -> Result<Hypercall, i64> {
         let mut args = [0u64; 4];
         args[..a.len()].copy_from_slice(a);
-        Hypercall::decode(nr, args, MEM)
+        Hypercall::decode(nr, args, &LIMITS, 1)
+    }
+
+    fn mode(wp: bool, nx: bool, smep: bool, smap: bool) -> Hypercall {
+        Hypercall::SetPaging(GuestPagingMode { wp, nx, smep, smap })
+    }
+
+    #[test]
+    fn the_number_is_the_whole_of_rax() {
+        assert_eq!(decode(hc::NOP, &[]), Ok(Hypercall::Nop));
+        assert_eq!(decode(hc::HALT, &[]), Ok(Hypercall::Halt));
+        for nr in [
+            10,
+            0xff,
+            0x103,
+            1 << 32,
+            1 << 32 | hc::NOP,
+            1 << 63 | hc::HALT,
+            u64::MAX,
+        ] {
+            assert_eq!(decode(nr, &[]), Err(ENOSYS), "{nr:#x}");
+        }
     }
 
     #[test]
     fn decode_validates_arguments() {
-        assert_eq!(decode(hc::NOP, &[]), Ok(Hypercall::Nop));
-        assert_eq!(decode(hc::MAX + 1, &[]), Err(ENOSYS));
-        assert_eq!(decode(u64::MAX, &[]), Err(ENOSYS));
-
         assert_eq!(
             decode(hc::PRINT, &[0x20_0000, 5]),
             Ok(Hypercall::Print {
@@ -239,14 +323,13 @@ mod tests {
         assert_eq!(decode(hc::FLUSH_TLB, &[2]), Err(EINVAL));
 
         assert_eq!(
-            decode(hc::RESOLVE_PF, &[0x1234, 7, 0x20_0000]),
+            decode(hc::RESOLVE_PF, &[7, 0x4_0202, 0x20_0000]),
             Ok(Hypercall::ResolvePf {
-                cr2: 0x1234,
                 error_code: 7,
-                rip: 0x20_0000
+                rflags: 0x4_0202,
             })
         );
-        assert_eq!(decode(hc::RESOLVE_PF, &[0x1234, 1 << 16]), Err(EINVAL));
+        assert_eq!(decode(hc::RESOLVE_PF, &[1 << 16]), Err(EINVAL));
 
         assert_eq!(
             decode(hc::BALLOON, &[0x40_0000, 2]),
@@ -275,27 +358,106 @@ mod tests {
             Err(EINVAL)
         );
         assert!(decode(hc::HOST_OP, &[abi::HOST_OP_CHECKPOINT, (1 << 16) - 1]).is_ok());
+    }
 
+    #[test]
+    fn set_paging_takes_the_four_mode_bits() {
         assert_eq!(
             decode(hc::SET_PAGING, &[0]),
-            Ok(Hypercall::SetPaging {
-                wp: false,
-                nx: false
-            })
+            Ok(mode(false, false, false, false))
         );
         assert_eq!(
             decode(hc::SET_PAGING, &[abi::SET_PAGING_WP | abi::SET_PAGING_NX]),
-            Ok(Hypercall::SetPaging { wp: true, nx: true })
+            Ok(mode(true, true, false, false))
         );
         assert_eq!(
             decode(hc::SET_PAGING, &[abi::SET_PAGING_NX]),
-            Ok(Hypercall::SetPaging {
-                wp: false,
-                nx: true
+            Ok(mode(false, true, false, false))
+        );
+        assert_eq!(
+            decode(
+                hc::SET_PAGING,
+                &[abi::SET_PAGING_SMEP | abi::SET_PAGING_SMAP]
+            ),
+            Ok(mode(false, false, true, true))
+        );
+        assert_eq!(
+            decode(hc::SET_PAGING, &[abi::SET_PAGING_ALL]),
+            Ok(mode(true, true, true, true))
+        );
+        for bad in [16, 1 << 63 | 3, u64::MAX, 1 << 11, 1 << 16] {
+            assert_eq!(decode(hc::SET_PAGING, &[bad]), Err(EINVAL), "{bad:#x}");
+        }
+    }
+
+    #[test]
+    fn trap_tables_and_stacks_are_checked() {
+        assert_eq!(
+            decode(hc::SET_TRAP_TABLE, &[0x20_0000, 32]),
+            Ok(Hypercall::SetTrapTable {
+                gpa: 0x20_0000,
+                count: 32
             })
         );
-        for bad in [4, 1 << 63 | 3, u64::MAX, 1 << 11, 1 << 16] {
-            assert_eq!(decode(hc::SET_PAGING, &[bad]), Err(EINVAL), "{bad:#x}");
+        assert_eq!(decode(hc::SET_TRAP_TABLE, &[0x20_0000, 257]), Err(EINVAL));
+        assert_eq!(decode(hc::SET_TRAP_TABLE, &[MEM - 16, 2]), Err(EFAULT));
+        assert_eq!(decode(hc::SET_TRAP_TABLE, &[u64::MAX, 1]), Err(EFAULT));
+
+        let t = |handler, ist, flags, reserved| TrapInfo {
+            handler,
+            vector: 14,
+            ist,
+            flags,
+            reserved,
+        };
+        assert_eq!(
+            validate_trap(&t(0x20_1000, 1, 0, 0), &LIMITS),
+            Ok(Some((0x20_1000, 1)))
+        );
+        assert_eq!(
+            validate_trap(&t(0, 0, 0, 0), &LIMITS),
+            Ok(None),
+            "unregister"
+        );
+        for bad in [
+            t(0x20_1000, 8, 0, 0),
+            t(0x20_1000, 0, 1, 0),
+            t(0x20_1000, 0, 0, 1),
+            t(0x1f_ffff, 0, 0, 0),
+            t(0x20_8000, 0, 0, 0),
+            t(abi::SWITCHER_GVA, 0, 0, 0),
+            t(u64::MAX, 0, 0, 0),
+        ] {
+            assert_eq!(validate_trap(&bad, &LIMITS), Err(EINVAL), "{bad:?}");
+        }
+
+        // vCPU 1's area is [0x108000, 0x110000).
+        let area = percpu_gpa(1);
+        for (index, rsp) in [
+            (0, area + 0x8000),
+            (0, area + 1),
+            (7, area + 0x2000),
+            (3, 0),
+        ] {
+            assert_eq!(
+                decode(hc::SET_STACK, &[index, rsp]),
+                Ok(Hypercall::SetStack { index, rsp }),
+                "{index} {rsp:#x}"
+            );
+        }
+        for (index, rsp) in [
+            (8, area + 0x1000),
+            (0, area),
+            (0, area + 0x8001),
+            (0, percpu_gpa(0) + 0x4000),
+            (1, 0x20_0000),
+            (0, u64::MAX),
+        ] {
+            assert_eq!(
+                decode(hc::SET_STACK, &[index, rsp]),
+                Err(EINVAL),
+                "{index} {rsp:#x}"
+            );
         }
     }
 }

@@ -1,11 +1,11 @@
 //! Hypercalls (docs/guest-abi.md): the port that raises them, decoding and
-//! validation (pure), and dispatch to the console and the paging
-//! operations.
+//! validation (pure), and dispatch to the console, the switcher (trap
+//! table, stacks) and the paging operations.
 
 pub mod decode;
 pub mod dispatch;
 pub mod port;
 
-pub use decode::Hypercall;
-pub use dispatch::{HypercallError, HypercallHandler, HypercallOutcome};
+pub use decode::{Hypercall, Limits};
+pub use dispatch::{HypercallError, HypercallHandler};
 pub use port::HypercallPort;

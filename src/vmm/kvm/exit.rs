@@ -24,6 +24,17 @@ pub enum IoAction {
     Unclaimed,
 }
 
+/// What the vCPU loop does after a hypercall.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HypercallExit {
+    /// Resume the guest (results already in its registers).
+    Resume,
+    /// The guest asked to exit with this code.
+    Exit(u8),
+    /// The vCPU halts for good (no interrupt can wake it).
+    Halt,
+}
+
 /// The VMM's side of a vCPU's exits.
 pub trait VcpuExits: Send + Sync {
     /// Why the VMM cannot go on with an exit.
@@ -36,9 +47,15 @@ pub trait VcpuExits: Send + Sync {
     fn io_out(&self, vcpu: u32, port: u16, data: &[u8]) -> Result<IoAction, Self::Error>;
     /// `in` from `port`: fills `data`; false if no device claims it.
     fn io_in(&self, port: u16, data: &mut [u8]) -> bool;
-    /// Hypercall `nr` with the calling vCPU's registers; `Some(code)` if
-    /// the guest asked to exit.
-    fn hypercall(&self, cpu: &mut dyn CpuAccess, nr: u64) -> Result<Option<u8>, Self::Error>;
+    /// A write to unbacked guest-physical memory (or to a read-only
+    /// memslot): true if the VMM takes it (the write is dropped and the
+    /// guest resumes), false to fail the guest.
+    fn mmio_write(&self, _addr: u64, _data: &[u8]) -> bool {
+        false
+    }
+    /// Hypercall `nr` (the whole of `rax`) with the calling vCPU's
+    /// registers.
+    fn hypercall(&self, cpu: &mut dyn CpuAccess, nr: u64) -> Result<HypercallExit, Self::Error>;
     /// Requests other threads posted with a kick (minus STOP), before the
     /// vCPU enters the guest again.
     fn handle_requests(

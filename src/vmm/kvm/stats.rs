@@ -11,7 +11,7 @@ use super::exit::ExitReason;
 use crate::vmm::abi::hc;
 
 const NR_REASONS: usize = ExitReason::ALL.len();
-const NR_HYPERCALLS: usize = hc::MAX as usize + 2; // + "unknown"
+const NR_HYPERCALLS: usize = hc::ALL.len() + 1; // + "unknown"
 
 /// Counters shared by every vCPU thread of one VM.
 #[derive(Debug)]
@@ -79,11 +79,12 @@ impl VmStats {
     }
 
     fn hypercall_index(nr: u64) -> usize {
-        if nr <= hc::MAX {
-            nr as usize
-        } else {
-            NR_HYPERCALLS - 1
-        }
+        hc::index(nr).unwrap_or(NR_HYPERCALLS - 1)
+    }
+
+    /// The name of counter `i`.
+    fn hypercall_name(i: usize) -> &'static str {
+        hc::ALL.get(i).map_or("unknown", |&nr| hc::name(nr))
     }
 
     /// Time spent inside KVM_RUN.
@@ -150,7 +151,7 @@ impl VmStats {
             hypercalls: (0..NR_HYPERCALLS)
                 .map(|i| {
                     (
-                        hc::name(i as u64),
+                        Self::hypercall_name(i),
                         self.hypercalls[i].load(Ordering::Relaxed),
                     )
                 })
@@ -160,7 +161,7 @@ impl VmStats {
                 .filter(|&i| self.hypercalls[i].load(Ordering::Relaxed) != 0)
                 .map(|i| {
                     (
-                        hc::name(i as u64),
+                        Self::hypercall_name(i),
                         us(self.hypercall_nr_ns[i].load(Ordering::Relaxed)),
                     )
                 })
@@ -269,6 +270,8 @@ mod tests {
         s.exit(ExitReason::Hlt);
         s.hypercall(hc::EXIT);
         s.hypercall(1000);
+        s.hypercall(hc::HALT);
+        s.hypercall(1 << 32 | hc::HALT);
         s.hypercall_time(hc::EXIT, 2500);
         s.serial_output(5);
         s.serial_output(3);
@@ -277,8 +280,9 @@ mod tests {
         assert_eq!(snap.exits["hlt"], 1);
         assert_eq!(snap.total_exits(), 3);
         assert_eq!(snap.hypercalls["exit"], 1);
-        assert_eq!(snap.hypercalls["unknown"], 1);
-        assert_eq!(snap.io_exits["hypercall"], 2);
+        assert_eq!(snap.hypercalls["unknown"], 2, "bits above 31: no hypercall");
+        assert_eq!(snap.hypercalls["halt"], 1);
+        assert_eq!(snap.io_exits["hypercall"], 4);
         assert_eq!(snap.serial_bytes, 8);
         assert!(snap.first_serial_byte_us.is_some());
         let json: serde_json::Value = serde_json::to_value(&snap).unwrap();

@@ -18,7 +18,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use kvm_bindings::KVM_SYNC_X86_REGS;
+use kvm_bindings::{KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{SyncReg, VcpuFd};
 use vmm_sys_util::errno;
@@ -26,7 +26,7 @@ use vmm_sys_util::errno;
 use super::context::{VmContext, VmStop};
 use super::cpu::{CpuAccess, CpuError};
 use super::cpu_state::CpuState;
-use super::exit::{IoAction, VcpuError, VcpuExits, VmExit, le_value};
+use super::exit::{HypercallExit, IoAction, VcpuError, VcpuExits, VmExit, le_value};
 use super::failure::{FailureKind, GuestFailure};
 use super::kick::{self, VcpuKick, VcpuRequest};
 
@@ -47,6 +47,8 @@ pub struct Vcpu<X: VcpuExits> {
     /// KVM keeps the general registers in `kvm_run` (set up by
     /// `Vm::create_vcpu` when KVM has `KVM_CAP_SYNC_REGS`).
     sync_regs: bool,
+    /// And the special registers.
+    sync_sregs: bool,
     ctx: Arc<VmContext<X>>,
     kick: Arc<VcpuKick>,
 }
@@ -65,12 +67,16 @@ pub struct VcpuReport {
 /// With `sync`, the general registers go through `kvm_run`'s sync area
 /// (`KVM_SYNC_X86_REGS`: KVM stores them there at every exit and loads them
 /// at the next KVM_RUN when marked dirty), saving the GET_REGS and SET_REGS
-/// ioctls of every hypercall. Only valid after a KVM_RUN exit, which is when
-/// hypercalls run.
+/// ioctls of every hypercall. With `sync_sregs`, the special registers are
+/// read from it too (`KVM_SYNC_X86_SREGS`), until the first KVM_SET_SREGS
+/// makes that copy stale; they are always set with the ioctl, as KVM
+/// applies each set (a CR4.PGE toggle is two). Only valid after a KVM_RUN
+/// exit, which is when hypercalls run.
 struct FdCpu<'a> {
     id: u32,
     fd: &'a mut VcpuFd,
     sync: bool,
+    sync_sregs: bool,
 }
 
 fn cpu_err(op: &'static str) -> impl FnOnce(errno::Error) -> CpuError {
@@ -96,9 +102,13 @@ impl CpuAccess for FdCpu<'_> {
         self.fd.set_regs(regs).map_err(cpu_err("KVM_SET_REGS"))
     }
     fn sregs(&mut self) -> Result<kvm_sregs, CpuError> {
+        if self.sync_sregs {
+            return Ok(self.fd.sync_regs().sregs);
+        }
         self.fd.get_sregs().map_err(cpu_err("KVM_GET_SREGS"))
     }
     fn set_sregs(&mut self, sregs: &kvm_sregs) -> Result<(), CpuError> {
+        self.sync_sregs = false;
         self.fd.set_sregs(sregs).map_err(cpu_err("KVM_SET_SREGS"))
     }
 }
@@ -140,11 +150,17 @@ fn handle_exit<X: VcpuExits>(
             write: false,
             len: data.len(),
         }),
-        VmExit::MmioWrite { addr, data } => Action::Fail(FailureKind::UnknownMmio {
-            addr,
-            write: true,
-            len: data.len(),
-        }),
+        VmExit::MmioWrite { addr, data } => {
+            if ctx.exits.mmio_write(addr, data) {
+                Action::Resume
+            } else {
+                Action::Fail(FailureKind::UnknownMmio {
+                    addr,
+                    write: true,
+                    len: data.len(),
+                })
+            }
+        }
         VmExit::Hlt => Action::Halt,
         VmExit::Shutdown => Action::Fail(FailureKind::TripleFault),
         VmExit::FailEntry { reason, cpu } => Action::Fail(FailureKind::FailEntry { reason, cpu }),
@@ -158,11 +174,14 @@ fn handle_exit<X: VcpuExits>(
 impl<X: VcpuExits> Vcpu<X> {
     /// A configured vCPU, ready to run on its own thread.
     pub fn new(id: u32, mut fd: VcpuFd, ctx: Arc<VmContext<X>>, kick: Arc<VcpuKick>) -> Self {
-        let sync_regs = fd.get_kvm_run().kvm_valid_regs & u64::from(KVM_SYNC_X86_REGS) != 0;
+        let valid = fd.get_kvm_run().kvm_valid_regs;
+        let sync_regs = valid & u64::from(KVM_SYNC_X86_REGS) != 0;
+        let sync_sregs = valid & u64::from(KVM_SYNC_X86_SREGS) != 0;
         Vcpu {
             id,
             fd,
             sync_regs,
+            sync_sregs,
             ctx,
             kick,
         }
@@ -225,6 +244,7 @@ impl<X: VcpuExits> Vcpu<X> {
                     id: self.id,
                     fd: &mut self.fd,
                     sync: false,
+                    sync_sregs: false,
                 };
                 ctx.exits
                     .handle_requests(&mut cpu, reqs)
@@ -253,21 +273,36 @@ impl<X: VcpuExits> Vcpu<X> {
 
             match action {
                 Action::Resume => {}
-                Action::Hypercall(nr) => {
-                    ctx.stats.hypercall(nr);
+                Action::Hypercall(_eax) => {
                     let mut cpu = FdCpu {
                         id: self.id,
                         fd: &mut self.fd,
                         sync: self.sync_regs,
+                        sync_sregs: self.sync_sregs,
                     };
+                    // The number is the whole of rax, not the eax written.
+                    let nr = cpu
+                        .regs()
+                        .map_err(|e| VcpuError::Kvm {
+                            vcpu: self.id,
+                            op: e.op,
+                            source: e.source,
+                        })?
+                        .rax;
+                    ctx.stats.hypercall(nr);
                     let t = Instant::now();
                     let result = ctx.exits.hypercall(&mut cpu, nr);
                     ctx.stats.hypercall_time(nr, t.elapsed().as_nanos() as u64);
-                    if let Some(code) = result.map_err(exit_err(self.id))? {
-                        ctx.request_stop(VmStop::Exit {
+                    match result.map_err(exit_err(self.id))? {
+                        HypercallExit::Resume => {}
+                        HypercallExit::Exit(code) => ctx.request_stop(VmStop::Exit {
                             code,
                             vcpu: self.id,
-                        });
+                        }),
+                        HypercallExit::Halt => {
+                            ctx.vcpu_halted();
+                            ctx.wait_for_stop(None);
+                        }
                     }
                 }
                 Action::Halt => {

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kvm_bindings::{
-    CpuId, KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES, KVM_SYNC_X86_REGS, kvm_regs, kvm_sregs,
-    kvm_userspace_memory_region,
+    CpuId, KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS, kvm_regs,
+    kvm_sregs, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::errno;
@@ -84,6 +84,9 @@ pub struct Vm {
     kvm: Kvm,
     fd: Arc<VmFd>,
     backing: Backing,
+    /// Read-only memslots (the switcher in kvm mode), kept alive as long
+    /// as the VM fd that maps them.
+    readonly: Vec<Arc<dyn MachineMemory>>,
     cpuid: CpuId,
 }
 
@@ -149,8 +152,35 @@ impl Vm {
             kvm,
             fd: Arc::new(fd),
             backing,
+            readonly: Vec::new(),
             cpuid,
         })
+    }
+
+    /// Registers `mem` as read-only memslot `slot` at KVM gpa `gpa`: the
+    /// guest reads it, and a write exits as KVM_EXIT_MMIO without changing
+    /// it (`KVM_MEM_READONLY`).
+    pub fn add_readonly_memory(
+        &mut self,
+        slot: u32,
+        gpa: u64,
+        mem: Arc<dyn MachineMemory>,
+    ) -> Result<(), VmError> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: kvm_bindings::KVM_MEM_READONLY,
+            guest_phys_addr: gpa,
+            memory_size: mem.nr_frames() * PAGE_SIZE,
+            userspace_addr: mem.host_base() as u64,
+        };
+        // SAFETY: the region is `mem`'s own mapping, kept alive in
+        // `self.readonly` as long as the VM fd that references it.
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(|source| VmError::Kvm {
+            op: "KVM_SET_USER_MEMORY_REGION (read-only)",
+            source,
+        })?;
+        self.readonly.push(mem);
+        Ok(())
     }
 
     /// Guest RAM (kvm mode; `None` in shadow mode, where guest RAM is a
@@ -267,9 +297,14 @@ impl Vm {
         vcpu.set_regs(regs).map_err(setup("KVM_SET_REGS"))?;
         // Hypercalls then read and write the general registers in kvm_run
         // instead of two ioctls each (see `vcpu::FdCpu`).
+        // With the special registers there too, a hypercall reads CS (the
+        // caller's ring) and CR2 without an ioctl.
         let sync = self.kvm.check_extension_int(kvm_ioctls::Cap::SyncRegs);
         if sync > 0 && (sync as u32) & KVM_SYNC_X86_REGS != 0 {
             vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+        }
+        if sync > 0 && (sync as u32) & KVM_SYNC_X86_SREGS != 0 {
+            vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
         }
         Ok(vcpu)
     }

@@ -6,12 +6,31 @@ use std::sync::Arc;
 
 use kvm_bindings::kvm_sregs;
 
-use super::{PagingError, PagingOps, PfResolution};
+use super::{GuestPagingMode, PagingError, PagingOps, PfResolution};
 use crate::vmm::abi::{self, PAGE_SIZE};
 use crate::vmm::config::Paging;
-use crate::vmm::kvm::cpu::CpuAccess;
+use crate::vmm::kvm::cpu::{CpuAccess, CpuError};
 use crate::vmm::kvm::memory::GuestRam;
-use crate::vmm::x86::{CR0_WP, CR4_PGE, EFER_NXE};
+use crate::vmm::x86::{CR0_WP, CR4_PGE, CR4_SMAP, CR4_SMEP, EFER_NXE};
+
+/// `sregs` with the mode bits of `mode` set in CR0, CR4 and EFER (`real`:
+/// CR0.WP and EFER.NXE too; shadow mode keeps those two set).
+pub(super) fn with_mode(mut sregs: kvm_sregs, mode: GuestPagingMode, real: bool) -> kvm_sregs {
+    let set = |v: u64, bit: u64, on: bool| if on { v | bit } else { v & !bit };
+    sregs.cr4 = set(sregs.cr4, CR4_SMEP, mode.smep);
+    sregs.cr4 = set(sregs.cr4, CR4_SMAP, mode.smap);
+    if real {
+        sregs.cr0 = set(sregs.cr0, CR0_WP, mode.wp);
+        sregs.efer = set(sregs.efer, EFER_NXE, mode.nx);
+    }
+    sregs
+}
+
+/// KVM_SET_SREGS refused the mode (`EINVAL`: the host does not offer
+/// CR4.SMEP or SMAP): the guest gets `EOPNOTSUPP`, nothing changed.
+pub(super) fn refused(e: &CpuError) -> bool {
+    e.source.errno() == libc::EINVAL
+}
 
 /// kvm mode: the guest's page tables are real, KVM does the second level;
 /// the paging hypercalls do what the native instructions would.
@@ -72,7 +91,7 @@ impl PagingOps for KvmPaging {
         _cpu: &mut dyn CpuAccess,
         _cr2: u64,
         error_code: u64,
-        _rip: u64,
+        _rflags: u64,
     ) -> Result<PfResolution, PagingError> {
         // The hardware walked the guest's own tables: the fault is the guest's.
         Ok(PfResolution::GuestFault { error_code })
@@ -98,19 +117,22 @@ impl PagingOps for KvmPaging {
         Ok(abi::errno::EOPNOTSUPP)
     }
 
-    fn set_paging(&self, cpu: &mut dyn CpuAccess, wp: bool, nx: bool) -> Result<i64, PagingError> {
-        // What `mov %cr0` / `wrmsr EFER` would do: KVM resets the vCPU's MMU
-        // context when either changes (`kvm_post_set_cr0`, `set_efer`).
-        let mut sregs = cpu.sregs()?;
-        let (cr0, efer) = (sregs.cr0, sregs.efer);
-        sregs.cr0 = if wp { cr0 | CR0_WP } else { cr0 & !CR0_WP };
-        sregs.efer = if nx {
-            efer | EFER_NXE
-        } else {
-            efer & !EFER_NXE
-        };
-        if (sregs.cr0, sregs.efer) != (cr0, efer) {
-            cpu.set_sregs(&sregs)?;
+    fn set_paging(
+        &self,
+        cpu: &mut dyn CpuAccess,
+        mode: GuestPagingMode,
+    ) -> Result<i64, PagingError> {
+        // What `mov %cr0` / `mov %cr4` / `wrmsr EFER` would do: KVM resets
+        // the vCPU's MMU context when a paging bit changes
+        // (`kvm_post_set_cr0`, `kvm_post_set_cr4`, `set_efer`).
+        let sregs = cpu.sregs()?;
+        let new = with_mode(sregs, mode, true);
+        if (new.cr0, new.cr4, new.efer) != (sregs.cr0, sregs.cr4, sregs.efer) {
+            match cpu.set_sregs(&new) {
+                Ok(()) => {}
+                Err(e) if refused(&e) => return Ok(abi::errno::EOPNOTSUPP),
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(0)
     }

@@ -5,13 +5,14 @@
 pub mod kvm;
 pub mod shadow;
 
-use crate::mmu::{MemslotError, MmuError};
+use crate::mmu::{MemslotError, MmuError, PfErrorCode};
 use crate::vmm::abi::PAGE_SIZE;
 use crate::vmm::config::Paging;
 use crate::vmm::kvm::cpu::{CpuAccess, CpuError};
 use crate::vmm::kvm::kick::VcpuRequest;
 use crate::vmm::kvm::memory::MemoryError;
 use crate::vmm::units::format_size;
+use crate::vmm::x86::{RFLAGS_AC, pte};
 
 pub use kvm::KvmPaging;
 pub use shadow::ShadowPaging;
@@ -43,6 +44,94 @@ pub enum PagingError {
     /// Guest RAM's memslot could not be set up (shadow mode).
     #[error("the guest RAM memslot: {0}")]
     Memslot(#[from] MemslotError),
+    /// RESOLVE_PF would answer RETRY again for a fault it already fixed,
+    /// with no invalidation in between (shadow mode): the VMM's view of
+    /// the translation and the hardware's disagree, and the guest would
+    /// loop for ever.
+    #[error(
+        "RESOLVE_PF livelock on vCPU {vcpu}: the {access} at gva {gva:#x} faulted again after \
+         the VMM answered RETRY, with nothing invalidated since; the VMM's view: {vmm} allows it; \
+         the hardware's: it faults with error code {error_code:#x}",
+        access = FaultAccess { error_code: *.error_code, rflags: *.rflags },
+        vmm = SpteView(*.spte),
+    )]
+    Livelock {
+        /// The vCPU.
+        vcpu: u32,
+        /// The faulting address (CR2).
+        gva: u64,
+        /// The error code the guest passed.
+        error_code: u64,
+        /// The RFLAGS the guest passed.
+        rflags: u64,
+        /// The leaf spte the shadow tables hold for `gva`, if any.
+        spte: Option<u64>,
+    },
+}
+
+/// A #PF's access in words ("supervisor write", "user fetch", with
+/// "EFLAGS.AC=1" when it waives SMAP).
+pub struct FaultAccess {
+    /// #PF error code.
+    pub error_code: u64,
+    /// RFLAGS of the access.
+    pub rflags: u64,
+}
+
+impl std::fmt::Display for FaultAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ec = PfErrorCode::from_bits_truncate(self.error_code as u32);
+        let who = if ec.contains(PfErrorCode::USER) {
+            "user"
+        } else {
+            "supervisor"
+        };
+        let what = if ec.contains(PfErrorCode::FETCH) {
+            "fetch"
+        } else if ec.contains(PfErrorCode::WRITE) {
+            "write"
+        } else {
+            "read"
+        };
+        write!(f, "{who} {what}")?;
+        if self.rflags & RFLAGS_AC != 0 && !ec.contains(PfErrorCode::USER) {
+            write!(f, " with EFLAGS.AC=1")?;
+        }
+        Ok(())
+    }
+}
+
+/// A leaf spte in words.
+pub struct SpteView(pub Option<u64>);
+
+impl std::fmt::Display for SpteView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Some(e) = self.0 else {
+            return write!(f, "no spte");
+        };
+        let bit = |b: u64, c: char| if e & b != 0 { c } else { '-' };
+        write!(
+            f,
+            "spte {e:#x} ({}{}{}{})",
+            bit(pte::P, 'P'),
+            bit(pte::W, 'W'),
+            bit(pte::U, 'U'),
+            if e & (1 << 63) != 0 { "NX" } else { "X" }
+        )
+    }
+}
+
+/// The guest's paging mode bits that SET_PAGING sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestPagingMode {
+    /// CR0.WP.
+    pub wp: bool,
+    /// EFER.NXE.
+    pub nx: bool,
+    /// CR4.SMEP.
+    pub smep: bool,
+    /// CR4.SMAP.
+    pub smap: bool,
 }
 
 /// RESOLVE_PF's answer.
@@ -85,19 +174,25 @@ pub trait PagingOps: Send + Sync {
     fn invlpg(&self, cpu: &mut dyn CpuAccess, gva: u64) -> Result<i64, PagingError>;
     /// FLUSH_TLB.
     fn flush_tlb(&self, cpu: &mut dyn CpuAccess, global: bool) -> Result<i64, PagingError>;
-    /// RESOLVE_PF.
+    /// RESOLVE_PF for the fault at `cr2` (the vCPU's CR2) with the
+    /// error code and RFLAGS (EFLAGS.AC: SMAP) of the faulting access.
     fn resolve_pf(
         &self,
         cpu: &mut dyn CpuAccess,
         cr2: u64,
         error_code: u64,
-        rip: u64,
+        rflags: u64,
     ) -> Result<PfResolution, PagingError>;
     /// BALLOON (validated): give the pages back to the host.
     fn balloon(&self, cpu: &mut dyn CpuAccess, gpa: u64, nr_pages: u64)
     -> Result<i64, PagingError>;
-    /// SET_PAGING (validated): the guest's CR0.WP and EFER.NXE.
-    fn set_paging(&self, cpu: &mut dyn CpuAccess, wp: bool, nx: bool) -> Result<i64, PagingError>;
+    /// SET_PAGING (validated): the guest's CR0.WP, EFER.NXE, CR4.SMEP and
+    /// CR4.SMAP. `EOPNOTSUPP` if the host's KVM refuses the CR4 bits.
+    fn set_paging(
+        &self,
+        cpu: &mut dyn CpuAccess,
+        mode: GuestPagingMode,
+    ) -> Result<i64, PagingError>;
     /// HOST_OP operations other than PING.
     fn host_op(
         &self,

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::machine::{ShadowMachine, default_machine_mem};
+use super::machine::{MachineError, ShadowMachine, default_machine_mem};
 use super::{GuestCpu, ShadowPaging};
 use crate::vmm::abi::{BootInfo, PAGE_SIZE};
 use crate::vmm::boot::loader::ImageLayout;
@@ -18,6 +18,7 @@ use crate::vmm::kvm::memory::{GuestMemWriter, MemoryError, SharedGuestMem};
 use crate::vmm::kvm::memslot::MemslotBounce;
 use crate::vmm::kvm::vm::{Vm, VmError};
 use crate::vmm::paging::PagingError;
+use crate::vmm::switcher::{self, Switcher, SwitcherError};
 use crate::vmm::units::format_size;
 
 /// Why a shadow-mode VM could not be built.
@@ -52,6 +53,9 @@ pub enum BuildError {
 /// What ran out when machine memory was too small to boot.
 #[derive(Debug, thiserror::Error)]
 pub enum TooSmall {
+    /// Writing the switcher.
+    #[error(transparent)]
+    Switcher(SwitcherError),
     /// Copying the image into guest RAM.
     #[error(transparent)]
     Image(MemoryError),
@@ -80,6 +84,8 @@ pub struct ShadowVm {
     pub layout: ImageLayout,
     /// The bulk-shootdown gate the vCPU threads must honour.
     pub bounce: Arc<MemslotBounce>,
+    /// The GDT, IDTs and TSSes, in reserved frames of machine memory.
+    pub switcher: Arc<Switcher>,
 }
 
 /// Builds a shadow-mode VM for `config` around the image loaded at
@@ -97,26 +103,35 @@ pub fn build(
         .machine_mem
         .unwrap_or_else(|| default_machine_mem(config.mem_size));
     let bounce = MemslotBounce::new();
-    let machine = ShadowMachine::new(
-        config.mem_size,
-        machine_mem,
-        config.host_tlb_flush,
-        Some(bounce.clone()),
-    )?;
-    let vm = Vm::new_machine(machine.machine.clone())?;
-    if let Some(b) = vm.memslot_bouncer() {
-        bounce.attach(b, kicks.to_vec());
-    }
     let too_small = |source| BuildError::MachineMemTooSmall {
         size: machine_mem,
         source,
     };
+    let machine = match ShadowMachine::new(
+        config.mem_size,
+        machine_mem,
+        config.vcpus,
+        config.host_tlb_flush,
+        Some(bounce.clone()),
+    ) {
+        Ok(m) => m,
+        Err(MachineError::Memory(e)) => return Err(e.into()),
+        Err(MachineError::Switcher(e)) => return Err(too_small(TooSmall::Switcher(e))),
+    };
+    let vm = Vm::new_machine(machine.machine.clone())?;
+    if let Some(b) = vm.memslot_bouncer() {
+        bounce.attach(b, kicks.to_vec());
+    }
     copy_image(image, &machine.ram, &layout).map_err(|e| too_small(TooSmall::Image(e)))?;
     let params = BootParams {
         nr_vcpus: config.vcpus,
         paging_mode: config.paging.abi_mode(),
         cmdline: &config.cmdline,
         image: layout,
+        // What the guest finds in its boot PML4 is what kvm mode maps there
+        // (its switcher memslot just above RAM), so both modes boot on the
+        // same bytes; in shadow mode the MMU ignores the guest's entry.
+        switcher_pml4e: switcher::pml4e(config.mem_size, config.vcpus),
     };
     let boot_info = structures::write_boot_structures(&mut &*machine.ram, &params)
         .map_err(|e| too_small(TooSmall::Boot(e)))?;
@@ -150,6 +165,7 @@ pub fn build(
         boot_info,
         layout,
         bounce,
+        switcher: machine.switcher.clone(),
     })
 }
 

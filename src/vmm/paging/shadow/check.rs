@@ -5,6 +5,7 @@ use super::ShadowPaging;
 use crate::mm::MmCheckError;
 use crate::mmu::CoherenceError;
 use crate::vmm::abi::PAGE_SIZE;
+use crate::vmm::switcher::SwitcherError;
 
 /// What `--check` found violated.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -31,14 +32,18 @@ pub enum CheckError {
     /// The shadow tables disagree with the host mm (rules 1 and 5).
     #[error(transparent)]
     Coherence(#[from] CoherenceError),
+    /// The switcher is not what the VMM wrote (rule 5).
+    #[error(transparent)]
+    Switcher(#[from] SwitcherError),
 }
 
 impl ShadowPaging {
     /// `--check`, at a quiescent point (every vCPU stopped): the host mm's
     /// consistency, the shadow MMU's coherence (docs/design.md rules 1 and
     /// 5: every leaf spte maps a frame of guest memory that the host maps
-    /// at the spte's gfn), and that every memslot lies inside the guest RAM
-    /// VMA, so no leaf can reach a frame outside guest RAM (rule 5).
+    /// at the spte's gfn), that every memslot lies inside the guest RAM VMA,
+    /// so no leaf can reach a frame outside guest RAM, and that the switcher
+    /// holds exactly what the VMM wrote (rule 5).
     pub fn check(&self) -> Result<(), CheckError> {
         self.ram.mm().check_consistency()?;
         let (lo, hi) = (self.ram.base(), self.ram.base() + self.ram.size_bytes());
@@ -54,6 +59,7 @@ impl ShadowPaging {
                 });
             }
         }
+        self.switcher.check()?;
         Ok(self.mmu.check_coherence()?)
     }
 }

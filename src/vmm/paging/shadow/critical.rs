@@ -1,13 +1,14 @@
-//! The always-mapped pages: exception delivery needs the GDT, IDT, TSS,
-//! stacks and handler code mapped before any exception, so they are
-//! prefaulted into every vCPU's root at boot, after every CR3 load, and
-//! whenever sptes were zapped.
+//! The always-mapped pages: exception delivery needs the stacks and the
+//! handler code mapped before any exception, so they are prefaulted into
+//! every vCPU's root at boot, after every CR3 load, and whenever sptes were
+//! zapped. (The GDT, IDTs and TSSes are the switcher's, linked into every
+//! root by the MMU itself.)
 
 use std::sync::atomic::Ordering;
 
 use super::ShadowPaging;
 use crate::mmu::{FaultOutcome, PfErrorCode};
-use crate::vmm::abi::{self, PAGE_SIZE, percpu_gpa, tss_gpa};
+use crate::vmm::abi::{self, PAGE_SIZE, percpu_gpa};
 use crate::vmm::boot::loader::ImageLayout;
 use crate::vmm::paging::PagingError;
 
@@ -19,20 +20,16 @@ pub(super) struct CriticalPage {
     write: bool,
 }
 
-/// The pages vCPU `cpu` needs mapped to take an exception: the GDT, the
-/// boot info, its TSS, its per-vCPU area (per-vCPU page, IST, trap and
-/// kernel stacks), and the image (IDT, stubs at 0x201000, handler code).
-/// All identity-mapped by the boot tables (docs/guest-abi.md §3).
+/// The pages vCPU `cpu` needs mapped to take an exception: the boot info,
+/// its per-vCPU area (per-vCPU page and every stack SET_STACK may name),
+/// and the image (every handler SET_TRAP_TABLE may name). All
+/// identity-mapped by the boot tables (docs/guest-abi.md §3).
 pub(super) fn critical_pages(cpu: u32, image: &ImageLayout) -> Vec<CriticalPage> {
     let page = |gva: u64, write: bool| CriticalPage {
         gva: gva & !(PAGE_SIZE - 1),
         write,
     };
-    let mut v = vec![
-        page(abi::GDT_GPA, true),
-        page(abi::BOOT_INFO_GPA, false),
-        page(tss_gpa(cpu), true),
-    ];
+    let mut v = vec![page(abi::BOOT_INFO_GPA, false)];
     let area = percpu_gpa(cpu);
     v.extend((0..abi::PERCPU_STRIDE / PAGE_SIZE).map(|i| page(area + i * PAGE_SIZE, true)));
     let start = image.start & !(PAGE_SIZE - 1);
@@ -117,8 +114,7 @@ mod tests {
         };
         let v = critical_pages(1, &image);
         let has = |gva: u64, write: bool| v.contains(&CriticalPage { gva, write });
-        assert!(has(abi::GDT_GPA, true));
-        assert!(has(0x4000, true)); // vCPU 1's TSS at 0x4100
+        assert!(has(abi::BOOT_INFO_GPA, false));
         assert!(has(percpu_gpa(1) + 0x3000, true)); // trap stack
         assert!(has(0x20_1000, false)); // exception stubs
         assert!(has(0x20_3000, false));

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! machine memory (AnonMemory) ══ KVM memslot 0 at KVM gpa 0: frame n = KVM page n
+//!   ├─ frames 0..S: the switcher (FrameOwner::Reserved, never handed out)
 //!   └─ FrameAllocator ─┬─ host mm (Mm): guest RAM is one VMA, bound to gpa 0.. by our memslot
 //!                      └─ shadow MMU: shadow page-table pages
 //! ```
@@ -15,6 +16,7 @@ use crate::vmm::host::ram::ShadowRam;
 use crate::vmm::host::tlb::HostTlbFlush;
 use crate::vmm::kvm::memory::MemoryError;
 use crate::vmm::kvm::memslot::MemslotBounce;
+use crate::vmm::switcher::{self, Switcher, SwitcherError};
 
 /// Machine memory beyond guest RAM by default: shadow pages and slack.
 pub const DEFAULT_OVERHEAD: u64 = 4 << 20;
@@ -36,18 +38,33 @@ pub struct ShadowMachine {
     pub ram: Arc<ShadowRam>,
     /// The flush the shadow MMU uses.
     pub flush: Arc<HostTlbFlush>,
+    /// The switcher, in the first frames of machine memory.
+    pub switcher: Arc<Switcher>,
+}
+
+/// Why machine memory could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// Guest RAM or machine memory could not be mapped.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The switcher could not be written.
+    #[error(transparent)]
+    Switcher(#[from] SwitcherError),
 }
 
 impl ShadowMachine {
-    /// `machine_mem` bytes of machine memory and a `mem_size`-byte guest
-    /// RAM VMA in a fresh host mm (frames are allocated on first touch).
-    /// With `bounce`, large flushes bounce the memslot instead.
+    /// `machine_mem` bytes of machine memory, the switcher for `nr_vcpus`
+    /// in its first frames, and a `mem_size`-byte guest RAM VMA in a fresh
+    /// host mm (frames are allocated on first touch). With `bounce`, large
+    /// flushes bounce the memslot instead.
     pub fn new(
         mem_size: u64,
         machine_mem: u64,
+        nr_vcpus: u32,
         host_flush: bool,
         bounce: Option<Arc<MemslotBounce>>,
-    ) -> Result<Self, MemoryError> {
+    ) -> Result<Self, MachineError> {
         let nr_frames = machine_mem / PAGE_SIZE;
         let machine = Arc::new(
             AnonMemory::new(nr_frames).map_err(|source| MemoryError::Host {
@@ -57,7 +74,12 @@ impl ShadowMachine {
             })?,
         );
         let mem: Arc<dyn MachineMemory> = machine.clone();
-        let frames = FrameAllocator::with_reserved(mem, 0, true);
+        // The switcher's frames are the VMM's: no memslot of the shadow MMU
+        // reaches them, the allocator never hands them out, and frame n is
+        // KVM gpa n * 4 KiB, the address the CPU walks.
+        let reserved = switcher::pages(nr_vcpus);
+        let switcher = Arc::new(Switcher::new(mem.clone(), 0, 0, nr_vcpus)?);
+        let frames = FrameAllocator::with_reserved(mem, reserved, true);
         let mm = Mm::new(frames);
         let base = mm
             .mmap(None, mem_size, Prot::READ | Prot::WRITE, MmapFlags::empty())
@@ -80,6 +102,7 @@ impl ShadowMachine {
             ram: Arc::new(ShadowRam::new(mm.clone(), base, mem_size)),
             mm,
             flush,
+            switcher,
         })
     }
 
@@ -112,7 +135,13 @@ mod tests {
 
     #[test]
     fn shadow_ram_reads_back_through_the_host_mm() {
-        let m = ShadowMachine::new(4 << 20, 8 << 20, true, None).unwrap();
+        let m = ShadowMachine::new(4 << 20, 8 << 20, 2, true, None).unwrap();
+        assert_eq!(
+            m.mm.frames().count(crate::mm::FrameOwner::Reserved),
+            switcher::pages(2),
+            "the switcher's frames are kept for the VMM"
+        );
+        m.switcher.check().unwrap();
         let mut ram = &*m.ram;
         ram.write_u64(0x20_0008, 0x1234).unwrap();
         assert_eq!(ram.read_u64(0x20_0008).unwrap(), 0x1234);

@@ -7,6 +7,8 @@
 //! * `critical.rs`: the pages exception delivery needs, kept mapped.
 //! * `ops.rs`: the paging hypercalls on the MMU ([`PagingOps`]); its
 //!   flushes go to the real host mm (`host::tlb::HostTlbFlush`).
+//! * `livelock.rs`: RESOLVE_PF never answers RETRY twice for a fault
+//!   nothing changed.
 //! * `exit.rs`: the teardown and its report; `check.rs`: `--check`;
 //!   `stats.rs`: the counters.
 //!
@@ -16,6 +18,7 @@ pub mod build;
 mod check;
 mod critical;
 mod exit;
+mod livelock;
 pub mod machine;
 mod ops;
 mod stats;
@@ -24,13 +27,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::mm::MachineMemory as _;
-use crate::mmu::{Memslot, Memslots, MmuError, PagingState, ShadowMmu, ShadowMmuConfig};
-use crate::vmm::abi::PAGE_SIZE;
+use crate::mmu::{
+    Memslot, Memslots, MmuError, PagingState, ReservedSlot, ShadowMmu, ShadowMmuConfig,
+};
+use crate::vmm::abi::{self, PAGE_SIZE};
 use crate::vmm::boot::loader::ImageLayout;
 use crate::vmm::host::ops::HostOpScript;
 use crate::vmm::host::ram::ShadowRam;
 use crate::vmm::host::tlb::HostTlbFlush;
 use crate::vmm::paging::PagingError;
+use crate::vmm::switcher::Switcher;
 
 pub use build::{BuildError, ShadowVm, TooSmall, build};
 pub use check::CheckError;
@@ -39,6 +45,7 @@ pub use machine::{ShadowMachine, default_machine_mem};
 pub use stats::ShadowStats;
 
 use critical::{CriticalPage, critical_pages};
+use livelock::LastRetry;
 
 /// What the VMM needs to know about the guest's CPU for the walker.
 #[derive(Clone, Copy, Debug)]
@@ -67,6 +74,11 @@ pub struct ShadowPaging {
     zaps_seen: AtomicU64,
     /// `--host-ops`: the script whose checkpoint ops HOST_OP CHECKPOINT runs.
     host_ops: Option<Arc<HostOpScript>>,
+    /// The GDT, IDTs and TSSes, linked into every root (checked by
+    /// `--check`).
+    switcher: Arc<Switcher>,
+    /// Per vCPU: the fault RESOLVE_PF last answered RETRY for.
+    last_retry: Vec<parking_lot::Mutex<Option<LastRetry>>>,
 }
 
 impl ShadowPaging {
@@ -91,6 +103,10 @@ impl ShadowPaging {
         let cfg = ShadowMmuConfig {
             nr_vcpus: nr_vcpus as usize,
             maxphyaddr: cpu.maxphyaddr,
+            reserved: Some(ReservedSlot {
+                index: abi::SWITCHER_PML4_INDEX,
+                entry: machine.switcher.pml4e(),
+            }),
             ..ShadowMmuConfig::default()
         };
         let mmu = ShadowMmu::new(machine.mm.clone(), slots, machine.flush.clone(), cfg)?;
@@ -104,6 +120,10 @@ impl ShadowPaging {
             boot_cr3: Vec::new(),
             zaps_seen: AtomicU64::new(0),
             host_ops,
+            switcher: machine.switcher.clone(),
+            last_retry: (0..nr_vcpus)
+                .map(|_| parking_lot::Mutex::new(None))
+                .collect(),
         };
         for vcpu in 0..nr_vcpus as usize {
             let mut mode = PagingState::new(0, cpu.maxphyaddr);

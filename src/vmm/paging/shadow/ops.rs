@@ -4,13 +4,15 @@ use kvm_bindings::kvm_sregs;
 
 use super::ShadowPaging;
 use crate::mm::MmError;
-use crate::mmu::{FaultOutcome, MmuError, PfErrorCode};
+use crate::mmu::{Access, FaultOutcome, MmuError, PfErrorCode};
 use crate::vmm::abi::{self, PAGE_SIZE};
 use crate::vmm::config::Paging;
 use crate::vmm::host::ram::host_err;
 use crate::vmm::kvm::cpu::CpuAccess;
 use crate::vmm::kvm::kick::VcpuRequest;
-use crate::vmm::paging::{PagingError, PagingOps, PfResolution};
+use crate::vmm::paging::kvm::{refused, with_mode};
+use crate::vmm::paging::{GuestPagingMode, PagingError, PagingOps, PfResolution};
+use crate::vmm::x86::RFLAGS_AC;
 
 /// Sets the vCPU's real CR3 to the shadow root `root`.
 fn set_root(cpu: &mut dyn CpuAccess, root: u64) -> Result<(), PagingError> {
@@ -75,10 +77,17 @@ impl PagingOps for ShadowPaging {
         cpu: &mut dyn CpuAccess,
         cr2: u64,
         error_code: u64,
-        _rip: u64,
+        rflags: u64,
     ) -> Result<PfResolution, PagingError> {
+        let vcpu = cpu.id();
+        self.check_livelock(vcpu, cr2, error_code, rflags)?;
         let ec = PfErrorCode::from_bits_truncate(error_code as u32);
-        let outcome = match self.mmu.page_fault(cpu.id() as usize, cr2, ec) {
+        let mut access = Access::from_error_code(ec & !PfErrorCode::RSVD);
+        // SMAP is waived for explicit supervisor accesses with EFLAGS.AC
+        // set (KVM reads RFLAGS in `permission_fault`; here the guest's
+        // handler passes the RFLAGS of its trap frame).
+        access.eflags_ac = !access.user && rflags & RFLAGS_AC != 0;
+        let outcome = match self.mmu.page_fault_access(vcpu as usize, cr2, access) {
             Ok(o) => o,
             // Host invalidations (ksmd merging, kswapd evicting) kept racing
             // the fault: let the guest retry the access, as KVM's
@@ -87,6 +96,7 @@ impl PagingOps for ShadowPaging {
             Err(MmuError::TooManyRetries(_)) => FaultOutcome::Retry,
             Err(e) => return Err(self.mmu_err(e)),
         };
+        let fixed = matches!(outcome, FaultOutcome::Fixed);
         let res = match outcome {
             FaultOutcome::Fixed | FaultOutcome::Retry => PfResolution::Retry,
             FaultOutcome::Guest(pf) => PfResolution::GuestFault {
@@ -100,6 +110,7 @@ impl PagingOps for ShadowPaging {
             }
         };
         self.ensure_critical()?;
+        self.note_resolution(vcpu, cr2, error_code, rflags, fixed);
         Ok(res)
     }
 
@@ -161,31 +172,61 @@ impl PagingOps for ShadowPaging {
         Ok(ran)
     }
 
-    fn set_paging(&self, cpu: &mut dyn CpuAccess, wp: bool, nx: bool) -> Result<i64, PagingError> {
+    fn set_paging(
+        &self,
+        cpu: &mut dyn CpuAccess,
+        mode: GuestPagingMode,
+    ) -> Result<i64, PagingError> {
         // The real CR0.WP and EFER.NXE stay set, as KVM keeps them under its
         // own shadow paging: the shadow tables give the guest's mode its
         // meaning (WP=0: supervisor-only writable sptes for read-only guest
-        // PTEs; NXE=0: no NX in sptes, bit 63 of a guest PTE a reserved-bit
-        // fault of the walker). `set_paging_mode` drops every shadow page
-        // built under the old mode (`kvm_mmu_reset_context`).
+        // PTEs, also non-executable under SMEP; NXE=0: no NX in sptes, bit 63
+        // of a guest PTE a reserved-bit fault of the walker). The real
+        // CR4.SMEP and CR4.SMAP are the guest's, as KVM sets them
+        // (`vmx_set_cr4` with shadow paging): the hardware enforces them on
+        // the sptes, and shadow pages are keyed by them where CR0.WP=0
+        // changes what an spte means (`smep_andnot_wp`, `smap_andnot_wp`).
+        // `set_paging_mode` makes the vCPU leave its root
+        // (`kvm_mmu_reset_context`); pages of the old mode stay for vCPUs
+        // still in it.
         let vcpu = cpu.id() as usize;
-        let mut mode = self.mmu.paging(vcpu).map_err(|e| self.mmu_err(e))?;
-        if (mode.cr0_wp, mode.efer_nx) == (wp, nx) {
+        let mut state = self.mmu.paging(vcpu).map_err(|e| self.mmu_err(e))?;
+        let old = GuestPagingMode {
+            wp: state.cr0_wp,
+            nx: state.efer_nx,
+            smep: state.cr4_smep,
+            smap: state.cr4_smap,
+        };
+        if old == mode {
             return Ok(0);
         }
-        mode.cr0_wp = wp;
-        mode.efer_nx = nx;
+        let sregs = cpu.sregs()?;
+        let mut real = with_mode(sregs, mode, false);
+        if real.cr4 != sregs.cr4
+            && let Err(e) = cpu.set_sregs(&real)
+        {
+            return if refused(&e) {
+                Ok(abi::errno::EOPNOTSUPP)
+            } else {
+                Err(e.into())
+            };
+        }
+        state.cr0_wp = mode.wp;
+        state.efer_nx = mode.nx;
+        state.cr4_smep = mode.smep;
+        state.cr4_smap = mode.smap;
         self.mmu
-            .set_paging_mode(vcpu, mode)
+            .set_paging_mode(vcpu, state)
             .map_err(|e| self.mmu_err(e))?;
         // Then what LOAD_CR3 does: back on the (now empty) root for the
         // guest's CR3, with the exception-delivery pages prefaulted, on this
         // vCPU and any other whose root the reset emptied.
         let root = self
             .mmu
-            .load_cr3(vcpu, mode.cr3)
+            .load_cr3(vcpu, state.cr3)
             .map_err(|e| self.mmu_err(e))?;
-        set_root(cpu, root)?;
+        real.cr3 = root << 12;
+        cpu.set_sregs(&real)?;
         self.prefault(vcpu, true)?;
         self.ensure_critical()?;
         Ok(0)

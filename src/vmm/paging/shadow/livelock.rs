@@ -1,0 +1,127 @@
+//! No silent livelock (docs/design.md rule 6's safety net): if RESOLVE_PF
+//! answered RETRY after fixing a fault, and the same vCPU asks again for
+//! the same page and the same access with no spte having lost a right and
+//! no host invalidation in between, the fix it made cannot have been
+//! undone: the hardware faults on a translation the VMM's tables allow.
+//! Answering RETRY again would loop for ever (the symptom of a VMM that
+//! does not know the guest's real paging mode, such as CR4.SMEP set behind
+//! its back), so the VM stops with both views instead.
+
+use super::ShadowPaging;
+use crate::mmu::PfErrorCode;
+use crate::vmm::paging::PagingError;
+use crate::vmm::x86::RFLAGS_AC;
+
+/// The fault RESOLVE_PF last answered RETRY for, after fixing it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct LastRetry {
+    /// The shadow root the fix went into (a LOAD_CR3 or SET_PAGING since
+    /// makes the same fault a new one).
+    root: Option<u64>,
+    /// The page of CR2.
+    page: u64,
+    /// The access: W, U and I of the error code, and EFLAGS.AC where it
+    /// waives SMAP.
+    access: u64,
+    /// [`ShadowPaging::invalidation_gen`] right after the fix.
+    generation: (u64, u64),
+}
+
+impl LastRetry {
+    fn key(cr2: u64, error_code: u64, rflags: u64) -> (u64, u64) {
+        let bits = (PfErrorCode::WRITE | PfErrorCode::USER | PfErrorCode::FETCH).bits();
+        let mut access = error_code & u64::from(bits);
+        if access & u64::from(PfErrorCode::USER.bits()) == 0 {
+            access |= rflags & RFLAGS_AC;
+        }
+        (cr2 >> 12, access)
+    }
+}
+
+impl ShadowPaging {
+    /// Moves whenever an spte loses a right (every zap, write protection or
+    /// repointing is flushed) or the host invalidates guest memory.
+    fn invalidation_gen(&self) -> (u64, u64) {
+        (self.mmu.stats().remote_tlb_flush, self.mmu.invalidate_seq())
+    }
+
+    /// Before resolving a fault: is it the one last answered RETRY, with
+    /// nothing changed since?
+    pub(super) fn check_livelock(
+        &self,
+        vcpu: u32,
+        cr2: u64,
+        error_code: u64,
+        rflags: u64,
+    ) -> Result<(), PagingError> {
+        let Some(slot) = self.last_retry.get(vcpu as usize) else {
+            return Ok(());
+        };
+        let (page, access) = LastRetry::key(cr2, error_code, rflags);
+        let same = *slot.lock()
+            == Some(LastRetry {
+                root: self.mmu.root(vcpu as usize).ok(),
+                page,
+                access,
+                generation: self.invalidation_gen(),
+            });
+        if !same {
+            return Ok(());
+        }
+        let spte = self
+            .mmu
+            .lookup_spte(vcpu as usize, cr2)
+            .map_err(|e| self.mmu_err(e))?;
+        Err(PagingError::Livelock {
+            vcpu,
+            gva: cr2,
+            error_code,
+            rflags,
+            spte,
+        })
+    }
+
+    /// After resolving: `fixed` when the answer is RETRY because an spte
+    /// was installed (not a race that installed nothing).
+    pub(super) fn note_resolution(
+        &self,
+        vcpu: u32,
+        cr2: u64,
+        error_code: u64,
+        rflags: u64,
+        fixed: bool,
+    ) {
+        let Some(slot) = self.last_retry.get(vcpu as usize) else {
+            return;
+        };
+        *slot.lock() = fixed.then(|| {
+            let (page, access) = LastRetry::key(cr2, error_code, rflags);
+            LastRetry {
+                root: self.mmu.root(vcpu as usize).ok(),
+                page,
+                access,
+                generation: self.invalidation_gen(),
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_ignores_p_and_rsvd_and_ac_in_user_mode() {
+        let k = |ec, rflags| LastRetry::key(0x1234_5678, ec, rflags);
+        assert_eq!(k(0b00010, 0), k(0b00011, 0), "P does not matter");
+        assert_eq!(k(0b01010, 0), k(0b00010, 0), "RSVD does not matter");
+        assert_ne!(k(0b00010, 0), k(0b00000, 0), "W does");
+        assert_ne!(k(0, RFLAGS_AC), k(0, 0), "AC does for supervisor accesses");
+        assert_eq!(
+            k(0b00100, RFLAGS_AC),
+            k(0b00100, 0),
+            "but not for user ones"
+        );
+        assert_eq!(k(0, 0).0, 0x12345);
+    }
+}

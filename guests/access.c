@@ -1,11 +1,16 @@
-/* guest: access - like kvm-unit-tests' x86/access.c: every leaf/PDE permission-bit combination, read/write/fetch from ring 0 and 3; prints fault, #PF error code and leaf A/D */
+/* guest: access - like kvm-unit-tests' x86/access.c: every leaf/PDE permission-bit combination, read/write/fetch from ring 1 and 3, with CR0.WP, EFER.NX, CR4.SMEP, CR4.SMAP and EFLAGS.AC; prints fault, #PF error code and leaf A/D */
 #include <shadowvm.h>
 
 /*
  * A generator in the spirit of kvm-unit-tests' x86/access.c.  For every
  *
  *   leaf PTE {P, W, U, NX, A, D} x PDE (the level above) {P, W, U, NX}
- *   x access {read, write, fetch} x {ring 0, ring 3} x mode {CR0.WP, EFER.NX}
+ *   x access {read, write, fetch} x {ring 1, ring 3} x mode {CR0.WP, EFER.NX}
+ *
+ * and, in the modes with CR4.SMEP and CR4.SMAP (with EFLAGS.AC clear and
+ * set), every combination from ring 1: SMEP and SMAP only concern the
+ * kernel, and they need tables that map the kernel's code and data
+ * supervisor-only, where ring 3 cannot run.
  *
  * it makes the access, and prints one line: fault or not, the #PF error code
  * and the leaf's A/D bits afterwards, then a summary.  The output is the
@@ -13,8 +18,8 @@
  * prints (tests/access.rs diffs them).  Each line is also checked against the
  * SDM's rules (model() below); a line that disagrees says so.
  *
- * Ring 0 is emulated on our backend (~1-3 us per instruction), so nothing is
- * done per combination in ring 0 but the access itself: every combination
+ * Ring 1 is emulated on our backend (~1-3 us per instruction), so nothing is
+ * done per combination in ring 1 but the access itself: every combination
  * gets a page of its own (a gva, a leaf PTE, and a PDE per PDE combination),
  * so the whole table is written once per mode (from ring 3, natively), loaded
  * with one LOAD_CR3, and no PTE changes while it is live -- no INVLPG per
@@ -44,19 +49,27 @@ enum { ACC_READ, ACC_WRITE, ACC_FETCH, NR_ACC };
 #define DATA_OFF  8
 #define COOKIE    0xacce55edc0ffee00ull
 
-/* The paging modes to cover: CR0.WP and EFER.NX on and off, switched with
- * the SET_PAGING hypercall (never natively: in shadow mode the VMM must know
- * the mode, and keeps the real CR0.WP and EFER.NXE set). */
+/* The paging modes to cover, switched with the SET_PAGING hypercall (the
+ * native instructions fault in ring 1; in shadow mode the VMM must know the
+ * mode, and keeps the real CR0.WP and EFER.NXE set).  `ac` is EFLAGS.AC
+ * during the ring-1 accesses (it waives SMAP).  The SMEP/SMAP modes run ring
+ * 1 only, on tables that map the kernel supervisor-only; among them, CR0.WP=0
+ * with SMEP is KVM's smep_andnot_wp case, where a ring-1 write to a
+ * read-only user page makes the shadow entry supervisor-only. */
 struct mode {
     const char *name;
-    bool wp;
-    bool nx;
+    bool wp, nx, smep, smap, ac;
 };
 static const struct mode modes[] = {
-    { "cr0.wp=1 efer.nx=1", true, true },
-    { "cr0.wp=0 efer.nx=1", false, true },
-    { "cr0.wp=1 efer.nx=0", true, false },
-    { "cr0.wp=0 efer.nx=0", false, false },
+    { "cr0.wp=1 efer.nx=1", true, true, false, false, false },
+    { "cr0.wp=0 efer.nx=1", false, true, false, false, false },
+    { "cr0.wp=1 efer.nx=0", true, false, false, false, false },
+    { "cr0.wp=0 efer.nx=0", false, false, false, false, false },
+    { "cr0.wp=1 efer.nx=1 cr4.smep=1 cr4.smap=1 eflags.ac=0", true, true, true, true, false },
+    { "cr0.wp=1 efer.nx=1 cr4.smep=1 cr4.smap=1 eflags.ac=1", true, true, true, true, true },
+    { "cr0.wp=0 efer.nx=1 cr4.smep=1 cr4.smap=1 eflags.ac=1", false, true, true, true, true },
+    { "cr0.wp=0 efer.nx=1 cr4.smep=1 cr4.smap=0", false, true, true, false, false },
+    { "cr0.wp=1 efer.nx=0 cr4.smep=1 cr4.smap=0", true, false, true, false, false },
 };
 #define NR_MODES (sizeof(modes) / sizeof(modes[0]))
 
@@ -69,6 +82,7 @@ struct result {
 
 static struct ctx {
     uint64_t *pml4, *pdpt, *pd;
+    uint64_t *kpml4, *kpdpt; /* the same, with the kernel supervisor-only */
     uint64_t *pt;       /* NR_PT contiguous page tables */
     uint8_t *data;      /* the frame every present leaf maps */
     struct result *res; /* NR_SLOTS */
@@ -115,12 +129,13 @@ static long build_tables(void *arg)
     }
     ctx.pdpt[0] = (uint64_t)ctx.pd | PTE_P | PTE_W | PTE_U;
     ctx.pml4[1] = (uint64_t)ctx.pdpt | PTE_P | PTE_W | PTE_U;
+    ctx.kpml4[1] = ctx.pml4[1];
     memset(ctx.res, 0, NR_SLOTS * sizeof(struct result));
     ctx.next = SLOTS_PER_RING;
     return 0;
 }
 
-/* The access of slot s (ring 0 or 3: the slot says which, the caller is it). */
+/* The access of slot s (ring 1 or 3: the slot says which, the caller is it). */
 static inline void access_slot(unsigned s)
 {
     uint64_t va = slot_gva(s);
@@ -149,16 +164,17 @@ static long user_accesses(void *arg)
 
 /*
  * The architectural answer (SDM vol. 3, 4.6 access rights, 4.7 #PF error
- * code, 4.8 A/D bits) for 4-level paging and 4 KiB pages, no SMEP, SMAP or
- * protection keys.  Returns true for a #PF with *ec; *ad gets the leaf's A/D
- * bits afterwards: set (D for a write) only by an access that succeeds.
+ * code, 4.8 A/D bits) for 4-level paging and 4 KiB pages, with SMEP and
+ * SMAP, no protection keys.  Returns true for a #PF with *ec; *ad gets the
+ * leaf's A/D bits afterwards: set (D for a write) only by an access that
+ * succeeds.  The levels above the PDE are present, writable and user.
  */
 static bool model(const struct mode *m, unsigned d, unsigned l, bool user, unsigned acc,
                   unsigned *ec, uint64_t *ad)
 {
     uint64_t pde = pde_bits(d), pte = leaf_bits(l);
     unsigned code = (acc == ACC_WRITE ? PF_W : 0) | (user ? PF_U : 0) |
-                    (acc == ACC_FETCH && m->nx ? PF_I : 0);
+                    (acc == ACC_FETCH && (m->nx || m->smep) ? PF_I : 0);
     bool u, w, x;
 
     *ad = pte & (PTE_A | PTE_D);
@@ -177,7 +193,9 @@ static bool model(const struct mode *m, unsigned d, unsigned l, bool user, unsig
     u = (pde & PTE_U) && (pte & PTE_U);
     w = (pde & PTE_W) && (pte & PTE_W);
     x = !m->nx || !((pde | pte) & PTE_NX);
-    if ((user && !u) || (acc == ACC_WRITE && !w && (user || m->wp)) || (acc == ACC_FETCH && !x)) {
+    if ((user && !u) || (acc == ACC_WRITE && !w && (user || m->wp)) || (acc == ACC_FETCH && !x) ||
+        (!user && u && acc == ACC_FETCH && m->smep) ||
+        (!user && u && acc != ACC_FETCH && m->smap && !m->ac)) {
         *ec = code | PF_P;
         return true;
     }
@@ -233,7 +251,7 @@ static long report(void *arg)
 
             bits(lb, leaf_bits(l), true);
             bits(db, pde_bits(d), false);
-            for (unsigned ring = 0; ring < NR_RING; ring++) {
+            for (unsigned ring = 0; ring < (m->smep ? 1 : NR_RING); ring++) {
                 for (unsigned acc = 0; acc < NR_ACC; acc++) {
                     unsigned s = ((ring * NR_ACC + acc) * NR_PDE + d) * NR_LEAF + l;
                     const struct result *r = &ctx.res[s];
@@ -285,15 +303,22 @@ static long report(void *arg)
     return 0;
 }
 
-static unsigned mode_flags(bool wp, bool nx)
+static unsigned mode_flags(const struct mode *m)
 {
-    return (wp ? SVM_SET_PAGING_WP : 0) | (nx ? SVM_SET_PAGING_NX : 0);
+    return (m->wp ? SVM_SET_PAGING_WP : 0) | (m->nx ? SVM_SET_PAGING_NX : 0) |
+           (m->smep ? SVM_SET_PAGING_SMEP : 0) | (m->smap ? SVM_SET_PAGING_SMAP : 0);
 }
 
-/* Puts the CPU in mode m (SET_PAGING); false if the VMM refuses. */
-static bool set_mode(const struct mode *m)
+static const struct mode boot_mode = { "boot", true, true, false, false, false };
+
+/* EFLAGS.AC (popf may change it in any ring; stac is ring 0 only). */
+static void set_ac(bool on)
 {
-    return set_paging(mode_flags(m->wp, m->nx)) == 0;
+    uint64_t f;
+
+    __asm__ volatile("pushfq; pop %0" : "=r"(f));
+    f = on ? f | (1ull << 18) : f & ~(1ull << 18);
+    __asm__ volatile("push %0; popfq" : : "r"(f) : "memory", "cc");
 }
 
 static void user(long (*fn)(void *))
@@ -307,9 +332,12 @@ static void user(long (*fn)(void *))
 
 int main(const struct svm_boot_info *bi)
 {
+    const uint64_t *bootpdpt = (const uint64_t *)(((const uint64_t *)bi->boot_cr3)[0] & PTE_ADDR_MASK);
     unsigned covered = 0;
 
     ctx.pml4 = alloc_pages(1);
+    ctx.kpml4 = alloc_pages(1);
+    ctx.kpdpt = alloc_pages(1);
     ctx.pdpt = alloc_pages(1);
     ctx.pd = alloc_pages(1);
     ctx.pt = alloc_pages(NR_PT);
@@ -317,35 +345,50 @@ int main(const struct svm_boot_info *bi)
     ctx.res = alloc_pages((NR_SLOTS * sizeof(struct result) + PAGE_SIZE - 1) / PAGE_SIZE);
     ctx.out_size = 128 * PAGE_SIZE * NR_MODES;
     ctx.out = alloc_pages(ctx.out_size / PAGE_SIZE);
-    if (!ctx.pml4 || !ctx.pdpt || !ctx.pd || !ctx.pt || !ctx.data || !ctx.res || !ctx.out) {
+    if (!ctx.pml4 || !ctx.kpml4 || !ctx.kpdpt || !ctx.pdpt || !ctx.pd || !ctx.pt || !ctx.data ||
+        !ctx.res || !ctx.out) {
         puts("access: out of memory");
         return 2;
     }
     ctx.pml4[0] = ((const uint64_t *)bi->boot_cr3)[0]; /* kernel, image, free RAM */
+    ctx.pml4[SVM_SWITCHER_PML4_INDEX] = ((const uint64_t *)bi->boot_cr3)[SVM_SWITCHER_PML4_INDEX];
+    /* The SMEP/SMAP tables: the boot map with U clear at the PDPT level, so
+     * the kernel's code and data are supervisor pages there. */
+    for (unsigned i = 0; i < 512; i++)
+        ctx.kpdpt[i] = bootpdpt[i] & ~PTE_U;
+    ctx.kpml4[0] = (uint64_t)ctx.kpdpt | PTE_P | PTE_W;
+    ctx.kpml4[SVM_SWITCHER_PML4_INDEX] = ctx.pml4[SVM_SWITCHER_PML4_INDEX];
     ctx.data[0] = 0xc3;                                 /* ret */
     *(uint64_t *)(ctx.data + DATA_OFF) = COOKIE;
 
-    printf("access: leaf {P,W,U,NX,A,D} x PDE {P,W,U,NX} x {read,write,fetch} x {ring 0,ring 3}:"
-           " %u combinations per mode\n",
-           NR_SLOTS);
+    printf("access: leaf {P,W,U,NX,A,D} x PDE {P,W,U,NX} x {read,write,fetch} x {ring 1,ring 3}:"
+           " %u combinations per mode (ring 1 only with SMEP: %u)\n",
+           NR_SLOTS, SLOTS_PER_RING);
     printf("access: modes covered:");
     for (unsigned i = 0; i < NR_MODES; i++)
         printf(" [%s]", modes[i].name);
     printf("\n");
 
     for (unsigned i = 0; i < NR_MODES; i++) {
-        ctx.mode = &modes[i];
-        if (!set_mode(ctx.mode)) {
-            emit("mode %s: skipped, cannot switch to it\n", ctx.mode->name);
+        const struct mode *m = &modes[i];
+
+        ctx.mode = m;
+        user(build_tables);
+        /* With SMEP on, the kernel must already run on tables that map it
+         * supervisor-only: switch tables first, then the mode. */
+        load_cr3((uint64_t)(m->smep ? ctx.kpml4 : ctx.pml4));
+        if (set_paging(mode_flags(m)) != 0) {
+            load_cr3(bi->boot_cr3);
+            emit("mode %s: skipped, cannot switch to it\n", m->name);
             continue;
         }
-        user(build_tables);
-        load_cr3((uint64_t)ctx.pml4);
+        set_ac(m->ac);
         for (unsigned s = 0; s < SLOTS_PER_RING; s++)
             access_slot(s);
+        set_ac(false);
         /* Ring 3 in one go; an access that escapes its probe ends run_user:
          * record it and carry on with the next slot. */
-        while (ctx.next < NR_SLOTS) {
+        while (!m->smep && ctx.next < NR_SLOTS) {
             struct svm_fault f;
 
             if (run_user(user_accesses, NULL, NULL, &f) == RUN_USER_FAULT) {
@@ -353,12 +396,12 @@ int main(const struct svm_boot_info *bi)
                 ctx.res[ctx.next - 1].f = f;
             }
         }
-        user(report);
+        if (set_paging(mode_flags(&boot_mode)) != 0) /* back to the boot mode */
+            panic("access: SET_PAGING(WP|NX) refused");
         load_cr3(bi->boot_cr3);
+        user(report);
         covered++;
     }
-    if (set_paging(mode_flags(true, true)) != 0) /* back to the boot mode */
-        panic("access: SET_PAGING(WP|NX) refused");
     rt_write(ctx.out, ctx.out_len);
     printf("access: %u combinations in %u of %u modes: %u faults, %u ok, %u escaped, %u differ from "
            "the SDM\n",

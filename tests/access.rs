@@ -1,9 +1,11 @@
 //! The `access` guest (guests/access.c, in the spirit of kvm-unit-tests'
 //! x86/access.c): every combination of leaf PTE {P, W, U, NX, A, D} and PDE
-//! {P, W, U, NX} bits, read/write/fetch from ring 0 and ring 3, in the four
-//! paging modes CR0.WP x EFER.NX (switched with the SET_PAGING hypercall),
-//! one output line each with the fault, the #PF error code and the leaf's
-//! A/D bits.
+//! {P, W, U, NX} bits, read/write/fetch from ring 1 and ring 3, in the four
+//! paging modes CR0.WP x EFER.NX, and from ring 1 in five modes with
+//! CR4.SMEP and CR4.SMAP (EFLAGS.AC clear and set; CR0.WP=0, KVM's
+//! `smep_andnot_wp`; EFER.NX=0), all switched with the SET_PAGING
+//! hypercall, one output line each with the fault, the #PF error code and
+//! the leaf's A/D bits.
 //!
 //! In kvm mode the output is spot-checked against the SDM by hand (the guest
 //! checks every line against its own model of the rules, too); shadow mode
@@ -15,15 +17,22 @@ use std::collections::HashMap;
 
 use common::{Run, require_kvm, shadowvm_in};
 
-/// Leaf combinations x PDE combinations x accesses x rings, per mode.
-const COMBINATIONS: usize = 64 * 16 * 3 * 2;
-/// The paging modes the guest covers, in its order.
-const MODES: [&str; 4] = [
+/// Leaf combinations x PDE combinations x accesses, per ring and mode.
+const COMBINATIONS_PER_RING: usize = 64 * 16 * 3;
+/// The paging modes the guest covers, in its order; the first
+/// `BOTH_RINGS` from rings 1 and 3, the others (SMEP) from ring 1 only.
+const MODES: [&str; 9] = [
     "cr0.wp=1 efer.nx=1",
     "cr0.wp=0 efer.nx=1",
     "cr0.wp=1 efer.nx=0",
     "cr0.wp=0 efer.nx=0",
+    "cr0.wp=1 efer.nx=1 cr4.smep=1 cr4.smap=1 eflags.ac=0",
+    "cr0.wp=1 efer.nx=1 cr4.smep=1 cr4.smap=1 eflags.ac=1",
+    "cr0.wp=0 efer.nx=1 cr4.smep=1 cr4.smap=1 eflags.ac=1",
+    "cr0.wp=0 efer.nx=1 cr4.smep=1 cr4.smap=0",
+    "cr0.wp=1 efer.nx=0 cr4.smep=1 cr4.smap=0",
 ];
+const BOTH_RINGS: usize = 4;
 
 fn run_access(paging: &str) -> Run {
     shadowvm_in(paging, &["run", "access"], &["--timeout", "120s"])
@@ -129,15 +138,23 @@ fn access_matches_the_sdm_in_kvm_mode() {
     // is a reserved-bit fault, leaving the 16 NX-free combinations: r/s 16,
     // w/s 4 (WP=0: 16), f/s 16, r/u 4, w/u 1, f/u 4: 45 (57), times 4: 180
     // and 228. 480 + 672 + 180 + 228 = 1560 of 4 x 6144.
-    let total = MODES.len() * COMBINATIONS;
+    // Ring 1 under SMEP and SMAP: a user page (U in both entries, 16 of the
+    // 64) cannot be fetched, nor read or written unless EFLAGS.AC is set.
+    // AC=0: r/s 48, w/s 12, f/s 12: 72; AC=1: r/s 64, w/s 16, f/s 12: 92;
+    // CR0.WP=0 and AC=1, or WP=0 without SMAP: 64 + 64 + 12 = 140 each;
+    // EFER.NX=0 with SMEP: r/s 16, w/s 4, f/s 12: 32. Times 4: 288 + 368 +
+    // 560 + 560 + 128 = 1904 of 5 x 3072.
+    let total =
+        BOTH_RINGS * 2 * COMBINATIONS_PER_RING + (MODES.len() - BOTH_RINGS) * COMBINATIONS_PER_RING;
+    let ok = 1560 + 1904;
     check(
         &r,
         r.stdout.contains(&format!(
-            "\naccess: {total} combinations in 4 of 4 modes: {} faults, 1560 ok, \
+            "\naccess: {total} combinations in 9 of 9 modes: {} faults, {ok} ok, \
              0 escaped, 0 differ from the SDM\n",
-            total - 1560
+            total - ok
         )),
-        "summary: every combination ran, agrees with the guest's model, 1560 succeeded",
+        "summary: every combination ran, agrees with the guest's model, 3464 succeeded",
     );
     check(&r, !r.stdout.contains("MISMATCH"), "no line disagrees");
     let t = table(&r);
@@ -152,7 +169,7 @@ fn access_matches_the_sdm_in_kvm_mode() {
 
     // Hand-derived from the SDM (vol. 3, 4.6 access rights, 4.7 the #PF
     // error code: P=0x1 W=0x2 U=0x4 RSVD=0x8 I=0x10, 4.8 A/D), CR0.WP=1, EFER.NX=1,
-    // no SMEP/SMAP. Access `r|w|f` from `s` (ring 0) or `u` (ring 3).
+    // no SMEP/SMAP. Access `r|w|f` from `s` (ring 1) or `u` (ring 3).
     let spot = [
         // Leaf not present: P=0, W/U/I from the access; A/D untouched.
         ("-.W.U.-.A.D", "P.W.U.-", "r/s", "fault ec=0x0 ad=AD"),
@@ -188,7 +205,7 @@ fn access_matches_the_sdm_in_kvm_mode() {
         ("P.W.U.-.-.-", "P.W.U.-", "w/s", "ok ad=AD"),
         ("P.W.U.-.-.-", "P.W.U.-", "w/u", "ok ad=AD"),
         ("P.W.U.-.A.D", "P.W.U.-", "r/u", "ok ad=AD"),
-        // Ring 0 may read, write and run a supervisor page, and (no SMAP,
+        // Ring 1 may read, write and run a supervisor page, and (no SMAP,
         // no SMEP) a user page.
         ("P.W.-.-.-.-", "P.W.-.-", "w/s", "ok ad=AD"),
         ("P.W.-.-.-.-", "P.W.-.-", "f/s", "ok ad=A-"),
@@ -196,7 +213,7 @@ fn access_matches_the_sdm_in_kvm_mode() {
     ];
     let spot = spot.iter().map(|&(l, d, a, w)| (MODES[0], l, d, a, w));
 
-    // CR0.WP=0: ring 0 may write a read-only page, user or supervisor, and
+    // CR0.WP=0: ring 1 may write a read-only page, user or supervisor, and
     // the write sets D; ring 3 still may not.
     let wp0 = [
         ("P.-.U.-.-.-", "P.W.U.-", "w/s", "ok ad=AD"),
@@ -232,8 +249,50 @@ fn access_matches_the_sdm_in_kvm_mode() {
         ("P.W.U.-.-.-", "P.W.U.N", "f/s", "fault ec=0x9 ad=--"),
     ];
     let both = both.iter().map(|&(l, d, a, w)| (MODES[3], l, d, a, w));
+    // SMEP: ring 1 may not run a user page (P|I); SMAP: nor read or write
+    // one (P, P|W) unless EFLAGS.AC is set; supervisor pages are fine.
+    let smap = [
+        ("P.W.U.-.-.-", "P.W.U.-", "f/s", "fault ec=0x11 ad=--"),
+        ("P.W.U.-.-.-", "P.W.U.-", "r/s", "fault ec=0x1 ad=--"),
+        ("P.W.U.-.-.-", "P.W.U.-", "w/s", "fault ec=0x3 ad=--"),
+        ("P.W.-.-.-.-", "P.W.U.-", "f/s", "ok ad=A-"),
+        ("P.W.U.-.-.-", "P.W.-.-", "r/s", "ok ad=A-"),
+        ("-.W.U.-.-.-", "P.W.U.-", "r/s", "fault ec=0x0 ad=--"),
+    ];
+    let smap = smap.iter().map(|&(l, d, a, w)| (MODES[4], l, d, a, w));
+    let ac = [
+        ("P.W.U.-.-.-", "P.W.U.-", "r/s", "ok ad=A-"),
+        ("P.W.U.-.-.-", "P.W.U.-", "w/s", "ok ad=AD"),
+        ("P.W.U.-.-.-", "P.W.U.-", "f/s", "fault ec=0x11 ad=--"),
+        ("P.-.U.-.-.-", "P.W.U.-", "w/s", "fault ec=0x3 ad=--"),
+    ];
+    let ac = ac.iter().map(|&(l, d, a, w)| (MODES[5], l, d, a, w));
+    // CR0.WP=0 with SMEP: the write to a read-only user page succeeds (the
+    // shadow entry becomes supervisor-only and non-executable).
+    let wp0_smep = [
+        ("P.-.U.-.-.-", "P.W.U.-", "w/s", "ok ad=AD"),
+        ("P.-.U.-.-.-", "P.W.U.-", "f/s", "fault ec=0x11 ad=--"),
+    ];
+    let wp0_smep = wp0_smep
+        .iter()
+        .flat_map(|&(l, d, a, w)| [(MODES[6], l, d, a, w), (MODES[7], l, d, a, w)]);
+    // SMEP without EFER.NX: a fetch fault reports I anyway.
+    let nx0_smep = [
+        ("P.W.U.-.-.-", "P.W.U.-", "f/s", "fault ec=0x11 ad=--"),
+        ("P.W.U.N.-.-", "P.W.U.-", "f/s", "fault ec=0x19 ad=--"),
+        ("P.W.-.-.-.-", "P.W.U.-", "f/s", "ok ad=A-"),
+    ];
+    let nx0_smep = nx0_smep.iter().map(|&(l, d, a, w)| (MODES[8], l, d, a, w));
 
-    for (mode, leaf, pde, access, want) in spot.chain(wp0).chain(nx0).chain(both) {
+    for (mode, leaf, pde, access, want) in spot
+        .chain(wp0)
+        .chain(nx0)
+        .chain(both)
+        .chain(smap)
+        .chain(ac)
+        .chain(wp0_smep)
+        .chain(nx0_smep)
+    {
         let key = (
             mode.to_string(),
             format!("L={leaf}"),

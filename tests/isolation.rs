@@ -166,6 +166,8 @@ fn every_way_out_of_ring_1_faults_or_is_refused() {
                 vcpus,
                 "--check",
                 "--json",
+                "--timeout",
+                "120s",
             ]);
             let what = format!("{paging} mode, {vcpus} vCPU(s)");
             r.check(r.code == Some(0), &format!("test-escape exits 0 ({what})"));
@@ -238,7 +240,16 @@ fn every_way_out_of_ring_1_faults_or_is_refused() {
 /// (the guest's exit 3, saying so).
 fn crash_is_clean(paging: &str, what: &str) -> Result<(), String> {
     let arg = format!("crash={what}");
-    let r = shadowvm(&["run", "test-escape", "--paging", paging, "--", &arg]);
+    let r = shadowvm(&[
+        "run",
+        "test-escape",
+        "--paging",
+        paging,
+        "--timeout",
+        "30s",
+        "--",
+        &arg,
+    ]);
     let first = r.stderr.lines().next().unwrap_or_default();
     match r.code {
         Some(125)
@@ -333,6 +344,8 @@ fn recycled_root_attack_is_refused() {
             vcpus,
             "--check",
             "--json",
+            "--timeout",
+            "120s",
             "--",
             "only=recycled",
         ]);
@@ -366,11 +379,14 @@ fn a_resolve_pf_livelock_stops_the_vm() {
     if !require_kvm() {
         return;
     }
+    // A VMM without the detector loops until --timeout (exit 124).
     let r = shadowvm(&[
         "run",
         "test-escape",
         "--paging",
         "shadow",
+        "--timeout",
+        "60s",
         "--",
         "crash=livelock",
     ]);

@@ -145,6 +145,12 @@ struct RunArgs {
     /// More guest command-line words, after `--`.
     #[arg(last = true, value_name = "ARGS")]
     args: Vec<String>,
+
+    /// Tests only: inject a fault into the host TLB flush
+    /// (`fail-after=N`, `skip-zapped`).
+    #[cfg(feature = "test-hooks")]
+    #[arg(long, hide = true, value_name = "FAULT")]
+    test_flush_fault: Option<vmm::host::tlb::FlushFault>,
 }
 
 fn main() -> ExitCode {
@@ -182,11 +188,16 @@ fn list_guests(all: bool) -> ExitCode {
         eprintln!("shadowvm: no built-in guests: {reason}");
         return ExitCode::from(EXIT_USAGE);
     }
-    let mut out = std::io::stdout().lock();
-    for g in guests::list(all) {
-        let _ = writeln!(out, "{:<18} {}", g.name, g.description);
+    let list: String = guests::list(all)
+        .map(|g| format!("{:<18} {}\n", g.name, g.description))
+        .collect();
+    match std::io::stdout().lock().write_all(list.as_bytes()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shadowvm: error: writing the list: {e}");
+            ExitCode::from(1)
+        }
     }
-    ExitCode::SUCCESS
 }
 
 fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
@@ -232,6 +243,10 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
     if let Some(spec) = &args.host_ops {
         let script = vmm::host::ops::HostOpScript::load(spec, config.mem_size)?;
         config.host_ops = Some(std::sync::Arc::new(script));
+    }
+    #[cfg(feature = "test-hooks")]
+    {
+        config.flush_fault = args.test_flush_fault;
     }
     config.validate()?;
     Ok(config)

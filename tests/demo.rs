@@ -70,7 +70,7 @@ fn lists_scenarios_and_rejects_unknown_ones() {
 
 #[test]
 fn every_scenario_narrates_its_events_in_order() {
-    if !common::require_kvm() || shadowvm::vmm::guests::find("test-counter").is_none() {
+    if !common::require_kvm_and_guest("test-counter") {
         return;
     }
     scenario(
@@ -157,7 +157,7 @@ fn every_scenario_narrates_its_events_in_order() {
 
 #[test]
 fn cow_scenario_merges_then_breaks_sharing_through_the_shadow_fault_path() {
-    if !common::require_kvm() || shadowvm::vmm::guests::find("ksm").is_none() {
+    if !common::require_kvm_and_guest("ksm") {
         return;
     }
     scenario(

@@ -273,8 +273,7 @@ const BOTH_MODES: &[(&str, &str)] = &[
 #[test]
 fn every_builtin_guest_in_both_modes() {
     use shadowvm::vmm::guests;
-    if let Some(reason) = guests::unavailable_reason() {
-        eprintln!("skipping: no built-in guests: {reason}");
+    if !common::require_guests() {
         return;
     }
     let mut built: Vec<&str> = guests::list(true).map(|g| g.name).collect();

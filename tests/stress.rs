@@ -10,19 +10,12 @@ use serde_json::Value;
 
 #[test]
 fn stress_two_seconds_no_corruption_every_op_kind_runs() {
-    if !common::require_kvm() || shadowvm::vmm::guests::find("verify").is_none() {
+    if !common::require_kvm_and_guest("verify") {
         return;
     }
     let run = common::shadowvm(&["stress", "--seconds", "2", "--json"]);
     run.check(run.code == Some(0), "stress exits 0");
-    let line = run.stdout.lines().last().unwrap_or_default();
-    let v: Value = match serde_json::from_str(line) {
-        Ok(v) => v,
-        Err(_) => {
-            run.check(false, "stdout ends with the JSON report");
-            return;
-        }
-    };
+    let v = run.stdout_json();
     run.check(v["ok"] == Value::Bool(true), "the report says ok");
     run.check(v["corrupted_bytes"] == 0, "zero corrupted bytes");
     run.check(
@@ -63,9 +56,45 @@ fn stress_two_seconds_no_corruption_every_op_kind_runs() {
         v["seconds"].as_f64().is_some_and(|s| s < 10.0),
         "bounded: under 10 s",
     );
+    for r in &runs {
+        run.check(
+            r["budget_seconds"].as_f64().is_some_and(|b| b > 0.0) && r.get("overrun").is_none(),
+            "every run has a budget and none overran it",
+        );
+    }
     run.check(
         run.stderr.contains("stress: PASS"),
         "the verdict line says PASS",
+    );
+}
+
+/// The negative control: the same run with the host flush of zapped frames
+/// skipped (a missing shootdown, injected through the test-only
+/// `--test-flush-fault`) must be caught: the guest reads and writes frames
+/// the host took back, and the run fails.
+#[test]
+fn stress_catches_a_missing_shootdown() {
+    if !common::require_kvm_and_guest("verify") {
+        return;
+    }
+    let run = common::shadowvm(&[
+        "stress",
+        "--seconds",
+        "3",
+        "--json",
+        "--test-flush-fault",
+        "skip-zapped",
+    ]);
+    run.check(run.code == Some(1), "stress exits 1");
+    let v = run.stdout_json();
+    run.check(v["ok"] == Value::Bool(false), "the report says not ok");
+    let runs = v["runs"].as_array().cloned().unwrap_or_default();
+    let caught = v["corrupted_bytes"].as_u64().is_some_and(|n| n > 0)
+        || runs.iter().any(|r| r["exit_code"] != 0);
+    run.check(caught, "verify saw the corruption (or crashed on it)");
+    run.check(
+        run.stderr.contains("stress: FAIL"),
+        "the verdict line says FAIL",
     );
 }
 

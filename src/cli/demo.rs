@@ -19,11 +19,17 @@ pub struct DemoArgs {
 
 pub fn main(args: DemoArgs) -> ExitCode {
     let Some(name) = args.scenario else {
-        let mut out = std::io::stdout().lock();
-        for s in demo::SCENARIOS {
-            let _ = writeln!(out, "{:<10} {}", s.name, s.description);
-        }
-        return ExitCode::SUCCESS;
+        let list: String = demo::SCENARIOS
+            .iter()
+            .map(|s| format!("{:<10} {}\n", s.name, s.description))
+            .collect();
+        return match std::io::stdout().lock().write_all(list.as_bytes()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("shadowvm: error: writing the list: {e}");
+                ExitCode::from(1)
+            }
+        };
     };
     if demo::find(&name).is_none() {
         eprintln!(

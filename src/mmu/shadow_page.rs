@@ -177,8 +177,13 @@ impl Ctx<'_> {
         batch.dedup_by_key(|f| f.pfn);
         inc(&self.stats.remote_tlb_flush);
         add(&self.stats.remote_tlb_flush_frames, batch.len() as u64);
-        tlb.flush_frames(&batch)?;
-        Ok(())
+        tlb.flush_frames(&batch).map_err(|e| {
+            // Whoever gets the error, the VM must stop before a vCPU can
+            // use what was not flushed.
+            let e = MmuError::from(e);
+            self.fatal.raise(e.clone());
+            e
+        })
     }
 
     pub fn is_protected(&self, gfn: u64) -> bool {

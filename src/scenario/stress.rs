@@ -18,8 +18,12 @@
 //!
 //! verify cannot be told to stop, so the run is a sequence of whole verify
 //! runs (a fresh VM each): the first with a few rounds to measure the
-//! speed, then as many rounds as fill the time left. Each run must exit 0
-//! with 0 corrupted bytes, pass `--check` and give every frame back.
+//! speed, then runs of at most [`MAX_RUN_BUDGET`] each, with as many
+//! rounds as the slowest seconds-per-round seen so far allows (a run under
+//! reclaim and KSM in steady state is slower than the first one). Each run
+//! must exit 0 with 0 corrupted bytes, pass `--check` and give every frame
+//! back. A run still going [`OVERRUN_GRACE`] past its budget is stopped
+//! and reported as an overrun, with where each vCPU was.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,6 +39,12 @@ use crate::vmm::paging::shadow::CheckError;
 use crate::vmm::{ConsoleBuffer, GuestSource, Outcome, Paging, RunningVm, VmConfig, VmmError};
 
 const PAGE: u64 = 4096;
+/// The longest one verify run is planned to take.
+pub const MAX_RUN_BUDGET: Duration = Duration::from_secs(5);
+/// How far past its budget a run may go before it is called an overrun
+/// (a starved vCPU, not a slow machine: a loaded machine is seen in the
+/// seconds-per-round of the earlier runs).
+pub const OVERRUN_GRACE: Duration = Duration::from_secs(60);
 /// Pages a scripted operation covers at most.
 const CHUNK_PAGES: u64 = 16;
 
@@ -74,6 +84,10 @@ pub struct StressConfig {
     pub pages: u64,
     /// Seed of the host thread's choices.
     pub seed: u64,
+    /// A fault injected into every run's host TLB flush (tests only: the
+    /// negative control).
+    #[cfg(feature = "test-hooks")]
+    pub flush_fault: Option<crate::vmm::host::tlb::FlushFault>,
 }
 
 impl StressConfig {
@@ -88,6 +102,8 @@ impl StressConfig {
             machine_mem: 10 << 20,
             pages: 2048,
             seed: 0x5eed_1234_abcd_ef01,
+            #[cfg(feature = "test-hooks")]
+            flush_fault: None,
         }
     }
 
@@ -179,6 +195,13 @@ impl serde::Serialize for CheckResult {
 pub struct StressRun {
     /// verify's rounds.
     pub rounds: u64,
+    /// The seconds the run was planned to take (rounds × the slowest
+    /// seconds per round seen so far).
+    pub budget_seconds: f64,
+    /// The run was stopped for running far past its budget: where each
+    /// vCPU was at that moment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overrun: Option<Vec<String>>,
     /// How the run ended.
     pub outcome: String,
     /// The guest's exit code (None if it did not exit).
@@ -235,11 +258,30 @@ impl StressReport {
     /// One line: PASS/FAIL and why.
     pub fn verdict(&self) -> String {
         let status = if self.ok { "PASS" } else { "FAIL" };
+        let unknown = self
+            .runs
+            .iter()
+            .filter(|r| r.corrupted_bytes.is_none())
+            .count();
+        let corrupted = if unknown == 0 {
+            format!("{} corrupted bytes", self.corrupted_bytes)
+        } else {
+            format!(
+                "{} corrupted bytes counted ({unknown} run(s) never reported theirs)",
+                self.corrupted_bytes
+            )
+        };
+        let first_failure = self
+            .runs
+            .iter()
+            .enumerate()
+            .find(|(_, r)| !r.passed())
+            .map(|(i, r)| format!("; run {i}: {}", r.outcome.lines().next().unwrap_or("")))
+            .unwrap_or_default();
         format!(
-            "stress: {status}: {} verify run(s) in {:.1}s, {} corrupted bytes, coherence check {}, frames {}",
+            "stress: {status}: {} verify run(s) in {:.1}s, {corrupted}, coherence check {}, frames {}{first_failure}",
             self.runs.len(),
             self.seconds,
-            self.corrupted_bytes,
             if self.check_ok { "ok" } else { "FAILED" },
             if self.frames_returned {
                 "all returned"
@@ -247,6 +289,17 @@ impl StressReport {
                 "NOT all returned"
             }
         )
+    }
+}
+
+impl StressRun {
+    /// The run exited 0, reported 0 corrupted bytes, passed the checks and
+    /// gave every frame back.
+    pub fn passed(&self) -> bool {
+        self.exit_code == Some(0)
+            && self.corrupted_bytes == Some(0)
+            && self.check.is_ok()
+            && self.frames_returned
     }
 }
 
@@ -369,16 +422,17 @@ pub fn stress(
     let ops = Arc::new(HostOps::default());
     let mut totals = std::collections::BTreeMap::<&'static str, u64>::new();
     let mut runs = Vec::new();
+    // The slowest seconds per round seen so far (None before the first run).
     let mut secs_per_round: Option<f64> = None;
     let mut seed = config.seed;
     loop {
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .as_secs_f64();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let budget_left = left.min(MAX_RUN_BUDGET).as_secs_f64();
         let rounds = match secs_per_round {
             None => 4,
-            Some(s) => ((left / s.max(1e-6)) as u64).clamp(1, 1_000_000),
+            Some(s) => ((budget_left / s.max(1e-6)) as u64).clamp(1, 1_000_000),
         };
+        let budget = secs_per_round.map_or(budget_left, |s| s * rounds as f64);
         let mut vm_config = VmConfig::new(GuestSource::Builtin("verify".into()));
         vm_config.mem_size = config.mem_size;
         vm_config.vcpus = config.vcpus;
@@ -386,6 +440,10 @@ pub fn stress(
         vm_config.machine_mem = Some(config.machine_mem);
         vm_config.check = true;
         vm_config.cmdline = format!("pages={} rounds={rounds}", config.pages);
+        #[cfg(feature = "test-hooks")]
+        {
+            vm_config.flush_fault = config.flush_fault;
+        }
         vm_config.ksm = Some(KsmConfig {
             pages_to_scan: 1000,
             sleep_millisecs: 1,
@@ -406,9 +464,13 @@ pub fn stress(
                 .name("stress-host".into())
                 .spawn(move || host_thread(&sp, &ops, &stop, run_seed))
         };
-        // Generous: the time left plus a minute for a slow run.
-        let limit = Duration::from_secs_f64(left.max(0.0)) + Duration::from_secs(60);
-        vm.wait_for_stop(Some(limit));
+        let limit = Duration::from_secs_f64(budget) + OVERRUN_GRACE;
+        let overrun = (!vm.wait_for_stop(Some(limit))).then(|| {
+            vm.activity()
+                .iter()
+                .map(crate::vmm::run::describe_activity)
+                .collect::<Vec<_>>()
+        });
         // The host thread stops before the report's quiescent point.
         stop.store(true, Ordering::Relaxed);
         let host_ok = match host {
@@ -441,12 +503,17 @@ pub fn stress(
             Outcome::Exited { code, .. } => Some(code),
             _ => None,
         };
-        let mut outcome = report.outcome.to_string();
+        let mut outcome = match &overrun {
+            Some(_) => format!("overran its budget of {budget:.1}s: stopped after {seconds:.1}s"),
+            None => report.outcome.to_string(),
+        };
         if !host_ok {
             outcome.push_str(" (the host thread failed)");
         }
         runs.push(StressRun {
             rounds,
+            budget_seconds: budget,
+            overrun,
             outcome,
             exit_code: if host_ok { exit_code } else { None },
             corrupted_bytes: corrupted_from(&text),
@@ -457,9 +524,8 @@ pub fn stress(
         let failed = runs
             .last()
             .is_some_and(|r| r.exit_code != Some(0) || !r.check.is_ok() || !r.frames_returned);
-        if secs_per_round.is_none() {
-            secs_per_round = Some(seconds / rounds as f64);
-        }
+        let spr = seconds / rounds as f64;
+        secs_per_round = Some(secs_per_round.map_or(spr, |s: f64| s.max(spr)));
         if failed || Instant::now() >= deadline {
             break;
         }

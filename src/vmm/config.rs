@@ -101,6 +101,9 @@ pub struct VmConfig {
     pub reclaim: Option<ReclaimConfig>,
     /// Shadow mode: scripted host operations (`--host-ops`).
     pub host_ops: Option<Arc<HostOpScript>>,
+    /// Shadow mode: a fault injected into the host TLB flush (tests only).
+    #[cfg(feature = "test-hooks")]
+    pub flush_fault: Option<crate::vmm::host::tlb::FlushFault>,
 }
 
 impl VmConfig {
@@ -120,6 +123,8 @@ impl VmConfig {
             ksm: None,
             reclaim: None,
             host_ops: None,
+            #[cfg(feature = "test-hooks")]
+            flush_fault: None,
         }
     }
 

@@ -261,7 +261,9 @@ impl<X: VcpuExits> Vcpu<X> {
                         sync: self.sync_regs,
                     };
                     let t = Instant::now();
+                    self.kick.set_hypercall(Some(nr));
                     let result = ctx.exits.hypercall(&mut cpu, nr);
+                    self.kick.set_hypercall(None);
                     ctx.stats.hypercall_time(nr, t.elapsed().as_nanos() as u64);
                     if let Some(code) = result.map_err(exit_err(self.id))? {
                         ctx.request_stop(VmStop::Exit {

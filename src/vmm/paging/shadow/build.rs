@@ -103,6 +103,8 @@ pub fn build(
         config.host_tlb_flush,
         Some(bounce.clone()),
     )?;
+    #[cfg(feature = "test-hooks")]
+    machine.flush.set_fault(config.flush_fault);
     let vm = Vm::new_machine(machine.machine.clone())?;
     if let Some(b) = vm.memslot_bouncer() {
         bounce.attach(b, kicks.to_vec());

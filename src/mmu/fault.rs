@@ -335,7 +335,10 @@ impl ShadowMmu {
             .is_some_and(|p| p.leaf_gfns.get(idx) == Some(&gfn));
         let old = ctx.word(sp, idx)?.swap(new, Ordering::AcqRel);
         let same = same && spte::pfn(old) == pfn && spte::is_large(old) == spte::is_large(new);
-        if spte::is_present(old) && !same {
+        if origin == Origin::PreFault && spte::is_present(old) && same {
+            // Already mapped: keep the spte, with the A/D bits the CPU set.
+            ctx.word(sp, idx)?.store(old, Ordering::Release);
+        } else if spte::is_present(old) && !same {
             // Replacing a different translation, or a link to a table of
             // 4 KiB sptes (`drop_parent_pte`): forget it and flush it.
             ctx.word(sp, idx)?.store(old, Ordering::Release);

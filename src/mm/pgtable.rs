@@ -278,6 +278,9 @@ impl PageTables {
     pub fn update(&mut self, hva: Hva, pte: PresentPte) {
         debug_assert!(!pte.writable || pte.dirty);
         debug_assert_eq!(self.present(hva).map(|p| p.pfn), Some(pte.pfn));
+        if self.present(hva) == Some(pte) {
+            return; // nothing changes (under a huge PMD: 512 entries)
+        }
         if self.is_huge(hva) {
             let base = vpn(pmd_base(hva));
             let head = pte.pfn - (vpn(hva) - base);

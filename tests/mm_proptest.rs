@@ -335,7 +335,7 @@ enum Op {
         len: u8,
     },
     KsmScan {
-        n: u8,
+        n: u16,
     },
     Age {
         page: Index,
@@ -477,7 +477,7 @@ fn op_strategy_for(max_order: u8, pmd: bool) -> impl Strategy<Value = Op> {
         1 => (page(), 1u8..=2).prop_map(|(page, len)| Op::Mlock { page, len }),
         1 => (page(), len()).prop_map(|(page, len)| Op::Mergeable { page, len }),
         // Over 2 MiB, ksmd needs whole passes to see a page twice.
-        6 => (1u8..=if pmd { 255 } else { 48 }).prop_map(|n| Op::KsmScan { n }),
+        6 => (1u16..=if pmd { 1200 } else { 48 }).prop_map(|n| Op::KsmScan { n }),
         2 => (page(), 1u8..=24, any::<bool>()).prop_map(|(page, len, flush)| Op::Age { page, len, flush }),
         2 => (page(), prop_oneof![Just(YoungKind::ClearFlush), Just(YoungKind::Clear), Just(YoungKind::Test)])
             .prop_map(|(page, kind)| Op::Young { page, kind }),

@@ -87,6 +87,44 @@ const LARGE: u64 = 512;
 /// Coprime to 1,000 and 1,000,000 (and to 4,096): a full cycle of pages.
 const STRIDE: u64 = 618_033;
 
+/// An mm over `frames` frames with `ram_pages` of guest RAM (at `at`, or
+/// anywhere) bound to gpa 0, and a shadow MMU over it with `cfg`.
+fn guest_ram(
+    frames: u64,
+    ram_pages: u64,
+    at: Option<Hva>,
+    cfg: ShadowMmuConfig,
+) -> (Arc<Mm>, ShadowMmu, Hva) {
+    let mm = Mm::new_anonymous(frames).expect("machine memory");
+    let ram = mm
+        .mmap(
+            at,
+            ram_pages * PAGE_SIZE,
+            Prot::READ | Prot::WRITE,
+            MmapFlags::empty(),
+        )
+        .expect("mmap");
+    let mut slots = Memslots::default();
+    slots
+        .add(Memslot {
+            base_gfn: 0,
+            npages: ram_pages,
+            userspace_addr: ram,
+        })
+        .expect("memslot");
+    let mmu = ShadowMmu::new(mm.clone(), slots, Arc::new(NoFlush), cfg).expect("shadow MMU");
+    (mm, mmu, ram)
+}
+
+/// Writes a guest page table at `hva`: `(index, entry)` pairs, the rest 0.
+fn write_table(mm: &Mm, hva: Hva, entries: &[(u64, u64)]) {
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    for &(i, e) in entries {
+        buf[i as usize * 8..][..8].copy_from_slice(&e.to_le_bytes());
+    }
+    mm.write(hva, &buf).expect("guest table");
+}
+
 /// A guest with `pages` pages mapped by sptes (gva page `i` → gfn `i`).
 struct Vm {
     mm: Arc<Mm>,
@@ -106,40 +144,11 @@ impl Vm {
         // (one direct level-1 page per 2 MiB, one level 2 per PD, a level 3
         // and the root), and a few spare for the re-fault before a drop.
         let frames = pages + tables + (chunks + pds + 2) + 64;
-        let mm = Mm::new_anonymous(frames).expect("machine memory");
-        let ram = mm
-            .mmap(
-                None,
-                ram_pages * PAGE_SIZE,
-                Prot::READ | Prot::WRITE,
-                MmapFlags::empty(),
-            )
-            .expect("mmap");
-        let mut slots = Memslots::default();
-        slots
-            .add(Memslot {
-                base_gfn: 0,
-                npages: ram_pages,
-                userspace_addr: ram,
-            })
-            .expect("memslot");
-        let mmu = ShadowMmu::new(
-            mm.clone(),
-            slots,
-            Arc::new(NoFlush),
-            ShadowMmuConfig::default(),
-        )
-        .expect("shadow MMU");
+        let (mm, mmu, ram) = guest_ram(frames, ram_pages, None, ShadowMmuConfig::default());
 
         // Guest tables above the data: PML4, PDPT, then the PDs.
         let (pml4, pdpt) = (data * PAGE_SIZE, (data + 1) * PAGE_SIZE);
-        let write_table = |gpa: u64, entries: &[(u64, u64)]| {
-            let mut buf = vec![0u8; PAGE_SIZE as usize];
-            for &(i, e) in entries {
-                buf[i as usize * 8..][..8].copy_from_slice(&e.to_le_bytes());
-            }
-            mm.write(ram + gpa, &buf).expect("guest table");
-        };
+        let write_table = |gpa: u64, entries: &[(u64, u64)]| write_table(&mm, ram + gpa, entries);
         write_table(pml4, &[((GVA_BASE >> 39) & 511, pdpt | P | RW | US | A)]);
         let pd = |j: u64| (data + 2 + j) * PAGE_SIZE;
         let pdpt_entries: Vec<_> = (0..pds).map(|j| (j, pd(j) | P | RW | US | A)).collect();
@@ -455,35 +464,12 @@ impl TouchVm {
         // Data, tables, shadow pages, and room for the buddy allocator to
         // keep 2 MiB runs free.
         let frames = ram_pages + pts + 16 + 2 * LARGE;
-        let mm = Mm::new_anonymous(frames).expect("machine memory");
-        let ram = mm
-            .mmap(
-                Some(0x7f00_0000_0000),
-                ram_pages * PAGE_SIZE,
-                Prot::READ | Prot::WRITE,
-                MmapFlags::empty(),
-            )
-            .expect("mmap");
-        let mut slots = Memslots::default();
-        slots
-            .add(Memslot {
-                base_gfn: 0,
-                npages: ram_pages,
-                userspace_addr: ram,
-            })
-            .expect("memslot");
         let cfg = ShadowMmuConfig {
             pte_prefetch: prefetch,
             ..ShadowMmuConfig::default()
         };
-        let mmu = ShadowMmu::new(mm.clone(), slots, Arc::new(NoFlush), cfg).expect("shadow MMU");
-        let write_table = |gpa: u64, entries: &[(u64, u64)]| {
-            let mut buf = vec![0u8; PAGE_SIZE as usize];
-            for &(i, e) in entries {
-                buf[i as usize * 8..][..8].copy_from_slice(&e.to_le_bytes());
-            }
-            mm.write(ram + gpa, &buf).expect("guest table");
-        };
+        let (mm, mmu, ram) = guest_ram(frames, ram_pages, Some(0x7f00_0000_0000), cfg);
+        let write_table = |gpa: u64, entries: &[(u64, u64)]| write_table(&mm, ram + gpa, entries);
         let table = |k: u64| (pages + k) * PAGE_SIZE;
         let (pml4, pdpt, pd) = (table(0), table(1), table(2));
         let ad = A | D;

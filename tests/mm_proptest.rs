@@ -937,42 +937,8 @@ impl Harness {
                     *m = PageModel::fresh(*prot, *mergeable);
                 }
             }
-            Op::Dontneed { page, len } => {
-                // madvise(): VMA by VMA in address order; the first VM_LOCKED
-                // one fails with EINVAL after the ones before it were zapped;
-                // a hole is ENOMEM once every VMA was done.
-                let span = self.span(page, *len);
-                let r = mm.madvise_dontneed(self.hva(span.start), span.len() as u64 * PAGE_SIZE);
-                let locked = span
-                    .clone()
-                    .find(|&j| self.model[j].mapped && self.model[j].locked);
-                let zapped = span.start..locked.unwrap_or(span.end);
-                for m in self.model[zapped].iter_mut().filter(|m| m.mapped) {
-                    m.data.fill(0);
-                }
-                let any = span.clone().any(|j| self.model[j].mapped);
-                let hole = span.clone().any(|j| !self.model[j].mapped);
-                let expected = match locked {
-                    Some(j) => Err(MmError::Locked(self.hva(j))),
-                    None if hole || !any => Err(MmError::NoMemory),
-                    None => Ok(()),
-                };
-                prop_assert_eq!(r, expected);
-            }
-            Op::Mprotect { page, len, prot } => {
-                // do_mprotect_pkey: up to the first hole, then ENOMEM.
-                let span = self.span(page, *len);
-                let r = mm.mprotect(self.hva(span.start), span.len() as u64 * PAGE_SIZE, *prot);
-                let prefix = self.mapped_prefix(span.clone());
-                for m in &mut self.model[prefix.clone()] {
-                    m.prot = *prot;
-                }
-                if prefix.end == span.end {
-                    prop_assert_eq!(r, Ok(()));
-                } else {
-                    prop_assert_eq!(r, Err(MmError::NoMemory));
-                }
-            }
+            Op::Dontneed { page, len } => self.dontneed(self.span(page, *len))?,
+            Op::Mprotect { page, len, prot } => self.mprotect(self.span(page, *len), *prot)?,
             Op::Mergeable { page, len } => {
                 // madvise(): every VMA in the range, ENOMEM for a hole.
                 let span = self.span(page, *len);
@@ -1287,40 +1253,54 @@ impl Harness {
             Op::Wide { page, len, prot } => {
                 let i = page.index(self.n());
                 let span = i..(i + *len as usize).min(self.n());
-                let (a, l) = (self.hva(span.start), span.len() as u64 * PAGE_SIZE);
                 match prot {
-                    None => {
-                        let r = mm.madvise_dontneed(a, l);
-                        let locked = span
-                            .clone()
-                            .find(|&j| self.model[j].mapped && self.model[j].locked);
-                        let zapped = span.start..locked.unwrap_or(span.end);
-                        for m in self.model[zapped].iter_mut().filter(|m| m.mapped) {
-                            m.data.fill(0);
-                        }
-                        let any = span.clone().any(|j| self.model[j].mapped);
-                        let hole = span.clone().any(|j| !self.model[j].mapped);
-                        let expected = match locked {
-                            Some(j) => Err(MmError::Locked(self.hva(j))),
-                            None if hole || !any => Err(MmError::NoMemory),
-                            None => Ok(()),
-                        };
-                        prop_assert_eq!(r, expected);
-                    }
-                    Some(prot) => {
-                        let r = mm.mprotect(a, l, *prot);
-                        let prefix = self.mapped_prefix(span.clone());
-                        for m in &mut self.model[prefix.clone()] {
-                            m.prot = *prot;
-                        }
-                        if prefix.end == span.end {
-                            prop_assert_eq!(r, Ok(()));
-                        } else {
-                            prop_assert_eq!(r, Err(MmError::NoMemory));
-                        }
-                    }
+                    None => self.dontneed(span)?,
+                    Some(prot) => self.mprotect(span, *prot)?,
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// madvise(MADV_DONTNEED) of `span`: VMA by VMA in address order; the
+    /// first VM_LOCKED one fails with EINVAL after the ones before it were
+    /// zapped; a hole is ENOMEM once every VMA was done.
+    fn dontneed(&mut self, span: std::ops::Range<usize>) -> Result<(), TestCaseError> {
+        let r = self
+            .mm
+            .madvise_dontneed(self.hva(span.start), span.len() as u64 * PAGE_SIZE);
+        let locked = span
+            .clone()
+            .find(|&j| self.model[j].mapped && self.model[j].locked);
+        let zapped = span.start..locked.unwrap_or(span.end);
+        for m in self.model[zapped].iter_mut().filter(|m| m.mapped) {
+            m.data.fill(0);
+        }
+        let any = span.clone().any(|j| self.model[j].mapped);
+        let hole = span.clone().any(|j| !self.model[j].mapped);
+        let expected = match locked {
+            Some(j) => Err(MmError::Locked(self.hva(j))),
+            None if hole || !any => Err(MmError::NoMemory),
+            None => Ok(()),
+        };
+        prop_assert_eq!(r, expected);
+        Ok(())
+    }
+
+    /// mprotect of `span` (`do_mprotect_pkey`): up to the first hole, then
+    /// ENOMEM.
+    fn mprotect(&mut self, span: std::ops::Range<usize>, prot: Prot) -> Result<(), TestCaseError> {
+        let r = self
+            .mm
+            .mprotect(self.hva(span.start), span.len() as u64 * PAGE_SIZE, prot);
+        let prefix = self.mapped_prefix(span.clone());
+        for m in &mut self.model[prefix.clone()] {
+            m.prot = prot;
+        }
+        if prefix.end == span.end {
+            prop_assert_eq!(r, Ok(()));
+        } else {
+            prop_assert_eq!(r, Err(MmError::NoMemory));
         }
         Ok(())
     }

@@ -19,6 +19,11 @@ struct Fixture {
 fn fixture(pages: u64, flags: MmapFlags) -> Fixture {
     let mm = Mm::new_anonymous(64).unwrap();
     let base = mm.mmap(None, pages * PAGE_SIZE, RW, flags).unwrap();
+    registered(mm, base)
+}
+
+/// `mm` with a recording notifier registered.
+fn registered(mm: Arc<Mm>, base: u64) -> Fixture {
     let rec = Arc::new(RecordingNotifier::new("rec"));
     let reg = mm.mmu_notifier_register(rec.clone()).unwrap();
     Fixture {
@@ -595,14 +600,16 @@ fn thp_fixture(cfg: ThpConfig, bytes: u64, flags: MmapFlags) -> Fixture {
     let mm = Mm::new_anonymous(2048).unwrap();
     mm.set_thp_config(cfg);
     let base = mm.mmap(Some(THP_BASE), bytes, RW, flags).unwrap();
-    let rec = Arc::new(RecordingNotifier::new("rec"));
-    let reg = mm.mmu_notifier_register(rec.clone()).unwrap();
-    Fixture {
-        mm,
-        rec,
-        _reg: reg,
-        base,
-    }
+    registered(mm, base)
+}
+
+/// THP `always`, `bytes` at `THP_BASE`.
+fn thp_always(bytes: u64) -> Fixture {
+    thp_fixture(
+        ThpConfig::pmd(ThpEnabled::Always),
+        bytes,
+        MmapFlags::empty(),
+    )
 }
 
 fn start(e: MmuNotifyEvent, s: u64, end: u64) -> Recorded {
@@ -636,11 +643,7 @@ fn unmap_folio(s: u64, e: u64) -> Vec<Recorded> {
 
 #[test]
 fn a_thp_fault_maps_a_huge_pmd_and_notifies_nobody() {
-    let f = thp_fixture(
-        ThpConfig::pmd(ThpEnabled::Always),
-        2 * THP,
-        MmapFlags::empty(),
-    );
+    let f = thp_always(2 * THP);
     let free = f.mm.frames().nr_free();
     f.mm.write(f.base + 5 * PAGE_SIZE, b"x").unwrap();
     assert!(f.rec.take().is_empty());
@@ -693,7 +696,7 @@ fn partial_dontneed_of_a_thp_splits_the_pmd_inside_the_zap_then_the_folio() {
     // (start, only_end over the 2 MiB), the PTE cleared, then the folio,
     // now partly mapped, is split (deferred_split_scan → split_folio →
     // unmap_folio: start/end over its range in the VMA).
-    let f = thp_fixture(ThpConfig::pmd(ThpEnabled::Always), THP, MmapFlags::empty());
+    let f = thp_always(THP);
     let b = f.base;
     f.mm.write(b, &[7u8; 4096]).unwrap();
     f.mm.write(b + 4 * PAGE_SIZE, b"keep").unwrap();
@@ -738,11 +741,7 @@ fn munmap_of_part_of_a_thp_splits_the_pmd_at_the_vma_split() {
     // do_munmap → __split_vma → vma_adjust_trans_huge: the PMD across the
     // new boundary is split before the unmap's own range; the folio is
     // split after it, over its part in the VMA that is left.
-    let f = thp_fixture(
-        ThpConfig::pmd(ThpEnabled::Always),
-        2 * THP,
-        MmapFlags::empty(),
-    );
+    let f = thp_always(2 * THP);
     let (b, p) = (f.base, PAGE_SIZE);
     f.mm.write(b, b"x").unwrap();
     f.rec.take();
@@ -765,7 +764,7 @@ fn munmap_of_part_of_a_thp_splits_the_pmd_at_the_vma_split() {
 fn mprotect_of_part_of_a_thp_splits_the_pmd_not_the_folio() {
     // mprotect_fixup → split_vma splits the PMD; change_protection then
     // write-protects the one PTE. The folio stays whole, PTE-mapped.
-    let f = thp_fixture(ThpConfig::pmd(ThpEnabled::Always), THP, MmapFlags::empty());
+    let f = thp_always(THP);
     let (b, p) = (f.base, PAGE_SIZE);
     f.mm.write(b, b"x").unwrap();
     f.rec.take();
@@ -789,7 +788,7 @@ fn mprotect_of_part_of_a_thp_splits_the_pmd_not_the_folio() {
 
 #[test]
 fn mprotect_of_a_whole_thp_keeps_the_huge_pmd() {
-    let f = thp_fixture(ThpConfig::pmd(ThpEnabled::Always), THP, MmapFlags::empty());
+    let f = thp_always(THP);
     f.mm.write(f.base, b"x").unwrap();
     f.rec.take();
     f.mm.mprotect(f.base, THP, Prot::READ).unwrap();
@@ -888,7 +887,7 @@ fn ksm_splits_a_large_folio_before_it_merges_a_page_of_it() {
 
 #[test]
 fn reclaim_splits_a_cold_thp_before_swapping_a_page_of_it() {
-    let f = thp_fixture(ThpConfig::pmd(ThpEnabled::Always), THP, MmapFlags::empty());
+    let f = thp_always(THP);
     let b = f.base;
     f.mm.write(b, b"x").unwrap();
     f.rec.take();
@@ -933,11 +932,7 @@ fn reclaim_splits_a_cold_thp_before_swapping_a_page_of_it() {
 
 #[test]
 fn populate_write_faults_the_range_in_and_fails_as_linux() {
-    let f = thp_fixture(
-        ThpConfig::pmd(ThpEnabled::Always),
-        2 * THP,
-        MmapFlags::empty(),
-    );
+    let f = thp_always(2 * THP);
     let (b, p) = (f.base, PAGE_SIZE);
     // Small pages in the second 2 MiB.
     f.mm.madvise_nohugepage(b + THP, THP).unwrap();

@@ -55,6 +55,27 @@ fn accessed_path(g: &mut Guest, gva: u64, leaf: u8) {
     }
 }
 
+/// Maps gva page `i` to gfn `8 + i` (accessed, dirty) for `i < n`, with
+/// the host pages present.
+fn map_present(g: &mut Guest, n: u64) {
+    for i in 0..n {
+        let gpa = (8 + i) * PAGE_SIZE;
+        g.map(GVA + i * PAGE_SIZE, gpa, P | RW | US | A | D);
+        g.mm.write(g.hva(gpa), b"x").unwrap();
+    }
+}
+
+/// The guest's PTEs of the first `n` gva pages.
+fn guest_ptes(g: &mut Guest, n: u64) -> Vec<u64> {
+    let cr3 = g.cr3;
+    (0..n)
+        .map(|i| {
+            let e = g.pte_gpa(cr3, GVA + i * PAGE_SIZE, 1);
+            g.read_u64(e)
+        })
+        .collect()
+}
+
 fn leaf(g: &Guest, gva: u64) -> Option<(u64, u8)> {
     g.mmu.leaf_at(0, gva).unwrap()
 }
@@ -87,13 +108,7 @@ fn prefetch_installs_only_what_the_rules_allow() {
     for i in [1u64, 2, 3, 7] {
         g.mm.write(g.hva(gfn(i) * PAGE_SIZE), &[i as u8]).unwrap();
     }
-    let ptes: Vec<u64> = (0..8)
-        .map(|i| {
-            let cr3 = g.cr3;
-            let e = g.pte_gpa(cr3, GVA + i * PAGE_SIZE, 1);
-            g.read_u64(e)
-        })
-        .collect();
+    let ptes = guest_ptes(&mut g, 8);
     assert_eq!(g.write_fault(GVA), FaultOutcome::Fixed);
     let s1 = g.spte(GVA + PAGE_SIZE).expect("1 prefetched");
     let s2 = g.spte(GVA + 2 * PAGE_SIZE).expect("2 prefetched");
@@ -113,11 +128,7 @@ fn prefetch_installs_only_what_the_rules_allow() {
     assert_eq!(g.mmu.stats().pf_prefetch, 3);
     assert_eq!(g.mmu.stats().pf_fixed, 1);
     // The guest's PTEs of the neighbours are untouched (no A or D set).
-    for i in 1..8 {
-        let cr3 = g.cr3;
-        let e = g.pte_gpa(cr3, GVA + i * PAGE_SIZE, 1);
-        assert_eq!(g.read_u64(e), ptes[i as usize], "guest PTE {i} changed");
-    }
+    assert_eq!(guest_ptes(&mut g, 8)[1..], ptes[1..], "guest PTEs changed");
     g.check();
     // A write through the read-only prefetched spte faults, and fixes it.
     assert_eq!(g.write_fault(GVA + 2 * PAGE_SIZE), FaultOutcome::Fixed);
@@ -128,14 +139,7 @@ fn prefetch_installs_only_what_the_rules_allow() {
 #[test]
 fn prefetch_off_installs_nothing_else() {
     let mut g = guest(64, 256, 0, ThpConfig::off());
-    for i in 0..8 {
-        g.map(
-            GVA + i * PAGE_SIZE,
-            (8 + i) * PAGE_SIZE,
-            P | RW | US | A | D,
-        );
-        g.mm.write(g.hva((8 + i) * PAGE_SIZE), b"x").unwrap();
-    }
+    map_present(&mut g, 8);
     g.write_fault(GVA);
     assert_eq!(g.mmu.nr_sptes(), 1);
     assert_eq!(g.mmu.stats().pf_prefetch, 0);
@@ -190,14 +194,7 @@ fn an_invalidation_racing_a_prefetch_never_leaves_a_stale_spte() {
     // before the MMU lock: the host drops one of them, and the guest
     // points another at a different page. Neither may be installed.
     let mut g = guest(64, 256, 8, ThpConfig::off());
-    for i in 0..8 {
-        g.map(
-            GVA + i * PAGE_SIZE,
-            (8 + i) * PAGE_SIZE,
-            P | RW | US | A | D,
-        );
-        g.mm.write(g.hva((8 + i) * PAGE_SIZE), b"x").unwrap();
-    }
+    map_present(&mut g, 8);
     let cr3 = g.cr3;
     let pte3 = g.pte_gpa(cr3, GVA + 3 * PAGE_SIZE, 1);
     let mm = g.mm.clone();
@@ -420,13 +417,7 @@ fn pre_fault_maps_what_the_guest_has_accessed_and_counts_apart() {
     }
     g.map(GVA + 16 * PAGE_SIZE, 40 * PAGE_SIZE, P | US | A);
     accessed_path(&mut g, GVA, 1);
-    let before: Vec<u64> = (0..17)
-        .map(|i| {
-            let cr3 = g.cr3;
-            let e = g.pte_gpa(cr3, GVA + i * PAGE_SIZE, 1);
-            g.read_u64(e)
-        })
-        .collect();
+    let before = guest_ptes(&mut g, 17);
     let r = g.mmu.pre_fault(0, GVA, 20 * PAGE_SIZE).unwrap();
     assert_eq!(
         r,
@@ -446,11 +437,7 @@ fn pre_fault_maps_what_the_guest_has_accessed_and_counts_apart() {
         g.spte(GVA + 16 * PAGE_SIZE).unwrap()
     ));
     assert_eq!(g.spte(GVA + 8 * PAGE_SIZE), None);
-    for i in 0..17 {
-        let cr3 = g.cr3;
-        let e = g.pte_gpa(cr3, GVA + i * PAGE_SIZE, 1);
-        assert_eq!(g.read_u64(e), before[i as usize], "guest PTE {i} changed");
-    }
+    assert_eq!(guest_ptes(&mut g, 17), before, "guest PTEs changed");
     let st = g.mmu.stats();
     assert_eq!(
         (st.pf_fixed, st.prefault_pages, st.prefault_skipped),

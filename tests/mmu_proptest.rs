@@ -539,32 +539,26 @@ fn prefetch_strategy() -> impl Strategy<Value = usize> {
 }
 
 fn scenario_strategy() -> impl Strategy<Value = Scenario> {
-    (
-        prop::sample::select(vec![34u64, 40, 52, 64, 128]),
-        prop::sample::select(vec![2usize, 3, 8]),
-        prop::collection::vec(op_strategy(), 1..80),
-        prop::bool::weighted(0.3),
-        thp_strategy(false),
-        prefetch_strategy(),
-    )
-        .prop_map(|(frames, max_roots, ops, exit, thp, prefetch)| Scenario {
-            frames,
-            max_roots,
-            ops,
-            exit,
-            thp,
-            prefetch,
-        })
+    scenario_with(vec![34, 40, 52, 64, 128], vec![2, 3, 8], 80, false)
 }
 
 /// Over [`BIG_RAM`]: frames for one or two huge folios, or too few.
 fn big_scenario_strategy() -> impl Strategy<Value = Scenario> {
+    scenario_with(vec![700, 1100, 1500, 2200], vec![3, 8], 50, true)
+}
+
+fn scenario_with(
+    frames: Vec<u64>,
+    roots: Vec<usize>,
+    max_ops: usize,
+    pmd: bool,
+) -> impl Strategy<Value = Scenario> {
     (
-        prop::sample::select(vec![700u64, 1100, 1500, 2200]),
-        prop::sample::select(vec![3usize, 8]),
-        prop::collection::vec(op_strategy(), 1..50),
+        prop::sample::select(frames),
+        prop::sample::select(roots),
+        prop::collection::vec(op_strategy(), 1..max_ops),
         prop::bool::weighted(0.3),
-        thp_strategy(true),
+        thp_strategy(pmd),
         prefetch_strategy(),
     )
         .prop_map(|(frames, max_roots, ops, exit, thp, prefetch)| Scenario {

@@ -301,16 +301,21 @@ fn invalidator_thread(
     Ok(())
 }
 
+/// The mm's consistency check and the MMU's coherence check.
+fn checkers(g: &Guest, round: usize) -> Result<(), String> {
+    g.mm.check_consistency()
+        .map_err(|e| format!("round {round}: {e}"))?;
+    g.mmu
+        .check_coherence()
+        .map_err(|e| format!("round {round}: {e}"))
+}
+
 /// What must hold at a quiescent point: both checkers, and every spte of a
 /// tracked gva maps the host's current frame of its (fixed) gpa, writable
 /// only over a writable host PTE.
 fn quiescent_checks(s: &Setup, round: usize) -> Result<(), String> {
     let g = &s.g;
-    g.mm.check_consistency()
-        .map_err(|e| format!("round {round}: {e}"))?;
-    g.mmu
-        .check_coherence()
-        .map_err(|e| format!("round {round}: {e}"))?;
+    checkers(g, round)?;
     for vcpu in 0..2 {
         for page in 0..NR_DATA + NR_VICTIM {
             let Some(e) = g
@@ -650,11 +655,7 @@ fn huge_host(s: Arc<HugeSetup>, gate: Arc<Gate>, role: u64) -> Result<(), String
 /// 4 KiB page it maps) maps the host's current frame.
 fn huge_checks(s: &HugeSetup, round: usize) -> Result<(), String> {
     let g = &s.g;
-    g.mm.check_consistency()
-        .map_err(|e| format!("round {round}: {e}"))?;
-    g.mmu
-        .check_coherence()
-        .map_err(|e| format!("round {round}: {e}"))?;
+    checkers(g, round)?;
     for vcpu in 0..2 {
         for i in 0..512 + NR_SMALL {
             let gva = huge_gva(i);

@@ -64,24 +64,7 @@ impl Mm {
     /// `madvise(addr, len, MADV_MERGEABLE)`: lets KSM merge the range.
     pub fn madvise_mergeable(&self, addr: Hva, len: u64) -> Result<(), MmError> {
         tracing::debug!(target: "shadowvm::trace", layer = "mm", kind = "host_op", op = "madvise_mergeable", start = addr, len, "host: madvise(MADV_MERGEABLE)");
-        self.check_alive()?;
-        let Some((start, end)) = madvise_range(addr, len)? else {
-            return Ok(());
-        };
-        let mut vmas = self.mmap_lock.write();
-        let all: Vec<Vma> = vmas.iter().copied().collect();
-        let (pieces, hole) = clipped(&all, start, end);
-        if pieces.is_empty() {
-            return Err(MmError::NoMemory);
-        }
-        for (v, s, e) in pieces {
-            if v.flags.contains(MmapFlags::MERGEABLE) {
-                continue; // new_flags == vma->vm_flags: no split
-            }
-            self.vma_adjust_trans_huge(s, e)?;
-            vmas.modify_range(s, e, |v| v.flags.insert(MmapFlags::MERGEABLE));
-        }
-        if hole { Err(MmError::NoMemory) } else { Ok(()) }
+        self.madvise_update_vma(addr, len, MmapFlags::MERGEABLE, MmapFlags::empty())
     }
 
     /// `madvise(addr, len, MADV_HUGEPAGE)` (`hugepage_madvise`): THP
@@ -89,16 +72,20 @@ impl Mm {
     /// `MADV_NOHUGEPAGE`. Errors as `madvise_mergeable`.
     pub fn madvise_hugepage(&self, addr: Hva, len: u64) -> Result<(), MmError> {
         tracing::debug!(target: "shadowvm::trace", layer = "mm", kind = "host_op", op = "madvise_hugepage", start = addr, len, "host: madvise(MADV_HUGEPAGE)");
-        self.hugepage_madvise(addr, len, MmapFlags::HUGEPAGE, MmapFlags::NOHUGEPAGE)
+        self.madvise_update_vma(addr, len, MmapFlags::HUGEPAGE, MmapFlags::NOHUGEPAGE)
     }
 
     /// `madvise(addr, len, MADV_NOHUGEPAGE)`: no new large folio in the
     /// range; folios already there stay.
     pub fn madvise_nohugepage(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        self.hugepage_madvise(addr, len, MmapFlags::NOHUGEPAGE, MmapFlags::HUGEPAGE)
+        self.madvise_update_vma(addr, len, MmapFlags::NOHUGEPAGE, MmapFlags::HUGEPAGE)
     }
 
-    fn hugepage_madvise(
+    /// `madvise_update_vma`: sets `set` and clears `clear` on every VMA of
+    /// the range (`ENOMEM` for a hole, after the others), splitting a VMA
+    /// only where its flags change (`new_flags == vma->vm_flags`: no
+    /// split), and a huge PMD across such a split first.
+    fn madvise_update_vma(
         &self,
         addr: Hva,
         len: u64,

@@ -18,7 +18,6 @@ use crate::mm::{
 
 use super::guest_mem::GuestMem;
 use super::invalidate::{HostRange, SeqRead, page_range};
-use super::prefetch::Candidate;
 use super::pte::{
     PAGE_SHIFT, PG_LEVEL_2M, PG_LEVEL_4K, PT64_ROOT_4LEVEL, PteAccess, level_size, pt_index,
 };
@@ -166,26 +165,13 @@ impl ShadowMmu {
                 return Ok(Some(FaultOutcome::HostFault { gpa, error }));
             }
         };
-        let large = self.host_large(&walk, hva, &host);
-        let reads = gm.reads.take();
-        let prefetch = match large {
-            None => self.prefetch_candidates(&walk, &reads, &paging),
-            Some(_) => Vec::new(),
-        };
-        #[cfg(feature = "test-hooks")]
-        if let Some(hook) = inner.race_hook.lock().clone() {
-            hook(hva);
-        }
-        let touched = gm.touched.take();
         self.install(Install {
             vcpu,
             seq: &seq,
             walk: &walk,
-            reads: &reads,
-            touched,
+            gm: &gm,
+            hva,
             host,
-            large,
-            prefetch,
             paging,
             origin: Origin::Fault,
         })
@@ -232,14 +218,26 @@ impl ShadowMmu {
             vcpu,
             seq,
             walk,
-            reads,
-            mut touched,
+            gm,
+            hva,
             host,
-            large,
-            prefetch,
             paging,
             origin,
         } = req;
+        let large = self.host_large(walk, hva, &host);
+        let reads = gm.reads.take();
+        let reads = &reads[..];
+        let prefetch = match (origin, large) {
+            (Origin::Fault, None) => self.prefetch_candidates(walk, reads, &paging),
+            _ => Vec::new(),
+        };
+        #[cfg(feature = "test-hooks")]
+        if origin == Origin::Fault
+            && let Some(hook) = inner.race_hook.lock().clone()
+        {
+            hook(hva);
+        }
+        let mut touched = gm.touched.take();
         let gva = walk.gva;
         let access = walk.access;
         if let Some(l) = &large {
@@ -398,13 +396,12 @@ pub(super) struct Install<'w, 's> {
     pub vcpu: usize,
     pub seq: &'w SeqRead<'s>,
     pub walk: &'w GuestWalk,
-    /// `(gpa, frame)` of every guest entry the walk read.
-    pub reads: &'w [(u64, Pfn)],
-    /// The host ranges the translation relied on.
-    pub touched: Vec<HostRange>,
+    /// The walk's guest memory: every guest entry it read and every host
+    /// range the translation relied on.
+    pub gm: &'w GuestMem<'w>,
+    /// The leaf's hva and what the host gave for it.
+    pub hva: Hva,
     pub host: HostPfn,
-    pub large: Option<LargeMap>,
-    pub prefetch: Vec<Candidate>,
     pub paging: PagingState,
     pub origin: Origin,
 }

@@ -145,24 +145,19 @@ impl ShadowMmu {
                 return Ok(Step::Skipped { until: next(1) });
             }
         };
-        let large = self.host_large(&walk, hva, &host);
-        let reads = gm.reads.take();
-        let touched = gm.touched.take();
         let outcome = self.install(Install {
             vcpu,
             seq: &seq,
             walk: &walk,
-            reads: &reads,
-            touched,
+            gm: &gm,
+            hva,
             host,
-            large,
-            prefetch: Vec::new(),
             paging,
             origin: Origin::PreFault,
         })?;
         Ok(match outcome {
             None | Some(FaultOutcome::Retry) => Step::Retry,
-            Some(_) if large.is_some() && self.leaf_at(vcpu, gva)?.is_some_and(|l| l.1 == 2) => {
+            Some(_) if self.leaf_at(vcpu, gva)?.is_some_and(|l| l.1 == 2) => {
                 Step::Mapped { until: next(2) }
             }
             Some(_) => Step::Mapped { until: next(1) },

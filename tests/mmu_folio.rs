@@ -468,3 +468,13 @@ fn pre_fault_of_a_guest_2m_page_over_thp_is_one_large_spte() {
     // The guest's first touch takes no fault: the spte is there.
     assert_eq!(g.mmu.stats().pf_fixed, 0);
 }
+
+#[test]
+fn invlpg_anywhere_in_the_range_drops_the_large_spte() {
+    let g = large_mapped(MmapFlags::empty());
+    g.mmu.invlpg(0, GVA + 300 * PAGE_SIZE).unwrap();
+    assert_eq!(g.mmu.nr_large_sptes(), 0);
+    let flushed: usize = g.flush.take().iter().map(Vec::len).sum();
+    assert_eq!(flushed, 512, "every frame of the 2 MiB spte");
+    g.check();
+}

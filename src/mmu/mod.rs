@@ -411,9 +411,9 @@ impl ShadowMmu {
         self.inner.state.lock().vcpu_roots[vcpu].ok_or(MmuError::NoRoot(vcpu))
     }
 
-    /// invlpg (a hypercall in shadow mode): drops the leaf spte of `gva`
-    /// and, where the path goes through an unsync page, the stale entry
-    /// there (`FNAME(invlpg)`).
+    /// invlpg (a hypercall in shadow mode): drops the leaf spte of `gva` (a
+    /// 2 MiB one too) and, where the path goes through an unsync page, the
+    /// stale entry there (`FNAME(invlpg)`).
     pub fn invlpg(&self, vcpu: usize, gva: u64) -> Result<(), MmuError> {
         self.check_vcpu(vcpu)?;
         inc(&self.inner.stats.invlpg);
@@ -433,6 +433,11 @@ impl ShadowMmu {
             }
             let e = ctx.word(sp, idx)?.load(Ordering::Acquire);
             if !spte::is_present(e) {
+                break;
+            }
+            if spte::is_large(e) {
+                // A 2 MiB leaf (`is_last_spte` above level 1).
+                ctx.zap_entry(sp, idx, FlushReason::Zapped)?;
                 break;
             }
             sp = spte::pfn(e);

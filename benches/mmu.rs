@@ -570,31 +570,19 @@ fn first_touch(c: &mut Criterion) {
     let mut g = c.benchmark_group("first_touch");
     g.sample_size(10);
     g.throughput(Throughput::Elements(pages));
-    let mut summary = Vec::new();
-    for &(name, guest_2m, prefetch) in configs {
-        let vm = TouchVm::new(pages, guest_2m, folio(name), prefetch);
-        let id = format!(
-            "{}/{}_prefetch{prefetch}",
-            name.to_lowercase(),
-            if guest_2m { "guest2m" } else { "guest4k" }
-        );
-        // Untimed: faults per page over every page, and the memory cost of
-        // a sparse touch.
-        let mut runs: Vec<(Duration, u64)> = (0..5)
-            .map(|_| {
-                vm.reset();
-                let t = Instant::now();
-                let faults = vm.touch(1);
-                (t.elapsed(), faults)
-            })
-            .collect();
-        runs.sort();
-        let (once, faults) = runs[2];
-        vm.reset();
-        let touched = pages / 16;
-        vm.touch(16);
-        let populated = vm.populated();
-        g.bench_function(BenchmarkId::from_parameter(&id), |b| {
+    let vms: Vec<(String, TouchVm)> = configs
+        .iter()
+        .map(|&(name, guest_2m, prefetch)| {
+            let id = format!(
+                "{}/{}_prefetch{prefetch}",
+                name.to_lowercase(),
+                if guest_2m { "guest2m" } else { "guest4k" }
+            );
+            (id, TouchVm::new(pages, guest_2m, folio(name), prefetch))
+        })
+        .collect();
+    for (id, vm) in &vms {
+        g.bench_function(BenchmarkId::from_parameter(id), |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
@@ -606,25 +594,49 @@ fn first_touch(c: &mut Criterion) {
                 total
             });
         });
-        vm.mmu.check_coherence().expect("coherent");
-        vm.mm.check_consistency().expect("consistent");
-        summary.push((id, once, faults, touched, populated));
-        vm.teardown();
     }
     g.finish();
-    let base = summary[0].1.as_nanos() as f64;
+    // The ratios: rounds that run every configuration once, in turn, so a
+    // busy moment of the (shared) machine weighs on all of them alike;
+    // the median of each.
+    let rounds = if test_mode() { 3 } else { 21 };
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); vms.len()];
+    let mut faults = vec![0; vms.len()];
+    for _ in 0..rounds {
+        for (k, (_, vm)) in vms.iter().enumerate() {
+            vm.reset();
+            let t = Instant::now();
+            faults[k] = vm.touch(1);
+            times[k].push(t.elapsed());
+        }
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_nanos() as f64 / pages as f64
+    };
+    let medians: Vec<f64> = times.iter_mut().map(median).collect();
     println!(
-        "first touch of {pages} pages (median of 5 runs outside criterion; ratios to 4k/guest4k_prefetch0):"
+        "first touch of {pages} pages, median of {rounds} interleaved rounds; ratio to {}; \
+         sparse touch (every 16th page): pages populated per page touched",
+        vms[0].0
     );
-    for (id, once, faults, touched, populated) in summary {
-        let ns = once.as_nanos() as f64;
+    for (k, (id, vm)) in vms.iter().enumerate() {
+        vm.reset();
+        let touched = pages / 16;
+        vm.touch(16);
+        let populated = vm.populated();
+        vm.mmu.check_coherence().expect("coherent");
+        vm.mm.check_consistency().expect("consistent");
         println!(
-            "  {id:<26} {:>7.0} ns/page  x{:.2}  {:.3} faults/page  sparse: {touched} touched -> {populated} populated ({:.1}x)",
-            ns / pages as f64,
-            ns / base,
-            faults as f64 / pages as f64,
+            "  {id:<26} {:>7.0} ns/page  x{:.2}  {:.3} faults/page  sparse: {touched} -> {populated} ({:.1}x)",
+            medians[k],
+            medians[k] / medians[0],
+            faults[k] as f64 / pages as f64,
             populated as f64 / touched as f64
         );
+    }
+    for (_, vm) in vms {
+        vm.teardown();
     }
 }
 

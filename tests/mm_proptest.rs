@@ -1220,6 +1220,7 @@ impl Harness {
                 let first_bad = span
                     .clone()
                     .find(|&j| !self.model[j].mapped || !self.model[j].prot.contains(Prot::WRITE));
+                let oom = r == Err(MmError::OutOfFrames);
                 match (first_bad, r) {
                     (_, Err(MmError::OutOfFrames)) => self.oom_is_legit("populate")?,
                     (None, r) => prop_assert_eq!(r, Ok(())),
@@ -1232,7 +1233,13 @@ impl Harness {
                         r
                     ),
                 }
-                let upto = first_bad.unwrap_or(span.end);
+                // Up to a hole or a read-only page every page was faulted in
+                // (out of frames, the pages before the one that failed).
+                let upto = if oom {
+                    span.start
+                } else {
+                    first_bad.unwrap_or(span.end)
+                };
                 for j in span.start..upto {
                     match mm.pte(self.hva(j)) {
                         Some(Pte::Present(p)) if p.writable => {}

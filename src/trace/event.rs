@@ -63,11 +63,25 @@ pub enum HostOp<'a> {
     },
     /// The mm's teardown.
     ExitMmap,
+    /// `madvise(MADV_HUGEPAGE)`.
+    MadviseHugepage {
+        /// First host address.
+        start: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// `madvise(MADV_POPULATE_WRITE)`.
+    MadvisePopulateWrite {
+        /// First host address.
+        start: u64,
+        /// Bytes.
+        len: u64,
+    },
 }
 
 impl HostOp<'_> {
     /// Every `op` value.
-    pub const NAMES: [&'static str; 9] = [
+    pub const NAMES: [&'static str; 11] = [
         "madvise_dontneed",
         "madvise_mergeable",
         "munmap",
@@ -77,6 +91,8 @@ impl HostOp<'_> {
         "reclaim",
         "clear_flush_young",
         "exit_mmap",
+        "madvise_hugepage",
+        "madvise_populate_write",
     ];
 
     /// The `op` field's value.
@@ -91,6 +107,8 @@ impl HostOp<'_> {
             HostOp::Reclaim { .. } => "reclaim",
             HostOp::ClearFlushYoung { .. } => "clear_flush_young",
             HostOp::ExitMmap => "exit_mmap",
+            HostOp::MadviseHugepage { .. } => "madvise_hugepage",
+            HostOp::MadvisePopulateWrite { .. } => "madvise_populate_write",
         }
     }
 }
@@ -169,6 +187,31 @@ pub enum Event<'a> {
         /// The private copy.
         new_frame: u64,
     },
+    /// A fault allocated a large folio (2^order pages).
+    FolioAlloc {
+        /// The first page's host address.
+        hva: u64,
+        /// The head frame.
+        frame: u64,
+        /// log2 of the pages.
+        order: u8,
+    },
+    /// A huge PMD was split into 512 PTEs (`__split_huge_pmd`).
+    SplitPmd {
+        /// The 2 MiB range's host address.
+        hva: u64,
+        /// The head frame.
+        frame: u64,
+    },
+    /// A large folio was split into small pages (`split_folio`).
+    SplitFolio {
+        /// The folio's first host address.
+        hva: u64,
+        /// The head frame.
+        frame: u64,
+        /// log2 of its pages.
+        order: u8,
+    },
     /// The notifier's `release`.
     Release,
     /// The notifier's `clear_flush_young`.
@@ -225,8 +268,10 @@ pub enum Event<'a> {
         sp: u64,
         /// The entry.
         idx: u64,
-        /// The frame it mapped.
+        /// The frame it mapped (the first, for a 2 MiB spte).
         frame: u64,
+        /// A 2 MiB spte (512 frames).
+        large: bool,
         /// Why (`FlushReason`).
         reason: &'a dyn fmt::Debug,
     },
@@ -266,6 +311,37 @@ pub enum Event<'a> {
         /// How.
         method: ShootdownMethod,
     },
+    /// A DMA device attached to a buffer (`mmu_interval_notifier_insert`).
+    DmaAttach {
+        /// First host address.
+        start: u64,
+        /// End (exclusive).
+        end: u64,
+    },
+    /// A device fault mapped a page in the device's IOTLB.
+    DmaFault {
+        /// The offset in the buffer.
+        iova: u64,
+        /// The page's host address.
+        hva: u64,
+        /// The frame mapped.
+        frame: u64,
+        /// Mapped writable.
+        writable: bool,
+    },
+    /// The device's interval notifier dropped IOTLB entries.
+    DmaInvalidate {
+        /// First host address.
+        start: u64,
+        /// End (exclusive).
+        end: u64,
+        /// Why (`MmuNotifyEvent`).
+        event: &'a dyn fmt::Debug,
+        /// The interval's new sequence.
+        cur_seq: u64,
+        /// Entries dropped.
+        dropped: u64,
+    },
     /// The VMM answered RESOLVE_PF.
     ResolvePf {
         /// The faulting address.
@@ -289,6 +365,12 @@ impl Event<'_> {
             Event::SwapOut { .. } => Kind::SwapOut,
             Event::SwapIn { .. } => Kind::SwapIn,
             Event::Cow { .. } => Kind::Cow,
+            Event::FolioAlloc { .. } => Kind::FolioAlloc,
+            Event::SplitPmd { .. } => Kind::SplitPmd,
+            Event::SplitFolio { .. } => Kind::SplitFolio,
+            Event::DmaAttach { .. } => Kind::DmaAttach,
+            Event::DmaFault { .. } => Kind::DmaFault,
+            Event::DmaInvalidate { .. } => Kind::DmaInvalidate,
             Event::Release => Kind::Release,
             Event::ClearFlushYoung { .. } => Kind::ClearFlushYoung,
             Event::ClearYoung { .. } => Kind::ClearYoung,
@@ -346,6 +428,35 @@ impl Event<'_> {
             } => {
                 tracing::debug!(target: TARGET, layer, kind, hva, old_frame, new_frame, "host: copy-on-write broke the sharing");
             }
+            Event::FolioAlloc { hva, frame, order } => {
+                tracing::debug!(target: TARGET, layer, kind, hva, frame, order, "host: large folio allocated");
+            }
+            Event::SplitPmd { hva, frame } => {
+                tracing::debug!(target: TARGET, layer, kind, hva, frame, "host: huge PMD split");
+            }
+            Event::SplitFolio { hva, frame, order } => {
+                tracing::debug!(target: TARGET, layer, kind, hva, frame, order, "host: large folio split");
+            }
+            Event::DmaAttach { start, end } => {
+                tracing::debug!(target: TARGET, layer, kind, start, end, "dma: device attached (mmu_interval_notifier_insert)");
+            }
+            Event::DmaFault {
+                iova,
+                hva,
+                frame,
+                writable,
+            } => {
+                tracing::debug!(target: TARGET, layer, kind, iova, hva, frame, writable, "dma: device fault mapped a page");
+            }
+            Event::DmaInvalidate {
+                start,
+                end,
+                event,
+                cur_seq,
+                dropped,
+            } => {
+                tracing::debug!(target: TARGET, layer, kind, start, end, event = ?event, cur_seq, dropped, "dma: IOTLB entries invalidated");
+            }
             Event::Release => {
                 tracing::debug!(target: TARGET, layer, kind, "release: the mm is going away");
             }
@@ -380,9 +491,10 @@ impl Event<'_> {
                 sp,
                 idx,
                 frame,
+                large,
                 reason,
             } => {
-                tracing::debug!(target: TARGET, layer, kind, sp, idx, frame, reason = ?reason, "spte zapped");
+                tracing::debug!(target: TARGET, layer, kind, sp, idx, frame, large, reason = ?reason, "spte zapped");
             }
             Event::ShadowPageZapped { sp, level } => {
                 tracing::debug!(target: TARGET, layer, kind, sp, level, "shadow page zapped");
@@ -461,6 +573,12 @@ impl HostOp<'_> {
             }
             HostOp::ExitMmap => {
                 tracing::debug!(target: TARGET, layer, kind, op, "host: exit_mmap");
+            }
+            HostOp::MadviseHugepage { start, len } => {
+                tracing::debug!(target: TARGET, layer, kind, op, start, len, "host: madvise(MADV_HUGEPAGE)");
+            }
+            HostOp::MadvisePopulateWrite { start, len } => {
+                tracing::debug!(target: TARGET, layer, kind, op, start, len, "host: madvise(MADV_POPULATE_WRITE)");
             }
         }
     }

@@ -39,6 +39,8 @@ pub enum Layer {
     Notifier,
     /// The shadow MMU (`src/mmu`).
     Mmu,
+    /// The simulated DMA device (`src/dma`).
+    Dma,
     /// The host TLB shootdown (`src/vmm/host/tlb.rs`).
     Tlb,
     /// What the guest did or saw.
@@ -49,10 +51,11 @@ pub enum Layer {
 
 impl Layer {
     /// Every layer, lowest first.
-    pub const ALL: [Layer; 6] = [
+    pub const ALL: [Layer; 7] = [
         Layer::Mm,
         Layer::Notifier,
         Layer::Mmu,
+        Layer::Dma,
         Layer::Tlb,
         Layer::Guest,
         Layer::Demo,
@@ -64,6 +67,7 @@ impl Layer {
             Layer::Mm => "mm",
             Layer::Notifier => "notifier",
             Layer::Mmu => "mmu",
+            Layer::Dma => "dma",
             Layer::Tlb => "tlb",
             Layer::Guest => "guest",
             Layer::Demo => "demo",
@@ -87,6 +91,12 @@ pub enum Kind {
     SwapIn,
     /// A write fault copied a shared page.
     Cow,
+    /// A fault allocated a large folio.
+    FolioAlloc,
+    /// A huge PMD was split into PTEs.
+    SplitPmd,
+    /// A large folio was split into small pages.
+    SplitFolio,
     /// The notifier's `release`: the mm is going away.
     Release,
     /// The notifier's `clear_flush_young`.
@@ -111,6 +121,12 @@ pub enum Kind {
     SpteRepointed,
     /// The VMM invalidated stale translations in the host.
     Shootdown,
+    /// A DMA device attached to a buffer.
+    DmaAttach,
+    /// A DMA device fault mapped a page.
+    DmaFault,
+    /// A DMA device's interval notifier dropped IOTLB entries.
+    DmaInvalidate,
     /// The VMM answered a guest's RESOLVE_PF.
     ResolvePf,
     /// What the guest did, as a demo observed it.
@@ -121,11 +137,14 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in the order of docs/trace-events.md.
-    pub const ALL: [Kind; 19] = [
+    pub const ALL: [Kind; 25] = [
         Kind::HostOp,
         Kind::SwapOut,
         Kind::SwapIn,
         Kind::Cow,
+        Kind::FolioAlloc,
+        Kind::SplitPmd,
+        Kind::SplitFolio,
         Kind::Release,
         Kind::ClearFlushYoung,
         Kind::ClearYoung,
@@ -138,6 +157,9 @@ impl Kind {
         Kind::AccessedCleared,
         Kind::SpteRepointed,
         Kind::Shootdown,
+        Kind::DmaAttach,
+        Kind::DmaFault,
+        Kind::DmaInvalidate,
         Kind::ResolvePf,
         Kind::GuestSaw,
         Kind::Note,
@@ -150,6 +172,9 @@ impl Kind {
             Kind::SwapOut => "swap_out",
             Kind::SwapIn => "swap_in",
             Kind::Cow => "cow",
+            Kind::FolioAlloc => "folio_alloc",
+            Kind::SplitPmd => "split_pmd",
+            Kind::SplitFolio => "split_folio",
             Kind::Release => "release",
             Kind::ClearFlushYoung => "clear_flush_young",
             Kind::ClearYoung => "clear_young",
@@ -162,6 +187,9 @@ impl Kind {
             Kind::AccessedCleared => "accessed_cleared",
             Kind::SpteRepointed => "spte_repointed",
             Kind::Shootdown => "shootdown",
+            Kind::DmaAttach => "dma_attach",
+            Kind::DmaFault => "dma_fault",
+            Kind::DmaInvalidate => "dma_invalidate",
             Kind::ResolvePf => "resolve_pf",
             Kind::GuestSaw => "guest_saw",
             Kind::Note => "note",
@@ -176,7 +204,14 @@ impl Kind {
     /// The layer that emits it.
     pub fn layer(self) -> Layer {
         match self {
-            Kind::HostOp | Kind::SwapOut | Kind::SwapIn | Kind::Cow => Layer::Mm,
+            Kind::HostOp
+            | Kind::SwapOut
+            | Kind::SwapIn
+            | Kind::Cow
+            | Kind::FolioAlloc
+            | Kind::SplitPmd
+            | Kind::SplitFolio => Layer::Mm,
+            Kind::DmaAttach | Kind::DmaFault | Kind::DmaInvalidate => Layer::Dma,
             Kind::Release
             | Kind::ClearFlushYoung
             | Kind::ClearYoung

@@ -222,7 +222,15 @@ fn a_pmd_split_waits_for_the_folio_lock_reclaim_holds() {
     assert!(fired.load(Ordering::SeqCst));
     assert_eq!((r.evicted, r.skipped), (0, 1), "{r:?}");
     let st = mm.stats();
-    assert_eq!((st.thp_split_pmd, st.thp_split_page_failed), (1, 1));
+    // Reclaim's split failed on the zapper's reference. The zapper's own
+    // folio split after its zap may also meet reclaim's reference (dropped
+    // just after the lock) and then queues the folio: both are right.
+    assert_eq!(st.thp_split_pmd, 1);
+    assert!(
+        (1..=2).contains(&st.thp_split_page_failed),
+        "{}",
+        st.thp_split_page_failed
+    );
     assert_eq!(mm.pte(base + 5 * PAGE_SIZE), None);
     let mut b = [0u8; 4];
     mm.read(base + 9 * PAGE_SIZE, &mut b).unwrap();

@@ -584,6 +584,15 @@ struct TlbModel {
 
 impl TlbFlush for TlbModel {
     fn flush_frames(&self, frames: &[FlushFrame]) -> Result<(), TlbFlushError> {
+        // A changed shadow table is flushed with the memslot bounce: every
+        // cached translation goes.
+        if frames
+            .iter()
+            .any(|f| f.reason == shadowvm::mmu::FlushReason::TableChanged)
+        {
+            self.entries.lock().clear();
+            return Ok(());
+        }
         let set: HashSet<Pfn> = frames.iter().map(|f| f.pfn).collect();
         self.entries
             .lock()
@@ -1353,7 +1362,7 @@ impl Harness {
         for &(r, addr, e1) in before {
             let e2 = if roots.contains(&r) {
                 self.spte(r, addr)?.unwrap_or(0)
-            } else if self.g.mm.frames().owner(r).ok() != Some(FrameOwner::Shadow) {
+            } else if self.g.mm.frames().owner(r).ok() != Some(FrameOwner::External) {
                 0 // the root was freed
             } else {
                 continue; // still cached, no vCPU on it

@@ -1,9 +1,10 @@
 //! The frame allocator: who owns each frame of machine memory.
 //!
-//! The host mm allocates frames for anonymous pages, the shadow MMU for its
-//! shadow pages, the VMM for pages it reserves. Ownership is recorded per
-//! frame so checkers can prove that no spte points at a free frame or at a
-//! shadow page. Free frames are filled with [`POISON_FREE`] so that a stale
+//! The host mm allocates frames for anonymous pages, users outside it (a
+//! secondary MMU's page tables) borrow frames as `External`, and the owner
+//! of machine memory reserves some. Ownership is recorded per frame so
+//! checkers can prove that no secondary mapping points at a free frame or
+//! at someone else's page. Free frames are filled with [`POISON_FREE`] so that a stale
 //! mapping shows up as corruption instead of silently reading old data.
 //!
 //! Free frames are kept by a buddy allocator (Linux's per-order free lists,
@@ -29,8 +30,9 @@ pub enum FrameOwner {
     Free,
     /// An anonymous page of the host mm with this id.
     Mm(u64),
-    /// A shadow page-table page of the shadow MMU.
-    Shadow,
+    /// Lent to a user of the allocator outside the mm (a secondary MMU's
+    /// own page tables): the mm never maps, reclaims or frees it.
+    External,
     /// Set aside by the VMM (never handed out).
     Reserved,
 }
@@ -193,7 +195,7 @@ mod tests {
     fn runs_are_aligned_and_merge_back_when_freed() {
         let mem: Arc<dyn MachineMemory> = Arc::new(AnonMemory::new(64).unwrap());
         let fa = FrameAllocator::with_reserved(mem, 3, true);
-        let o = FrameOwner::Shadow;
+        let o = FrameOwner::External;
         assert_eq!(fa.nr_free(), 61);
         let big = fa.alloc_contig(4, o).unwrap();
         assert!(big.is_multiple_of(16) && big >= 16);

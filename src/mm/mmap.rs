@@ -206,7 +206,7 @@ impl Mm {
     ///
     /// Deviation: 4.19 ends no notifier of a refused range; here every
     /// notifier gets its `invalidate_range_end`, so one that did start (a
-    /// shadow MMU counting invalidations in progress) is balanced.
+    /// secondary MMU counting invalidations in progress) is balanced.
     pub fn oom_reap(&self) -> Result<u64, MmError> {
         self.check_alive()?;
         let vmas = self.mmap_lock.read();

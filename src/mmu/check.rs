@@ -70,7 +70,7 @@ impl ShadowMmu {
         for (&p, page) in &st.pages {
             ensure!(page.pfn == p, "shadow page {p} records frame {}", page.pfn);
             ensure!(
-                inner.mm.frames().owner(p).ok() == Some(FrameOwner::Shadow),
+                inner.mm.frames().owner(p).ok() == Some(FrameOwner::External),
                 "shadow page {p} is not a shadow frame"
             );
             for &(pp, idx) in &page.parents {

@@ -186,6 +186,7 @@ impl Inner {
             flush: Vec::new(),
             tlb: self.tlb.as_ref(),
             fatal: &self.fatal,
+            quarantine: Vec::new(),
         }
     }
 }
@@ -199,7 +200,7 @@ pub struct ShadowMmu {
 impl ShadowMmu {
     /// Builds the MMU for guest memory `slots` of `mm` and registers it on
     /// the mm (`kvm_init_mmu_notifier`). Shadow pages come from the mm's
-    /// frame allocator, owned as `FrameOwner::Shadow`.
+    /// frame allocator, owned as `FrameOwner::External`.
     pub fn new(
         mm: Arc<Mm>,
         slots: Memslots,

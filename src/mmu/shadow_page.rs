@@ -152,6 +152,11 @@ pub struct Ctx<'a> {
     pub tlb: &'a dyn TlbFlush,
     /// Where an error goes that nobody can be told directly.
     pub fatal: &'a Fatal,
+    /// Frames of shadow pages freed by this operation: back to the
+    /// allocator only once the flush naming them (`TableChanged`) has
+    /// returned, so no cached view of the old table can reach their next
+    /// use.
+    pub quarantine: Vec<Pfn>,
 }
 
 /// An operation that fails half-way (no frame for a shadow page) may already
@@ -193,11 +198,18 @@ impl Ctx<'_> {
         add(&self.stats.remote_tlb_flush_frames, batch.len() as u64);
         tlb.flush_frames(&batch).map_err(|e| {
             // Whoever gets the error, the VM must stop before a vCPU can
-            // use what was not flushed.
+            // use what was not flushed (the quarantined frames stay out of
+            // use for good).
             let e = MmuError::from(e);
             self.fatal.raise(e.clone());
             e
-        })
+        })?;
+        for p in std::mem::take(&mut self.quarantine) {
+            self.frames
+                .free(p, FrameOwner::External)
+                .map_err(MmuError::Memory)?;
+        }
+        Ok(())
     }
 
     pub fn is_protected(&self, gfn: u64) -> bool {
@@ -248,14 +260,26 @@ impl Ctx<'_> {
     }
 
     fn alloc_shadow_frame(&mut self) -> Result<Pfn, MmuError> {
-        match self.frames.alloc(FrameOwner::Shadow) {
+        if let Ok(p) = self.frames.alloc(FrameOwner::External) {
+            return Ok(p);
+        }
+        if !self.quarantine.is_empty() {
+            // Frames this operation freed: flush, and they are free again.
+            let tlb = self.tlb;
+            self.flush_now(tlb)?;
+        }
+        match self.frames.alloc(FrameOwner::External) {
             Ok(p) => Ok(p),
             Err(_) => {
                 // Make room by recycling an unused root, as KVM does when it
                 // runs out of shadow pages (`make_mmu_pages_available`).
                 if self.recycle_root()? {
+                    // The recycled root's frames come back only after the
+                    // flush that drops every cached view of them.
+                    let tlb = self.tlb;
+                    self.flush_now(tlb)?;
                     self.frames
-                        .alloc(FrameOwner::Shadow)
+                        .alloc(FrameOwner::External)
                         .map_err(MmuError::Memory)
                 } else {
                     Err(MmuError::OutOfShadowPages)
@@ -418,6 +442,7 @@ impl Ctx<'_> {
         if level == 1 || spte::is_large(old) {
             self.leaf_zapped(sp, idx, old, reason);
         } else {
+            self.table_changed(sp);
             let child = spte::pfn(old);
             let orphan = match self.st.pages.get_mut(&child) {
                 Some(c) => {
@@ -433,6 +458,15 @@ impl Ctx<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Names shadow table `sp` in the flush: a link in it was cleared or it
+    /// was freed (`FlushReason::TableChanged`).
+    fn table_changed(&mut self, sp: Pfn) {
+        self.flush.push(FlushFrame {
+            pfn: sp,
+            reason: FlushReason::TableChanged,
+        });
     }
 
     /// Queues a flush of every leaf frame reachable under `sp`, after an
@@ -496,6 +530,7 @@ impl Ctx<'_> {
             for (pp, idx) in parents {
                 if self.st.pages.contains_key(&pp) {
                     self.word(pp, idx as usize)?.store(0, Ordering::Release);
+                    self.table_changed(pp);
                 }
             }
             for idx in 0..PT_ENTRIES {
@@ -536,9 +571,10 @@ impl Ctx<'_> {
             }
             self.st.pages.remove(&p);
             self.st.unsync.remove(&p);
-            self.frames
-                .free(p, FrameOwner::Shadow)
-                .map_err(MmuError::Memory)?;
+            // Its contents no longer hold; the frame is freed after the
+            // flush (see `quarantine`).
+            self.table_changed(p);
+            self.quarantine.push(p);
             inc(&self.stats.mmu_shadow_zapped);
         }
         Ok(())

@@ -231,6 +231,9 @@ impl RunningVm {
         let (vm, paging, ram, boot_info, layout) = match config.paging {
             Paging::Kvm => {
                 let (vm, ram) = Vm::new_ram(config.mem_size)?;
+                if config.host_thp.any_enabled() {
+                    ram.advise_hugepage()?;
+                }
                 let layout = load(&ram, &image_name, &image)?;
                 let params = BootParams {
                     nr_vcpus: config.vcpus,

@@ -424,6 +424,38 @@ impl HostTlbFlush {
     }
 
     fn flush_frames_timed(&self, frames: &[FlushFrame]) -> Result<(), TlbFlushError> {
+        // A changed shadow table: KVM must drop every shadow page it built
+        // from ours, which only the memslot bounce does (its MMU notifier
+        // zaps leaves only). Without a bouncer no KVM caches our tables.
+        if let Some(t) = frames
+            .iter()
+            .find(|f| f.reason == FlushReason::TableChanged)
+            && self.bounce.is_some()
+        {
+            if self.try_bounce(frames.len()) {
+                crate::trace::emit!(Shootdown {
+                    frames: frames.len(),
+                    runs: 0,
+                    method: ShootdownMethod::MemslotBounce,
+                });
+                return Ok(());
+            }
+            return Err(TlbFlushError {
+                method: "memslot_bounce",
+                first: t.pfn,
+                count: frames.len() as u64,
+                errno: libc::EIO,
+            });
+        }
+        let frames: Vec<FlushFrame> = frames
+            .iter()
+            .copied()
+            .filter(|f| f.reason != FlushReason::TableChanged)
+            .collect();
+        let frames = &frames[..];
+        if frames.is_empty() {
+            return Ok(());
+        }
         let runs = merge_toggles(coalesce(frames, self.discard_freed), MAX_TOGGLE_CALLS);
         if runs.len() > self.bounce_runs.load(Ordering::Relaxed)
             && runs.iter().all(|r| !r.discard)

@@ -105,6 +105,7 @@ pub fn build(
     )?;
     #[cfg(feature = "test-hooks")]
     machine.flush.set_fault(config.flush_fault);
+    machine.set_thp(config.host_thp)?;
     let vm = Vm::new_machine(machine.machine.clone())?;
     if let Some(b) = vm.memslot_bouncer() {
         bounce.attach(b, kicks.to_vec());
@@ -140,6 +141,7 @@ pub fn build(
         &layout,
         cpu,
         config.host_ops.clone(),
+        config.pte_prefetch,
     )
     .map_err(|e| match e {
         e @ PagingError::OutOfMachineMemory { .. } => too_small(TooSmall::Paging(e)),

@@ -73,7 +73,8 @@ impl ShadowPaging {
     /// Builds the shadow MMU for `machine`'s guest RAM, registers it on the
     /// host mm, loads every vCPU's boot CR3 (`guest_cr3`) and prefaults the
     /// pages exception delivery needs. `host_ops` is the `--host-ops`
-    /// script, if any.
+    /// script, if any; `pte_prefetch` the guest PTEs prefetched around a
+    /// fault.
     pub fn new(
         machine: &ShadowMachine,
         nr_vcpus: u32,
@@ -81,6 +82,7 @@ impl ShadowPaging {
         image: &ImageLayout,
         cpu: GuestCpu,
         host_ops: Option<Arc<HostOpScript>>,
+        pte_prefetch: usize,
     ) -> Result<Self, PagingError> {
         let mut slots = Memslots::default();
         slots.add(Memslot {
@@ -91,6 +93,7 @@ impl ShadowPaging {
         let cfg = ShadowMmuConfig {
             nr_vcpus: nr_vcpus as usize,
             maxphyaddr: cpu.maxphyaddr,
+            pte_prefetch,
             ..ShadowMmuConfig::default()
         };
         let mmu = ShadowMmu::new(machine.mm.clone(), slots, machine.flush.clone(), cfg)?;

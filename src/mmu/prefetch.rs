@@ -187,7 +187,12 @@ impl ShadowMmu {
             ctx.word(sp, c.idx)?.store(new, Ordering::Release);
             ctx.rmap_add(c.gfn, (sp, c.idx as u16));
             inc(&inner.stats.pf_prefetch);
-            tracing::trace!(target: "shadowvm::trace", layer = "mmu", kind = "spte_prefetched", sp, idx = c.idx, gfn = c.gfn, frame = host.pfn, "spte prefetched");
+            crate::trace::emit!(SptePrefetched {
+                sp,
+                idx: c.idx as u64,
+                gfn: c.gfn,
+                frame: host.pfn,
+            });
         }
         Ok(())
     }

@@ -391,6 +391,15 @@ mod tests {
             ),
             (E::ShadowPageZapped { sp: 1, level: 2 }, &["sp", "level"]),
             (
+                E::SptePrefetched {
+                    sp: 1,
+                    idx: 2,
+                    gfn: 3,
+                    frame: 4,
+                },
+                &["sp", "idx", "gfn", "frame"],
+            ),
+            (
                 E::AccessedCleared {
                     sp: 1,
                     idx: 2,

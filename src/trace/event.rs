@@ -275,6 +275,18 @@ pub enum Event<'a> {
         /// Why (`FlushReason`).
         reason: &'a dyn fmt::Debug,
     },
+    /// An spte installed for a neighbour of a faulting gva
+    /// (`FNAME(pte_prefetch)`).
+    SptePrefetched {
+        /// The shadow page (its frame).
+        sp: u64,
+        /// The entry.
+        idx: u64,
+        /// The guest frame it maps.
+        gfn: u64,
+        /// The host frame.
+        frame: u64,
+    },
     /// A shadow page freed.
     ShadowPageZapped {
         /// The shadow page (its frame).
@@ -380,6 +392,7 @@ impl Event<'_> {
             Event::InvalidateRangeEnd { .. } => Kind::InvalidateRangeEnd,
             Event::SpteZapped { .. } => Kind::SpteZapped,
             Event::ShadowPageZapped { .. } => Kind::ShadowPageZapped,
+            Event::SptePrefetched { .. } => Kind::SptePrefetched,
             Event::AccessedCleared { .. } => Kind::AccessedCleared,
             Event::SpteRepointed { .. } => Kind::SpteRepointed,
             Event::Shootdown { .. } => Kind::Shootdown,
@@ -495,6 +508,14 @@ impl Event<'_> {
                 reason,
             } => {
                 tracing::debug!(target: TARGET, layer, kind, sp, idx, frame, large, reason = ?reason, "spte zapped");
+            }
+            Event::SptePrefetched {
+                sp,
+                idx,
+                gfn,
+                frame,
+            } => {
+                tracing::debug!(target: TARGET, layer, kind, sp, idx, gfn, frame, "spte prefetched");
             }
             Event::ShadowPageZapped { sp, level } => {
                 tracing::debug!(target: TARGET, layer, kind, sp, level, "shadow page zapped");

@@ -115,6 +115,8 @@ pub enum Kind {
     SpteZapped,
     /// The shadow MMU freed a shadow page.
     ShadowPageZapped,
+    /// The shadow MMU prefetched a neighbour's spte.
+    SptePrefetched,
     /// The shadow MMU cleared an spte's Accessed bit.
     AccessedCleared,
     /// The shadow MMU pointed an spte at a new frame, read-only.
@@ -137,7 +139,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in the order of docs/trace-events.md.
-    pub const ALL: [Kind; 25] = [
+    pub const ALL: [Kind; 26] = [
         Kind::HostOp,
         Kind::SwapOut,
         Kind::SwapIn,
@@ -154,6 +156,7 @@ impl Kind {
         Kind::InvalidateRangeEnd,
         Kind::SpteZapped,
         Kind::ShadowPageZapped,
+        Kind::SptePrefetched,
         Kind::AccessedCleared,
         Kind::SpteRepointed,
         Kind::Shootdown,
@@ -184,6 +187,7 @@ impl Kind {
             Kind::InvalidateRangeEnd => "invalidate_range_end",
             Kind::SpteZapped => "spte_zapped",
             Kind::ShadowPageZapped => "shadow_page_zapped",
+            Kind::SptePrefetched => "spte_prefetched",
             Kind::AccessedCleared => "accessed_cleared",
             Kind::SpteRepointed => "spte_repointed",
             Kind::Shootdown => "shootdown",
@@ -221,6 +225,7 @@ impl Kind {
             | Kind::InvalidateRangeEnd => Layer::Notifier,
             Kind::SpteZapped
             | Kind::ShadowPageZapped
+            | Kind::SptePrefetched
             | Kind::AccessedCleared
             | Kind::SpteRepointed => Layer::Mmu,
             Kind::Shootdown => Layer::Tlb,
@@ -234,7 +239,11 @@ impl Kind {
     pub fn repeats(self) -> bool {
         matches!(
             self,
-            Kind::SpteZapped | Kind::ShadowPageZapped | Kind::AccessedCleared | Kind::ResolvePf
+            Kind::SpteZapped
+                | Kind::ShadowPageZapped
+                | Kind::SptePrefetched
+                | Kind::AccessedCleared
+                | Kind::ResolvePf
         )
     }
 }
@@ -253,6 +262,8 @@ pub const HEX_FIELDS: &[&str] = &[
     "sp",
     "len",
     "error_code",
+    "gfn",
+    "iova",
 ];
 
 #[cfg(test)]

@@ -50,6 +50,13 @@ pub enum DemoError {
     /// ksmd merged nothing before the guest wrote its pages.
     #[error("no copy-on-write happened: ksmd merged nothing in time")]
     NoCow,
+    /// The host did not back the guest's 2 MiB page with a huge page, or
+    /// the shadow MMU did not map it with a 2 MiB spte.
+    #[error("no 2 MiB spte over a host huge page to split: {0}")]
+    NoLargeSpte(&'static str),
+    /// The DMA device failed.
+    #[error(transparent)]
+    Dma(#[from] crate::dma::DmaError),
     /// The guest failed.
     #[error("the guest failed: {0}")]
     GuestFailed(Box<Outcome>),
@@ -116,6 +123,14 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "release",
         description: "the guest stops: exit_mmap calls release, every spte is torn down",
     },
+    Scenario {
+        name: "thp",
+        description: "a host huge page backs the guest's 2 MiB page: a DONTNEED of one 4 KiB page splits it, and the invalidation of the whole 2 MiB range zaps the 2 MiB spte",
+    },
+    Scenario {
+        name: "dma",
+        description: "a DMA device mirrors the guest's counter page through an interval notifier: one madvise(DONTNEED) invalidates both secondary MMUs",
+    },
 ];
 
 /// Looks a scenario up by name.
@@ -159,7 +174,7 @@ pub fn run(name: &str, json: bool, out: Box<dyn Write + Send>) -> Result<()> {
     if name == "cow" {
         return cow::run(scenario, json, &out, &layer);
     }
-    let g = boot()?;
+    let g = boot(name == "thp")?;
     if !json {
         writeln!(
             out.lock(),

@@ -2,7 +2,8 @@
 //! 2 vCPUs under ksmd, kswapd (machine memory below what is touched) and a
 //! host thread doing DONTNEED, mprotect, balloon and host writes on the RAM
 //! verify does not use; nothing may be corrupted, the coherence check must
-//! pass, and every frame must come back.
+//! pass, and every frame must come back. A DMA device on the same mm
+//! writes and reads back the top of RAM meanwhile (issue 13).
 
 mod common;
 
@@ -18,6 +19,15 @@ fn stress_two_seconds_no_corruption_every_op_kind_runs() {
     let v = run.stdout_json();
     run.check(v["ok"] == Value::Bool(true), "the report says ok");
     run.check(v["corrupted_bytes"] == 0, "zero corrupted bytes");
+    run.check(
+        v["dma_corrupted_bytes"] == 0,
+        "the DMA device reads back what it wrote",
+    );
+    run.check(
+        v["dma_freed_frame_accesses"] == 0,
+        "the DMA device never reaches a freed frame",
+    );
+    run.check(v.get("dma_error").is_none(), "the DMA device keeps running");
     run.check(
         v["check_ok"] == Value::Bool(true),
         "the coherence check passes",
@@ -46,6 +56,10 @@ fn stress_two_seconds_no_corruption_every_op_kind_runs() {
         "mprotect",
         "balloon",
         "shootdowns",
+        "dma_writes",
+        "dma_reads",
+        "dma_invalidations",
+        "dma_host_ops",
     ] {
         run.check(
             v["ops"][kind].as_u64().is_some_and(|n| n > 0),

@@ -5,3 +5,4 @@
 pub mod demo;
 pub mod narrate;
 pub mod stress;
+mod stress_dma;

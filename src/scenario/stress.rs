@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde_json::Value;
 
+use super::stress_dma::{self, DMA_PAGES};
 use crate::mm::{KsmConfig, MmError, Prot};
 use crate::vmm::host::kswapd::ReclaimConfig;
 use crate::vmm::paging::ShadowPaging;
@@ -245,6 +246,14 @@ pub struct StressReport {
     /// call (each one notifier invalidation on the live path: the shadow
     /// zap and the host TLB flush included), and one host TLB flush.
     pub timings_ns: std::collections::BTreeMap<&'static str, f64>,
+    /// Bytes the DMA device read back that it had not written (nor were
+    /// zero after a discard).
+    pub dma_corrupted_bytes: u64,
+    /// DMAs that reached a frame the mm no longer owned (a freed frame).
+    pub dma_freed_frame_accesses: u64,
+    /// Why the DMA device's thread stopped early, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dma_error: Option<String>,
     /// Host-thread operations that failed (e.g. out of frames).
     pub host_op_errors: u64,
     /// The last of those.
@@ -278,8 +287,15 @@ impl StressReport {
             .find(|(_, r)| !r.passed())
             .map(|(i, r)| format!("; run {i}: {}", r.outcome.lines().next().unwrap_or("")))
             .unwrap_or_default();
+        let dma = match &self.dma_error {
+            Some(e) => format!("DMA device stopped: {e}"),
+            None => format!(
+                "DMA {} corrupted bytes, {} freed-frame accesses",
+                self.dma_corrupted_bytes, self.dma_freed_frame_accesses
+            ),
+        };
         format!(
-            "stress: {status}: {} verify run(s) in {:.1}s, {corrupted}, coherence check {}, frames {}{first_failure}",
+            "stress: {status}: {} verify run(s) in {:.1}s, {corrupted}, {dma}, coherence check {}, frames {}{first_failure}",
             self.runs.len(),
             self.seconds,
             if self.check_ok { "ok" } else { "FAILED" },
@@ -327,7 +343,8 @@ fn host_thread(sp: &ShadowPaging, ops: &HostOps, stop: &AtomicBool, seed: u64) {
     let ram = sp.ram();
     let mm = ram.mm();
     let lo = ram.base() + ram.size_bytes() / 2;
-    let pages = ram.size_bytes() / 2 / PAGE;
+    // The top of RAM belongs to the DMA device's thread.
+    let pages = ram.size_bytes() / 2 / PAGE - DMA_PAGES;
     let mut rng = Rng(seed | 1);
     // A page pattern many pages share, for ksmd to merge.
     let pattern: Vec<u8> = (0..PAGE).map(|i| (i as u8) ^ 0xa5).collect();
@@ -420,6 +437,8 @@ pub fn stress(
     let start = Instant::now();
     let deadline = start + config.duration;
     let ops = Arc::new(HostOps::default());
+    let dma = Arc::new(stress_dma::DmaCounters::default());
+    let dma_error: Mutex<Option<String>> = Mutex::new(None);
     let mut totals = std::collections::BTreeMap::<&'static str, u64>::new();
     let mut runs = Vec::new();
     // The slowest seconds per round seen so far (None before the first run).
@@ -457,6 +476,15 @@ pub fn stress(
         let sp = vm.shadow().cloned().ok_or(StressError::NotShadow)?;
         let stop = Arc::new(AtomicBool::new(false));
         seed = Rng(seed).next();
+        let dma = {
+            let (c, stop) = (dma.clone(), stop.clone());
+            let mm = sp.ram().mm().clone();
+            let base = sp.ram().base() + sp.ram().size_bytes() - DMA_PAGES * PAGE;
+            let run_seed = seed.rotate_left(17);
+            std::thread::Builder::new()
+                .name("stress-dma".into())
+                .spawn(move || stress_dma::run(&mm, base, &stop, run_seed, &c))
+        };
         let host = {
             let (ops, stop) = (ops.clone(), stop.clone());
             let run_seed = seed;
@@ -477,6 +505,18 @@ pub fn stress(
             Ok(t) => t.join().is_ok(),
             Err(_) => false,
         };
+        let dma_ok = match dma {
+            Ok(t) => match t.join() {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => {
+                    *dma_error.lock() = Some(e.to_string());
+                    false
+                }
+                Err(_) => false,
+            },
+            Err(_) => false,
+        };
+        let host_ok = host_ok && dma_ok;
         let report = vm.wait(Some(Duration::from_millis(1)));
         let seconds = t0.elapsed().as_secs_f64();
         let text = console.text();
@@ -535,6 +575,14 @@ pub fn stress(
     totals.insert("mprotect", ops.mprotect.load(Ordering::Relaxed));
     totals.insert("balloon", ops.balloon.load(Ordering::Relaxed));
     totals.insert("host_page_writes", ops.host_writes.load(Ordering::Relaxed));
+    let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    totals.insert("dma_writes", l(&dma.writes));
+    totals.insert("dma_reads", l(&dma.reads));
+    totals.insert("dma_faults", l(&dma.faults));
+    totals.insert("dma_invalidations", l(&dma.invalidations));
+    totals.insert("dma_host_ops", l(&dma.host_ops));
+    let dma_corrupted_bytes = l(&dma.corrupted_bytes);
+    let dma_freed_frame_accesses = l(&dma.freed_frame_accesses);
     let flush_ns = totals.remove("host_tlb_flush_ns").unwrap_or(0);
     let per = |ns: u64, n: u64| if n == 0 { 0.0 } else { ns as f64 / n as f64 };
     let timings_ns = [
@@ -573,6 +621,8 @@ pub fn stress(
         && check_ok
         && frames_returned
         && corrupted_bytes == 0
+        && dma_corrupted_bytes == 0
+        && dma_freed_frame_accesses == 0
         && runs
             .iter()
             .all(|r| r.exit_code == Some(0) && r.corrupted_bytes == Some(0));
@@ -590,6 +640,9 @@ pub fn stress(
         ops: totals,
         ops_per_sec,
         timings_ns,
+        dma_corrupted_bytes,
+        dma_freed_frame_accesses,
+        dma_error: dma_error.lock().clone(),
         host_op_errors: ops.errors.load(Ordering::Relaxed),
         host_op_last_error,
         ok,

@@ -36,8 +36,8 @@ struct Cli {
 enum Command {
     /// Boot a guest and print its serial console on stdout.
     Run(RunArgs),
-    /// Issue 6's reliability run: the verify guest under ksmd, kswapd and
-    /// scripted host memory operations; exit 0 if nothing was corrupted.
+    /// The reliability run: the verify guest and a DMA device under ksmd,
+    /// kswapd and host memory operations; exit 0 if nothing was corrupted.
     Stress(cli::stress::StressArgs),
     /// Narrated demos of host memory operations on a running guest; without
     /// a scenario, list them.

@@ -85,6 +85,10 @@ pub struct StressConfig {
     pub pages: u64,
     /// Seed of the host thread's choices.
     pub seed: u64,
+    /// Large folios for guest RAM (`--host-thp`, `--host-mthp`).
+    pub host_thp: crate::mm::ThpConfig,
+    /// Guest PTEs prefetched around a shadow fault.
+    pub pte_prefetch: usize,
     /// A fault injected into every run's host TLB flush (tests only: the
     /// negative control).
     #[cfg(feature = "test-hooks")]
@@ -103,6 +107,8 @@ impl StressConfig {
             machine_mem: 10 << 20,
             pages: 2048,
             seed: 0x5eed_1234_abcd_ef01,
+            host_thp: crate::mm::ThpConfig::off(),
+            pte_prefetch: crate::mmu::PTE_PREFETCH_NUM,
             #[cfg(feature = "test-hooks")]
             flush_fault: None,
         }
@@ -458,6 +464,8 @@ pub fn stress(
         vm_config.paging = Paging::Shadow;
         vm_config.machine_mem = Some(config.machine_mem);
         vm_config.check = true;
+        vm_config.host_thp = config.host_thp;
+        vm_config.pte_prefetch = config.pte_prefetch;
         vm_config.cmdline = format!("pages={} rounds={rounds}", config.pages);
         #[cfg(feature = "test-hooks")]
         {
@@ -536,8 +544,25 @@ pub fn stress(
             ),
             ("host_tlb_flushes", &["host_invalidate", "flushes"]),
             ("host_tlb_flush_ns", &["host_invalidate", "flush_ns"]),
+            ("thp_fault_alloc", &["host_mm", "thp_fault_alloc"]),
+            ("thp_split_pmd", &["host_mm", "thp_split_pmd"]),
+            ("thp_split_page", &["host_mm", "thp_split_page"]),
+            ("faults_fixed_2m", &["mmu", "pf_fixed_2m"]),
+            ("sptes_zapped_2m", &["mmu", "spte_zapped_2m"]),
+            ("sptes_prefetched", &["mmu", "pf_prefetch"]),
         ] {
             *totals.entry(name).or_default() += num(&stats, path);
+        }
+        // Multi-size THP below PMD size, all sizes together.
+        for m in stats["host_mthp"].as_array().into_iter().flatten() {
+            if m["size_kb"].as_u64().is_some_and(|kb| kb < 2048) {
+                for (name, key) in [
+                    ("mthp_fault_alloc", "anon_fault_alloc"),
+                    ("mthp_split", "split"),
+                ] {
+                    *totals.entry(name).or_default() += m[key].as_u64().unwrap_or(0);
+                }
+            }
         }
         let exit_code = match report.outcome {
             Outcome::Exited { code, .. } => Some(code),

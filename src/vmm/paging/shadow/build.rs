@@ -114,6 +114,14 @@ pub fn build(
         size: machine_mem,
         source,
     };
+    // Lock before anything is written: the locked ranges become VMAs of
+    // their own before their first fault, so no large folio can hold both
+    // a page exception delivery needs and one reclaim may split (a split
+    // invalidates the whole folio, and a vCPU in ring 3 whose IDT or stack
+    // is unmapped triple-faults).
+    machine
+        .lock_boot_pages(&layout)
+        .map_err(|e| too_small(TooSmall::Lock(e)))?;
     copy_image(image, &machine.ram, &layout).map_err(|e| too_small(TooSmall::Image(e)))?;
     let params = BootParams {
         nr_vcpus: config.vcpus,
@@ -123,9 +131,6 @@ pub fn build(
     };
     let boot_info = structures::write_boot_structures(&mut &*machine.ram, &params)
         .map_err(|e| too_small(TooSmall::Boot(e)))?;
-    machine
-        .lock_boot_pages(&layout)
-        .map_err(|e| too_small(TooSmall::Lock(e)))?;
     if let Some(script) = &config.host_ops {
         script.check_image(layout.start, layout.end)?;
     }

@@ -345,7 +345,7 @@ impl Mm {
     fn alloc_page(&self, vmas: &VmaTree) -> Result<Pfn, MmError> {
         match self.frames.alloc(self.frame_owner()) {
             Err(MmError::OutOfFrames) => {
-                self.direct_reclaim(vmas, 32);
+                self.direct_reclaim(vmas, 32)?;
                 self.frames.alloc(self.frame_owner())
             }
             r => r,

@@ -469,8 +469,10 @@ impl PageTables {
         debug_assert!(!f.locked, "freeing locked folio {head}");
         self.deferred.remove(&head);
         if let Some(slot) = f.swap {
-            // Leaving the swap cache drops its slot reference.
-            let _ = self.swap.put(slot);
+            // Leaving the swap cache drops its slot reference; the swap
+            // cache always holds one (`check_consistency` counts them).
+            let put = self.swap.put(slot);
+            debug_assert!(put.is_ok(), "folio {head} left swap slot {slot}: {put:?}");
         }
         Some((head, f.order))
     }

@@ -256,11 +256,12 @@ impl Mm {
     /// clock over every present page (one to clear young bits, one to find
     /// them cold), stopping as soon as `nr` pages were freed, so an
     /// allocation fails only when nothing at all can be evicted.
-    pub(super) fn direct_reclaim(&self, vmas: &VmaTree, nr: u64) {
+    pub(super) fn direct_reclaim(&self, vmas: &VmaTree, nr: u64) -> Result<(), MmError> {
         let queued: Vec<Pfn> = self.pt.lock().deferred.iter().copied().collect();
-        let _ = self.split_deferred(vmas, queued);
+        self.split_deferred(vmas, queued)?;
         let present = self.pt.lock().ptes.len() as u64;
-        let _ = self.reclaim_until(vmas, 2 * present + 2, nr);
+        self.reclaim_until(vmas, 2 * present + 2, nr)?;
+        Ok(())
     }
 
     /// `folio_referenced`: tests and clears the young bits of every mapping

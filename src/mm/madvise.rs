@@ -32,7 +32,7 @@ impl Mm {
     /// zapped; `ENOMEM` if part of the range is unmapped, after zapping the
     /// mapped parts.
     pub fn madvise_dontneed(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        crate::trace::emit!(HostOp(crate::trace::HostOp::MadviseDontneed {
+        let _slice = crate::trace::slice!(HostOp(crate::trace::HostOp::MadviseDontneed {
             start: addr,
             len
         }));
@@ -58,7 +58,7 @@ impl Mm {
 
     /// `madvise(addr, len, MADV_MERGEABLE)`: lets KSM merge the range.
     pub fn madvise_mergeable(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        crate::trace::emit!(HostOp(crate::trace::HostOp::MadviseMergeable {
+        let _slice = crate::trace::slice!(HostOp(crate::trace::HostOp::MadviseMergeable {
             start: addr,
             len
         }));

@@ -21,7 +21,7 @@ impl Mm {
     /// write permission goes. An upgrade leaves the PTEs as they are in a
     /// private mapping: the next write faults and upgrades the PTE.
     pub fn mprotect(&self, addr: Hva, len: u64, prot: Prot) -> Result<(), MmError> {
-        crate::trace::emit!(HostOp(crate::trace::HostOp::Mprotect {
+        let _slice = crate::trace::slice!(HostOp(crate::trace::HostOp::Mprotect {
             start: addr,
             len,
             prot: &prot,

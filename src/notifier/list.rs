@@ -230,7 +230,7 @@ impl MmuNotifierMm {
     /// `release` started by a concurrent unregister has finished, so the
     /// caller may free the pages afterwards.
     pub fn release(&self) {
-        crate::trace::emit!(Release);
+        let _slice = crate::trace::slice!(Release);
         // mn_itree_release, then mn_hlist_release.
         if self.itree.is_enabled() {
             self.itree.release();
@@ -263,7 +263,7 @@ impl MmuNotifierMm {
 
     /// `__mmu_notifier_clear_flush_young`: young results are OR'ed.
     pub fn clear_flush_young(&self, start: u64, end: u64) -> bool {
-        crate::trace::emit!(ClearFlushYoung { start, end });
+        let _slice = crate::trace::slice!(ClearFlushYoung { start, end });
         let mut young = false;
         self.for_each(|r| {
             if r.callbacks.contains(Callbacks::CLEAR_FLUSH_YOUNG) {
@@ -276,7 +276,7 @@ impl MmuNotifierMm {
 
     /// `__mmu_notifier_clear_young`: young results are OR'ed.
     pub fn clear_young(&self, start: u64, end: u64) -> bool {
-        crate::trace::emit!(ClearYoung { start, end });
+        let _slice = crate::trace::slice!(ClearYoung { start, end });
         let mut young = false;
         self.for_each(|r| {
             if r.callbacks.contains(Callbacks::CLEAR_YOUNG) {
@@ -289,7 +289,7 @@ impl MmuNotifierMm {
 
     /// `__mmu_notifier_test_young`: stops at the first young notifier.
     pub fn test_young(&self, address: u64) -> bool {
-        crate::trace::emit!(TestYoung { address });
+        let _slice = crate::trace::slice!(TestYoung { address });
         let mut young = false;
         self.for_each(|r| {
             if r.callbacks.contains(Callbacks::TEST_YOUNG) {
@@ -302,7 +302,7 @@ impl MmuNotifierMm {
 
     /// `__mmu_notifier_change_pte`.
     pub fn change_pte(&self, address: u64, pte: NotifierPte) {
-        crate::trace::emit!(ChangePte {
+        let _slice = crate::trace::slice!(ChangePte {
             address,
             frame: pte.frame,
             writable: pte.writable,
@@ -321,7 +321,7 @@ impl MmuNotifierMm {
     /// range either way, and list notifiers balance start against end); the
     /// last failure is returned.
     pub fn invalidate_range_start(&self, range: &MmuNotifierRange) -> Result<(), NotifierError> {
-        crate::trace::emit!(InvalidateRangeStart {
+        let _slice = crate::trace::slice!(InvalidateRangeStart {
             start: range.start,
             end: range.end,
             event: &range.event,
@@ -355,7 +355,7 @@ impl MmuNotifierMm {
     /// first unless `only_end` says the caller already called it under the
     /// page-table lock.
     pub fn invalidate_range_end(&self, range: &MmuNotifierRange, only_end: bool) {
-        crate::trace::emit!(InvalidateRangeEnd {
+        let _slice = crate::trace::slice!(InvalidateRangeEnd {
             start: range.start,
             end: range.end,
             event: &range.event,

@@ -12,6 +12,7 @@
 //! | mprotect | `mprotect.rs` | `mm/mprotect.c` |
 //! | KSM | `ksm.rs` | `mm/ksm.c` |
 //! | aging, reclaim | `reclaim.rs` | `mm/rmap.c`, `mm/vmscan.c` |
+//! | a read-only snapshot for observers (`--timeline`) | `snapshot.rs` | |
 //!
 //! Lock order: the KSM scanner lock, then `mmap_lock`, then a page lock
 //! (`PG_locked`, see `pgtable.rs`), then the page-table lock. A page lock is
@@ -45,6 +46,7 @@ mod mmap;
 mod mprotect;
 mod pgtable;
 mod reclaim;
+mod snapshot;
 mod stats;
 mod swap;
 mod vma;
@@ -66,6 +68,7 @@ pub use ksm::{KsmConfig, KsmScanResult, KsmStats};
 pub use memory::{AnonMemory, FrameAccess, MachineMemory};
 pub use pgtable::{PageMeta, PresentPte, Pte};
 pub use reclaim::{AgingResult, ReclaimResult};
+pub use snapshot::PageSnapshot;
 pub use stats::{MmStats, MmStatsSnapshot};
 pub use vma::{MmapFlags, Prot, Vma};
 

@@ -146,9 +146,14 @@ impl Event<'_> {
 }
 
 impl HostOp<'_> {
-    /// A host operation's slice, labelled with its `op`.
+    /// A host operation's slice, labelled with its `op` (the mm's
+    /// `clear_flush_young` is labelled `ptep_clear_flush_young`, its Linux
+    /// name, apart from the notifier callback it calls).
     fn span(&self) -> Span {
-        let label = self.name();
+        let label = match self {
+            HostOp::ClearFlushYoung { .. } => "ptep_clear_flush_young",
+            _ => self.name(),
+        };
         match *self {
             HostOp::MadviseDontneed { start, len }
             | HostOp::MadviseMergeable { start, len }
@@ -168,7 +173,7 @@ impl HostOp<'_> {
                 tracing::debug_span!(target: TARGET, "host_op", label = %label, op = %label, nr_to_scan)
             }
             HostOp::ClearFlushYoung { start } => {
-                tracing::debug_span!(target: TARGET, "host_op", label = %label, op = %label, start = %Hex(start))
+                tracing::debug_span!(target: TARGET, "host_op", label = %label, op = %self.name(), start = %Hex(start))
             }
             HostOp::ExitMmap => {
                 tracing::debug_span!(target: TARGET, "host_op", label = %label, op = %label)

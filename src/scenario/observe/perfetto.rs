@@ -2,8 +2,8 @@
 //! Chrome trace-event JSON file by tracing-chrome, which the Perfetto UI
 //! (and `chrome://tracing`) opens: a track per thread (`vcpu0`, `vcpu1`,
 //! `ksmd`, `kswapd`, `host-ops`, `main`, ...), each span a slice named by
-//! its `label`, each event an instant named by its `kind`, every field an
-//! argument (docs/observability.md).
+//! its `label`, each other event an instant named by its `kind`, every
+//! field an argument (docs/observability.md).
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -13,12 +13,14 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id};
-use tracing::{Level, Subscriber};
+use tracing::{Level, Metadata, Subscriber};
 use tracing_chrome::{ChromeLayerBuilder, EventOrSpan, FlushGuard};
 use tracing_subscriber::Layer;
-use tracing_subscriber::filter::Targets;
-use tracing_subscriber::layer::Context;
+use tracing_subscriber::filter::{FilterExt as _, Targets};
+use tracing_subscriber::layer::{Context, Filter};
 use tracing_subscriber::registry::{LookupSpan, Registry};
+
+use crate::trace::{Kind, span};
 
 /// Why the trace could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +113,26 @@ impl Visit for FindName {
     }
 }
 
+/// Leaves out the instant a slice's own event makes (`trace::slice!`
+/// emits it inside the slice for the narrator): the slice carries the same
+/// arguments, and the trace is half the size.
+struct NoSliceEvents;
+
+impl<S> Filter<S> for NoSliceEvents {
+    fn enabled(&self, _meta: &Metadata<'_>, _cx: &Context<'_, S>) -> bool {
+        true
+    }
+
+    fn event_enabled(&self, event: &tracing::Event<'_>, _cx: &Context<'_, S>) -> bool {
+        let mut f = FindName::default();
+        event.record(&mut f);
+        !f.kind
+            .as_deref()
+            .and_then(Kind::from_name)
+            .is_some_and(span::is_slice)
+    }
+}
+
 /// A slice's or an instant's name in the viewer.
 fn name(item: &EventOrSpan<'_, '_, Registry>) -> String {
     match item {
@@ -156,7 +178,9 @@ impl TraceWriter {
             .include_locations(false)
             .name_fn(Box::new(name))
             .build();
-        let ours = Targets::new().with_target("shadowvm", Level::DEBUG);
+        let ours = Targets::new()
+            .with_target("shadowvm", Level::DEBUG)
+            .and(NoSliceEvents);
         let layer = Labels.and_then(chrome.with_filter(ours));
         let writer = TraceWriter {
             path: path.to_path_buf(),

@@ -17,6 +17,12 @@ use crate::vmm::paging::ShadowPaging;
 /// The first sampling interval (it doubles as the run goes on, `grid.rs`).
 pub const FIRST_INTERVAL: Duration = Duration::from_millis(5);
 
+/// Pages read under one lock (2 MiB).
+const CHUNK_PAGES: u64 = 512;
+/// Sampling takes at most about this share of one CPU: after a sample
+/// that took `d`, the next waits at least `d * (SLOWDOWN - 1)`.
+const SLOWDOWN: u32 = 5;
+
 /// `last_young` of a page never seen young.
 const NEVER: u32 = u32::MAX;
 
@@ -42,42 +48,54 @@ struct Source {
 }
 
 impl Source {
-    /// The state of every unit now, or `None` once the mm is gone.
+    /// The state of every unit now, or `None` once the mm is gone. Guest
+    /// RAM is read [`CHUNK_PAGES`] at a time, each under its own lock, so
+    /// neither the lock hold time nor the memory grows with the guest.
     fn sample(&mut self, grid: &Grid) -> Option<Vec<PageState>> {
         let ram = self.paging.ram();
+        let mmu = self.paging.mmu();
         let base = ram.base();
+        let end = base + ram.size_bytes();
         let unit_bytes = grid.unit_pages() * PAGE_SIZE;
-        let unit_of = |hva: u64| ((hva - base) / unit_bytes) as usize;
-        let pages = ram.mm().snapshot(base, base + ram.size_bytes()).ok()?;
         let now = u32::try_from(self.t0.elapsed().as_millis()).unwrap_or(NEVER - 1);
         let mut column = vec![PageState::NotPresent; grid.units()];
         let mut young = vec![false; grid.units()];
-        let mmu = self.paging.mmu();
-        for gfn in mmu.accessed_gfns() {
-            if let Some(hva) = mmu.memslots().gfn_to_hva(gfn)
-                && let Some(y) = hva
-                    .checked_sub(base)
-                    .and_then(|_| young.get_mut(unit_of(hva)))
+        let unit = |hva: u64| ((hva - base) / unit_bytes) as usize;
+        let young_at = |hva: u64, young: &mut [bool]| {
+            if (base..end).contains(&hva)
+                && let Some(y) = young.get_mut(unit(hva))
             {
                 *y = true;
             }
+        };
+        for chunk in (base..end).step_by((CHUNK_PAGES * PAGE_SIZE) as usize) {
+            let chunk_end = (chunk + CHUNK_PAGES * PAGE_SIZE).min(end);
+            for (hva, page) in ram.mm().snapshot(chunk, chunk_end).ok()? {
+                let state = match page {
+                    PageSnapshot::Swapped => PageState::SwappedOut,
+                    PageSnapshot::Present { young: y, ksm, .. } => {
+                        if y {
+                            young_at(hva, &mut young);
+                        }
+                        if ksm {
+                            PageState::KsmShared
+                        } else {
+                            PageState::Present
+                        }
+                    }
+                };
+                let u = unit(hva);
+                column[u] = column[u].max(state);
+            }
         }
-        for (hva, page) in pages {
-            let u = unit_of(hva);
-            let state = match page {
-                PageSnapshot::Swapped => PageState::SwappedOut,
-                PageSnapshot::Present { young: y, ksm, .. } => {
-                    if y {
-                        young[u] = true;
-                    }
-                    if ksm {
-                        PageState::KsmShared
-                    } else {
-                        PageState::Present
-                    }
+        // The sptes, by guest frame: guest RAM starts at guest-physical 0.
+        let frames = ram.size_bytes() / PAGE_SIZE;
+        for g0 in (0..frames).step_by(CHUNK_PAGES as usize) {
+            for gfn in mmu.accessed_gfns(g0..(g0 + CHUNK_PAGES).min(frames)) {
+                if let Some(hva) = mmu.memslots().gfn_to_hva(gfn) {
+                    young_at(hva, &mut young);
                 }
-            };
-            column[u] = column[u].max(state);
+            }
         }
         for (u, state) in column.iter_mut().enumerate() {
             if young[u] {
@@ -133,8 +151,10 @@ impl Sampler {
                         if stop.is_stopped() {
                             break;
                         }
+                        // A big guest is sampled less often.
+                        let took = t0.elapsed().saturating_sub(t);
                         // Woken by `stop`: one more sample, the last.
-                        stop.sleep(grid.interval());
+                        stop.sleep(grid.interval().max(took * (SLOWDOWN - 1)));
                     }
                     grid
                 })

@@ -181,3 +181,27 @@ impl HostOp<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slice_labels_are_documented() {
+        let doc = include_str!("../../docs/trace-events.md");
+        let labels = [
+            KVM_RUN,
+            EXIT,
+            HYPERCALL,
+            RESOLVE_PF,
+            "ptep_clear_flush_young",
+        ];
+        let kinds = Kind::ALL.into_iter().filter(|k| is_slice(*k));
+        for label in labels.into_iter().chain(kinds.map(Kind::name)) {
+            assert!(
+                doc.contains(&format!("`{label}")),
+                "docs/trace-events.md does not name the slice `{label}`"
+            );
+        }
+    }
+}

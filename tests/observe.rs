@@ -31,6 +31,44 @@ fn out_path(name: &str) -> PathBuf {
     path
 }
 
+/// wss under kswapd, on less machine memory than it touches.
+const WSS_RECLAIM: &[&str] = &[
+    "run",
+    "wss",
+    "--mem",
+    "16M",
+    "--machine-mem",
+    "4M",
+    "--reclaim",
+    "--reclaim-interval-ms",
+    "20",
+];
+
+/// ksmd scanning fast enough to merge within a short run.
+const FAST_KSM: &[&str] = &[
+    "--ksm",
+    "--ksm-pages-to-scan",
+    "1000",
+    "--ksm-sleep-ms",
+    "1",
+];
+
+/// Runs `shadowvm` with `args` and `flag PATH` (before any `--`), PATH a
+/// fresh file called `file`; checks it exits 0. `None` (skipped) without
+/// KVM or without the built-in `guest`.
+fn run_writing(guest: &str, flag: &str, file: &str, args: &[&str]) -> Option<(Run, PathBuf)> {
+    if !common::require_kvm() || shadowvm::vmm::guests::find(guest).is_none() {
+        return None;
+    }
+    let path = out_path(file);
+    let mut a: Vec<&str> = args.to_vec();
+    let at = a.iter().position(|s| *s == "--").unwrap_or(a.len());
+    a.splice(at..at, [flag, path.to_str().expect("a UTF-8 path")]);
+    let run = common::shadowvm(&a);
+    run.check(run.code == Some(0), &format!("shadowvm {args:?} exits 0"));
+    Some((run, path))
+}
+
 fn num(v: &Value, path: &[&str]) -> u64 {
     path.iter().fold(v, |x, p| &x[*p]).as_u64().unwrap_or(0)
 }
@@ -145,34 +183,15 @@ fn slices_with_prefix(t: &Trace, prefix: &str) -> u64 {
 
 #[test]
 fn a_trace_opens_in_the_viewer_and_matches_the_counters() {
-    if !common::require_kvm() || shadowvm::vmm::guests::find("wss").is_none() {
+    let args = [
+        WSS_RECLAIM,
+        FAST_KSM,
+        &["--json", "--", "cold=1024", "hot=16", "duration_ms=200"],
+    ]
+    .concat();
+    let Some((run, path)) = run_writing("wss", "--trace", "wss.json", &args) else {
         return;
-    }
-    let path = out_path("wss.json");
-    let run = common::shadowvm(&[
-        "run",
-        "wss",
-        "--mem",
-        "16M",
-        "--machine-mem",
-        "4M",
-        "--reclaim",
-        "--reclaim-interval-ms",
-        "20",
-        "--ksm",
-        "--ksm-pages-to-scan",
-        "1000",
-        "--ksm-sleep-ms",
-        "1",
-        "--json",
-        "--trace",
-        path.to_str().unwrap(),
-        "--",
-        "cold=1024",
-        "hot=16",
-        "duration_ms=200",
-    ]);
-    run.check(run.code == Some(0), "wss exits 0");
+    };
     let v = run.json_at_end();
     let t = check_trace(&run, &path);
     for thread in ["vcpu0", "ksmd", "kswapd", "main"] {
@@ -302,18 +321,10 @@ fn a_trace_opens_in_the_viewer_and_matches_the_counters() {
 /// the threads that did them (`main` for the demo's host operation).
 #[test]
 fn a_demo_trace_has_every_narrated_callback_as_a_slice() {
-    if !common::require_kvm() || shadowvm::vmm::guests::find("test-counter").is_none() {
+    let args = ["demo", "dontneed", "--json"];
+    let Some((run, path)) = run_writing("test-counter", "--trace", "dontneed.json", &args) else {
         return;
-    }
-    let path = out_path("dontneed.json");
-    let run = common::shadowvm(&[
-        "demo",
-        "dontneed",
-        "--json",
-        "--trace",
-        path.to_str().unwrap(),
-    ]);
-    run.check(run.code == Some(0), "the demo exits 0");
+    };
     let mut narrated: BTreeMap<String, u64> = BTreeMap::new();
     for line in run.stdout.lines() {
         let v: Value = serde_json::from_str(line).unwrap_or_default();
@@ -350,21 +361,17 @@ fn a_demo_trace_has_every_narrated_callback_as_a_slice() {
 /// A `--host-ops` script's timed operations get their own track.
 #[test]
 fn timed_host_operations_have_their_own_track() {
-    if !common::require_kvm() || shadowvm::vmm::guests::find("hostops").is_none() {
-        return;
-    }
-    let path = out_path("hostops.json");
-    let run = common::shadowvm(&[
+    let args = [
         "run",
         "hostops",
         "--host-ops",
         "builtin:hostops-timed",
-        "--trace",
-        path.to_str().unwrap(),
         "--",
         "timed=1",
-    ]);
-    run.check(run.code == Some(0), "hostops exits 0");
+    ];
+    let Some((run, path)) = run_writing("hostops", "--trace", "hostops.json", &args) else {
+        return;
+    };
     let t = check_trace(&run, &path);
     run.check(
         t.threads.contains("host-ops"),
@@ -378,19 +385,10 @@ fn timed_host_operations_have_their_own_track() {
 /// one after the other): the trace still nests on every track.
 #[test]
 fn a_stress_trace_nests_on_every_track() {
-    if !common::require_kvm() || shadowvm::vmm::guests::find("verify").is_none() {
+    let args = ["stress", "--seconds", "1", "--json"];
+    let Some((run, path)) = run_writing("verify", "--trace", "stress.json", &args) else {
         return;
-    }
-    let path = out_path("stress.json");
-    let run = common::shadowvm(&[
-        "stress",
-        "--seconds",
-        "1",
-        "--json",
-        "--trace",
-        path.to_str().unwrap(),
-    ]);
-    run.check(run.code == Some(0), "stress exits 0");
+    };
     let t = check_trace(&run, &path);
     for thread in ["vcpu0", "vcpu1", "ksmd", "kswapd", "stress-host"] {
         run.check(
@@ -456,30 +454,15 @@ fn drawn(fills: &HashMap<String, usize>, state: PageState) -> usize {
 
 #[test]
 fn the_timeline_shows_the_states_the_counters_say_occurred() {
-    if !common::require_kvm() || shadowvm::vmm::guests::find("wss").is_none() {
-        return;
-    }
     // wss under reclaim: a working set, cold pages going out to swap.
-    let path = out_path("wss.svg");
-    let run = common::shadowvm(&[
-        "run",
-        "wss",
-        "--mem",
-        "16M",
-        "--machine-mem",
-        "4M",
-        "--reclaim",
-        "--reclaim-interval-ms",
-        "20",
-        "--json",
-        "--timeline",
-        path.to_str().unwrap(),
-        "--",
-        "cold=1024",
-        "hot=16",
-        "duration_ms=300",
-    ]);
-    run.check(run.code == Some(0), "wss exits 0");
+    let args = [
+        WSS_RECLAIM,
+        &["--json", "--", "cold=1024", "hot=16", "duration_ms=300"],
+    ]
+    .concat();
+    let Some((run, path)) = run_writing("wss", "--timeline", "wss.svg", &args) else {
+        return;
+    };
     let v = run.json_at_end();
     let f = fills(&run, &path);
     run.check(num(&v, &["reclaim", "pswpout"]) > 0, "pages went to swap");
@@ -497,24 +480,15 @@ fn the_timeline_shows_the_states_the_counters_say_occurred() {
     );
 
     // ksm with ksmd: sharing appears, and breaks.
-    let path = out_path("ksm.svg");
-    let run = common::shadowvm(&[
-        "run",
-        "ksm",
-        "--mem",
-        "16M",
-        "--ksm",
-        "--ksm-pages-to-scan",
-        "1000",
-        "--ksm-sleep-ms",
-        "1",
-        "--json",
-        "--timeline",
-        path.to_str().unwrap(),
-        "--",
-        "pages=256",
-    ]);
-    run.check(run.code == Some(0), "ksm exits 0");
+    let args = [
+        &["run", "ksm", "--mem", "16M"][..],
+        FAST_KSM,
+        &["--json", "--", "pages=256"],
+    ]
+    .concat();
+    let Some((run, path)) = run_writing("ksm", "--timeline", "ksm.svg", &args) else {
+        return;
+    };
     let v = run.json_at_end();
     let f = fills(&run, &path);
     run.check(
@@ -533,18 +507,10 @@ fn the_timeline_shows_the_states_the_counters_say_occurred() {
 
 #[test]
 fn the_reclaim_demo_timeline_shows_pages_going_out() {
-    if !common::require_kvm() || shadowvm::vmm::guests::find("test-counter").is_none() {
+    let args = ["demo", "reclaim", "--json"];
+    let Some((run, path)) = run_writing("test-counter", "--timeline", "reclaim.svg", &args) else {
         return;
-    }
-    let path = out_path("reclaim.svg");
-    let run = common::shadowvm(&[
-        "demo",
-        "reclaim",
-        "--json",
-        "--timeline",
-        path.to_str().unwrap(),
-    ]);
-    run.check(run.code == Some(0), "the demo exits 0");
+    };
     let last = run.stdout.lines().last().unwrap_or_default();
     let summary: Value = serde_json::from_str(last).unwrap_or_default();
     run.check(
@@ -570,43 +536,49 @@ fn unwritable_paths_fail_before_the_guest_starts() {
         r.check(r.stdout.is_empty(), "nothing on stdout: no guest ran");
     };
     let nowhere = "/nonexistent-dir/out.json";
+    let nowhere_svg = "/nonexistent-dir/t.svg";
     let dir = std::env::temp_dir();
-    let dir = dir.to_str().unwrap();
-    one_line_error(
-        &common::shadowvm(&["run", "hello", "--trace", nowhere]),
-        "cannot write the trace /nonexistent-dir/out.json",
-    );
-    one_line_error(
-        &common::shadowvm(&["run", "hello", "--trace", dir]),
-        "cannot write the trace",
-    );
-    one_line_error(
-        &common::shadowvm(&["run", "hello", "--timeline", "/nonexistent-dir/t.svg"]),
-        "cannot write the timeline /nonexistent-dir/t.svg",
-    );
-    one_line_error(
-        &common::shadowvm(&[
-            "run",
-            "hello",
-            "--paging",
-            "kvm",
-            "--timeline",
-            out_path("kvm.svg").to_str().unwrap(),
-        ]),
-        "--timeline needs --paging shadow",
-    );
-    one_line_error(
-        &common::shadowvm(&["demo", "dontneed", "--trace", nowhere]),
-        "cannot write the trace",
-    );
-    one_line_error(
-        &common::shadowvm(&["demo", "reclaim", "--timeline", "/nonexistent-dir/t.svg"]),
-        "cannot write the timeline",
-    );
-    one_line_error(
-        &common::shadowvm(&["stress", "--seconds", "1", "--trace", nowhere]),
-        "cannot write the trace",
-    );
+    let kvm_svg = out_path("kvm.svg");
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["run", "hello", "--trace", nowhere],
+            "cannot write the trace /nonexistent-dir/out.json",
+        ),
+        (
+            &["run", "hello", "--trace", dir.to_str().unwrap()],
+            "cannot write the trace",
+        ),
+        (
+            &["run", "hello", "--timeline", nowhere_svg],
+            "cannot write the timeline /nonexistent-dir/t.svg",
+        ),
+        (
+            &[
+                "run",
+                "hello",
+                "--paging",
+                "kvm",
+                "--timeline",
+                kvm_svg.to_str().unwrap(),
+            ],
+            "--timeline needs --paging shadow",
+        ),
+        (
+            &["demo", "dontneed", "--trace", nowhere],
+            "cannot write the trace",
+        ),
+        (
+            &["demo", "reclaim", "--timeline", nowhere_svg],
+            "cannot write the timeline",
+        ),
+        (
+            &["stress", "--seconds", "1", "--trace", nowhere],
+            "cannot write the trace",
+        ),
+    ];
+    for (args, needle) in cases {
+        one_line_error(&common::shadowvm(args), needle);
+    }
 }
 
 /// Neither an ANSI escape nor a bar's characters.

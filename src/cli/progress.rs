@@ -214,6 +214,7 @@ impl Drop for BarConsole {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shadowvm::vmm::ConsoleBuffer;
 
     /// Tests run with their output captured: never a terminal.
     #[test]
@@ -224,33 +225,21 @@ mod tests {
         }
     }
 
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-    impl Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn the_console_behind_a_bar_writes_whole_lines_and_the_rest_at_the_end() {
-        let buf = Buf::default();
+        let buf = ConsoleBuffer::new();
         let p = Progress::for_run(None);
         let mut c = p.console(Box::new(buf.clone()));
         c.write_all(b"hello ").unwrap();
         c.write_all(b"wor").unwrap();
-        assert!(buf.0.lock().is_empty(), "a partial line waits");
+        assert_eq!(buf.text(), "", "a partial line waits");
         c.write_all(b"ld\nbye").unwrap();
-        assert_eq!(&buf.0.lock()[..], b"hello world\n");
+        assert_eq!(buf.text(), "hello world\n");
         c.flush().unwrap(); // the bar is hidden: out at once
-        assert_eq!(&buf.0.lock()[..], b"hello world\nbye");
+        assert_eq!(buf.text(), "hello world\nbye");
         c.write_all(b"!").unwrap();
         drop(c);
-        assert_eq!(&buf.0.lock()[..], b"hello world\nbye!");
+        assert_eq!(buf.text(), "hello world\nbye!");
         p.finish();
     }
 }

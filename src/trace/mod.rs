@@ -50,6 +50,25 @@ macro_rules! slice {
 }
 pub(crate) use slice;
 
+/// Runs `$body` inside a slice made from `$event` (like [`slice!`]), for
+/// the hot paths: the body is written out twice, once in the slice and
+/// once bare, so when nobody listens at DEBUG it runs after one relaxed
+/// load with no guard to drop on the way out (a `slice!` guard's drop, or
+/// a shared closure, costs the notifier dispatch 0.3 to 1.7 ns).
+/// `return` in the body returns from the enclosing function.
+/// `trace::in_slice!(Event::ClearYoung { start, end }, { ... })`.
+macro_rules! in_slice {
+    ($event:expr, $body:block) => {
+        if ::tracing::level_enabled!(::tracing::Level::DEBUG) {
+            let _slice = $event.slice();
+            $body
+        } else {
+            $body
+        }
+    };
+}
+pub(crate) use in_slice;
+
 /// The `tracing` target of every event.
 pub const TARGET: &str = "shadowvm::trace";
 

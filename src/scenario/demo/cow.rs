@@ -7,7 +7,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use super::super::narrate::TraceLayer;
-use super::super::observe::{Observer, cold_after};
+use super::super::observe::{self, Observer, cold_after};
 use super::{DemoError, Result, Scenario, print_summary, summary};
 use crate::vmm::{ConsoleBuffer, GuestSource, Outcome, Paging, RunningVm, VmConfig, guests};
 
@@ -50,9 +50,9 @@ pub(super) fn run(
     let paging = vm.shadow().ok_or(DemoError::NotShadow)?;
     let mm = paging.ram().mm().clone();
     observer.attach(paging, cold_after(None), title)?;
-    vm.wait_for_stop(Some(Duration::from_secs(20)));
-    let detached = observer.detach();
-    let report = vm.wait(Some(Duration::ZERO));
+    let timeout = Some(Duration::from_secs(20));
+    vm.wait_for_stop(timeout);
+    let (report, detached) = observe::end(vm, observer, timeout);
     detached?;
     let cows = mm.stats().pgcow;
     let text = console.text();

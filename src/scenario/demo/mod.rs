@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use serde_json::Value;
 
 use super::narrate::TraceLayer;
-use super::observe::{ObserveError, Observer, cold_after};
+use super::observe::{self, ObserveError, Observer, cold_after};
 use crate::mm::Mm;
 use crate::vmm::config::ConfigError;
 use crate::vmm::{Outcome, RunReport, VmmError};
@@ -209,9 +209,7 @@ pub fn run(
     std::thread::sleep(watch);
     let ksm = g.mm.ksm_stats();
     g.vm.stop();
-    g.vm.wait_for_stop(None);
-    let detached = observer.detach();
-    let report = g.vm.wait(Some(Duration::from_secs(10)));
+    let (report, detached) = observe::end(g.vm, observer, None);
     if released {
         guest_saw!(
             "the guest is gone ({}); every spte was torn down before the frames were freed",

@@ -20,7 +20,7 @@ use tracing_subscriber::Layer;
 use tracing_subscriber::registry::Registry;
 
 pub use perfetto::{TraceFileError, TraceWriter};
-pub use run::{Progress, RunError, run};
+pub use run::{Progress, RunError, end, run};
 pub use timeline::{Timeline, TimelineError, TimelineSummary};
 
 use crate::vmm::host::aging::AGING_HISTORY;

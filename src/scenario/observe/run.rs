@@ -76,13 +76,24 @@ pub fn run(
             shadow: vm.shadow().map(|s| s.stats()),
         });
     }
-    let detached = observer.detach();
-    // Stopped, or out of time: `wait` stops it now and reports a timeout.
-    let mut report = vm.wait(Some(Duration::ZERO));
-    if let (Outcome::TimedOut { after, .. }, Some(timeout)) = (&mut report.outcome, config.timeout)
-    {
-        *after = timeout;
-    }
+    let (report, detached) = end(vm, observer, config.timeout);
     detached?;
     Ok(report)
+}
+
+/// Ends `vm`, which stopped or ran out of `timeout` (then it is stopped
+/// and reported as timed out after `timeout`): the timeline's last sample
+/// first, then [`RunningVm::wait`] tears the VM down. The report, and
+/// whether the timeline's sampler ended well.
+pub fn end(
+    vm: RunningVm,
+    observer: &mut Observer,
+    timeout: Option<Duration>,
+) -> (RunReport, Result<(), ObserveError>) {
+    let detached = observer.detach();
+    let mut report = vm.wait(Some(Duration::ZERO));
+    if let (Outcome::TimedOut { after, .. }, Some(timeout)) = (&mut report.outcome, timeout) {
+        *after = timeout;
+    }
+    (report, detached)
 }

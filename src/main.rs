@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use shadowvm::scenario::observe;
 use shadowvm::vmm::{self, GuestSource, Outcome, Paging, VmConfig, guests};
 
 mod cli;
@@ -23,7 +24,8 @@ const EXIT_GUEST_FAILED: u8 = 125;
     version,
     about = "A small KVM hypervisor that boots tiny 64-bit guests",
     after_help = "Exit status: the guest's exit code when it exits; 0 when every vCPU halts; \
-                  2 when the guest cannot be started (bad arguments, bad image, no KVM); \
+                  2 when the guest cannot be started (bad arguments, bad image, no KVM) or \
+                  --trace/--timeline cannot be written; \
                   124 when --timeout expires; 125 when the guest crashes (triple fault, \
                   unknown port, KVM error)."
 )]
@@ -159,6 +161,9 @@ struct RunArgs {
     #[arg(long, value_name = "STRING")]
     cmdline: Option<String>,
 
+    #[command(flatten)]
+    observe: cli::observe::ObserveArgs,
+
     /// More guest command-line words, after `--`.
     #[arg(last = true, value_name = "ARGS")]
     args: Vec<String>,
@@ -271,12 +276,53 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         config.flush_fault = args.test_flush_fault;
     }
     config.validate()?;
+    if args.observe.timeline.is_some() && config.paging != Paging::Shadow {
+        anyhow::bail!("--timeline needs --paging shadow");
+    }
     Ok(config)
+}
+
+/// The timeline's title: the command that ran.
+fn title(args: &RunArgs, config: &VmConfig) -> String {
+    let mut t = format!("shadowvm run {}", args.guest);
+    for (on, flag) in [
+        (args.ksm, "--ksm"),
+        (args.reclaim, "--reclaim"),
+        (args.host_ops.is_some(), "--host-ops"),
+    ] {
+        if on {
+            t.push(' ');
+            t.push_str(flag);
+        }
+    }
+    if !config.cmdline.is_empty() {
+        t.push_str(" -- ");
+        t.push_str(&config.cmdline);
+    }
+    t
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = config_from(&args)?;
-    let report = vmm::run(&config, Box::new(std::io::stdout()))?;
+    let mut observer = args.observe.open()?;
+    observer.install()?;
+    let progress = if cli::progress::wanted(args.json) {
+        cli::progress::Progress::for_run(config.timeout)
+    } else {
+        cli::progress::Progress::none()
+    };
+    let console = progress.console(Box::new(std::io::stdout()));
+    let report = observe::run(
+        &config,
+        console,
+        &mut observer,
+        &title(&args, &config),
+        |p| progress.tick(p),
+    );
+    progress.finish();
+    // Everything traced is done: write the trace and the timeline.
+    let written = observer.finish();
+    let report = report?;
     let check_failed = matches!(report.check, Some(Err(_)));
     if args.check {
         match &report.check {
@@ -310,6 +356,10 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             ExitCode::from(EXIT_GUEST_FAILED)
         }
     };
+    if let Err(e) = written {
+        eprintln!("shadowvm: error: {e}");
+        return Ok(ExitCode::from(EXIT_USAGE));
+    }
     Ok(if check_failed {
         ExitCode::from(EXIT_GUEST_FAILED)
     } else {

@@ -1,5 +1,5 @@
-//! `shadowvm demo [<scenario>] [--json]`: parses and calls
-//! `shadowvm::vmm::demo`.
+//! `shadowvm demo [<scenario>] [--json] [--trace FILE] [--timeline
+//! FILE.svg]`: parses and calls `shadowvm::scenario::demo`.
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -15,6 +15,9 @@ pub struct DemoArgs {
     /// narrated view.
     #[arg(long)]
     json: bool,
+
+    #[command(flatten)]
+    observe: super::observe::ObserveArgs,
 }
 
 pub fn main(args: DemoArgs) -> ExitCode {
@@ -37,10 +40,23 @@ pub fn main(args: DemoArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    match demo::run(&name, args.json, Box::new(std::io::stdout())) {
-        Ok(()) => ExitCode::SUCCESS,
+    let mut observer = match args.observe.open() {
+        Ok(o) => o,
         Err(e) => {
+            eprintln!("shadowvm: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = demo::run(&name, args.json, Box::new(std::io::stdout()), &mut observer);
+    let written = observer.finish();
+    match (result, written) {
+        (Ok(()), Ok(_)) => ExitCode::SUCCESS,
+        (Err(e), _) => {
             eprintln!("shadowvm: error: demo {name}: {e:#}");
+            ExitCode::from(2)
+        }
+        (Ok(()), Err(e)) => {
+            eprintln!("shadowvm: error: {e}");
             ExitCode::from(2)
         }
     }

@@ -2,9 +2,11 @@
 //! `vmm::stress`), from the command line.
 
 use std::io::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use shadowvm::scenario::observe::{ObserveOptions, Observer};
 use shadowvm::scenario::stress;
 use shadowvm::vmm;
 
@@ -52,6 +54,13 @@ pub struct StressArgs {
     #[arg(long)]
     json: bool,
 
+    /// Write a Perfetto trace of every verify run to FILE.
+    ///
+    /// Chrome trace-event JSON for the Perfetto UI (docs/observability.md).
+    /// Large: it holds every exit, fault and host operation of the run.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+
     /// Tests only: inject a fault into the host TLB flush of every run
     /// (`skip-zapped`: the negative control, which must report corruption).
     #[cfg(feature = "test-hooks")]
@@ -70,11 +79,33 @@ pub fn main(args: StressArgs) -> ExitCode {
         }
     };
     let json = args.json;
+    let observer = match Observer::open(&ObserveOptions {
+        trace: args.trace.clone(),
+        timeline: None,
+    })
+    .and_then(|mut o| o.install().map(|()| o))
+    {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("shadowvm: error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let progress = if super::progress::wanted(json) {
+        super::progress::Progress::timed(config.duration, "stress")
+    } else {
+        super::progress::Progress::none()
+    };
+    let mut runs = 0;
     let report = stress::stress(&config, |console| {
+        runs += 1;
+        progress.message(format!("{runs} verify run(s) done"));
         if !json {
-            print!("{console}");
+            progress.print(console);
         }
     });
+    progress.finish();
+    let written = observer.finish();
     let report = match report {
         Ok(r) => r,
         Err(e) => {
@@ -93,6 +124,10 @@ pub fn main(args: StressArgs) -> ExitCode {
         return ExitCode::from(EXIT_FAILED);
     }
     eprintln!("{}", report.verdict());
+    if let Err(e) = written {
+        eprintln!("shadowvm: error: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     if report.ok {
         ExitCode::SUCCESS
     } else {

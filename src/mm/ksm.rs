@@ -87,7 +87,7 @@ impl Mm {
     /// One wake-up of ksmd (`ksm_do_scan`): scans up to `pages_to_scan`
     /// mergeable pages, merging what it can.
     pub fn ksm_scan(&self, pages_to_scan: u64) -> Result<KsmScanResult, MmError> {
-        crate::trace::emit!(HostOp(crate::trace::HostOp::KsmScan { pages_to_scan }));
+        let _slice = crate::trace::slice!(HostOp(crate::trace::HostOp::KsmScan { pages_to_scan }));
         self.check_alive()?;
         let mut ksm = self.ksm.lock();
         let mut res = KsmScanResult::default();

@@ -34,7 +34,7 @@ impl Mm {
     /// mapped parts. A huge PMD the range covers in part is split (inside
     /// the zap), and a large folio left partly mapped is split after.
     pub fn madvise_dontneed(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        crate::trace::emit!(HostOp(crate::trace::HostOp::MadviseDontneed {
+        let _slice = crate::trace::slice!(HostOp(crate::trace::HostOp::MadviseDontneed {
             start: addr,
             len
         }));
@@ -66,7 +66,7 @@ impl Mm {
 
     /// `madvise(addr, len, MADV_MERGEABLE)`: lets KSM merge the range.
     pub fn madvise_mergeable(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        crate::trace::emit!(HostOp(crate::trace::HostOp::MadviseMergeable {
+        let _slice = crate::trace::slice!(HostOp(crate::trace::HostOp::MadviseMergeable {
             start: addr,
             len
         }));
@@ -77,7 +77,7 @@ impl Mm {
     /// policies set to `madvise` apply to the range from now on; clears
     /// `MADV_NOHUGEPAGE`. Errors as `madvise_mergeable`.
     pub fn madvise_hugepage(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        crate::trace::emit!(HostOp(crate::trace::HostOp::MadviseHugepage {
+        let _slice = crate::trace::slice!(HostOp(crate::trace::HostOp::MadviseHugepage {
             start: addr,
             len
         }));
@@ -137,7 +137,7 @@ impl Mm {
     /// left. Nothing here raises Linux's `EFAULT` (no SIGBUS or SIGSEGV
     /// source in anonymous memory).
     pub fn madvise_populate_write(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        crate::trace::emit!(HostOp(crate::trace::HostOp::MadvisePopulateWrite {
+        let _slice = crate::trace::slice!(HostOp(crate::trace::HostOp::MadvisePopulateWrite {
             start: addr,
             len
         }));

@@ -55,7 +55,8 @@ impl Mm {
 
     /// `munmap(addr, len)`.
     pub fn munmap(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        crate::trace::emit!(HostOp(crate::trace::HostOp::Munmap { start: addr, len }));
+        let _slice =
+            crate::trace::slice!(HostOp(crate::trace::HostOp::Munmap { start: addr, len }));
         self.check_alive()?;
         if !is_page_aligned(addr) {
             return Err(MmError::InvalidArgument("address is not page aligned"));
@@ -180,7 +181,7 @@ impl Mm {
     /// frame and swap slot returned. Later calls on the mm fail with
     /// `Exited`; a second exit does nothing.
     pub fn exit_mmap(&self) {
-        crate::trace::emit!(HostOp(crate::trace::HostOp::ExitMmap));
+        let _slice = crate::trace::slice!(HostOp(crate::trace::HostOp::ExitMmap));
         let mut ksm = self.ksm.lock();
         let mut vmas = self.mmap_lock.write();
         if self.exited.swap(true, std::sync::atomic::Ordering::AcqRel) {

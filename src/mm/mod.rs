@@ -13,6 +13,7 @@
 //! | large folios: THP settings, PMD mappings, splits | `thp.rs`, `huge_memory.rs` | `mm/huge_memory.c` |
 //! | KSM | `ksm.rs` | `mm/ksm.c` |
 //! | aging, reclaim | `reclaim.rs` | `mm/rmap.c`, `mm/vmscan.c` |
+//! | a read-only snapshot for observers (`--timeline`) | `snapshot.rs` | |
 //!
 //! Lock order: the KSM scanner lock, then `mmap_lock`, then a page lock
 //! (`PG_locked` of a folio, see `pgtable.rs`), then the page-table lock. A page lock is
@@ -47,6 +48,7 @@ mod mmap;
 mod mprotect;
 mod pgtable;
 mod reclaim;
+mod snapshot;
 mod stats;
 mod swap;
 mod thp;
@@ -72,6 +74,7 @@ pub use pgtable::{
     Folio, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PageMeta, PresentPte, Pte,
 };
 pub use reclaim::{AgingResult, ReclaimResult};
+pub use snapshot::PageSnapshot;
 pub use stats::{MmStats, MmStatsSnapshot};
 pub use thp::{
     MthpStatsSnapshot, OrderEnabled, ThpConfig, ThpConfigError, ThpEnabled, parse_size_order,

@@ -24,7 +24,7 @@ impl Mm {
     /// → `vma_adjust_trans_huge`); one inside is write-protected whole
     /// (`change_huge_pmd`).
     pub fn mprotect(&self, addr: Hva, len: u64, prot: Prot) -> Result<(), MmError> {
-        crate::trace::emit!(HostOp(crate::trace::HostOp::Mprotect {
+        let _slice = crate::trace::slice!(HostOp(crate::trace::HostOp::Mprotect {
             start: addr,
             len,
             prot: &prot,

@@ -56,7 +56,8 @@ impl Mm {
     /// `ptep_clear_flush_young_notify`: test and clear the host young bit and
     /// every secondary MMU's, flushing the secondary TLBs.
     pub fn clear_flush_young(&self, hva: Hva) -> Result<bool, MmError> {
-        crate::trace::emit!(HostOp(crate::trace::HostOp::ClearFlushYoung { start: hva }));
+        let _slice =
+            crate::trace::slice!(HostOp(crate::trace::HostOp::ClearFlushYoung { start: hva }));
         self.young_op(hva, true, true)
     }
 
@@ -121,7 +122,8 @@ impl Mm {
     /// flushes) the young bits of every present page and reports which were
     /// young.
     pub fn age_range(&self, start: Hva, end: Hva, flush: bool) -> Result<AgingResult, MmError> {
-        crate::trace::emit!(HostOp(crate::trace::HostOp::AgeRange { start, end, flush }));
+        let _slice =
+            crate::trace::slice!(HostOp(crate::trace::HostOp::AgeRange { start, end, flush }));
         self.check_alive()?;
         let mut res = AgingResult::default();
         let pages: Vec<Hva> = {
@@ -165,7 +167,7 @@ impl Mm {
     /// cleared); a cold one is unmapped under `invalidate_range_start/end`,
     /// written to swap if dirty, and freed. A later access swaps it back in.
     pub fn reclaim(&self, nr_to_scan: u64) -> Result<ReclaimResult, MmError> {
-        crate::trace::emit!(HostOp(crate::trace::HostOp::Reclaim { nr_to_scan }));
+        let _slice = crate::trace::slice!(HostOp(crate::trace::HostOp::Reclaim { nr_to_scan }));
         self.check_alive()?;
         let vmas = self.mmap_lock.read();
         self.reclaim_locked(&vmas, nr_to_scan)

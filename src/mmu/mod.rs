@@ -15,6 +15,7 @@
 //! * `notifier.rs`: the `MmuNotifierOps` implementation.
 //! * [`tlb`]: the flush the MMU requests, by frame.
 //! * `check.rs`: the coherence checker (docs/design.md rules 1 and 5).
+//! * `snapshot.rs`: a read-only look at the Accessed bits for observers.
 
 mod check;
 mod fault;
@@ -28,6 +29,7 @@ pub mod pte;
 #[cfg(feature = "test-hooks")]
 mod scan;
 mod shadow_page;
+mod snapshot;
 mod spte;
 pub mod stats;
 pub mod tlb;

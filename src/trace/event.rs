@@ -429,29 +429,29 @@ impl Event<'_> {
         match self {
             Event::HostOp(op) => op.emit(kind, layer),
             Event::SwapOut { hva, frame } => {
-                tracing::debug!(target: TARGET, layer, kind, hva, frame, "host: page written to swap and freed");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, hva, frame, "host: page written to swap and freed");
             }
             Event::SwapIn { hva, write } => {
-                tracing::debug!(target: TARGET, layer, kind, hva, write, "host: swap-in (do_swap_page)");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, hva, write, "host: swap-in (do_swap_page)");
             }
             Event::Cow {
                 hva,
                 old_frame,
                 new_frame,
             } => {
-                tracing::debug!(target: TARGET, layer, kind, hva, old_frame, new_frame, "host: copy-on-write broke the sharing");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, hva, old_frame, new_frame, "host: copy-on-write broke the sharing");
             }
             Event::FolioAlloc { hva, frame, order } => {
-                tracing::debug!(target: TARGET, layer, kind, hva, frame, order, "host: large folio allocated");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, hva, frame, order, "host: large folio allocated");
             }
             Event::SplitPmd { hva, frame } => {
-                tracing::debug!(target: TARGET, layer, kind, hva, frame, "host: huge PMD split");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, hva, frame, "host: huge PMD split");
             }
             Event::SplitFolio { hva, frame, order } => {
-                tracing::debug!(target: TARGET, layer, kind, hva, frame, order, "host: large folio split");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, hva, frame, order, "host: large folio split");
             }
             Event::DmaAttach { start, end } => {
-                tracing::debug!(target: TARGET, layer, kind, start, end, "dma: device attached (mmu_interval_notifier_insert)");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, start, end, "dma: device attached (mmu_interval_notifier_insert)");
             }
             Event::DmaFault {
                 iova,
@@ -459,7 +459,7 @@ impl Event<'_> {
                 frame,
                 writable,
             } => {
-                tracing::debug!(target: TARGET, layer, kind, iova, hva, frame, writable, "dma: device fault mapped a page");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, iova, hva, frame, writable, "dma: device fault mapped a page");
             }
             Event::DmaInvalidate {
                 start,
@@ -468,26 +468,26 @@ impl Event<'_> {
                 cur_seq,
                 dropped,
             } => {
-                tracing::debug!(target: TARGET, layer, kind, start, end, event = ?event, cur_seq, dropped, "dma: IOTLB entries invalidated");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, start, end, event = ?event, cur_seq, dropped, "dma: IOTLB entries invalidated");
             }
             Event::Release => {
-                tracing::debug!(target: TARGET, layer, kind, "release: the mm is going away");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, "release: the mm is going away");
             }
             Event::ClearFlushYoung { start, end } => {
-                tracing::debug!(target: TARGET, layer, kind, start, end, "clear_flush_young");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, start, end, "clear_flush_young");
             }
             Event::ClearYoung { start, end } => {
-                tracing::debug!(target: TARGET, layer, kind, start, end, "clear_young");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, start, end, "clear_young");
             }
             Event::TestYoung { address } => {
-                tracing::debug!(target: TARGET, layer, kind, address, "test_young");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, address, "test_young");
             }
             Event::ChangePte {
                 address,
                 frame,
                 writable,
             } => {
-                tracing::debug!(target: TARGET, layer, kind, address, frame, writable, "change_pte");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, address, frame, writable, "change_pte");
             }
             Event::InvalidateRangeStart {
                 start,
@@ -495,10 +495,10 @@ impl Event<'_> {
                 event,
                 blockable,
             } => {
-                tracing::debug!(target: TARGET, layer, kind, start, end, event = ?event, blockable, "invalidate_range_start");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, start, end, event = ?event, blockable, "invalidate_range_start");
             }
             Event::InvalidateRangeEnd { start, end, event } => {
-                tracing::debug!(target: TARGET, layer, kind, start, end, event = ?event, "invalidate_range_end");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, start, end, event = ?event, "invalidate_range_end");
             }
             Event::SpteZapped {
                 sp,
@@ -507,7 +507,7 @@ impl Event<'_> {
                 large,
                 reason,
             } => {
-                tracing::debug!(target: TARGET, layer, kind, sp, idx, frame, large, reason = ?reason, "spte zapped");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, sp, idx, frame, large, reason = ?reason, "spte zapped");
             }
             Event::SptePrefetched {
                 sp,
@@ -515,13 +515,13 @@ impl Event<'_> {
                 gfn,
                 frame,
             } => {
-                tracing::debug!(target: TARGET, layer, kind, sp, idx, gfn, frame, "spte prefetched");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, sp, idx, gfn, frame, "spte prefetched");
             }
             Event::ShadowPageZapped { sp, level } => {
-                tracing::debug!(target: TARGET, layer, kind, sp, level, "shadow page zapped");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, sp, level, "shadow page zapped");
             }
             Event::AccessedCleared { sp, idx, frame } => {
-                tracing::debug!(target: TARGET, layer, kind, sp, idx, frame, "spte Accessed bit cleared");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, sp, idx, frame, "spte Accessed bit cleared");
             }
             Event::SpteRepointed {
                 sp,
@@ -529,21 +529,21 @@ impl Event<'_> {
                 old_frame,
                 new_frame,
             } => {
-                tracing::debug!(target: TARGET, layer, kind, sp, idx, old_frame, new_frame, "spte repointed read-only");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, sp, idx, old_frame, new_frame, "spte repointed read-only");
             }
             Event::Shootdown {
                 frames,
                 runs,
                 method: ShootdownMethod::Disabled,
             } => {
-                tracing::debug!(target: TARGET, layer, kind, frames, runs, method = ShootdownMethod::Disabled.name(), "host flush disabled: nothing invalidated");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, frames, runs, method = %ShootdownMethod::Disabled.name(), "host flush disabled: nothing invalidated");
             }
             Event::Shootdown {
                 frames,
                 runs,
                 method,
             } => {
-                tracing::debug!(target: TARGET, layer, kind, frames, runs, method = method.name(), "stale host translations invalidated");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, frames, runs, method = %method.name(), "stale host translations invalidated");
             }
             Event::ResolvePf {
                 gva,
@@ -551,14 +551,14 @@ impl Event<'_> {
                 outcome,
             } => match outcome {
                 PfOutcome::Retry => {
-                    tracing::debug!(target: TARGET, layer, kind, gva, error_code, outcome = outcome.name(), "guest page fault fixed by the VMM");
+                    tracing::debug!(target: TARGET, layer = %layer, kind = %kind, gva, error_code, outcome = %outcome.name(), "guest page fault fixed by the VMM");
                 }
                 PfOutcome::GuestFault => {
-                    tracing::debug!(target: TARGET, layer, kind, gva, error_code, outcome = outcome.name(), "guest page fault reflected to the guest");
+                    tracing::debug!(target: TARGET, layer = %layer, kind = %kind, gva, error_code, outcome = %outcome.name(), "guest page fault reflected to the guest");
                 }
             },
             Event::GuestSaw(text) | Event::Note(text) => {
-                tracing::info!(target: TARGET, layer, kind, "{}", text);
+                tracing::info!(target: TARGET, layer = %layer, kind = %kind, "{}", text);
             }
         }
     }
@@ -569,37 +569,37 @@ impl HostOp<'_> {
         let op = self.name();
         match self {
             HostOp::MadviseDontneed { start, len } => {
-                tracing::debug!(target: TARGET, layer, kind, op, start, len, "host: madvise(MADV_DONTNEED)");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, op = %op, start, len, "host: madvise(MADV_DONTNEED)");
             }
             HostOp::MadviseMergeable { start, len } => {
-                tracing::debug!(target: TARGET, layer, kind, op, start, len, "host: madvise(MADV_MERGEABLE)");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, op = %op, start, len, "host: madvise(MADV_MERGEABLE)");
             }
             HostOp::Munmap { start, len } => {
-                tracing::debug!(target: TARGET, layer, kind, op, start, len, "host: munmap");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, op = %op, start, len, "host: munmap");
             }
             HostOp::Mprotect { start, len, prot } => {
-                tracing::debug!(target: TARGET, layer, kind, op, start, len, prot = ?prot, "host: mprotect");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, op = %op, start, len, prot = ?prot, "host: mprotect");
             }
             HostOp::KsmScan { pages_to_scan } => {
-                tracing::debug!(target: TARGET, layer, kind, op, pages_to_scan, "host: ksmd scan");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, op = %op, pages_to_scan, "host: ksmd scan");
             }
             HostOp::AgeRange { start, end, flush } => {
-                tracing::debug!(target: TARGET, layer, kind, op, start, end, flush, "host: aging pass");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, op = %op, start, end, flush, "host: aging pass");
             }
             HostOp::Reclaim { nr_to_scan } => {
-                tracing::debug!(target: TARGET, layer, kind, op, nr_to_scan, "host: reclaim (kswapd)");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, op = %op, nr_to_scan, "host: reclaim (kswapd)");
             }
             HostOp::ClearFlushYoung { start } => {
-                tracing::debug!(target: TARGET, layer, kind, op, start, "host: ptep_clear_flush_young");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, op = %op, start, "host: ptep_clear_flush_young");
             }
             HostOp::ExitMmap => {
-                tracing::debug!(target: TARGET, layer, kind, op, "host: exit_mmap");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, op = %op, "host: exit_mmap");
             }
             HostOp::MadviseHugepage { start, len } => {
-                tracing::debug!(target: TARGET, layer, kind, op, start, len, "host: madvise(MADV_HUGEPAGE)");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, op = %op, start, len, "host: madvise(MADV_HUGEPAGE)");
             }
             HostOp::MadvisePopulateWrite { start, len } => {
-                tracing::debug!(target: TARGET, layer, kind, op, start, len, "host: madvise(MADV_POPULATE_WRITE)");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, op = %op, start, len, "host: madvise(MADV_POPULATE_WRITE)");
             }
         }
     }

@@ -473,7 +473,7 @@ impl HostTlbFlush {
         } else {
             ShootdownMethod::ProtectToggle
         };
-        crate::trace::emit!(Shootdown {
+        let _slice = crate::trace::slice!(Shootdown {
             frames: frames.len(),
             runs: runs.len(),
             method,
@@ -503,7 +503,7 @@ impl TlbFlush for HostTlbFlush {
             .frames
             .fetch_add(frames.len() as u64, Ordering::Relaxed);
         if !self.enabled {
-            crate::trace::emit!(Shootdown {
+            let _slice = crate::trace::slice!(Shootdown {
                 frames: frames.len(),
                 runs: 0,
                 method: ShootdownMethod::Disabled,

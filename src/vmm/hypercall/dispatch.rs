@@ -73,6 +73,7 @@ impl HypercallHandler {
         cpu: &mut dyn CpuAccess,
         nr: u64,
     ) -> Result<HypercallOutcome, HypercallError> {
+        let _slice = crate::trace::span::hypercall(nr, abi::hc::name(nr)).entered();
         let mut regs = cpu.regs()?;
         let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10];
         let (rax, rdx) = match Hypercall::decode(nr, args, self.ram.size()) {
@@ -86,6 +87,26 @@ impl HypercallHandler {
         }
         cpu.set_regs(&regs)?;
         Ok(HypercallOutcome::Resume)
+    }
+
+    /// RESOLVE_PF through the paging mode, in a slice that records the
+    /// outcome.
+    fn resolve_pf(
+        &self,
+        cpu: &mut dyn CpuAccess,
+        cr2: u64,
+        error_code: u64,
+        rip: u64,
+    ) -> Result<PfResolution, PagingError> {
+        let slice = crate::trace::span::resolve_pf(cr2, error_code);
+        let _in = slice.enter();
+        let resolution = self.paging.resolve_pf(cpu, cr2, error_code, rip)?;
+        let outcome = match resolution {
+            PfResolution::Retry => PfOutcome::Retry,
+            PfResolution::GuestFault { .. } => PfOutcome::GuestFault,
+        };
+        crate::trace::span::record_outcome(&slice, outcome);
+        Ok(resolution)
     }
 
     fn execute(
@@ -108,7 +129,7 @@ impl HypercallHandler {
                 cr2,
                 error_code,
                 rip,
-            } => match self.paging.resolve_pf(cpu, cr2, error_code, rip)? {
+            } => match self.resolve_pf(cpu, cr2, error_code, rip)? {
                 PfResolution::Retry => {
                     crate::trace::emit!(ResolvePf {
                         gva: cr2,

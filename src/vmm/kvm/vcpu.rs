@@ -29,6 +29,7 @@ use super::cpu_state::CpuState;
 use super::exit::{IoAction, VcpuError, VcpuExits, VmExit, le_value};
 use super::failure::{FailureKind, GuestFailure};
 use super::kick::{self, VcpuKick, VcpuRequest};
+use crate::trace;
 
 /// What the exit handler decided, before touching the vCPU fd again.
 enum Action<F> {
@@ -233,7 +234,10 @@ impl<X: VcpuExits> Vcpu<X> {
             }
 
             let t = Instant::now();
-            let result = self.fd.run();
+            let result = {
+                let _slice = trace::span::kvm_run(self.id).entered();
+                self.fd.run()
+            };
             self.kick.exit_guest_mode();
             drop(gate);
             ctx.stats.guest_time(t.elapsed().as_nanos() as u64);
@@ -243,6 +247,9 @@ impl<X: VcpuExits> Vcpu<X> {
                 op: "KVM_RUN",
                 source,
             })?;
+            // Until the end of the iteration: the hypercall, or the wait of
+            // a halted vCPU, is part of handling the exit.
+            let _slice = trace::span::vcpu_exit(self.id, exit.reason().name()).entered();
             let interrupted = matches!(exit, VmExit::Interrupted | VmExit::Again);
             let action = handle_exit(&ctx, self.id, exit)?;
             if interrupted {

@@ -140,22 +140,8 @@ struct RunArgs {
     #[arg(long, value_name = "FILE")]
     host_ops: Option<String>,
 
-    /// Transparent huge pages for guest RAM (the host's
-    /// transparent_hugepage/enabled): `always`, `madvise` or `never`.
-    /// Guest RAM gets MADV_HUGEPAGE when on; in kvm mode the real host's
-    /// THP backs it.
-    #[arg(long, value_name = "POLICY", default_value = "never")]
-    host_thp: shadowvm::mm::ThpEnabled,
-
-    /// Multi-size THP for guest RAM (--paging shadow): folio sizes an
-    /// anonymous fault may allocate, e.g. `16K,64K` (8K to 2M).
-    #[arg(long, value_name = "SIZES")]
-    host_mthp: Option<String>,
-
-    /// Guest PTEs the shadow MMU prefetches around a fault
-    /// (`FNAME(pte_prefetch)`; 0 turns prefetch off).
-    #[arg(long, value_name = "N", default_value_t = shadowvm::mmu::PTE_PREFETCH_NUM)]
-    prefetch: usize,
+    #[command(flatten)]
+    folios: cli::folios::FolioArgs,
 
     /// The guest command line (also made of ARGS after `--`, space-joined).
     #[arg(long, value_name = "STRING")]
@@ -251,11 +237,7 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
     words.extend(args.args.iter().map(String::as_str));
     config.cmdline = words.join(" ");
     config.check = args.check;
-    config.host_thp = shadowvm::mm::ThpConfig::pmd(args.host_thp);
-    if let Some(sizes) = &args.host_mthp {
-        config.host_thp.enable_sizes(sizes).context("--host-mthp")?;
-    }
-    config.pte_prefetch = args.prefetch;
+    (config.host_thp, config.pte_prefetch) = args.folios.config()?;
     if args.ksm {
         config.ksm = Some(shadowvm::mm::KsmConfig {
             pages_to_scan: args.ksm_pages_to_scan,

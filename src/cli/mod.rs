@@ -3,6 +3,7 @@
 //! progress bars).
 
 pub mod demo;
+pub mod folios;
 pub mod observe;
 pub mod progress;
 pub mod stress;

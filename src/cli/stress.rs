@@ -37,18 +37,8 @@ pub struct StressArgs {
     #[arg(long, default_value_t = 2048, value_name = "N")]
     pages: u64,
 
-    /// Transparent huge pages for guest RAM: `always`, `madvise` or
-    /// `never` (as `shadowvm run --host-thp`).
-    #[arg(long, value_name = "POLICY", default_value = "never")]
-    host_thp: shadowvm::mm::ThpEnabled,
-
-    /// Multi-size THP for guest RAM, e.g. `16K,64K`.
-    #[arg(long, value_name = "SIZES")]
-    host_mthp: Option<String>,
-
-    /// Guest PTEs the shadow MMU prefetches around a fault (0: off).
-    #[arg(long, value_name = "N", default_value_t = shadowvm::mmu::PTE_PREFETCH_NUM)]
-    prefetch: usize,
+    #[command(flatten)]
+    folios: super::folios::FolioArgs,
 
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
@@ -185,18 +175,7 @@ fn config_from(args: &StressArgs) -> anyhow::Result<stress::StressConfig> {
     c.machine_mem = vmm::parse_mem_size(&args.machine_mem)
         .map_err(|e| anyhow::anyhow!("--machine-mem: {e}"))?;
     c.pages = args.pages;
-    c.host_thp = shadowvm::mm::ThpConfig::pmd(args.host_thp);
-    if let Some(sizes) = &args.host_mthp {
-        c.host_thp
-            .enable_sizes(sizes)
-            .map_err(|e| anyhow::anyhow!("--host-mthp: {e}"))?;
-    }
-    anyhow::ensure!(
-        args.prefetch <= 512,
-        "--prefetch {} is more than the 512 entries of a page table",
-        args.prefetch
-    );
-    c.pte_prefetch = args.prefetch;
+    (c.host_thp, c.pte_prefetch) = args.folios.config()?;
     #[cfg(feature = "test-hooks")]
     {
         c.flush_fault = args.test_flush_fault;

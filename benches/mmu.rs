@@ -33,6 +33,19 @@
 //!   harvested per second; every pass checks that all N were. N = all of
 //!   the 1,000-page guest, and 1,000 and 65,536 pages of the big one.
 //!
+//! * `first_touch/<folio>/<guest>_prefetch<N>` (issue 12): the first touch
+//!   of every page of 8 MiB of guest RAM through the library fault path, as
+//!   a guest walking fresh memory does: for each page in order, if no spte
+//!   maps it (a software walk of the shadow tables, standing for the CPU's
+//!   access), a write fault. Host folios of 4 KiB (THP off), 16 KiB, 64 KiB
+//!   (mTHP) or 2 MiB (THP), prefetch of 0, 8 or 16 neighbours, guest 4 KiB
+//!   PTEs (accessed and dirty, as a guest that wants fault-around builds
+//!   them) or guest 2 MiB pages. Between runs the RAM is dropped untimed
+//!   (MADV_DONTNEED), which zaps the sptes and frees the folios. Each
+//!   configuration also prints faults per page and, for a sparse touch
+//!   (every 16th page), pages populated per page touched: the memory cost
+//!   of fault-around.
+//!
 //! Under `cargo test --benches` (criterion's test mode) the big size shrinks
 //! so that the routines are only smoke-tested.
 //!
@@ -45,7 +58,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use shadowvm::mm::{FrameAccess, Hva, Mm, MmapFlags, PAGE_SIZE, Pfn, Prot};
+use shadowvm::mm::{FrameAccess, Hva, Mm, MmapFlags, PAGE_SIZE, Pfn, Prot, ThpConfig, ThpEnabled};
 use shadowvm::mmu::{
     FaultOutcome, Memslot, Memslots, NoFlush, PfErrorCode, ShadowMmu, ShadowMmuConfig,
 };
@@ -74,6 +87,44 @@ const LARGE: u64 = 512;
 /// Coprime to 1,000 and 1,000,000 (and to 4,096): a full cycle of pages.
 const STRIDE: u64 = 618_033;
 
+/// An mm over `frames` frames with `ram_pages` of guest RAM (at `at`, or
+/// anywhere) bound to gpa 0, and a shadow MMU over it with `cfg`.
+fn guest_ram(
+    frames: u64,
+    ram_pages: u64,
+    at: Option<Hva>,
+    cfg: ShadowMmuConfig,
+) -> (Arc<Mm>, ShadowMmu, Hva) {
+    let mm = Mm::new_anonymous(frames).expect("machine memory");
+    let ram = mm
+        .mmap(
+            at,
+            ram_pages * PAGE_SIZE,
+            Prot::READ | Prot::WRITE,
+            MmapFlags::empty(),
+        )
+        .expect("mmap");
+    let mut slots = Memslots::default();
+    slots
+        .add(Memslot {
+            base_gfn: 0,
+            npages: ram_pages,
+            userspace_addr: ram,
+        })
+        .expect("memslot");
+    let mmu = ShadowMmu::new(mm.clone(), slots, Arc::new(NoFlush), cfg).expect("shadow MMU");
+    (mm, mmu, ram)
+}
+
+/// Writes a guest page table at `hva`: `(index, entry)` pairs, the rest 0.
+fn write_table(mm: &Mm, hva: Hva, entries: &[(u64, u64)]) {
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    for &(i, e) in entries {
+        buf[i as usize * 8..][..8].copy_from_slice(&e.to_le_bytes());
+    }
+    mm.write(hva, &buf).expect("guest table");
+}
+
 /// A guest with `pages` pages mapped by sptes (gva page `i` → gfn `i`).
 struct Vm {
     mm: Arc<Mm>,
@@ -93,40 +144,11 @@ impl Vm {
         // (one direct level-1 page per 2 MiB, one level 2 per PD, a level 3
         // and the root), and a few spare for the re-fault before a drop.
         let frames = pages + tables + (chunks + pds + 2) + 64;
-        let mm = Mm::new_anonymous(frames).expect("machine memory");
-        let ram = mm
-            .mmap(
-                None,
-                ram_pages * PAGE_SIZE,
-                Prot::READ | Prot::WRITE,
-                MmapFlags::empty(),
-            )
-            .expect("mmap");
-        let mut slots = Memslots::default();
-        slots
-            .add(Memslot {
-                base_gfn: 0,
-                npages: ram_pages,
-                userspace_addr: ram,
-            })
-            .expect("memslot");
-        let mmu = ShadowMmu::new(
-            mm.clone(),
-            slots,
-            Arc::new(NoFlush),
-            ShadowMmuConfig::default(),
-        )
-        .expect("shadow MMU");
+        let (mm, mmu, ram) = guest_ram(frames, ram_pages, None, ShadowMmuConfig::default());
 
         // Guest tables above the data: PML4, PDPT, then the PDs.
         let (pml4, pdpt) = (data * PAGE_SIZE, (data + 1) * PAGE_SIZE);
-        let write_table = |gpa: u64, entries: &[(u64, u64)]| {
-            let mut buf = vec![0u8; PAGE_SIZE as usize];
-            for &(i, e) in entries {
-                buf[i as usize * 8..][..8].copy_from_slice(&e.to_le_bytes());
-            }
-            mm.write(ram + gpa, &buf).expect("guest table");
-        };
+        let write_table = |gpa: u64, entries: &[(u64, u64)]| write_table(&mm, ram + gpa, entries);
         write_table(pml4, &[((GVA_BASE >> 39) & 511, pdpt | P | RW | US | A)]);
         let pd = |j: u64| (data + 2 + j) * PAGE_SIZE;
         let pdpt_entries: Vec<_> = (0..pds).map(|j| (j, pd(j) | P | RW | US | A)).collect();
@@ -425,5 +447,198 @@ fn benches(c: &mut Criterion) {
     }
 }
 
-criterion_group!(mmu, benches);
+/// A guest for the first-touch benchmark: `pages` pages of RAM at gpa 0
+/// (at a 2 MiB-aligned hva), mapped at `GVA_BASE` by 4 KiB guest PTEs or by
+/// 2 MiB guest pages, all accessed and dirty; the tables after the data.
+struct TouchVm {
+    mm: Arc<Mm>,
+    mmu: ShadowMmu,
+    ram: Hva,
+    pages: u64,
+}
+
+impl TouchVm {
+    fn new(pages: u64, guest_2m: bool, thp: ThpConfig, prefetch: usize) -> Self {
+        let pts = if guest_2m { 0 } else { pages / LARGE };
+        let ram_pages = pages + 3 + pts;
+        // Data, tables, shadow pages, and room for the buddy allocator to
+        // keep 2 MiB runs free.
+        let frames = ram_pages + pts + 16 + 2 * LARGE;
+        let cfg = ShadowMmuConfig {
+            pte_prefetch: prefetch,
+            ..ShadowMmuConfig::default()
+        };
+        let (mm, mmu, ram) = guest_ram(frames, ram_pages, Some(0x7f00_0000_0000), cfg);
+        let write_table = |gpa: u64, entries: &[(u64, u64)]| write_table(&mm, ram + gpa, entries);
+        let table = |k: u64| (pages + k) * PAGE_SIZE;
+        let (pml4, pdpt, pd) = (table(0), table(1), table(2));
+        let ad = A | D;
+        write_table(pml4, &[((GVA_BASE >> 39) & 511, pdpt | P | RW | US | A)]);
+        write_table(pdpt, &[(0, pd | P | RW | US | A)]);
+        let chunks = pages / LARGE;
+        let pdes: Vec<_> = (0..chunks)
+            .map(|c| match guest_2m {
+                true => (c, (c * LARGE * PAGE_SIZE) | PS | P | RW | US | ad),
+                false => (c, table(3 + c) | P | RW | US | A),
+            })
+            .collect();
+        write_table(pd, &pdes);
+        for c in 0..pts {
+            let ptes: Vec<_> = (0..LARGE)
+                .map(|i| (i, ((c * LARGE + i) * PAGE_SIZE) | P | RW | US | ad))
+                .collect();
+            write_table(table(3 + c), &ptes);
+        }
+        // THP only now: the tables above are small pages.
+        mm.set_thp_config(thp);
+        mmu.load_cr3(0, pml4).expect("load_cr3");
+        TouchVm {
+            mm,
+            mmu,
+            ram,
+            pages,
+        }
+    }
+
+    /// Drops the RAM (untimed between runs): zaps the sptes, frees folios.
+    fn reset(&self) {
+        self.mm
+            .madvise_dontneed(self.ram, self.pages * PAGE_SIZE)
+            .expect("dontneed");
+        assert_eq!(self.mmu.nr_sptes(), 0);
+    }
+
+    /// Touches every `step`-th page: a write fault where no spte maps it.
+    /// Returns the faults taken.
+    fn touch(&self, step: u64) -> u64 {
+        let before = self.mmu.stats().pf_fixed;
+        for i in (0..self.pages).step_by(step as usize) {
+            let gva = GVA_BASE + i * PAGE_SIZE;
+            if self.mmu.lookup_spte(0, gva).expect("lookup").is_none() {
+                let r = self
+                    .mmu
+                    .page_fault(0, gva, PfErrorCode::WRITE)
+                    .expect("fault");
+                assert_eq!(r, FaultOutcome::Fixed);
+            }
+        }
+        self.mmu.stats().pf_fixed - before
+    }
+
+    /// Host pages present in the RAM's data.
+    fn populated(&self) -> u64 {
+        (0..self.pages)
+            .filter(|&i| self.mm.pte(self.ram + i * PAGE_SIZE).is_some())
+            .count() as u64
+    }
+
+    fn teardown(self) {
+        let TouchVm { mm, mmu, .. } = self;
+        drop(mmu);
+        mm.notifiers().synchronize();
+        drop(mm);
+    }
+}
+
+fn first_touch(c: &mut Criterion) {
+    let pages = if test_mode() { 1024 } else { 2048 };
+    let folio = |name: &str| -> ThpConfig {
+        match name {
+            "4k" => ThpConfig::off(),
+            "2m" => ThpConfig::pmd(ThpEnabled::Always),
+            size => {
+                let mut t = ThpConfig::off();
+                t.enable_sizes(size).expect("size");
+                t
+            }
+        }
+    };
+    let configs: &[(&str, bool, usize)] = &[
+        ("4k", false, 0),
+        ("4k", false, 8),
+        ("16K", false, 0),
+        ("16K", false, 8),
+        ("64K", false, 0),
+        ("64K", false, 8),
+        ("64K", false, 16),
+        ("2m", false, 0),
+        ("2m", false, 8),
+        ("2m", false, 16),
+        ("4k", true, 0),
+        ("2m", true, 0),
+    ];
+    let mut g = c.benchmark_group("first_touch");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(pages));
+    let vms: Vec<(String, TouchVm)> = configs
+        .iter()
+        .map(|&(name, guest_2m, prefetch)| {
+            let id = format!(
+                "{}/{}_prefetch{prefetch}",
+                name.to_lowercase(),
+                if guest_2m { "guest2m" } else { "guest4k" }
+            );
+            (id, TouchVm::new(pages, guest_2m, folio(name), prefetch))
+        })
+        .collect();
+    for (id, vm) in &vms {
+        g.bench_function(BenchmarkId::from_parameter(id), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    vm.reset();
+                    let t = Instant::now();
+                    black_box(vm.touch(1));
+                    total += t.elapsed();
+                }
+                total
+            });
+        });
+    }
+    g.finish();
+    // The ratios: rounds that run every configuration once, in turn, so a
+    // busy moment of the (shared) machine weighs on all of them alike;
+    // the median of each.
+    let rounds = if test_mode() { 3 } else { 21 };
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); vms.len()];
+    let mut faults = vec![0; vms.len()];
+    for _ in 0..rounds {
+        for (k, (_, vm)) in vms.iter().enumerate() {
+            vm.reset();
+            let t = Instant::now();
+            faults[k] = vm.touch(1);
+            times[k].push(t.elapsed());
+        }
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_nanos() as f64 / pages as f64
+    };
+    let medians: Vec<f64> = times.iter_mut().map(median).collect();
+    println!(
+        "first touch of {pages} pages, median of {rounds} interleaved rounds; ratio to {}; \
+         sparse touch (every 16th page): pages populated per page touched",
+        vms[0].0
+    );
+    for (k, (id, vm)) in vms.iter().enumerate() {
+        vm.reset();
+        let touched = pages / 16;
+        vm.touch(16);
+        let populated = vm.populated();
+        vm.mmu.check_coherence().expect("coherent");
+        vm.mm.check_consistency().expect("consistent");
+        println!(
+            "  {id:<26} {:>7.0} ns/page  x{:.2}  {:.3} faults/page  sparse: {touched} -> {populated} ({:.1}x)",
+            medians[k],
+            medians[k] / medians[0],
+            faults[k] as f64 / pages as f64,
+            populated as f64 / touched as f64
+        );
+    }
+    for (_, vm) in vms {
+        vm.teardown();
+    }
+}
+
+criterion_group!(mmu, benches, first_touch);
 criterion_main!(mmu);

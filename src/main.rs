@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use shadowvm::scenario::observe;
 use shadowvm::vmm::{self, GuestSource, Outcome, Paging, VmConfig, guests};
 
 mod cli;
@@ -23,7 +24,8 @@ const EXIT_GUEST_FAILED: u8 = 125;
     version,
     about = "A small KVM hypervisor that boots tiny 64-bit guests",
     after_help = "Exit status: the guest's exit code when it exits; 0 when every vCPU halts; \
-                  2 when the guest cannot be started (bad arguments, bad image, no KVM); \
+                  2 when the guest cannot be started (bad arguments, bad image, no KVM) or \
+                  --trace/--timeline cannot be written; \
                   124 when --timeout expires; 125 when the guest crashes (triple fault, \
                   unknown port, KVM error)."
 )]
@@ -36,8 +38,8 @@ struct Cli {
 enum Command {
     /// Boot a guest and print its serial console on stdout.
     Run(RunArgs),
-    /// Issue 6's reliability run: the verify guest under ksmd, kswapd and
-    /// scripted host memory operations; exit 0 if nothing was corrupted.
+    /// The reliability run: the verify guest and a DMA device under ksmd,
+    /// kswapd and host memory operations; exit 0 if nothing was corrupted.
     Stress(cli::stress::StressArgs),
     /// Narrated demos of host memory operations on a running guest; without
     /// a scenario, list them.
@@ -138,13 +140,25 @@ struct RunArgs {
     #[arg(long, value_name = "FILE")]
     host_ops: Option<String>,
 
+    #[command(flatten)]
+    folios: cli::folios::FolioArgs,
+
     /// The guest command line (also made of ARGS after `--`, space-joined).
     #[arg(long, value_name = "STRING")]
     cmdline: Option<String>,
 
+    #[command(flatten)]
+    observe: cli::observe::ObserveArgs,
+
     /// More guest command-line words, after `--`.
     #[arg(last = true, value_name = "ARGS")]
     args: Vec<String>,
+
+    /// Tests only: inject a fault into the host TLB flush
+    /// (`fail-after=N`, `skip-zapped`).
+    #[cfg(feature = "test-hooks")]
+    #[arg(long, hide = true, value_name = "FAULT")]
+    test_flush_fault: Option<vmm::host::tlb::FlushFault>,
 }
 
 fn main() -> ExitCode {
@@ -182,11 +196,16 @@ fn list_guests(all: bool) -> ExitCode {
         eprintln!("shadowvm: no built-in guests: {reason}");
         return ExitCode::from(EXIT_USAGE);
     }
-    let mut out = std::io::stdout().lock();
-    for g in guests::list(all) {
-        let _ = writeln!(out, "{:<18} {}", g.name, g.description);
+    let list: String = guests::list(all)
+        .map(|g| format!("{:<18} {}\n", g.name, g.description))
+        .collect();
+    match std::io::stdout().lock().write_all(list.as_bytes()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shadowvm: error: writing the list: {e}");
+            ExitCode::from(1)
+        }
     }
-    ExitCode::SUCCESS
 }
 
 fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
@@ -218,6 +237,7 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
     words.extend(args.args.iter().map(String::as_str));
     config.cmdline = words.join(" ");
     config.check = args.check;
+    (config.host_thp, config.pte_prefetch) = args.folios.config()?;
     if args.ksm {
         config.ksm = Some(shadowvm::mm::KsmConfig {
             pages_to_scan: args.ksm_pages_to_scan,
@@ -233,13 +253,58 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         let script = vmm::host::ops::HostOpScript::load(spec, config.mem_size)?;
         config.host_ops = Some(std::sync::Arc::new(script));
     }
+    #[cfg(feature = "test-hooks")]
+    {
+        config.flush_fault = args.test_flush_fault;
+    }
     config.validate()?;
+    if args.observe.timeline.is_some() && config.paging != Paging::Shadow {
+        anyhow::bail!("--timeline needs --paging shadow");
+    }
     Ok(config)
+}
+
+/// The timeline's title: the command that ran.
+fn title(args: &RunArgs, config: &VmConfig) -> String {
+    let mut t = format!("shadowvm run {}", args.guest);
+    for (on, flag) in [
+        (args.ksm, "--ksm"),
+        (args.reclaim, "--reclaim"),
+        (args.host_ops.is_some(), "--host-ops"),
+    ] {
+        if on {
+            t.push(' ');
+            t.push_str(flag);
+        }
+    }
+    if !config.cmdline.is_empty() {
+        t.push_str(" -- ");
+        t.push_str(&config.cmdline);
+    }
+    t
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = config_from(&args)?;
-    let report = vmm::run(&config, Box::new(std::io::stdout()))?;
+    let mut observer = args.observe.open()?;
+    observer.install()?;
+    let progress = if cli::progress::wanted(args.json) {
+        cli::progress::Progress::for_run(config.timeout)
+    } else {
+        cli::progress::Progress::none()
+    };
+    let console = progress.console(Box::new(std::io::stdout()));
+    let report = observe::run(
+        &config,
+        console,
+        &mut observer,
+        &title(&args, &config),
+        |p| progress.tick(p),
+    );
+    progress.finish();
+    // Everything traced is done: write the trace and the timeline.
+    let written = observer.finish();
+    let report = report?;
     let check_failed = matches!(report.check, Some(Err(_)));
     if args.check {
         match &report.check {
@@ -273,6 +338,10 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             ExitCode::from(EXIT_GUEST_FAILED)
         }
     };
+    if let Err(e) = written {
+        eprintln!("shadowvm: error: {e}");
+        return Ok(ExitCode::from(EXIT_USAGE));
+    }
     Ok(if check_failed {
         ExitCode::from(EXIT_GUEST_FAILED)
     } else {

@@ -35,7 +35,13 @@ const MODES: [&str; 9] = [
 const BOTH_RINGS: usize = 4;
 
 fn run_access(paging: &str) -> Run {
-    shadowvm_in(paging, &["run", "access"], &["--timeout", "120s"])
+    run_access_with(paging, &[])
+}
+
+fn run_access_with(paging: &str, options: &[&str]) -> Run {
+    let mut o = vec!["--timeout", "120s"];
+    o.extend_from_slice(options);
+    shadowvm_in(paging, &["run", "access"], &o)
 }
 
 /// The run without its table lines (which `Run::check` would print):
@@ -314,10 +320,11 @@ fn access_shadow_output_equals_kvm() {
         return;
     }
     let shadow = run_access("shadow");
-    if shadow.code == Some(2) && shadow.stderr.contains("not implemented") {
-        eprintln!("skipping: shadow mode not available");
-        return;
-    }
+    check(
+        &shadow,
+        shadow.code == Some(0),
+        "access exits 0 in shadow mode",
+    );
     let kvm = run_access("kvm");
     check(&kvm, kvm.code == Some(0), "access exits 0 in kvm mode");
     let diff = differing_lines(&kvm.stdout, &shadow.stdout);
@@ -335,6 +342,40 @@ fn access_shadow_output_equals_kvm() {
         shadow.code == kvm.code,
         "same exit status as kvm mode",
     );
+}
+
+/// The same matrix over large host folios (THP and multi-size THP), with a
+/// wide prefetch and with none: neither may change what the guest sees.
+#[test]
+fn access_is_the_same_over_large_folios_and_prefetch() {
+    if !require_kvm() {
+        return;
+    }
+    let kvm = run_access_with("kvm", &["--host-thp", "always"]);
+    check(&kvm, kvm.code == Some(0), "access exits 0 in kvm mode");
+    for options in [
+        &[
+            "--host-thp",
+            "always",
+            "--host-mthp",
+            "16K,64K",
+            "--prefetch",
+            "16",
+        ][..],
+        &["--host-thp", "always", "--prefetch", "0"][..],
+    ] {
+        let shadow = run_access_with("shadow", options);
+        let diff = differing_lines(&kvm.stdout, &shadow.stdout);
+        check(
+            &shadow,
+            shadow.code == Some(0) && diff.is_empty(),
+            &format!(
+                "with {options:?}, shadow mode prints what kvm mode prints ({} differences):\n{}",
+                diff.len() / 3,
+                diff.iter().take(30).cloned().collect::<Vec<_>>().join("\n")
+            ),
+        );
+    }
 }
 
 #[test]

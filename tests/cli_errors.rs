@@ -128,8 +128,7 @@ fn help_explains_options() {
 
 #[test]
 fn guests_list() {
-    if shadowvm::vmm::guests::unavailable_reason().is_some() {
-        eprintln!("skipping: built without guests");
+    if !common::require_guests() {
         return;
     }
     let r = shadowvm(&["guests"]);

@@ -59,7 +59,7 @@ fn lists_scenarios_and_rejects_unknown_ones() {
     let run = common::shadowvm(&["demo"]);
     run.check(run.code == Some(0), "demo lists");
     for s in [
-        "munmap", "dontneed", "mprotect", "ksm", "cow", "aging", "reclaim", "release",
+        "munmap", "dontneed", "mprotect", "ksm", "cow", "aging", "reclaim", "release", "thp", "dma",
     ] {
         run.check(run.stdout.contains(s), s);
     }
@@ -70,7 +70,7 @@ fn lists_scenarios_and_rejects_unknown_ones() {
 
 #[test]
 fn every_scenario_narrates_its_events_in_order() {
-    if !common::require_kvm() || shadowvm::vmm::guests::find("test-counter").is_none() {
+    if !common::require_kvm_and_guest("test-counter") {
         return;
     }
     scenario(
@@ -153,11 +153,46 @@ fn every_scenario_narrates_its_events_in_order() {
         ],
         &["[notifier] release"],
     );
+    // Issue 12: the DONTNEED of one 4 KiB page of a host huge page splits
+    // the huge PMD inside an invalidation of the whole 2 MiB range, which
+    // zaps the 2 MiB spte; the guest refaults.
+    scenario(
+        "thp",
+        &[
+            "host_op:madvise_dontneed",
+            "invalidate_range_start:Clear",
+            "spte_zapped",
+            "shootdown",
+            "split_pmd",
+            "invalidate_range_end:Clear",
+            "resolve_pf",
+            "guest_saw",
+        ],
+        &["large=true", "huge PMD split", "mapped by a 4 KiB spte"],
+    );
+    // Issue 13: one DONTNEED reaches both secondary MMUs: the DMA device's
+    // interval (before the list, as in Linux) and the shadow MMU.
+    scenario(
+        "dma",
+        &[
+            "dma_attach",
+            "dma_fault",
+            "host_op:madvise_dontneed",
+            "invalidate_range_start:Clear",
+            "dma_invalidate:Clear",
+            "spte_zapped",
+            "shootdown",
+            "invalidate_range_end:Clear",
+            "dma_fault",
+            "guest_saw",
+        ],
+        &["[DMA device]", "visible to it"],
+    );
 }
 
 #[test]
 fn cow_scenario_merges_then_breaks_sharing_through_the_shadow_fault_path() {
-    if !common::require_kvm() || shadowvm::vmm::guests::find("ksm").is_none() {
+    if !common::require_kvm_and_guest("ksm") {
         return;
     }
     scenario(

@@ -186,9 +186,11 @@ fn elf_file_guest() {
         return;
     }
     // The built-in hello, written out and run as a file.
-    let Some(hello) = shadowvm::vmm::guests::find("hello") else {
-        eprintln!("skipping: built without guests");
+    if !common::require_kvm_and_guest("hello") {
         return;
+    }
+    let Some(hello) = shadowvm::vmm::guests::find("hello") else {
+        unreachable!("require_kvm_and_guest checked it")
     };
     let path = temp_file("hello.elf", hello.elf);
     let r = shadowvm(&["run", path.to_str().unwrap()]);

@@ -17,16 +17,10 @@ fn kick_and_wait_reaches_a_spinning_vcpu() {
     let vm = RunningVm::start(&config, Box::new(std::io::sink())).expect("start test-spin");
     let kick = vm.vcpu_kick(0).expect("vCPU 0").clone();
 
-    // Wait until the guest is spinning in ring 3.
-    let start = Instant::now();
-    while !kick.in_guest_mode() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "vCPU never entered the guest"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    std::thread::sleep(Duration::from_millis(20));
+    // Wait until the guest runs (in guest mode, with exits behind it).
+    common::wait_for("vCPU 0 in the guest", || {
+        (kick.in_guest_mode() && kick.activity().exits > 0).then_some(())
+    });
 
     const KICKS: u32 = 20;
     let before = kick.requests_handled();
@@ -37,9 +31,9 @@ fn kick_and_wait_reaches_a_spinning_vcpu() {
         total += t.elapsed();
         assert!(kicked.expect("kick"));
         // Let it re-enter before the next kick.
-        while !kick.in_guest_mode() {
-            std::thread::yield_now();
-        }
+        common::wait_for("vCPU 0 back in the guest", || {
+            kick.in_guest_mode().then_some(())
+        });
     }
     eprintln!(
         "kick_and_wait: {:?} per kick (until the vCPU is out of guest mode)",

@@ -97,7 +97,7 @@ fn ksm_merges_duplicate_pages_and_memtest_sees_no_errors() {
 /// fault, host copy-on-write) without touching the other sharers.
 #[test]
 fn ksm_sharing_is_broken_by_guest_writes() {
-    if !common::require_kvm() || shadowvm::vmm::guests::find("ksm").is_none() {
+    if !common::require_kvm_and_guest("ksm") {
         return;
     }
     let run = common::shadowvm(&[
@@ -251,20 +251,20 @@ fn aging_keeps_the_hot_page_young_and_the_idle_page_goes_cold() {
     let Some(g) = CounterGuest::start(0, |_| {}) else {
         return;
     };
-    let (vm, sp, mm, hot) = (g.vm, g.shadow, g.mm, g.hva);
-    wait_for("the counter page", || match mm.pte(hot) {
-        Some(shadowvm::mm::Pte::Present(_)) => Some(()),
-        _ => None,
-    });
+    let (sp, mm, hot) = (g.shadow.clone(), g.mm.clone(), g.hva);
+    let counter = wait_for("the counter page", || g.pfn());
     // A page the guest never uses: the host writes it once.
     let idle = sp.ram().base() + (12 << 20);
     mm.write(idle, &[0x5a]).expect("host write");
 
+    // Between passes the guest must have run: its counter moves on (an
+    // event, not a time).
+    const PROGRESS: u64 = 100_000;
     let flush: Arc<dyn TlbFlush> = sp.host_flush().clone();
     let mut aging = Aging::for_ram(sp.ram());
     let mut passes = Vec::new();
     for _ in 0..6 {
-        std::thread::sleep(Duration::from_millis(50));
+        g.progress_on(counter, PROGRESS);
         passes.push(aging.pass(&mm, &*flush).expect("aging pass"));
     }
     let (hot_history, idle_history) = (aging.history(hot), aging.history(idle));
@@ -277,10 +277,11 @@ fn aging_keeps_the_hot_page_young_and_the_idle_page_goes_cold() {
     let no_flush = shadowvm::mmu::NoFlush;
     let unflushed: Vec<_> = (0..3)
         .map(|_| {
-            std::thread::sleep(Duration::from_millis(50));
+            g.progress_on(counter, PROGRESS);
             aging.pass(&mm, &no_flush).expect("aging pass")
         })
         .collect();
+    let vm = g.vm;
     vm.stop();
     let report = vm.wait(Some(Duration::from_secs(10)));
     assert!(

@@ -2,9 +2,14 @@
 //!
 //! Random sequences of host operations (writes, reads, munmap, MAP_FIXED
 //! mmap, MADV_DONTNEED, mprotect, mlock, KSM scans, aging, reclaim, the OOM
-//! reaper, get_user_pages pins, a shadow-MMU style `hva_to_pfn` mirror, and
-//! exit_mmap) run against a reference model of what every page must hold and
-//! how it is mapped. After every step:
+//! reaper, get_user_pages pins, a shadow-MMU style `hva_to_pfn` mirror,
+//! MADV_HUGEPAGE / NOHUGEPAGE, MADV_POPULATE_WRITE, THP setting changes,
+//! deferred splits, and exit_mmap) run against a reference model of what
+//! every page must hold and how it is mapped, with random THP settings:
+//! mTHP sizes over small regions in the first test, PMD-size THP (and
+//! mTHP) over a region of 2 MiB and more in the second, so that faults
+//! allocate large folios and partial unmaps, DONTNEED, mprotect, KSM and
+//! reclaim split them. After every step:
 //!
 //! * every result is exactly the one the model predicts (error variants and
 //!   addresses included); `OutOfFrames` is accepted only when it is
@@ -27,8 +32,6 @@
 //! the shrunk operation sequence, which is the regression to add here as a
 //! deterministic test. `PROPTEST_CASES` overrides the number of cases.
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,11 +39,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 use proptest::prelude::*;
 use proptest::sample::Index;
-use proptest::test_runner::TestCaseError;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 use shadowvm::mm::{
-    Access, FrameAccess, FrameOwner, Hva, MMAP_BASE, Mm, MmError, MmapFlags, PAGE_SIZE, PagePin,
-    Prot, Pte,
+    Access, FrameAccess, FrameOwner, Hva, MMAP_BASE, Mm, MmError, MmapFlags, OrderEnabled,
+    PAGE_SIZE, PagePin, Prot, Pte, ThpConfig, ThpEnabled,
 };
 use shadowvm::notifier::{
     MmuNotifier, MmuNotifierOps, MmuNotifierRange, MmuNotifyEvent, NotifierError, NotifierPte,
@@ -332,7 +335,7 @@ enum Op {
         len: u8,
     },
     KsmScan {
-        n: u8,
+        n: u16,
     },
     Age {
         page: Index,
@@ -379,6 +382,29 @@ enum Op {
         tail: u8,
         len: u8,
     },
+    /// madvise(MADV_HUGEPAGE) (`on`) or MADV_NOHUGEPAGE.
+    Hugepage {
+        page: Index,
+        len: u8,
+        on: bool,
+    },
+    /// madvise(MADV_POPULATE_WRITE).
+    Populate {
+        page: Index,
+        len: u8,
+    },
+    /// New THP settings (sysfs writes).
+    SetThp {
+        cfg: ThpConfig,
+    },
+    /// The deferred-split shrinker.
+    DeferredSplit,
+    /// DONTNEED or mprotect of `len` pages, as wide as the region.
+    Wide {
+        page: Index,
+        len: u16,
+        prot: Option<Prot>,
+    },
 }
 
 fn prot_strategy() -> impl Strategy<Value = Prot> {
@@ -391,7 +417,52 @@ fn prot_strategy() -> impl Strategy<Value = Prot> {
     ]
 }
 
+/// THP settings: mTHP sizes up to `max_order`, and (with `pmd`) the
+/// PMD-size policy.
+fn thp_strategy(max_order: u8, pmd: bool) -> impl Strategy<Value = ThpConfig> {
+    let policy = || {
+        prop_oneof![
+            3 => Just(OrderEnabled::Always),
+            1 => Just(OrderEnabled::Madvise),
+            1 => Just(OrderEnabled::Inherit),
+            2 => Just(OrderEnabled::Never),
+        ]
+    };
+    // With the PMD size in play, mostly on: the region is mostly huge.
+    let on = if pmd { 6 } else { 1 };
+    let enabled = prop_oneof![
+        on => Just(ThpEnabled::Always),
+        1 => Just(ThpEnabled::Madvise),
+        1 => Just(ThpEnabled::Never)
+    ];
+    (
+        enabled,
+        prop::collection::vec(policy(), max_order as usize),
+        prop_oneof![
+            4 => Just(OrderEnabled::Inherit),
+            2 => Just(OrderEnabled::Always),
+            1 => Just(OrderEnabled::Madvise),
+            1 => Just(OrderEnabled::Never),
+        ],
+    )
+        .prop_map(move |(enabled, orders, pmd_policy)| {
+            let mut cfg = ThpConfig::off();
+            cfg.enabled = enabled;
+            for (i, p) in orders.into_iter().enumerate() {
+                cfg.set_order(i as u8 + 1, p);
+            }
+            if pmd {
+                cfg.set_order(9, pmd_policy);
+            }
+            cfg
+        })
+}
+
 fn op_strategy() -> impl Strategy<Value = Op> {
+    op_strategy_for(3, false)
+}
+
+fn op_strategy_for(max_order: u8, pmd: bool) -> impl Strategy<Value = Op> {
     let page = any::<Index>;
     let len = || 1u8..=4;
     prop_oneof![
@@ -405,7 +476,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         3 => (page(), len(), prot_strategy()).prop_map(|(page, len, prot)| Op::Mprotect { page, len, prot }),
         1 => (page(), 1u8..=2).prop_map(|(page, len)| Op::Mlock { page, len }),
         1 => (page(), len()).prop_map(|(page, len)| Op::Mergeable { page, len }),
-        6 => (1u8..=48).prop_map(|n| Op::KsmScan { n }),
+        // Over 2 MiB, ksmd needs whole passes to see a page twice.
+        6 => (1u16..=if pmd { 1200 } else { 48 }).prop_map(|n| Op::KsmScan { n }),
         2 => (page(), 1u8..=24, any::<bool>()).prop_map(|(page, len, flush)| Op::Age { page, len, flush }),
         2 => (page(), prop_oneof![Just(YoungKind::ClearFlush), Just(YoungKind::Clear), Just(YoungKind::Test)])
             .prop_map(|(page, kind)| Op::Young { page, kind }),
@@ -419,6 +491,12 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             .prop_map(|(page, word, expect_current, new)| Op::Cmpxchg { page, word, expect_current, new }),
         2 => (page(), 1u8..=16, 2u8..=32)
             .prop_map(|(page, tail, len)| Op::WriteSpan { page, tail, len: len.max(tail + 1) }),
+        2 => (page(), len(), any::<bool>()).prop_map(|(page, len, on)| Op::Hugepage { page, len, on }),
+        3 => (page(), 1u8..=24).prop_map(|(page, len)| Op::Populate { page, len }),
+        1 => thp_strategy(max_order, pmd).prop_map(|cfg| Op::SetThp { cfg }),
+        1 => Just(Op::DeferredSplit),
+        2 => (page(), 1u16..=600, prop::option::of(prot_strategy()))
+            .prop_map(|(page, len, prot)| Op::Wide { page, len, prot }),
     ]
 }
 
@@ -437,6 +515,8 @@ struct Scenario {
     readback_each_step: bool,
     /// End with exit_mmap; `Some(true)` drops the pins first.
     exit: Option<bool>,
+    /// The THP settings at the start.
+    thp: ThpConfig,
     ops: Vec<Op>,
 }
 
@@ -453,18 +533,52 @@ fn scenario_strategy() -> impl Strategy<Value = Scenario> {
             frames,
             any::<bool>(),
             prop::option::of(any::<bool>()),
+            thp_strategy(4, false),
             prop::collection::vec(op_strategy(), 1..60),
         )
             .prop_map(
-                |(pages, mergeable, frames, readback_each_step, exit, ops)| Scenario {
+                |(pages, mergeable, frames, readback_each_step, exit, thp, ops)| Scenario {
                     pages,
                     mergeable,
                     frames,
                     readback_each_step,
                     exit,
+                    thp,
                     ops,
                 },
             )
+    })
+}
+
+/// A region of 2 MiB and a little more, PMD-size THP and mTHP on, with
+/// frames for one or two huge folios (or too few for one, so faults fall
+/// back), and fewer steps: every step checks every page.
+fn thp_scenario_strategy() -> impl Strategy<Value = Scenario> {
+    (520usize..=560).prop_flat_map(|n| {
+        let frames = prop_oneof![
+            1 => 300u64..=500,
+            3 => 600u64..=1100,
+        ];
+        // MADV_MERGEABLE of part of the first 2 MiB would split its VMA and
+        // keep THP out of it: none, all, or past it.
+        let mergeable = prop_oneof![Just(0), Just(n), 512..=n];
+        (
+            Just(n),
+            mergeable,
+            frames,
+            prop::option::of(any::<bool>()),
+            thp_strategy(4, true),
+            prop::collection::vec(op_strategy_for(4, true), 1..30),
+        )
+            .prop_map(|(pages, mergeable, frames, exit, thp, ops)| Scenario {
+                pages,
+                mergeable,
+                frames,
+                readback_each_step: false,
+                exit,
+                thp,
+                ops,
+            })
     })
 }
 
@@ -560,9 +674,16 @@ struct Coverage {
     mirrored: AtomicU64,
     expected_errors: AtomicU64,
     swapped_seen: AtomicU64,
+    thp_fault_alloc: AtomicU64,
+    mthp_fault_alloc: AtomicU64,
+    thp_split_pmd: AtomicU64,
+    folio_splits: AtomicU64,
+    populated: AtomicU64,
 }
 
-static COVERAGE: Coverage = Coverage {
+thread_local! {
+    /// Per test thread: the two tests run side by side.
+    static COVERAGE: Coverage = const { Coverage {
     cases: AtomicU64::new(0),
     steps: AtomicU64::new(0),
     exits: AtomicU64::new(0),
@@ -578,10 +699,23 @@ static COVERAGE: Coverage = Coverage {
     mirrored: AtomicU64::new(0),
     expected_errors: AtomicU64::new(0),
     swapped_seen: AtomicU64::new(0),
-};
+    thp_fault_alloc: AtomicU64::new(0),
+    mthp_fault_alloc: AtomicU64::new(0),
+    thp_split_pmd: AtomicU64::new(0),
+    folio_splits: AtomicU64::new(0),
+    populated: AtomicU64::new(0),
+} };
+}
 
 fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
+}
+
+macro_rules! cov {
+    ($f:ident, $n:expr $(,)?) => {{
+        let n = $n;
+        COVERAGE.with(|c| bump(&c.$f, n))
+    }};
 }
 
 struct Harness {
@@ -598,6 +732,7 @@ struct Harness {
 impl Harness {
     fn new(s: &Scenario) -> Result<Self, TestCaseError> {
         let mm = Mm::new_anonymous(s.frames).map_err(|e| fail(e.to_string()))?;
+        mm.set_thp_config(s.thp);
         let rw = Prot::READ | Prot::WRITE;
         let base = mm
             .mmap(None, s.pages as u64 * PAGE_SIZE, rw, MmapFlags::empty())
@@ -667,7 +802,7 @@ impl Harness {
     }
 
     /// Present pages reclaim could evict: unlocked VMA, not KSM, mapped
-    /// once, not pinned.
+    /// once, no pin on its folio (a large one is split first).
     fn evictable(&self) -> Vec<Hva> {
         let mut out = Vec::new();
         for v in self.mm.vmas() {
@@ -679,7 +814,7 @@ impl Harness {
                     && let Some(meta) = self.mm.page_meta(p.pfn)
                     && !meta.ksm
                     && meta.mapcount == 1
-                    && meta.refcount == 1
+                    && meta.refcount == meta.mapping_refs
                 {
                     out.push(hva);
                 }
@@ -691,7 +826,7 @@ impl Harness {
     /// `OutOfFrames` is only acceptable when there is truly nothing left:
     /// no free frame and no page reclaim could evict.
     fn oom_is_legit(&self, what: &str) -> Result<(), TestCaseError> {
-        bump(&COVERAGE.oom, 1);
+        cov!(oom, 1);
         let free = self.mm.frames().nr_free();
         let ev = self.evictable();
         if free != 0 || !ev.is_empty() {
@@ -726,7 +861,7 @@ impl Harness {
     ) -> Result<Option<T>, TestCaseError> {
         match self.expected_fault(i, addr, access) {
             Some(e) => {
-                bump(&COVERAGE.expected_errors, 1);
+                cov!(expected_errors, 1);
                 match r {
                     Err(got) if got == e => Ok(None),
                     other => Err(fail(format!(
@@ -802,42 +937,8 @@ impl Harness {
                     *m = PageModel::fresh(*prot, *mergeable);
                 }
             }
-            Op::Dontneed { page, len } => {
-                // madvise(): VMA by VMA in address order; the first VM_LOCKED
-                // one fails with EINVAL after the ones before it were zapped;
-                // a hole is ENOMEM once every VMA was done.
-                let span = self.span(page, *len);
-                let r = mm.madvise_dontneed(self.hva(span.start), span.len() as u64 * PAGE_SIZE);
-                let locked = span
-                    .clone()
-                    .find(|&j| self.model[j].mapped && self.model[j].locked);
-                let zapped = span.start..locked.unwrap_or(span.end);
-                for m in self.model[zapped].iter_mut().filter(|m| m.mapped) {
-                    m.data.fill(0);
-                }
-                let any = span.clone().any(|j| self.model[j].mapped);
-                let hole = span.clone().any(|j| !self.model[j].mapped);
-                let expected = match locked {
-                    Some(j) => Err(MmError::Locked(self.hva(j))),
-                    None if hole || !any => Err(MmError::NoMemory),
-                    None => Ok(()),
-                };
-                prop_assert_eq!(r, expected);
-            }
-            Op::Mprotect { page, len, prot } => {
-                // do_mprotect_pkey: up to the first hole, then ENOMEM.
-                let span = self.span(page, *len);
-                let r = mm.mprotect(self.hva(span.start), span.len() as u64 * PAGE_SIZE, *prot);
-                let prefix = self.mapped_prefix(span.clone());
-                for m in &mut self.model[prefix.clone()] {
-                    m.prot = *prot;
-                }
-                if prefix.end == span.end {
-                    prop_assert_eq!(r, Ok(()));
-                } else {
-                    prop_assert_eq!(r, Err(MmError::NoMemory));
-                }
-            }
+            Op::Dontneed { page, len } => self.dontneed(self.span(page, *len))?,
+            Op::Mprotect { page, len, prot } => self.mprotect(self.span(page, *len), *prot)?,
             Op::Mergeable { page, len } => {
                 // madvise(): every VMA in the range, ENOMEM for a hole.
                 let span = self.span(page, *len);
@@ -950,7 +1051,7 @@ impl Harness {
                     "{:?}",
                     res
                 );
-                bump(&COVERAGE.explicit_evicted, res.evicted);
+                cov!(explicit_evicted, res.evicted);
             }
             Op::MmapAnywhere { len, prot } => {
                 prop_assert_eq!(self.base, MMAP_BASE);
@@ -1034,7 +1135,7 @@ impl Harness {
                 let access = if *write { Access::Write } else { Access::Read };
                 let r = mm.hva_to_pfn(hva, access);
                 if let Some(hp) = self.settle_access(i, hva, access, r, "hva_to_pfn")? {
-                    bump(&COVERAGE.mirrored, 1);
+                    cov!(mirrored, 1);
                     match mm.pte(hva) {
                         Some(Pte::Present(p)) if p.pfn == hp.pfn && p.writable == hp.writable => {}
                         other => {
@@ -1096,6 +1197,117 @@ impl Harness {
             Op::Unpin => {
                 self.pins.pop_front();
             }
+            Op::Hugepage { page, len, on } => {
+                let span = self.span(page, *len);
+                let (a, l) = (self.hva(span.start), span.len() as u64 * PAGE_SIZE);
+                let r = if *on {
+                    mm.madvise_hugepage(a, l)
+                } else {
+                    mm.madvise_nohugepage(a, l)
+                };
+                if span.clone().any(|j| !self.model[j].mapped) {
+                    prop_assert_eq!(r, Err(MmError::NoMemory));
+                } else {
+                    prop_assert_eq!(r, Ok(()));
+                }
+            }
+            Op::Populate { page, len } => {
+                // madvise_populate: page by page; a hole is ENOMEM, a VMA
+                // that is not writable EINVAL; nothing is written.
+                let span = self.span(page, *len);
+                let r =
+                    mm.madvise_populate_write(self.hva(span.start), span.len() as u64 * PAGE_SIZE);
+                let first_bad = span
+                    .clone()
+                    .find(|&j| !self.model[j].mapped || !self.model[j].prot.contains(Prot::WRITE));
+                let oom = r == Err(MmError::OutOfFrames);
+                match (first_bad, r) {
+                    (_, Err(MmError::OutOfFrames)) => self.oom_is_legit("populate")?,
+                    (None, r) => prop_assert_eq!(r, Ok(())),
+                    (Some(j), r) if !self.model[j].mapped => {
+                        prop_assert_eq!(r, Err(MmError::NoMemory))
+                    }
+                    (Some(_), r) => prop_assert!(
+                        matches!(r, Err(MmError::InvalidArgument(_))),
+                        "populate of a read-only VMA: {:?}",
+                        r
+                    ),
+                }
+                // Up to a hole or a read-only page every page was faulted in
+                // (out of frames, the pages before the one that failed).
+                let upto = if oom {
+                    span.start
+                } else {
+                    first_bad.unwrap_or(span.end)
+                };
+                for j in span.start..upto {
+                    match mm.pte(self.hva(j)) {
+                        Some(Pte::Present(p)) if p.writable => {}
+                        // Direct reclaim of a later fault may take it again.
+                        _ if mm.stats().pgsteal > 0 => {}
+                        other => {
+                            return Err(fail(format!("populated page {j} is {other:?}")));
+                        }
+                    }
+                }
+                cov!(populated, 1);
+            }
+            Op::SetThp { cfg } => mm.set_thp_config(*cfg),
+            Op::DeferredSplit => {
+                let r = mm.deferred_split_scan();
+                prop_assert!(r.is_ok(), "deferred_split_scan: {:?}", r);
+            }
+            Op::Wide { page, len, prot } => {
+                let i = page.index(self.n());
+                let span = i..(i + *len as usize).min(self.n());
+                match prot {
+                    None => self.dontneed(span)?,
+                    Some(prot) => self.mprotect(span, *prot)?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// madvise(MADV_DONTNEED) of `span`: VMA by VMA in address order; the
+    /// first VM_LOCKED one fails with EINVAL after the ones before it were
+    /// zapped; a hole is ENOMEM once every VMA was done.
+    fn dontneed(&mut self, span: std::ops::Range<usize>) -> Result<(), TestCaseError> {
+        let r = self
+            .mm
+            .madvise_dontneed(self.hva(span.start), span.len() as u64 * PAGE_SIZE);
+        let locked = span
+            .clone()
+            .find(|&j| self.model[j].mapped && self.model[j].locked);
+        let zapped = span.start..locked.unwrap_or(span.end);
+        for m in self.model[zapped].iter_mut().filter(|m| m.mapped) {
+            m.data.fill(0);
+        }
+        let any = span.clone().any(|j| self.model[j].mapped);
+        let hole = span.clone().any(|j| !self.model[j].mapped);
+        let expected = match locked {
+            Some(j) => Err(MmError::Locked(self.hva(j))),
+            None if hole || !any => Err(MmError::NoMemory),
+            None => Ok(()),
+        };
+        prop_assert_eq!(r, expected);
+        Ok(())
+    }
+
+    /// mprotect of `span` (`do_mprotect_pkey`): up to the first hole, then
+    /// ENOMEM.
+    fn mprotect(&mut self, span: std::ops::Range<usize>, prot: Prot) -> Result<(), TestCaseError> {
+        let r = self
+            .mm
+            .mprotect(self.hva(span.start), span.len() as u64 * PAGE_SIZE, prot);
+        let prefix = self.mapped_prefix(span.clone());
+        for m in &mut self.model[prefix.clone()] {
+            m.prot = prot;
+        }
+        if prefix.end == span.end {
+            prop_assert_eq!(r, Ok(()));
+        } else {
+            prop_assert_eq!(r, Err(MmError::NoMemory));
         }
         Ok(())
     }
@@ -1125,7 +1337,7 @@ impl Harness {
         }
         let r = self.mm.oom_reap();
         if refused {
-            bump(&COVERAGE.oom_reap_refused, 1);
+            cov!(oom_reap_refused, 1);
             prop_assert_eq!(r, Err(MmError::Notifier(NotifierError::Again)));
         } else {
             prop_assert_eq!(r, Ok(present));
@@ -1268,7 +1480,7 @@ impl Harness {
                 Some(Pte::Swap(_)) => swapped += 1,
             }
         }
-        bump(&COVERAGE.swapped_seen, swapped);
+        cov!(swapped_seen, swapped);
         Ok(())
     }
 
@@ -1302,19 +1514,25 @@ impl Harness {
             self.check(s.readback_each_step)
                 .map_err(|e| fail(format!("after step {step} {op:?}: {e}")))?;
         }
-        bump(&COVERAGE.steps, s.ops.len() as u64);
+        cov!(steps, s.ops.len() as u64);
         Ok(())
     }
 
     fn record_coverage(&self) {
         let st = self.mm.stats();
-        bump(&COVERAGE.pgcow, st.pgcow);
-        bump(&COVERAGE.pswpout, st.pswpout);
-        bump(&COVERAGE.pswpin, st.pswpin);
-        bump(&COVERAGE.pgsteal, st.pgsteal);
-        bump(&COVERAGE.ksm_merges, self.mm.ksm_stats().merges);
-        bump(
-            &COVERAGE.change_pte_installed,
+        cov!(pgcow, st.pgcow);
+        cov!(pswpout, st.pswpout);
+        cov!(pswpin, st.pswpin);
+        cov!(pgsteal, st.pgsteal);
+        cov!(ksm_merges, self.mm.ksm_stats().merges);
+        cov!(thp_fault_alloc, st.thp_fault_alloc);
+        cov!(thp_split_pmd, st.thp_split_pmd);
+        let mthp = self.mm.mthp_stats();
+        let small: u64 = mthp.iter().take(8).map(|s| s.anon_fault_alloc).sum();
+        cov!(mthp_fault_alloc, small);
+        cov!(folio_splits, mthp.iter().map(|s| s.split).sum());
+        cov!(
+            change_pte_installed,
             self.mirror.state.lock().calls.change_pte_installed,
         );
     }
@@ -1337,7 +1555,7 @@ impl Harness {
             );
             return Ok(());
         };
-        bump(&COVERAGE.exits, 1);
+        cov!(exits, 1);
         if drop_pins_first {
             self.pins.clear();
         }
@@ -1431,22 +1649,43 @@ fn assert_exited(mm: &Arc<Mm>, hva: Hva) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-#[test]
-fn random_operation_sequences_keep_the_mm_consistent() {
-    common::proptest_run(&scenario_strategy(), |s| {
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(512)
+}
+
+fn run_cases(strategy: impl Strategy<Value = Scenario>, cases: u32) {
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let mut runner = TestRunner::new(config);
+    let result = runner.run(&strategy, |s| {
         let mut h = Harness::new(&s)?;
         h.run(&s)?;
         h.finish(s.exit)?;
-        bump(&COVERAGE.cases, 1);
+        cov!(cases, 1);
         Ok(())
     });
-    let c = &COVERAGE;
-    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+fn get(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+fn report(c: &Coverage) {
     eprintln!(
         "mm_proptest coverage: {} cases, {} steps, {} exits; KSM merges {}, COW breaks {}, \
          swap-outs {}, swap-ins {}, evictions {} ({} by explicit reclaim), swap PTEs seen {}, \
          legit OutOfFrames {}, OOM-reap refusals {}, mirrored hva_to_pfn {}, change_pte \
-         installs {}, expected errors {}",
+         installs {}, expected errors {}; THP faults {}, mTHP faults {}, PMD splits {}, \
+         folio splits {}, populates {}",
         get(&c.cases),
         get(&c.steps),
         get(&c.exits),
@@ -1462,32 +1701,76 @@ fn random_operation_sequences_keep_the_mm_consistent() {
         get(&c.mirrored),
         get(&c.change_pte_installed),
         get(&c.expected_errors),
+        get(&c.thp_fault_alloc),
+        get(&c.mthp_fault_alloc),
+        get(&c.thp_split_pmd),
+        get(&c.folio_splits),
+        get(&c.populated),
     );
-    // The sequences must reach the paths the properties are about (counted
-    // over the successful cases only, so this holds for any seed with enough
-    // cases).
-    if common::proptest_cases() >= 128 {
-        for (name, v) in [
-            ("KSM merges", get(&c.ksm_merges)),
-            ("KSM COW breaks", get(&c.pgcow)),
-            ("swap-outs", get(&c.pswpout)),
-            ("swap-ins", get(&c.pswpin)),
-            ("direct or explicit evictions", get(&c.pgsteal)),
-            ("exits", get(&c.exits)),
-            ("mirrored pages", get(&c.mirrored)),
-            ("OOM-reap refusals", get(&c.oom_reap_refused)),
-        ] {
-            assert!(
-                v > 0,
-                "no {name} in {} cases: the generator lost coverage",
-                get(&c.cases)
-            );
-        }
+}
+
+fn assert_reached(c: &Coverage, paths: &[(&str, &AtomicU64)]) {
+    for (name, v) in paths {
         assert!(
-            get(&c.pgsteal) > get(&c.explicit_evicted),
-            "no eviction by direct reclaim"
+            get(v) > 0,
+            "no {name} in {} cases: the generator lost coverage",
+            get(&c.cases)
         );
     }
+}
+
+#[test]
+fn random_operation_sequences_keep_the_mm_consistent() {
+    run_cases(scenario_strategy(), cases());
+    COVERAGE.with(|c| {
+        report(c);
+        // The sequences must reach the paths the properties are about
+        // (counted over the successful cases only, so this holds for any
+        // seed with enough cases).
+        if cases() >= 128 {
+            assert_reached(
+                c,
+                &[
+                    ("KSM merges", &c.ksm_merges),
+                    ("KSM COW breaks", &c.pgcow),
+                    ("swap-outs", &c.pswpout),
+                    ("swap-ins", &c.pswpin),
+                    ("direct or explicit evictions", &c.pgsteal),
+                    ("exits", &c.exits),
+                    ("mirrored pages", &c.mirrored),
+                    ("OOM-reap refusals", &c.oom_reap_refused),
+                    ("mTHP faults", &c.mthp_fault_alloc),
+                    ("folio splits", &c.folio_splits),
+                ],
+            );
+            assert!(
+                get(&c.pgsteal) > get(&c.explicit_evicted),
+                "no eviction by direct reclaim"
+            );
+        }
+    });
+}
+
+#[test]
+fn random_operation_sequences_over_huge_pages_keep_the_mm_consistent() {
+    // Each step checks ~540 pages: fewer cases than the small-region test.
+    let n = (cases() / 8).max(8);
+    run_cases(thp_scenario_strategy(), n);
+    COVERAGE.with(|c| {
+        report(c);
+        if n >= 48 {
+            assert_reached(
+                c,
+                &[
+                    ("THP faults", &c.thp_fault_alloc),
+                    ("huge PMD splits", &c.thp_split_pmd),
+                    ("folio splits", &c.folio_splits),
+                    ("swap-outs", &c.pswpout),
+                    ("KSM merges", &c.ksm_merges),
+                ],
+            );
+        }
+    });
 }
 
 // ---------------------------------------------------------------------------

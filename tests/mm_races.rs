@@ -175,3 +175,65 @@ fn a_failed_blockable_start_is_still_ended_on_every_path() {
     assert_eq!(mm.stats().mn_start_failed, starts.len() as u64);
     mm.check_consistency().unwrap();
 }
+
+/// A split needs the folio lock (Linux's `__split_huge_pmd` takes it since
+/// the fix of CVE-2020-29368): reclaim holds the lock of a THP it is about
+/// to split and swap, and a DONTNEED of another page of it must wait in
+/// `split_huge_pmd` instead of splitting under reclaim. Its reference then
+/// makes reclaim's split fail (the folio is pinned), reclaim skips the
+/// page, and the DONTNEED splits the PMD and zaps its page.
+#[test]
+fn a_pmd_split_waits_for_the_folio_lock_reclaim_holds() {
+    use shadowvm::mm::{ThpConfig, ThpEnabled};
+    let mm = Mm::new_anonymous(2048).unwrap();
+    mm.set_thp_config(ThpConfig::pmd(ThpEnabled::Always));
+    let base = mm
+        .mmap(Some(0x7f00_0000_0000), 2 << 20, RW, MmapFlags::empty())
+        .unwrap();
+    mm.write(base, b"head").unwrap();
+    mm.write(base + 9 * PAGE_SIZE, b"nine").unwrap();
+    assert!(mm.huge_pmd(base).is_some());
+    let fired = Arc::new(AtomicBool::new(false));
+    let zapper: Arc<parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>> = Default::default();
+    {
+        let (mm2, fired, zapper) = (mm.clone(), fired.clone(), zapper.clone());
+        mm.set_test_hook(Some(Arc::new(move |point, _hva| {
+            if point != MmHookPoint::ReclaimPageLocked || fired.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            let waits = mm2.stats().page_lock_wait;
+            let mm3 = mm2.clone();
+            *zapper.lock() = Some(std::thread::spawn(move || {
+                mm3.madvise_dontneed(base + 5 * PAGE_SIZE, PAGE_SIZE)
+                    .unwrap();
+            }));
+            wait_until("the split waits for the folio lock", || {
+                mm2.stats().page_lock_wait > waits
+            });
+            assert!(mm2.huge_pmd(base).is_some(), "split under the lock");
+        })));
+    }
+    // The fault left it young: the first look clears that, the second
+    // takes the lock.
+    mm.reclaim(1).unwrap();
+    let r = mm.reclaim(1).unwrap();
+    mm.set_test_hook(None);
+    zapper.lock().take().expect("the hook ran").join().unwrap();
+    assert!(fired.load(Ordering::SeqCst));
+    assert_eq!((r.evicted, r.skipped), (0, 1), "{r:?}");
+    let st = mm.stats();
+    // Reclaim's split failed on the zapper's reference. The zapper's own
+    // folio split after its zap may also meet reclaim's reference (dropped
+    // just after the lock) and then queues the folio: both are right.
+    assert_eq!(st.thp_split_pmd, 1);
+    assert!(
+        (1..=2).contains(&st.thp_split_page_failed),
+        "{}",
+        st.thp_split_page_failed
+    );
+    assert_eq!(mm.pte(base + 5 * PAGE_SIZE), None);
+    let mut b = [0u8; 4];
+    mm.read(base + 9 * PAGE_SIZE, &mut b).unwrap();
+    assert_eq!(&b, b"nine");
+    mm.check_consistency().unwrap();
+}

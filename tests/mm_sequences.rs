@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use shadowvm::mm::{Access, Mm, MmError, MmapFlags, PAGE_SIZE, Prot, Pte};
+use shadowvm::mm::{Access, Mm, MmError, MmapFlags, PAGE_SIZE, Prot, Pte, ThpConfig, ThpEnabled};
 use shadowvm::notifier::recorder::{Recorded, RecordingNotifier};
 use shadowvm::notifier::{MmuNotifier, MmuNotifierRange, MmuNotifyEvent, NotifierPte};
 
@@ -19,6 +19,11 @@ struct Fixture {
 fn fixture(pages: u64, flags: MmapFlags) -> Fixture {
     let mm = Mm::new_anonymous(64).unwrap();
     let base = mm.mmap(None, pages * PAGE_SIZE, RW, flags).unwrap();
+    registered(mm, base)
+}
+
+/// `mm` with a recording notifier registered.
+fn registered(mm: Arc<Mm>, base: u64) -> Fixture {
     let rec = Arc::new(RecordingNotifier::new("rec"));
     let reg = mm.mmu_notifier_register(rec.clone()).unwrap();
     Fixture {
@@ -580,5 +585,408 @@ fn direct_reclaim_makes_room_under_pressure() {
         assert_eq!(u64::from_le_bytes(b), i);
     }
     assert!(mm.stats().pswpout > 0 && mm.stats().pswpin > 0);
+    mm.check_consistency().unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Large folios: faults, splits and what they tell the notifier
+// ---------------------------------------------------------------------------
+
+const THP: u64 = 2 << 20;
+/// A 2 MiB-aligned place for THP tests.
+const THP_BASE: u64 = 0x7f00_0000_0000;
+
+fn thp_fixture(cfg: ThpConfig, bytes: u64, flags: MmapFlags) -> Fixture {
+    let mm = Mm::new_anonymous(2048).unwrap();
+    mm.set_thp_config(cfg);
+    let base = mm.mmap(Some(THP_BASE), bytes, RW, flags).unwrap();
+    registered(mm, base)
+}
+
+/// THP `always`, `bytes` at `THP_BASE`.
+fn thp_always(bytes: u64) -> Fixture {
+    thp_fixture(
+        ThpConfig::pmd(ThpEnabled::Always),
+        bytes,
+        MmapFlags::empty(),
+    )
+}
+
+fn start(e: MmuNotifyEvent, s: u64, end: u64) -> Recorded {
+    Recorded::InvalidateRangeStart(MmuNotifierRange::new(e, s, end))
+}
+
+fn end(e: MmuNotifyEvent, s: u64, end: u64) -> Recorded {
+    Recorded::InvalidateRangeEnd(MmuNotifierRange::new(e, s, end))
+}
+
+fn ir(start: u64, end: u64) -> Recorded {
+    Recorded::InvalidateRange { start, end }
+}
+
+/// `__split_huge_pmd`: start and `invalidate_range_only_end` over the PMD.
+fn split_pmd(haddr: u64) -> Vec<Recorded> {
+    vec![
+        start(MmuNotifyEvent::Clear, haddr, haddr + THP),
+        end(MmuNotifyEvent::Clear, haddr, haddr + THP),
+    ]
+}
+
+/// `unmap_folio` of one VMA part `[s, e)`: start, end (with its flush).
+fn unmap_folio(s: u64, e: u64) -> Vec<Recorded> {
+    vec![
+        start(MmuNotifyEvent::Clear, s, e),
+        ir(s, e),
+        end(MmuNotifyEvent::Clear, s, e),
+    ]
+}
+
+#[test]
+fn a_thp_fault_maps_a_huge_pmd_and_notifies_nobody() {
+    let f = thp_always(2 * THP);
+    let free = f.mm.frames().nr_free();
+    f.mm.write(f.base + 5 * PAGE_SIZE, b"x").unwrap();
+    assert!(f.rec.take().is_empty());
+    assert_eq!(f.mm.stats().thp_fault_alloc, 1);
+    assert_eq!(free - f.mm.frames().nr_free(), 512);
+    let pmd = f.mm.huge_pmd(f.base + 77 * PAGE_SIZE).expect("a huge PMD");
+    assert_eq!(pmd.haddr, f.base);
+    assert!(pmd.pfn.is_multiple_of(512) && pmd.writable && pmd.dirty);
+    for i in [0, 5, 511] {
+        assert_eq!(pfn(&f.mm, f.base + i * PAGE_SIZE), pmd.pfn + i);
+    }
+    // A read fault never gets a large folio (Linux maps the huge zero page).
+    let mut b = [0u8; 1];
+    f.mm.read(f.base + THP, &mut b).unwrap();
+    assert!(f.mm.huge_pmd(f.base + THP).is_none());
+    assert_eq!(f.mm.stats().thp_fault_alloc, 1);
+    let mthp = f.mm.mthp_stats();
+    assert_eq!(
+        mthp.last().map(|s| (s.size_kb, s.anon_fault_alloc)),
+        Some((2048, 1))
+    );
+    f.mm.check_consistency().unwrap();
+}
+
+#[test]
+fn thp_policy_madvise_needs_madv_hugepage_and_nohugepage_refuses() {
+    let f = thp_fixture(
+        ThpConfig::pmd(ThpEnabled::Madvise),
+        3 * THP,
+        MmapFlags::empty(),
+    );
+    f.mm.write(f.base, b"x").unwrap();
+    assert!(f.mm.huge_pmd(f.base).is_none());
+    f.mm.madvise_hugepage(f.base + THP, THP).unwrap();
+    f.mm.write(f.base + THP, b"x").unwrap();
+    assert!(f.mm.huge_pmd(f.base + THP).is_some());
+    f.mm.madvise_nohugepage(f.base + 2 * THP, THP).unwrap();
+    let mut always = f.mm.thp_config();
+    always.enabled = ThpEnabled::Always;
+    f.mm.set_thp_config(always);
+    f.mm.write(f.base + 2 * THP, b"x").unwrap();
+    assert!(f.mm.huge_pmd(f.base + 2 * THP).is_none());
+    assert!(f.rec.take().is_empty(), "flags on whole VMAs split nothing");
+    f.mm.check_consistency().unwrap();
+}
+
+#[test]
+fn partial_dontneed_of_a_thp_splits_the_pmd_inside_the_zap_then_the_folio() {
+    // zap_pmd_range: __split_huge_pmd nested in zap_page_range's range
+    // (start, only_end over the 2 MiB), the PTE cleared, then the folio,
+    // now partly mapped, is split (deferred_split_scan → split_folio →
+    // unmap_folio: start/end over its range in the VMA).
+    let f = thp_always(THP);
+    let b = f.base;
+    f.mm.write(b, &[7u8; 4096]).unwrap();
+    f.mm.write(b + 4 * PAGE_SIZE, b"keep").unwrap();
+    let head = pfn(&f.mm, b);
+    let free = f.mm.frames().nr_free();
+    f.rec.take();
+    let p = PAGE_SIZE;
+    f.mm.madvise_dontneed(b + 3 * p, p).unwrap();
+    let mut want = vec![start(MmuNotifyEvent::Clear, b + 3 * p, b + 4 * p)];
+    want.extend(split_pmd(b));
+    want.extend([
+        ir(b + 3 * p, b + 4 * p),
+        end(MmuNotifyEvent::Clear, b + 3 * p, b + 4 * p),
+        ir(b + 3 * p, b + 4 * p),
+    ]);
+    want.extend(unmap_folio(b, b + THP));
+    assert_eq!(f.rec.take(), want);
+    let st = f.mm.stats();
+    assert_eq!(
+        (
+            st.thp_split_pmd,
+            st.thp_deferred_split_page,
+            st.thp_split_page
+        ),
+        (1, 1, 1)
+    );
+    // The unmapped page went back; the others stay where they were.
+    assert_eq!(f.mm.frames().nr_free(), free + 1);
+    assert_eq!(f.mm.pte(b + 3 * p), None);
+    assert_eq!(pfn(&f.mm, b + 4 * p), head + 4);
+    assert_eq!(f.mm.page_meta(head + 4).map(|m| m.order), Some(0));
+    let mut buf = [0u8; 4];
+    f.mm.read(b + 4 * p, &mut buf).unwrap();
+    assert_eq!(&buf, b"keep");
+    f.mm.read(b + 3 * p, &mut buf).unwrap();
+    assert_eq!(buf, [0; 4]);
+    f.mm.check_consistency().unwrap();
+}
+
+#[test]
+fn munmap_of_part_of_a_thp_splits_the_pmd_at_the_vma_split() {
+    // do_munmap → __split_vma → vma_adjust_trans_huge: the PMD across the
+    // new boundary is split before the unmap's own range; the folio is
+    // split after it, over its part in the VMA that is left.
+    let f = thp_always(2 * THP);
+    let (b, p) = (f.base, PAGE_SIZE);
+    f.mm.write(b, b"x").unwrap();
+    f.rec.take();
+    let (s, e) = (b + 510 * p, b + 514 * p);
+    f.mm.munmap(s, e - s).unwrap();
+    let mut want = split_pmd(b);
+    want.extend([
+        start(MmuNotifyEvent::Unmap, s, e),
+        ir(s, e),
+        end(MmuNotifyEvent::Unmap, s, e),
+        ir(s, b + THP),
+    ]);
+    want.extend(unmap_folio(b, s));
+    assert_eq!(f.rec.take(), want);
+    assert_eq!(f.mm.stats().thp_split_page, 1);
+    f.mm.check_consistency().unwrap();
+}
+
+#[test]
+fn mprotect_of_part_of_a_thp_splits_the_pmd_not_the_folio() {
+    // mprotect_fixup → split_vma splits the PMD; change_protection then
+    // write-protects the one PTE. The folio stays whole, PTE-mapped.
+    let f = thp_always(THP);
+    let (b, p) = (f.base, PAGE_SIZE);
+    f.mm.write(b, b"x").unwrap();
+    f.rec.take();
+    f.mm.mprotect(b + 2 * p, p, Prot::READ).unwrap();
+    let mut want = split_pmd(b);
+    want.extend([
+        start(MmuNotifyEvent::ProtectionVma, b + 2 * p, b + 3 * p),
+        ir(b + 2 * p, b + 3 * p),
+        end(MmuNotifyEvent::ProtectionVma, b + 2 * p, b + 3 * p),
+    ]);
+    assert_eq!(f.rec.take(), want);
+    assert!(matches!(f.mm.pte(b + 2 * p), Some(Pte::Present(x)) if !x.writable));
+    assert!(matches!(f.mm.pte(b + 3 * p), Some(Pte::Present(x)) if x.writable));
+    let st = f.mm.stats();
+    assert_eq!((st.thp_split_pmd, st.thp_split_page), (1, 0));
+    assert_eq!(f.mm.page_meta(pfn(&f.mm, b)).map(|m| m.order), Some(9));
+    // A whole-PMD mprotect keeps it huge and write-protects it whole.
+    f.mm.write(b + THP - p, b"y").unwrap();
+    f.mm.check_consistency().unwrap();
+}
+
+#[test]
+fn mprotect_of_a_whole_thp_keeps_the_huge_pmd() {
+    let f = thp_always(THP);
+    f.mm.write(f.base, b"x").unwrap();
+    f.rec.take();
+    f.mm.mprotect(f.base, THP, Prot::READ).unwrap();
+    let r = (MmuNotifyEvent::ProtectionVma, f.base, f.base + THP);
+    assert_eq!(
+        f.rec.take(),
+        vec![start(r.0, r.1, r.2), ir(r.1, r.2), end(r.0, r.1, r.2)]
+    );
+    let pmd = f.mm.huge_pmd(f.base).expect("still huge");
+    assert!(!pmd.writable);
+    f.mm.mprotect(f.base, THP, RW).unwrap();
+    f.rec.take();
+    // do_huge_pmd_wp_page: the write reuses the whole PMD.
+    f.mm.write(f.base + 9 * PAGE_SIZE, b"y").unwrap();
+    assert!(f.rec.take().is_empty());
+    assert!(f.mm.huge_pmd(f.base).is_some_and(|p| p.writable));
+    f.mm.check_consistency().unwrap();
+}
+
+#[test]
+fn mthp_partial_dontneed_splits_the_folio_after_the_zap() {
+    let mut cfg = ThpConfig::off();
+    cfg.enable_sizes("16K").unwrap();
+    let f = thp_fixture(cfg, 8 * PAGE_SIZE, MmapFlags::empty());
+    let (b, p) = (f.base, PAGE_SIZE);
+    f.mm.write(b + 2 * p, b"x").unwrap();
+    let head = pfn(&f.mm, b);
+    assert!(head.is_multiple_of(4));
+    for i in 0..4 {
+        assert_eq!(pfn(&f.mm, b + i * p), head + i, "one 16K folio");
+    }
+    assert_eq!(f.mm.pte(b + 4 * p), None);
+    f.rec.take();
+    f.mm.madvise_dontneed(b + p, p).unwrap();
+    let mut want = vec![
+        start(MmuNotifyEvent::Clear, b + p, b + 2 * p),
+        ir(b + p, b + 2 * p),
+        end(MmuNotifyEvent::Clear, b + p, b + 2 * p),
+        ir(b + p, b + 2 * p),
+    ];
+    want.extend(unmap_folio(b, b + 4 * p));
+    assert_eq!(f.rec.take(), want);
+    let s16 = f.mm.mthp_stats()[1];
+    assert_eq!(
+        (
+            s16.size_kb,
+            s16.anon_fault_alloc,
+            s16.split_deferred,
+            s16.split
+        ),
+        (16, 1, 1, 1)
+    );
+    // A pinned folio cannot be split: it stays queued until the pin goes.
+    f.mm.write(b + 4 * p, b"x").unwrap();
+    let pin = f.mm.get_user_page(b + 5 * p, Access::Read).unwrap();
+    f.rec.take();
+    f.mm.madvise_dontneed(b + 6 * p, p).unwrap();
+    assert_eq!(f.mm.mthp_stats()[1].split_failed, 1);
+    f.mm.check_consistency().unwrap();
+    drop(pin);
+    assert_eq!(f.mm.deferred_split_scan(), Ok(1));
+    f.mm.check_consistency().unwrap();
+}
+
+#[test]
+fn ksm_splits_a_large_folio_before_it_merges_a_page_of_it() {
+    // try_to_merge_one_page: split_huge_page under the page lock, then the
+    // merge of a small page (write-protect, replace).
+    let mut cfg = ThpConfig::off();
+    cfg.enable_sizes("16K").unwrap();
+    let f = thp_fixture(cfg, 4 * PAGE_SIZE, MmapFlags::MERGEABLE);
+    let (b, p) = (f.base, PAGE_SIZE);
+    let page = vec![0x5a_u8; PAGE_SIZE as usize];
+    f.mm.write(b, &page).unwrap();
+    f.mm.write(b + p, &page).unwrap();
+    f.mm.write(b + 2 * p, b"other").unwrap();
+    f.mm.write(b + 3 * p, b"third").unwrap();
+    f.rec.take();
+    for _ in 0..3 {
+        f.mm.ksm_scan(4).unwrap();
+    }
+    let log = f.rec.take();
+    let split = log
+        .iter()
+        .position(|r| *r == start(MmuNotifyEvent::Clear, b, b + 4 * p))
+        .expect("the folio's unmap range");
+    let wp = log
+        .iter()
+        .position(|r| matches!(r, Recorded::InvalidateRangeStart(x) if x.event == MmuNotifyEvent::ProtectionPage))
+        .expect("a write-protect");
+    assert!(split < wp, "{log:?}");
+    assert_eq!(f.mm.ksm_stats().pages_sharing, 1);
+    assert_eq!(f.mm.mthp_stats()[1].split, 1);
+    f.mm.check_consistency().unwrap();
+}
+
+#[test]
+fn reclaim_splits_a_cold_thp_before_swapping_a_page_of_it() {
+    let f = thp_always(THP);
+    let b = f.base;
+    f.mm.write(b, b"x").unwrap();
+    f.rec.take();
+    // First look: young (the fault set it), cleared over the whole PMD,
+    // and the hand moves past the folio.
+    let r = f.mm.reclaim(1).unwrap();
+    assert_eq!(r.kept_young, 1);
+    assert_eq!(
+        f.rec.take(),
+        vec![Recorded::ClearFlushYoung {
+            start: b,
+            end: b + THP
+        }]
+    );
+    // Second look: cold: split (PMD, then folio), then the page goes.
+    let r = f.mm.reclaim(1).unwrap();
+    assert_eq!(r.swapped_out, 1, "{r:?}");
+    let mut want = vec![Recorded::ClearFlushYoung {
+        start: b,
+        end: b + THP,
+    }];
+    want.extend(split_pmd(b));
+    want.extend(unmap_folio(b, b + THP));
+    // try_to_unmap_one: inside its range, the young bits once more.
+    want.extend([
+        start(MmuNotifyEvent::Clear, b, b + PAGE_SIZE),
+        Recorded::ClearFlushYoung {
+            start: b,
+            end: b + PAGE_SIZE,
+        },
+        ir(b, b + PAGE_SIZE),
+        ir(b, b + PAGE_SIZE),
+        end(MmuNotifyEvent::Clear, b, b + PAGE_SIZE),
+    ]);
+    assert_eq!(f.rec.take(), want);
+    assert!(matches!(f.mm.pte(b), Some(Pte::Swap(_))));
+    let mut buf = [0u8; 1];
+    f.mm.read(b, &mut buf).unwrap();
+    assert_eq!(&buf, b"x");
+    f.mm.check_consistency().unwrap();
+}
+
+#[test]
+fn populate_write_faults_the_range_in_and_fails_as_linux() {
+    let f = thp_always(2 * THP);
+    let (b, p) = (f.base, PAGE_SIZE);
+    // Small pages in the second 2 MiB.
+    f.mm.madvise_nohugepage(b + THP, THP).unwrap();
+    assert!(matches!(
+        f.mm.madvise_populate_write(b + 1, p),
+        Err(MmError::InvalidArgument(_))
+    ));
+    assert_eq!(f.mm.madvise_populate_write(b, 0), Ok(()));
+    f.mm.madvise_populate_write(b, THP + 3 * p).unwrap();
+    assert!(f.rec.take().is_empty(), "populating notifies nobody");
+    let st = f.mm.stats();
+    assert_eq!(st.thp_fault_alloc, 1);
+    assert!(f.mm.huge_pmd(b).is_some_and(|x| x.writable));
+    assert!(matches!(f.mm.pte(b + THP + 2 * p), Some(Pte::Present(x)) if x.writable));
+    assert_eq!(f.mm.pte(b + THP + 3 * p), None);
+    assert_eq!(st.populate_fault, 4, "one THP fault and three small ones");
+    assert_eq!(st.populate_present, 511);
+    // Not writable: EINVAL; a hole: ENOMEM after what comes before it.
+    f.mm.mprotect(b + THP + 8 * p, p, Prot::READ).unwrap();
+    assert!(matches!(
+        f.mm.madvise_populate_write(b + THP + 6 * p, 4 * p),
+        Err(MmError::InvalidArgument(_))
+    ));
+    assert!(matches!(f.mm.pte(b + THP + 7 * p), Some(Pte::Present(x)) if x.writable));
+    f.mm.munmap(b + THP + 20 * p, p).unwrap();
+    assert_eq!(
+        f.mm.madvise_populate_write(b + THP + 18 * p, 4 * p),
+        Err(MmError::NoMemory)
+    );
+    assert!(matches!(f.mm.pte(b + THP + 19 * p), Some(Pte::Present(_))));
+    assert_eq!(f.mm.pte(b + THP + 21 * p), None);
+    f.mm.check_consistency().unwrap();
+}
+
+#[test]
+fn a_write_fault_falls_back_to_small_folios_when_no_run_is_free() {
+    // 600 frames, most of them taken one by one: no aligned 2 MiB run is
+    // left, so the fault falls back (thp_fault_fallback) to one page.
+    let mm = Mm::new_anonymous(600).unwrap();
+    let mut cfg = ThpConfig::pmd(ThpEnabled::Always);
+    cfg.enable_sizes("64K").unwrap();
+    mm.set_thp_config(cfg);
+    let small = mm
+        .mmap(None, 100 * PAGE_SIZE, RW, MmapFlags::empty())
+        .unwrap();
+    for i in 0..100 {
+        mm.read(small + i * PAGE_SIZE, &mut [0u8; 1]).unwrap();
+    }
+    let base = mm
+        .mmap(Some(THP_BASE), THP, RW, MmapFlags::empty())
+        .unwrap();
+    mm.write(base, b"x").unwrap();
+    let st = mm.stats();
+    assert_eq!((st.thp_fault_alloc, st.thp_fault_fallback), (0, 1));
+    assert_eq!(mm.mthp_stats()[3].anon_fault_alloc, 1, "64K instead");
     mm.check_consistency().unwrap();
 }

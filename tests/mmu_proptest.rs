@@ -4,7 +4,10 @@
 //! A small guest (48 pages of RAM in a MERGEABLE VMA, 34 to 128 frames of
 //! machine memory, so direct reclaim and the shadow-page allocator run dry
 //! in some cases) with three page-table trees (CR3s) and two vCPUs runs
-//! random sequences of:
+//! random sequences of the operations below, with random mTHP sizes on the
+//! host and random prefetch; a second test runs them over 4 MiB of guest
+//! RAM with PMD-size THP, so the guest kernel's 2 MiB direct map gets
+//! 2 MiB sptes, which host splits, KSM and reclaim zap:
 //!
 //! * guest accesses through a CPU model (read, write, fetch, user or
 //!   supervisor): the access goes through the vCPU's TLB, then through the
@@ -22,6 +25,7 @@
 //!   and COW breaks by the guest, the walker or the host), the young
 //!   callbacks and aging, reclaim (swap-out, swap-in on the next touch),
 //!   writes and reads by the VMM through the host mm;
+//! * MADV_POPULATE_WRITE of guest RAM and pre-faults of guest ranges;
 //! * and, as a possible last step, exit_mmap.
 //!
 //! After every step:
@@ -64,10 +68,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use proptest::prelude::*;
-use proptest::test_runner::TestCaseError;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 use common::mmu_guest::{A, ADDR, D, Guest, NX, P, PS, RW, US, spte_pfn};
-use shadowvm::mm::{FrameAccess, FrameOwner, MmError, MmapFlags, PAGE_SIZE, Pfn, Prot, Pte};
+use shadowvm::mm::{
+    FrameAccess, FrameOwner, MmError, MmapFlags, PAGE_SIZE, Pfn, Prot, Pte, ThpConfig, ThpEnabled,
+};
 use shadowvm::mmu::{
     FaultOutcome, FlushFrame, MmuError, PfErrorCode, ShadowMmuConfig, TlbFlush, TlbFlushError,
 };
@@ -76,10 +82,26 @@ use shadowvm::mmu::{
 // The guest's layout
 // ---------------------------------------------------------------------------
 
-const RAM_PAGES: u64 = 48;
+/// Guest RAM of the first test: small, so operations meet.
+const SMALL_RAM: u64 = 48;
+/// Guest RAM of the huge-page test: 4 MiB, the first 2 MiB free of page
+/// tables (so 2 MiB sptes can map it), the tables at the top.
+const BIG_RAM: u64 = 1024;
+
+thread_local! {
+    /// The guest RAM size of the test running on this thread.
+    static RAM: std::cell::Cell<u64> = const { std::cell::Cell::new(SMALL_RAM) };
+}
+
+fn ram() -> u64 {
+    RAM.with(|r| r.get())
+}
+
+fn first_table() -> u64 {
+    ram() - NR_TABLES
+}
 /// Page tables take the top of RAM (the fixture allocates them downwards).
 const NR_TABLES: u64 = 17;
-const FIRST_TABLE: u64 = RAM_PAGES - NR_TABLES;
 const NR_CR3: usize = 3;
 const NR_VCPUS: usize = 2;
 const WORDS: usize = 512;
@@ -118,7 +140,7 @@ enum Gva {
     Win,
     /// Mapped to a gpa outside every memslot.
     Mmio,
-    /// The direct map of guest page `n` (`RAM_PAGES` is past the end).
+    /// The direct map of guest page `n` (`ram()` is past the end).
     Direct(u64),
 }
 
@@ -140,8 +162,22 @@ fn tracked_gvas() -> Vec<Gva> {
     let mut v: Vec<Gva> = (1..=NR_SHARED).map(Gva::Shared).collect();
     v.extend((1..=NR_PRIV).map(Gva::Priv));
     v.extend([Gva::Win, Gva::Mmio]);
-    v.extend((0..=RAM_PAGES).map(Gva::Direct));
+    v.extend(tracked_directs().into_iter().map(Gva::Direct));
     v
+}
+
+/// The direct-map pages the model tracks: all of small RAM and the page
+/// past it; of big RAM (every page would make each check slow) the hot
+/// ones, a spread over the rest, the tables and the page past the end.
+fn tracked_directs() -> Vec<u64> {
+    if ram() <= 64 {
+        (0..=ram()).collect()
+    } else {
+        (0..16)
+            .chain((16..first_table()).step_by(61))
+            .chain(first_table()..=ram())
+            .collect()
+    }
 }
 
 /// Where the page tables are (gpas).
@@ -177,6 +213,12 @@ impl Layout {
             (self.pdpt_d + 8 * 5, self.pd_d | up),
             (self.pd_d + 8 * 7, PS | P | RW | NX),
         ]
+        .into_iter()
+        .chain(
+            // The direct map's second 2 MiB, where big RAM has its tables.
+            (ram() > 512).then_some((self.pd_d + 8 * 8, (2 << 20) | PS | P | RW | NX)),
+        )
+        .collect()
     }
 
     /// The entry at `level` on the path of data gva `t` under CR3 `k`, and
@@ -336,6 +378,17 @@ enum Op {
     HostRead {
         page: u64,
     },
+    /// madvise(MADV_POPULATE_WRITE) of guest pages.
+    Populate {
+        page: u64,
+        n: u64,
+    },
+    /// `pre_fault` of `n` pages from a tracked gva on a vCPU's tables.
+    PreFault {
+        vcpu: usize,
+        gva: Gva,
+        n: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -344,6 +397,10 @@ struct Scenario {
     max_roots: usize,
     ops: Vec<Op>,
     exit: bool,
+    /// The host's THP settings.
+    thp: ThpConfig,
+    /// `ShadowMmuConfig::pte_prefetch`.
+    prefetch: usize,
 }
 
 fn gva_strategy() -> impl Strategy<Value = Gva> {
@@ -354,7 +411,7 @@ fn gva_strategy() -> impl Strategy<Value = Gva> {
         1 => Just(Gva::Mmio),
         // A few hot pages, so translations get reused from the TLB.
         2 => (0..4u64).prop_map(Gva::Direct),
-        3 => (0..=RAM_PAGES).prop_map(Gva::Direct),
+        3 => prop::sample::select(tracked_directs()).prop_map(Gva::Direct),
     ]
 }
 
@@ -368,11 +425,11 @@ fn acc_strategy() -> impl Strategy<Value = Acc> {
 
 /// A page for an operation that destroys contents: mostly data pages.
 fn data_biased_page() -> impl Strategy<Value = u64> {
-    prop_oneof![6 => 0..FIRST_TABLE, 1 => FIRST_TABLE..RAM_PAGES]
+    prop_oneof![6 => 0..first_table(), 1 => first_table()..ram()]
 }
 
 fn any_page() -> impl Strategy<Value = u64> {
-    0..RAM_PAGES
+    0..ram()
 }
 
 fn bit(b: u64, weight_of_set: u32) -> impl Strategy<Value = u64> {
@@ -408,7 +465,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         vcpu.clone(),
         target,
         prop_oneof![6 => Just(1u8), 1 => Just(2u8), 1 => Just(3u8), 1 => Just(4u8)],
-        0..RAM_PAGES + 2,
+        0..ram() + 2,
         leaf_flags(),
         upper_flags(),
         any::<bool>(),
@@ -441,7 +498,9 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => (data_biased_page(), n.clone()).prop_map(|(page, n)| Op::MmapFixed { page, n }),
         4 => (data_biased_page(), n.clone()).prop_map(|(page, n)| Op::Dontneed { page, n }),
         4 => (any_page(), n.clone(), prot).prop_map(|(page, n, prot)| Op::Mprotect { page, n, prot }),
-        4 => prop::sample::select(vec![8u64, 32, 128]).prop_map(|pages| Op::KsmScan { pages }),
+        // Over big RAM, ksmd needs whole passes to see a page twice.
+        4 => prop::sample::select(if ram() > 64 { vec![256u64, 1024, 2048] } else { vec![8u64, 32, 128] })
+            .prop_map(|pages| Op::KsmScan { pages }),
         2 => any_page().prop_map(|page| Op::ClearFlushYoung { page }),
         2 => any_page().prop_map(|page| Op::ClearYoung { page }),
         2 => any_page().prop_map(|page| Op::TestYoung { page }),
@@ -450,21 +509,65 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         3 => prop::sample::select(vec![4u64, 16, 64]).prop_map(|pages| Op::Reclaim { pages }),
         5 => (data_biased_page(), stamp).prop_map(|(page, stamp)| Op::HostWrite { page, stamp }),
         2 => any_page().prop_map(|page| Op::HostRead { page }),
+        2 => (data_biased_page(), 1..24u64).prop_map(|(page, n)| Op::Populate { page, n }),
+        2 => (vcpu.clone(), gva_strategy(), 1..24u64).prop_map(|(vcpu, gva, n)| Op::PreFault { vcpu, gva, n }),
     ]
 }
 
-fn scenario_strategy() -> impl Strategy<Value = Scenario> {
+/// Host THP settings: mTHP sizes up to 64 KiB, and with `pmd` the PMD
+/// size mostly on.
+fn thp_strategy(pmd: bool) -> impl Strategy<Value = ThpConfig> {
     (
-        prop::sample::select(vec![34u64, 40, 52, 64, 128]),
-        prop::sample::select(vec![2usize, 3, 8]),
-        prop::collection::vec(op_strategy(), 1..80),
-        prop::bool::weighted(0.3),
+        prop::sample::subsequence(vec!["8K", "16K", "32K", "64K"], 0..=2),
+        prop::bool::weighted(if pmd { 0.85 } else { 0.0 }),
     )
-        .prop_map(|(frames, max_roots, ops, exit)| Scenario {
+        .prop_map(|(sizes, huge)| {
+            let mut c = if huge {
+                ThpConfig::pmd(ThpEnabled::Always)
+            } else {
+                ThpConfig::off()
+            };
+            for s in sizes {
+                let _ = c.enable_sizes(s);
+            }
+            c
+        })
+}
+
+fn prefetch_strategy() -> impl Strategy<Value = usize> {
+    prop::sample::select(vec![0usize, 8, 16])
+}
+
+fn scenario_strategy() -> impl Strategy<Value = Scenario> {
+    scenario_with(vec![34, 40, 52, 64, 128], vec![2, 3, 8], 80, false)
+}
+
+/// Over [`BIG_RAM`]: frames for one or two huge folios, or too few.
+fn big_scenario_strategy() -> impl Strategy<Value = Scenario> {
+    scenario_with(vec![700, 1100, 1500, 2200], vec![3, 8], 50, true)
+}
+
+fn scenario_with(
+    frames: Vec<u64>,
+    roots: Vec<usize>,
+    max_ops: usize,
+    pmd: bool,
+) -> impl Strategy<Value = Scenario> {
+    (
+        prop::sample::select(frames),
+        prop::sample::select(roots),
+        prop::collection::vec(op_strategy(), 1..max_ops),
+        prop::bool::weighted(0.3),
+        thp_strategy(pmd),
+        prefetch_strategy(),
+    )
+        .prop_map(|(frames, max_roots, ops, exit, thp, prefetch)| Scenario {
             frames,
             max_roots,
             ops,
             exit,
+            thp,
+            prefetch,
         })
 }
 
@@ -481,6 +584,15 @@ struct TlbModel {
 
 impl TlbFlush for TlbModel {
     fn flush_frames(&self, frames: &[FlushFrame]) -> Result<(), TlbFlushError> {
+        // A changed shadow table is flushed with the memslot bounce: every
+        // cached translation goes.
+        if frames
+            .iter()
+            .any(|f| f.reason == shadowvm::mmu::FlushReason::TableChanged)
+        {
+            self.entries.lock().clear();
+            return Ok(());
+        }
         let set: HashSet<Pfn> = frames.iter().map(|f| f.pfn).collect();
         self.entries
             .lock()
@@ -514,9 +626,15 @@ struct Coverage {
     pswpin: AtomicU64,
     pgsteal: AtomicU64,
     young_checked: AtomicU64,
+    large_sptes: AtomicU64,
+    prefetched: AtomicU64,
+    prefaulted: AtomicU64,
+    thp_faults: AtomicU64,
 }
 
-static COVERAGE: Coverage = Coverage {
+thread_local! {
+    /// Per test thread: the two tests run side by side.
+    static COVERAGE: Coverage = const { Coverage {
     cases: AtomicU64::new(0),
     steps: AtomicU64::new(0),
     exits: AtomicU64::new(0),
@@ -536,7 +654,19 @@ static COVERAGE: Coverage = Coverage {
     pswpin: AtomicU64::new(0),
     pgsteal: AtomicU64::new(0),
     young_checked: AtomicU64::new(0),
-};
+    large_sptes: AtomicU64::new(0),
+    prefetched: AtomicU64::new(0),
+    prefaulted: AtomicU64::new(0),
+    thp_faults: AtomicU64::new(0),
+} };
+}
+
+macro_rules! cov {
+    ($f:ident, $n:expr $(,)?) => {{
+        let n = $n;
+        COVERAGE.with(|c| bump(&c.$f, n))
+    }};
+}
 
 fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
@@ -619,11 +749,21 @@ fn idx(addr: u64, level: u32) -> usize {
     ((addr >> (12 + 9 * (level - 1))) & 511) as usize
 }
 
+/// The 4 KiB spte a 2 MiB spte `e` amounts to at `addr` (its frame for
+/// that page, no PS); a 4 KiB spte as it is.
+fn page_view(e: u64, addr: u64) -> u64 {
+    if e & PS == 0 {
+        return e;
+    }
+    let pfn = spte_pfn(e) + ((addr >> 12) & 511);
+    (e & !ADDR & !PS) | (pfn << 12)
+}
+
 fn leaf_addr(page: u64) -> u64 {
-    if page < RAM_PAGES {
+    if page < ram() {
         page * PAGE_SIZE
-    } else if page == RAM_PAGES {
-        RAM_PAGES * PAGE_SIZE
+    } else if page == ram() {
+        ram() * PAGE_SIZE
     } else {
         MMIO_GPA
     }
@@ -635,9 +775,11 @@ impl Harness {
         let cfg = ShadowMmuConfig {
             nr_vcpus: NR_VCPUS,
             max_roots: s.max_roots,
+            pte_prefetch: s.prefetch,
             ..Default::default()
         };
-        let mut g = Guest::with_tlb(RAM_PAGES, s.frames, cfg, MmapFlags::MERGEABLE, tlb.clone());
+        let mut g = Guest::with_tlb(ram(), s.frames, cfg, MmapFlags::MERGEABLE, tlb.clone());
+        g.mm.set_thp_config(s.thp);
         let pml4_0 = g.cr3;
         let (pdpt_s, pd_s, pt_s, pdpt_d, pd_d) = (
             g.alloc_table(),
@@ -665,7 +807,7 @@ impl Harness {
             lay.pd_p[k] = g.alloc_table();
             lay.pt_p[k] = g.alloc_table();
         }
-        prop_assert_eq!(g.first_table_page(), FIRST_TABLE);
+        prop_assert_eq!(g.first_table_page(), first_table());
         for k in 0..NR_CR3 {
             for (e, v) in lay.links(k) {
                 g.write_u64(e, v);
@@ -691,16 +833,16 @@ impl Harness {
             tlb,
             lay,
             gvas: tracked_gvas(),
-            mem: vec![vec![0; WORDS]; RAM_PAGES as usize],
-            mapped: vec![true; RAM_PAGES as usize],
-            ad_unknown: vec![false; RAM_PAGES as usize],
-            prot: vec![Prot::READ | Prot::WRITE; RAM_PAGES as usize],
+            mem: vec![vec![0; WORDS]; ram() as usize],
+            mapped: vec![true; ram() as usize],
+            ad_unknown: vec![false; ram() as usize],
+            prot: vec![Prot::READ | Prot::WRITE; ram() as usize],
             vcpu_cr3: [0, 1],
             rootless: [false; NR_VCPUS],
             seen: HashMap::new(),
             step: 0,
         };
-        for p in 0..RAM_PAGES {
+        for p in 0..ram() {
             if let Some((pfn, _, _)) = h.host(p) {
                 h.mem[p as usize] = h.frame_words(pfn)?;
             }
@@ -714,7 +856,7 @@ impl Harness {
     }
 
     fn is_table(page: u64) -> bool {
-        page >= FIRST_TABLE
+        page >= first_table()
     }
 
     fn host(&self, page: u64) -> HostPte {
@@ -725,7 +867,7 @@ impl Harness {
     }
 
     fn host_all(&self) -> Vec<HostPte> {
-        (0..RAM_PAGES).map(|p| self.host(p)).collect()
+        (0..ram()).map(|p| self.host(p)).collect()
     }
 
     fn word(&self, pfn: Pfn, i: usize) -> Result<&AtomicU64, TestCaseError> {
@@ -752,6 +894,8 @@ impl Harness {
 
     /// The level-1 spte slot for `addr` under `root`, if the path exists:
     /// (table, index, value).
+    /// A 2 MiB spte is given as the 4 KiB one it amounts to for `addr`
+    /// ([`page_view`]), at its own slot.
     fn shadow_leaf(
         &self,
         root: Pfn,
@@ -759,9 +903,14 @@ impl Harness {
     ) -> Result<Option<(Pfn, usize, u64)>, TestCaseError> {
         let mut t = root;
         for level in (2..=4).rev() {
-            let e = self.word(t, idx(addr, level))?.load(Ordering::SeqCst);
+            let i = idx(addr, level);
+            let e = self.word(t, i)?.load(Ordering::SeqCst);
             if e & P == 0 {
                 return Ok(None);
+            }
+            if e & PS != 0 {
+                prop_assert_eq!(level, 2, "a large spte above level 2");
+                return Ok(Some((t, i, page_view(e, addr))));
             }
             t = spte_pfn(e);
         }
@@ -811,7 +960,7 @@ impl Harness {
     }
 
     fn readable(&self, page: u64) -> bool {
-        page < RAM_PAGES && self.mapped[page as usize] && self.prot[page as usize] != Prot::NONE
+        page < ram() && self.mapped[page as usize] && self.prot[page as usize] != Prot::NONE
     }
 
     /// Every translation vCPU `v` may use for `addr` (see `seen`).
@@ -866,7 +1015,7 @@ impl Harness {
             let tp = table as usize;
             // A table outside RAM, unmapped or PROT_NONE cannot be read: a
             // not-present fault.
-            if table >= RAM_PAGES || !self.mapped[tp] || self.prot[tp] == Prot::NONE {
+            if table >= ram() || !self.mapped[tp] || self.prot[tp] == Prot::NONE {
                 return guest(pfec, path);
             }
             let i = idx(addr, level);
@@ -897,7 +1046,7 @@ impl Harness {
             .iter()
             .any(|&(t, _)| !self.prot[t as usize].contains(Prot::WRITE));
         let gpa = (gfn << 12) | (addr & 0xfff);
-        let exp = if gfn >= RAM_PAGES {
+        let exp = if gfn >= ram() {
             Exp::Mmio(gpa)
         } else if !self.mapped[gfn as usize] {
             Exp::NoVma
@@ -942,7 +1091,7 @@ impl Harness {
                     "{}: out of memory with free frames",
                     ctx
                 );
-                bump(&COVERAGE.out_of_memory, 1);
+                cov!(out_of_memory, 1);
                 return Ok(Outcome::Stop);
             }
             Err(err) => return Err(TestCaseError::fail(format!("{ctx}: error {err}"))),
@@ -971,7 +1120,12 @@ impl Harness {
                 Exp::Access,
             ) => {}
             (FaultOutcome::Fixed, Exp::Fixed(gfn)) => {
-                let spte = self.g.mmu.lookup_spte(v, addr).map_err(fail(&ctx))?;
+                let spte = self
+                    .g
+                    .mmu
+                    .lookup_spte(v, addr)
+                    .map_err(fail(&ctx))?
+                    .map(|e| page_view(e, addr));
                 let host = self.host(gfn);
                 let ok = spte.is_some_and(|s| {
                     acc.permits(s)
@@ -1006,22 +1160,21 @@ impl Harness {
             (FaultOutcome::Retry, _) => return Ok(Outcome::Retry),
             _ => return Err(TestCaseError::fail(format!("{ctx}: wrong outcome"))),
         }
-        let c = &COVERAGE;
         Ok(match out {
             FaultOutcome::Fixed => {
-                bump(&c.fixed, 1);
+                cov!(fixed, 1);
                 Outcome::Fixed
             }
             FaultOutcome::Guest(_) => {
-                bump(&c.guest_faults, 1);
+                cov!(guest_faults, 1);
                 Outcome::Stop
             }
             FaultOutcome::Mmio { .. } => {
-                bump(&c.mmio, 1);
+                cov!(mmio, 1);
                 Outcome::Stop
             }
             _ => {
-                bump(&c.host_faults, 1);
+                cov!(host_faults, 1);
                 Outcome::Stop
             }
         })
@@ -1040,10 +1193,10 @@ impl Harness {
         let cached = self.tlb.entries.lock().get(&key).copied();
         if let Some(e) = cached {
             if acc.permits(e) {
-                bump(&COVERAGE.tlb_hits, 1);
+                cov!(tlb_hits, 1);
                 let cur = self.spte(root, page)?;
                 if cur != Some(e) {
-                    bump(&COVERAGE.stale_tlb_hits, 1);
+                    cov!(stale_tlb_hits, 1);
                 }
                 self.touch(v, addr, spte_pfn(e), acc, widx, val, "TLB entry")?;
                 return Ok(true);
@@ -1059,7 +1212,7 @@ impl Harness {
             {
                 // The CPU sets A (and D) in the spte it uses.
                 let set = A | if acc.write() { D } else { 0 };
-                let e = self.word(t, i)?.fetch_or(set, Ordering::SeqCst) | set;
+                let e = page_view(self.word(t, i)?.fetch_or(set, Ordering::SeqCst) | set, page);
                 self.tlb.entries.lock().insert(key, e);
                 self.touch(v, addr, spte_pfn(e), acc, widx, val, "spte")?;
                 return Ok(true);
@@ -1101,7 +1254,7 @@ impl Harness {
         val: u64,
         via: &str,
     ) -> Result<(), TestCaseError> {
-        let gfns: Vec<u64> = (0..RAM_PAGES)
+        let gfns: Vec<u64> = (0..ram())
             .filter(|&p| self.host(p).is_some_and(|h| h.0 == pfn))
             .collect();
         prop_assert!(
@@ -1168,7 +1321,7 @@ impl Harness {
 
     fn step(&mut self, op: &Op) -> Result<(), TestCaseError> {
         self.step += 1;
-        bump(&COVERAGE.steps, 1);
+        cov!(steps, 1);
         let mut before = Vec::new();
         for v in 0..NR_VCPUS {
             let Some(r) = self.root(v) else { continue };
@@ -1209,7 +1362,7 @@ impl Harness {
         for &(r, addr, e1) in before {
             let e2 = if roots.contains(&r) {
                 self.spte(r, addr)?.unwrap_or(0)
-            } else if self.g.mm.frames().owner(r).ok() != Some(FrameOwner::Shadow) {
+            } else if self.g.mm.frames().owner(r).ok() != Some(FrameOwner::External) {
                 0 // the root was freed
             } else {
                 continue; // still cached, no vCPU on it
@@ -1243,7 +1396,7 @@ impl Harness {
         let host = self.host_all();
         // Host bytes are the model's; the walker may only have set A/D bits
         // in page-table entries.
-        for p in 0..RAM_PAGES {
+        for p in 0..ram() {
             let Some((pfn, _, _)) = host[p as usize] else {
                 self.ad_unknown[p as usize] = self.mem[p as usize].iter().any(|w| w & P != 0);
                 continue;
@@ -1299,7 +1452,12 @@ impl Harness {
             let Some(r) = self.root(v) else { continue };
             for g in &self.gvas {
                 let mine = self.spte(r, g.addr())?;
-                let api = self.g.mmu.lookup_spte(v, g.addr()).map_err(fail(ctx))?;
+                let api = self
+                    .g
+                    .mmu
+                    .lookup_spte(v, g.addr())
+                    .map_err(fail(ctx))?
+                    .map(|e| page_view(e, g.addr()));
                 prop_assert_eq!(mine, api, "{}: lookup_spte disagrees", ctx);
                 if let Some(e) = mine {
                     self.check_entry(ctx, v, g.addr(), e, &host, "spte")?;
@@ -1338,7 +1496,7 @@ impl Harness {
         let pfn = spte_pfn(e);
         let set = self.allowed(v, addr);
         let ok = set.iter().find(|t| {
-            t.gfn < RAM_PAGES
+            t.gfn < ram()
                 && host[t.gfn as usize]
                     .is_some_and(|h| h.0 == pfn && (e & RW == 0 || (t.w && t.d && h.1)))
                 && (e & US == 0 || t.u)
@@ -1347,7 +1505,7 @@ impl Harness {
         let Some(t) = ok else {
             let hosts: Vec<(u64, HostPte)> = set
                 .iter()
-                .filter(|t| t.gfn < RAM_PAGES)
+                .filter(|t| t.gfn < ram())
                 .map(|t| (t.gfn, host[t.gfn as usize]))
                 .collect();
             return Err(TestCaseError::fail(format!(
@@ -1383,7 +1541,7 @@ impl Harness {
     /// their Accessed bits.
     fn sole_frame(&self, page: u64) -> Option<Pfn> {
         let (pfn, _, _) = self.host(page)?;
-        let sharers = (0..RAM_PAGES)
+        let sharers = (0..ram())
             .filter(|&p| self.host(p).is_some_and(|h| h.0 == pfn))
             .count();
         (sharers == 1).then_some(pfn)
@@ -1431,7 +1589,7 @@ impl Harness {
     }
 
     fn range(page: u64, n: u64) -> (u64, u64) {
-        (page, (page + n).min(RAM_PAGES))
+        (page, (page + n).min(ram()))
     }
 
     fn apply(&mut self, op: &Op) -> Result<(), TestCaseError> {
@@ -1476,9 +1634,9 @@ impl Harness {
                     DIRECT + entry
                 };
                 if self.cpu(vcpu, addr, Acc::KERNEL_WRITE, value)? {
-                    bump(&COVERAGE.pte_edits, 1);
+                    cov!(pte_edits, 1);
                     if through_window {
-                        bump(&COVERAGE.window_stores, 1);
+                        cov!(window_stores, 1);
                     }
                 }
             }
@@ -1506,7 +1664,7 @@ impl Harness {
                         0,
                         "load_cr3 out of memory with free frames"
                     );
-                    bump(&COVERAGE.out_of_memory, 1);
+                    cov!(out_of_memory, 1);
                     // The vCPU left its old root; it runs nowhere until a
                     // load succeeds.
                     if self.root(vcpu).is_none() {
@@ -1594,7 +1752,7 @@ impl Harness {
                     "page {:#x} was young but aging says not",
                     page
                 );
-                bump(&COVERAGE.young_checked, u64::from(expect));
+                cov!(young_checked, u64::from(expect));
                 self.check_cleared(page, before)?;
             }
             Op::TestYoung { page } => {
@@ -1605,7 +1763,7 @@ impl Harness {
                     "page {:#x} is young but test_young says not",
                     page
                 );
-                bump(&COVERAGE.young_checked, u64::from(expect));
+                cov!(young_checked, u64::from(expect));
             }
             Op::AgeRange { page, n, flush } => {
                 let (a, b) = Self::range(page, n);
@@ -1641,7 +1799,7 @@ impl Harness {
                     Err(MmError::Access { .. }) => {
                         prop_assert!(self.mapped[p] && !self.prot[p].contains(Prot::WRITE))
                     }
-                    Err(MmError::OutOfFrames) => bump(&COVERAGE.out_of_memory, 1),
+                    Err(MmError::OutOfFrames) => cov!(out_of_memory, 1),
                     Err(e) => return Err(TestCaseError::fail(format!("host write: {e}"))),
                 }
             }
@@ -1656,8 +1814,37 @@ impl Harness {
                     Err(MmError::Access { .. }) => {
                         prop_assert!(self.mapped[p] && self.prot[p] == Prot::NONE)
                     }
-                    Err(MmError::OutOfFrames) => bump(&COVERAGE.out_of_memory, 1),
+                    Err(MmError::OutOfFrames) => cov!(out_of_memory, 1),
                     Err(e) => return Err(TestCaseError::fail(format!("host read: {e}"))),
+                }
+            }
+            Op::Populate { page, n } => {
+                let (a, b) = Self::range(page, n);
+                let r = mm.madvise_populate_write(self.hva(a), (b - a) * PAGE_SIZE);
+                let bad = (a..b).find(|&p| {
+                    !self.mapped[p as usize] || !self.prot[p as usize].contains(Prot::WRITE)
+                });
+                match (bad, r) {
+                    (_, Err(MmError::OutOfFrames)) => cov!(out_of_memory, 1),
+                    (None, r) => prop_assert_eq!(r, Ok(())),
+                    (Some(p), r) if !self.mapped[p as usize] => {
+                        prop_assert_eq!(r, Err(MmError::NoMemory))
+                    }
+                    (Some(_), r) => prop_assert!(
+                        matches!(r, Err(MmError::InvalidArgument(_))),
+                        "populate of a read-only page: {:?}",
+                        r
+                    ),
+                }
+            }
+            Op::PreFault { vcpu, gva, n } => {
+                match self.g.mmu.pre_fault(vcpu, gva.addr(), n * PAGE_SIZE) {
+                    Ok(r) => prop_assert_eq!(r.mapped + r.skipped, n, "{:?}", r),
+                    Err(MmuError::NoRoot(_)) => prop_assert!(self.rootless[vcpu]),
+                    Err(MmuError::OutOfShadowPages | MmuError::Memory(MmError::OutOfFrames)) => {
+                        cov!(out_of_memory, 1)
+                    }
+                    Err(e) => return Err(TestCaseError::fail(format!("pre_fault: {e}"))),
                 }
             }
         }
@@ -1665,15 +1852,18 @@ impl Harness {
     }
 
     fn finish(mut self, exit: bool) -> Result<(), TestCaseError> {
-        let c = &COVERAGE;
         let s = self.g.mmu.stats();
-        bump(&c.unsync, s.mmu_unsync);
-        bump(&c.recycled, s.mmu_recycled);
+        cov!(unsync, s.mmu_unsync);
+        cov!(recycled, s.mmu_recycled);
+        cov!(large_sptes, s.pf_fixed_2m);
+        cov!(prefetched, s.pf_prefetch);
+        cov!(prefaulted, s.prefault_pages);
         let m = self.g.mm.stats();
-        bump(&c.pgcow, m.pgcow);
-        bump(&c.pswpin, m.pswpin);
-        bump(&c.pgsteal, m.pgsteal);
-        bump(&c.ksm_merges, self.g.mm.ksm_stats().merges);
+        cov!(pgcow, m.pgcow);
+        cov!(pswpin, m.pswpin);
+        cov!(pgsteal, m.pgsteal);
+        cov!(thp_faults, m.thp_fault_alloc);
+        cov!(ksm_merges, self.g.mm.ksm_stats().merges);
         if !exit {
             // Unregistering runs release: every spte goes, every frame is
             // flushed.
@@ -1683,7 +1873,7 @@ impl Harness {
             return Ok(());
         }
         self.step += 1;
-        bump(&c.exits, 1);
+        cov!(exits, 1);
         let mm = self.g.mm.clone();
         mm.exit_mmap();
         prop_assert_eq!(self.g.mmu.stats().mn_release, 1);
@@ -1736,18 +1926,38 @@ impl Harness {
     }
 }
 
-#[test]
-fn random_guest_and_host_operations_keep_the_shadow_tables_coherent() {
-    common::proptest_run(&scenario_strategy(), |s| {
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(512)
+}
+
+fn run_cases(strategy: impl Strategy<Value = Scenario>, cases: u32) {
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let mut runner = TestRunner::new(config);
+    let result = runner.run(&strategy, |s| {
         let mut h = Harness::new(&s)?;
         h.run(&s)?;
         h.finish(s.exit)?;
-        bump(&COVERAGE.cases, 1);
+        cov!(cases, 1);
         Ok(())
     });
-    let c = &COVERAGE;
-    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let counts = [
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+fn get(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+fn counts(c: &Coverage) -> Vec<(&'static str, u64)> {
+    vec![
         ("cases", get(&c.cases)),
         ("steps", get(&c.steps)),
         ("exits", get(&c.exits)),
@@ -1767,20 +1977,63 @@ fn random_guest_and_host_operations_keep_the_shadow_tables_coherent() {
         ("swap-ins", get(&c.pswpin)),
         ("evictions", get(&c.pgsteal)),
         ("young pages checked", get(&c.young_checked)),
-    ];
-    eprintln!("mmu_proptest coverage: {counts:?}");
-    // The sequences must reach the paths the properties are about. (A
-    // stale TLB hit needs a store through the window, no invlpg, and a
-    // reuse: a few per thousand cases, so it is only printed.)
-    if common::proptest_cases() >= 128 {
-        for (name, v) in counts.into_iter().filter(|(n, _)| *n != "stale TLB hits") {
-            assert!(
-                v > 0,
-                "no {name} in {} cases: the generator lost coverage",
-                get(&c.cases)
-            );
+        ("prefetched sptes", get(&c.prefetched)),
+        ("pre-faulted pages", get(&c.prefaulted)),
+        ("2 MiB sptes", get(&c.large_sptes)),
+        ("THP faults", get(&c.thp_faults)),
+    ]
+}
+
+#[test]
+fn random_guest_and_host_operations_keep_the_shadow_tables_coherent() {
+    run_cases(scenario_strategy(), cases());
+    COVERAGE.with(|c| {
+        let counts = counts(c);
+        eprintln!("mmu_proptest coverage: {counts:?}");
+        // The sequences must reach the paths the properties are about. (A
+        // stale TLB hit needs a store through the window, no invlpg, and a
+        // reuse: a few per thousand cases, so it is only printed; huge
+        // pages are the other test's.)
+        if cases() >= 128 {
+            let skip = ["stale TLB hits", "2 MiB sptes", "THP faults"];
+            for (name, v) in counts.into_iter().filter(|(n, _)| !skip.contains(n)) {
+                assert!(
+                    v > 0,
+                    "no {name} in {} cases: the generator lost coverage",
+                    get(&c.cases)
+                );
+            }
         }
-    }
+    });
+}
+
+#[test]
+fn random_operations_over_huge_pages_keep_the_shadow_tables_coherent() {
+    RAM.with(|r| r.set(BIG_RAM));
+    let n = (cases() / 8).max(8);
+    run_cases(big_scenario_strategy(), n);
+    COVERAGE.with(|c| {
+        let counts = counts(c);
+        eprintln!("mmu_proptest (huge pages) coverage: {counts:?}");
+        if n >= 48 {
+            let want = [
+                "faults fixed",
+                "2 MiB sptes",
+                "THP faults",
+                "prefetched sptes",
+                "pre-faulted pages",
+                "KSM merges",
+                "evictions",
+            ];
+            for (name, v) in counts.into_iter().filter(|(n, _)| want.contains(n)) {
+                assert!(
+                    v > 0,
+                    "no {name} in {} cases: the generator lost coverage",
+                    get(&c.cases)
+                );
+            }
+        }
+    });
 }
 
 // ---------------------------------------------------------------------------
@@ -1803,6 +2056,8 @@ fn unmapping_a_pml4_entry_over_a_shared_table_flushes_its_translations() -> Resu
     let s = Scenario {
         frames: 128,
         max_roots: 8,
+        thp: ThpConfig::off(),
+        prefetch: 0,
         ops: vec![
             Op::Access {
                 vcpu: 1,
@@ -1830,12 +2085,12 @@ fn unmapping_a_pml4_entry_over_a_shared_table_flushes_its_translations() -> Resu
     };
     let mut h = Harness::new(&s)?;
     h.run(&s)?;
-    let before = COVERAGE.guest_faults.load(Ordering::Relaxed);
+    let before = COVERAGE.with(|c| get(&c.guest_faults));
     prop_assert!(
         !h.cpu(0, Gva::Shared(1).addr(), READ, 0)?,
         "the unmapped gva is still reachable"
     );
-    prop_assert!(COVERAGE.guest_faults.load(Ordering::Relaxed) > before);
+    prop_assert!(COVERAGE.with(|c| get(&c.guest_faults)) > before);
     // The other vCPU still has it.
     prop_assert!(h.cpu(1, Gva::Shared(1).addr(), READ, 0)?);
     h.check_all("end")?;

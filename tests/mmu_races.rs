@@ -193,3 +193,62 @@ fn a_failed_shootdown_stops_the_mmu_and_reaches_the_fatal_handler() {
         Err(MmuError::Stopped(_))
     ));
 }
+
+/// A freed shadow page's frame stays out of use until the flush that names
+/// it (`TableChanged`) has returned: a host that caches our tables (KVM
+/// shadowing them) could otherwise walk or prefetch through a stale link
+/// into a frame already reused, for another table or for guest data.
+#[test]
+fn a_freed_shadow_frame_is_reused_only_after_its_flush() {
+    use shadowvm::mm::{FrameAllocator, FrameOwner, Pfn};
+    use shadowvm::mmu::{FlushFrame, FlushReason, TlbFlush, TlbFlushError};
+
+    /// Checks, inside every flush, that the frames of changed tables are
+    /// still lent out (not free, not reused).
+    struct Checking {
+        frames: Mutex<Option<Arc<FrameAllocator>>>,
+        seen: Mutex<Vec<Pfn>>,
+    }
+    impl TlbFlush for Checking {
+        fn flush_frames(&self, batch: &[FlushFrame]) -> Result<(), TlbFlushError> {
+            let frames = self.frames.lock().clone();
+            for f in batch
+                .iter()
+                .filter(|f| f.reason == FlushReason::TableChanged)
+            {
+                if let Some(a) = &frames {
+                    assert_eq!(
+                        a.owner(f.pfn),
+                        Ok(FrameOwner::External),
+                        "frame {:#x}",
+                        f.pfn
+                    );
+                }
+                self.seen.lock().push(f.pfn);
+            }
+            Ok(())
+        }
+    }
+    let check = Arc::new(Checking {
+        frames: Mutex::new(None),
+        seen: Mutex::new(Vec::new()),
+    });
+    let cfg = ShadowMmuConfig {
+        max_roots: 1,
+        ..ShadowMmuConfig::default()
+    };
+    let mut g = Guest::with_tlb(64, 256, cfg, MmapFlags::empty(), check.clone());
+    *check.frames.lock() = Some(g.mm.frames().clone());
+    g.map(0x1000, 0x1000, P | RW | A | D);
+    assert_eq!(g.write_fault(0x1000), FaultOutcome::Fixed);
+    let old_root = g.mmu.root(0).unwrap();
+    // A second CR3 with max_roots 1 recycles the first root and its tables.
+    let cr3b = g.alloc_table();
+    g.map_in(cr3b, 0x1000, 0x1000, P | RW | A | D);
+    g.mmu.load_cr3(0, cr3b).unwrap();
+    assert!(
+        check.seen.lock().contains(&old_root),
+        "the recycled root was named in a flush"
+    );
+    g.check();
+}

@@ -4,7 +4,11 @@
 //! its shapes: an invalidation that completes inside the fault's window, and
 //! one still in progress when the fault takes the MMU lock.
 //!
-//! `SHADOWVM_STRESS_MS` sets the stress run's length (default 1500 ms).
+//! The second stress run attacks large folios: ksmd, kswapd and a splitter
+//! at full rate against vCPUs whose faults install 2 MiB sptes over THPs,
+//! prefetch over mTHP folios, and pre-fault ranges.
+//!
+//! `SHADOWVM_STRESS_MS` sets each stress run's length (default 1500 ms).
 
 mod common;
 
@@ -13,8 +17,8 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::mmu_guest::{A, ADDR, D, Guest, P, RW, US, spte_pfn};
-use shadowvm::mm::{FrameOwner, MmError, MmapFlags, PAGE_SIZE, Prot, Pte};
+use common::mmu_guest::{ADDR, D, Guest, P, RW, US, spte_pfn};
+use shadowvm::mm::{FrameOwner, MmError, MmapFlags, PAGE_SIZE, Prot, Pte, ThpConfig, ThpEnabled};
 use shadowvm::mmu::{FaultOutcome, MmuError, PfErrorCode, RaceHook, ShadowMmu, ShadowMmuConfig};
 use shadowvm::notifier::{MmuNotifierOps, MmuNotifierRange, NotifierError};
 
@@ -140,7 +144,7 @@ fn setup() -> Setup {
     let victim_ptes = (NR_DATA..NR_DATA + NR_VICTIM)
         .map(|page| {
             let e = g.pte_gpa(cr3_a, gva_of(page), 1);
-            (e, g.read_u64(e) & !(A | D))
+            (e, g.read_u64(e) & !(common::mmu_guest::A | D))
         })
         .collect();
     // Nothing was shadowed from these tables yet, so writing them behind
@@ -297,16 +301,21 @@ fn invalidator_thread(
     Ok(())
 }
 
+/// The mm's consistency check and the MMU's coherence check.
+fn checkers(g: &Guest, round: usize) -> Result<(), String> {
+    g.mm.check_consistency()
+        .map_err(|e| format!("round {round}: {e}"))?;
+    g.mmu
+        .check_coherence()
+        .map_err(|e| format!("round {round}: {e}"))
+}
+
 /// What must hold at a quiescent point: both checkers, and every spte of a
 /// tracked gva maps the host's current frame of its (fixed) gpa, writable
 /// only over a writable host PTE.
 fn quiescent_checks(s: &Setup, round: usize) -> Result<(), String> {
     let g = &s.g;
-    g.mm.check_consistency()
-        .map_err(|e| format!("round {round}: {e}"))?;
-    g.mmu
-        .check_coherence()
-        .map_err(|e| format!("round {round}: {e}"))?;
+    checkers(g, round)?;
     for vcpu in 0..2 {
         for page in 0..NR_DATA + NR_VICTIM {
             let Some(e) = g
@@ -342,7 +351,7 @@ fn restore_victim(s: &Setup) -> Result<(), String> {
             Err(MmError::OutOfFrames) => return Ok(()), // next round
             Err(err) => return Err(format!("reading the victim table: {err}")),
         };
-        if cur & !(A | D) != v {
+        if cur & !(common::mmu_guest::A | D) != v {
             match s.g.mm.write(hva, &v.to_le_bytes()) {
                 Ok(()) | Err(MmError::OutOfFrames) => {}
                 Err(err) => return Err(format!("restoring the victim table: {err}")),
@@ -352,33 +361,16 @@ fn restore_victim(s: &Setup) -> Result<(), String> {
     Ok(())
 }
 
-#[test]
-fn faults_and_invalidations_race_and_the_tables_stay_coherent() {
-    let total = Duration::from_millis(
-        std::env::var("SHADOWVM_STRESS_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1500),
-    );
-    let round = Duration::from_millis(50);
-    let s = Arc::new(setup());
-    // Widen the race window (between hva → frame and the MMU lock) so that
-    // invalidations land in it often.
-    s.g.mmu
-        .set_race_hook(Some(Arc::new(|_| thread::yield_now())));
-    let gate = Arc::new(Gate::default());
-    let counts = Arc::new(Counts::default());
-    let mut workers = Vec::new();
-    for vcpu in 0..2 {
-        let (s, gate, counts) = (s.clone(), gate.clone(), counts.clone());
-        workers.push(thread::spawn(move || vcpu_thread(s, gate, counts, vcpu)));
-    }
-    for id in 0..2 {
-        let (s, gate, counts) = (s.clone(), gate.clone(), counts.clone());
-        workers.push(thread::spawn(move || {
-            invalidator_thread(s, gate, counts, id)
-        }));
-    }
+/// Runs `workers` until `total` has passed, stopping them at a quiescent
+/// point every `round` to run `checks`; then stops and joins them. Panics
+/// on a worker's error, a failed check or a deadlock. Returns the rounds.
+fn drive(
+    gate: &Gate,
+    mut workers: Vec<thread::JoinHandle<Result<(), String>>>,
+    total: Duration,
+    round: Duration,
+    checks: impl Fn(usize) -> Result<(), String>,
+) -> usize {
     let start = Instant::now();
     let mut rounds = 0;
     while start.elapsed() < total {
@@ -402,7 +394,7 @@ fn faults_and_invalidations_race_and_the_tables_stay_coherent() {
             );
             thread::sleep(Duration::from_micros(200));
         }
-        if let Err(e) = quiescent_checks(&s, rounds).and_then(|()| restore_victim(&s)) {
+        if let Err(e) = checks(rounds) {
             gate.stop.store(true, Ordering::Release);
             panic!("{e}");
         }
@@ -425,6 +417,44 @@ fn faults_and_invalidations_race_and_the_tables_stay_coherent() {
             Err(p) => std::panic::resume_unwind(p),
         }
     }
+    rounds
+}
+
+fn stress_total() -> Duration {
+    Duration::from_millis(
+        std::env::var("SHADOWVM_STRESS_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1500),
+    )
+}
+
+#[test]
+fn faults_and_invalidations_race_and_the_tables_stay_coherent() {
+    let total = stress_total();
+    let round = Duration::from_millis(50);
+    let s = Arc::new(setup());
+    // Widen the race window (between hva → frame and the MMU lock) so that
+    // invalidations land in it often.
+    s.g.mmu
+        .set_race_hook(Some(Arc::new(|_| thread::yield_now())));
+    let gate = Arc::new(Gate::default());
+    let counts = Arc::new(Counts::default());
+    let mut workers: Vec<thread::JoinHandle<Result<(), String>>> = Vec::new();
+    for vcpu in 0..2 {
+        let (s, gate, counts) = (s.clone(), gate.clone(), counts.clone());
+        workers.push(thread::spawn(move || vcpu_thread(s, gate, counts, vcpu)));
+    }
+    for id in 0..2 {
+        let (s, gate, counts) = (s.clone(), gate.clone(), counts.clone());
+        workers.push(thread::spawn(move || {
+            invalidator_thread(s, gate, counts, id)
+        }));
+    }
+    let start = Instant::now();
+    let rounds = drive(&gate, workers, total, round, |r| {
+        quiescent_checks(&s, r).and_then(|()| restore_victim(&s))
+    });
     quiescent_checks(&s, rounds + 1).unwrap_or_else(|e| panic!("{e}"));
 
     let st = s.g.mmu.stats();
@@ -479,6 +509,229 @@ fn faults_and_invalidations_race_and_the_tables_stay_coherent() {
         s.g.mmu.page_fault(0, DATA_GVA, PfErrorCode::empty()),
         Err(MmuError::Released)
     );
+}
+
+// ---------------------------------------------------------------------------
+// The attack on large folios: ksmd, kswapd and splits at full rate against
+// faults that install 2 MiB sptes and prefetch
+// ---------------------------------------------------------------------------
+
+/// 4 MiB of guest RAM: a guest 2 MiB page over gpa 0 (a THP on the host),
+/// 4 KiB mappings of the next 256 pages (prefetch over mTHP folios), the
+/// tables at the top.
+const HUGE_RAM: u64 = 1024;
+/// Frames enough that a 2 MiB run is often free again after a split (the
+/// buddy allocator merges it back); kswapd evicts anyway.
+const HUGE_FRAMES: u64 = 2600;
+const LARGE_GVA: u64 = 0x20_0000_0000;
+const SMALL_GVA: u64 = 0x20_4000_0000;
+const NR_SMALL: u64 = 256;
+
+struct HugeSetup {
+    g: Guest,
+}
+
+fn huge_setup() -> HugeSetup {
+    let cfg = ShadowMmuConfig {
+        nr_vcpus: 2,
+        pte_prefetch: 16,
+        ..Default::default()
+    };
+    let mut g = Guest::with_config(HUGE_RAM, HUGE_FRAMES, cfg, MmapFlags::MERGEABLE);
+    let mut thp = ThpConfig::pmd(ThpEnabled::Always);
+    thp.enable_sizes("16K,64K").expect("sizes");
+    g.mm.set_thp_config(thp);
+    let cr3 = g.cr3;
+    // Accessed and dirty from the start, as a guest that wants prefetch and
+    // pre-faults builds them.
+    let ad = common::mmu_guest::A | D;
+    let pde = g.pte_gpa(cr3, LARGE_GVA, 2);
+    g.write_u64(pde, P | RW | US | ad | common::mmu_guest::PS);
+    for i in 0..NR_SMALL {
+        g.map_in(
+            cr3,
+            SMALL_GVA + i * PAGE_SIZE,
+            (512 + i) * PAGE_SIZE,
+            P | RW | US | ad,
+        );
+    }
+    for gva in [LARGE_GVA, SMALL_GVA] {
+        for level in 2..=4 {
+            let e = g.pte_gpa(cr3, gva, level);
+            let v = g.read_u64(e);
+            if v & common::mmu_guest::PS == 0 {
+                g.write_u64(e, v | common::mmu_guest::A);
+            }
+        }
+    }
+    g.mmu.load_cr3(0, cr3).expect("load_cr3");
+    g.mmu.load_cr3(1, cr3).expect("load_cr3");
+    HugeSetup { g }
+}
+
+/// The gva of tracked page `i`: 512 in the large page, then the small ones.
+fn huge_gva(i: u64) -> u64 {
+    if i < 512 {
+        LARGE_GVA + i * PAGE_SIZE
+    } else {
+        SMALL_GVA + (i - 512) * PAGE_SIZE
+    }
+}
+
+/// A vCPU: faults everywhere, pre-faults now and then.
+fn huge_vcpu(s: Arc<HugeSetup>, gate: Arc<Gate>, vcpu: usize) -> Result<(), String> {
+    let mut rng = Rng::new(0xf01 + vcpu as u64);
+    let mmu = &s.g.mmu;
+    while gate.checkpoint() {
+        let gva = huge_gva(rng.below(512 + NR_SMALL));
+        let r = if rng.below(20) == 0 {
+            mmu.pre_fault(vcpu, gva, (1 + rng.below(64)) * PAGE_SIZE)
+                .map(|_| FaultOutcome::Fixed)
+        } else {
+            let mut ec = PfErrorCode::empty();
+            ec.set(PfErrorCode::WRITE, rng.below(2) == 0);
+            mmu.page_fault(vcpu, gva, ec)
+        };
+        match r {
+            Ok(FaultOutcome::Fixed | FaultOutcome::Retry) => {}
+            // The splitter has the page mprotected.
+            Ok(FaultOutcome::HostFault {
+                error: MmError::Access { .. },
+                ..
+            }) => {}
+            Err(MmuError::OutOfShadowPages | MmuError::Memory(MmError::OutOfFrames)) => {}
+            Err(MmuError::TooManyRetries(_)) => {}
+            other => return Err(format!("vCPU {vcpu} at {gva:#x}: {other:?}")),
+        }
+    }
+    Ok(())
+}
+
+/// The host at full rate: `role` 0 is ksmd, 1 kswapd, 2 the splitter
+/// (partial DONTNEED and mprotect, whole-PMD DONTNEED then
+/// MADV_POPULATE_WRITE to make a new THP, deferred splits, VMM writes
+/// that give KSM duplicates).
+fn huge_host(s: Arc<HugeSetup>, gate: Arc<Gate>, role: u64) -> Result<(), String> {
+    let mut rng = Rng::new(0xb16 + role);
+    let mm = &s.g.mm;
+    let hva = |page: u64| s.g.hva(page * PAGE_SIZE);
+    let ok = |r: Result<(), MmError>| match r {
+        Ok(()) | Err(MmError::OutOfFrames | MmError::Access { .. }) => Ok(()),
+        Err(e) => Err(format!("host {role}: {e}")),
+    };
+    while gate.checkpoint() {
+        match role {
+            0 => ok(mm.ksm_scan(256).map(|_| ()))?,
+            1 => {
+                ok(mm.reclaim(64).map(|_| ()))?;
+                ok(mm
+                    .age_range(hva(0), hva(HUGE_RAM), rng.below(2) == 0)
+                    .map(|_| ()))?;
+            }
+            _ => {
+                let page = rng.below(512 + NR_SMALL);
+                match rng.below(100) {
+                    0..30 => ok(mm.madvise_dontneed(hva(page), PAGE_SIZE))?,
+                    30..45 => {
+                        ok(mm.mprotect(hva(page), PAGE_SIZE, Prot::READ))?;
+                        ok(mm.mprotect(hva(page), PAGE_SIZE, Prot::READ | Prot::WRITE))?;
+                    }
+                    45..55 => {
+                        ok(mm.madvise_dontneed(hva(0), 512 * PAGE_SIZE))?;
+                        ok(mm.madvise_populate_write(hva(0), 512 * PAGE_SIZE))?;
+                    }
+                    55..65 => ok(mm.deferred_split_scan().map(|_| ()))?,
+                    65..85 => ok(mm.madvise_populate_write(hva(page), 16 * PAGE_SIZE))?,
+                    _ => ok(mm.write(hva(page), &[STAMPS[rng.below(4) as usize]; 64]))?,
+                }
+            }
+        }
+        thread::yield_now();
+    }
+    Ok(())
+}
+
+/// Both checkers, and every tracked gva's spte (a 2 MiB one read as the
+/// 4 KiB page it maps) maps the host's current frame.
+fn huge_checks(s: &HugeSetup, round: usize) -> Result<(), String> {
+    let g = &s.g;
+    checkers(g, round)?;
+    for vcpu in 0..2 {
+        for i in 0..512 + NR_SMALL {
+            let gva = huge_gva(i);
+            let Some((e, level)) = g.mmu.leaf_at(vcpu, gva).map_err(|e| e.to_string())? else {
+                continue;
+            };
+            let gpa = i * PAGE_SIZE;
+            let pfn = spte_pfn(e) + if level == 2 { (gva >> 12) & 511 } else { 0 };
+            let ok = matches!(g.mm.pte(g.hva(gpa)), Some(Pte::Present(p)) if p.pfn == pfn && (e & RW == 0 || p.writable));
+            if !ok {
+                return Err(format!(
+                    "round {round}: vCPU {vcpu} level-{level} spte {e:#x} for gva {gva:#x}, host PTE {:?}",
+                    g.mm.pte(g.hva(gpa))
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn ksmd_kswapd_and_splits_at_full_rate_never_leave_a_stale_large_spte_or_prefetch() {
+    let s = Arc::new(huge_setup());
+    // Widen the window between the host lookups (hva_to_pfn, the huge PMD,
+    // the neighbours' pages) and the MMU lock.
+    s.g.mmu
+        .set_race_hook(Some(Arc::new(|_| thread::yield_now())));
+    let gate = Arc::new(Gate::default());
+    let mut workers: Vec<thread::JoinHandle<Result<(), String>>> = Vec::new();
+    for vcpu in 0..2 {
+        let (s, gate) = (s.clone(), gate.clone());
+        workers.push(thread::spawn(move || huge_vcpu(s, gate, vcpu)));
+    }
+    for role in 0..3 {
+        let (s, gate) = (s.clone(), gate.clone());
+        workers.push(thread::spawn(move || huge_host(s, gate, role)));
+    }
+    let start = Instant::now();
+    let rounds = drive(
+        &gate,
+        workers,
+        stress_total(),
+        Duration::from_millis(50),
+        |r| huge_checks(&s, r),
+    );
+    huge_checks(&s, rounds + 1).unwrap_or_else(|e| panic!("{e}"));
+    let st = s.g.mmu.stats();
+    let ms = s.g.mm.stats();
+    eprintln!(
+        "large-folio stress: {:?} in {rounds} rounds; pf_fixed {} ({} with 2 MiB sptes), \
+         prefetched {} ({} raced), pre-faulted pages {}, 2 MiB sptes zapped {}, retries {}; \
+         THP faults {}, PMD splits {}, folio splits {}, KSM merges {}, evictions {}",
+        start.elapsed(),
+        st.pf_fixed,
+        st.pf_fixed_2m,
+        st.pf_prefetch,
+        st.pf_prefetch_raced,
+        st.prefault_pages,
+        st.spte_zapped_2m,
+        st.pf_retry,
+        ms.thp_fault_alloc,
+        ms.thp_split_pmd,
+        ms.thp_split_page,
+        s.g.mm.ksm_stats().merges,
+        ms.pgsteal,
+    );
+    assert!(st.pf_fixed_2m > 0, "no 2 MiB spte was ever installed");
+    assert!(st.spte_zapped_2m > 0, "no 2 MiB spte was ever zapped");
+    assert!(st.pf_prefetch > 0, "nothing was ever prefetched");
+    assert!(ms.thp_split_pmd > 0, "no huge PMD was split");
+    assert_eq!(st.mn_invalidate_range_start, st.mn_invalidate_range_end);
+    let Ok(s) = Arc::try_unwrap(s) else {
+        panic!("a worker still holds the guest")
+    };
+    s.g.mm.exit_mmap();
+    assert_eq!(s.g.mm.frames().nr_free(), s.g.mm.frames().nr_frames());
 }
 
 // ---------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-//! `shadowvm demo [<scenario>] [--json]`: parses and calls
-//! `shadowvm::vmm::demo`.
+//! `shadowvm demo [<scenario>] [--json] [--trace FILE] [--timeline
+//! FILE.svg]`: parses and calls `shadowvm::scenario::demo`.
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -15,15 +15,24 @@ pub struct DemoArgs {
     /// narrated view.
     #[arg(long)]
     json: bool,
+
+    #[command(flatten)]
+    observe: super::observe::ObserveArgs,
 }
 
 pub fn main(args: DemoArgs) -> ExitCode {
     let Some(name) = args.scenario else {
-        let mut out = std::io::stdout().lock();
-        for s in demo::SCENARIOS {
-            let _ = writeln!(out, "{:<10} {}", s.name, s.description);
-        }
-        return ExitCode::SUCCESS;
+        let list: String = demo::SCENARIOS
+            .iter()
+            .map(|s| format!("{:<10} {}\n", s.name, s.description))
+            .collect();
+        return match std::io::stdout().lock().write_all(list.as_bytes()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("shadowvm: error: writing the list: {e}");
+                ExitCode::from(1)
+            }
+        };
     };
     if demo::find(&name).is_none() {
         eprintln!(
@@ -31,10 +40,23 @@ pub fn main(args: DemoArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    match demo::run(&name, args.json, Box::new(std::io::stdout())) {
-        Ok(()) => ExitCode::SUCCESS,
+    let mut observer = match args.observe.open() {
+        Ok(o) => o,
         Err(e) => {
+            eprintln!("shadowvm: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = demo::run(&name, args.json, Box::new(std::io::stdout()), &mut observer);
+    let written = observer.finish();
+    match (result, written) {
+        (Ok(()), Ok(_)) => ExitCode::SUCCESS,
+        (Err(e), _) => {
             eprintln!("shadowvm: error: demo {name}: {e:#}");
+            ExitCode::from(2)
+        }
+        (Ok(()), Err(e)) => {
+            eprintln!("shadowvm: error: {e}");
             ExitCode::from(2)
         }
     }

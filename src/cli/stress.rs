@@ -2,9 +2,11 @@
 //! `vmm::stress`), from the command line.
 
 use std::io::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use shadowvm::scenario::observe::{ObserveOptions, Observer};
 use shadowvm::scenario::stress;
 use shadowvm::vmm;
 
@@ -35,9 +37,25 @@ pub struct StressArgs {
     #[arg(long, default_value_t = 2048, value_name = "N")]
     pages: u64,
 
+    #[command(flatten)]
+    folios: super::folios::FolioArgs,
+
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
     json: bool,
+
+    /// Write a Perfetto trace of every verify run to FILE.
+    ///
+    /// Chrome trace-event JSON for the Perfetto UI (docs/observability.md).
+    /// Large: it holds every exit, fault and host operation of the run.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+
+    /// Tests only: inject a fault into the host TLB flush of every run
+    /// (`skip-zapped`: the negative control, which must report corruption).
+    #[cfg(feature = "test-hooks")]
+    #[arg(long, hide = true, value_name = "FAULT")]
+    test_flush_fault: Option<vmm::host::tlb::FlushFault>,
 }
 
 /// Runs `shadowvm stress`: 0 if everything held, 1 if not, 2 if it could
@@ -51,11 +69,33 @@ pub fn main(args: StressArgs) -> ExitCode {
         }
     };
     let json = args.json;
+    let observer = match Observer::open(&ObserveOptions {
+        trace: args.trace.clone(),
+        timeline: None,
+    })
+    .and_then(|mut o| o.install().map(|()| o))
+    {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("shadowvm: error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let progress = if super::progress::wanted(json) {
+        super::progress::Progress::timed(config.duration, "stress")
+    } else {
+        super::progress::Progress::none()
+    };
+    let mut runs = 0;
     let report = stress::stress(&config, |console| {
+        runs += 1;
+        progress.message(format!("{runs} verify run(s) done"));
         if !json {
-            print!("{console}");
+            progress.print(console);
         }
     });
+    progress.finish();
+    let written = observer.finish();
     let report = match report {
         Ok(r) => r,
         Err(e) => {
@@ -63,51 +103,67 @@ pub fn main(args: StressArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let mut out = std::io::stdout().lock();
-    if json {
-        let v = serde_json::to_string(&report).unwrap_or_default();
-        let _ = writeln!(out, "{v}");
+    let text = if json {
+        format!("{}\n", serde_json::to_string(&report).unwrap_or_default())
     } else {
-        for (i, r) in report.runs.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "run {i}: {} rounds in {:.2}s: {}; corrupted bytes {}; check {}; frames returned {}",
-                r.rounds,
-                r.seconds,
-                r.outcome,
-                r.corrupted_bytes
-                    .map_or_else(|| "unknown".to_string(), |n| n.to_string()),
-                r.check,
-                r.frames_returned
-            );
-        }
-        for (k, v) in &report.ops {
-            let rate = report.ops_per_sec.get(k).copied().unwrap_or(0.0);
-            let _ = writeln!(out, "{k:>24}: {v:>10} ({rate:.1}/s)");
-        }
-        for (k, v) in &report.timings_ns {
-            let _ = writeln!(out, "{k:>24}: {:>10.1} us mean", v / 1000.0);
-        }
-        if report.host_op_errors > 0 {
-            let _ = writeln!(
-                out,
-                "host operations failed: {} (last: {})",
-                report.host_op_errors,
-                report
-                    .host_op_last_error
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .unwrap_or_default()
-            );
-        }
+        report_text(&report)
+    };
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        eprintln!("shadowvm: error: writing the report: {e}");
+        return ExitCode::from(EXIT_FAILED);
     }
-    let _ = out.flush();
     eprintln!("{}", report.verdict());
+    if let Err(e) = written {
+        eprintln!("shadowvm: error: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     if report.ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_FAILED)
     }
+}
+
+/// The report for a terminal: one line per run (with where each vCPU was
+/// if it overran), the operation counts and rates, the mean timings.
+fn report_text(report: &stress::StressReport) -> String {
+    let mut out = String::new();
+    for (i, r) in report.runs.iter().enumerate() {
+        out += &format!(
+            "run {i}: {} rounds in {:.2}s (budget {:.2}s): {}; corrupted bytes {}; check {}; frames returned {}\n",
+            r.rounds,
+            r.seconds,
+            r.budget_seconds,
+            r.outcome,
+            r.corrupted_bytes
+                .map_or_else(|| "unknown".to_string(), |n| n.to_string()),
+            r.check,
+            r.frames_returned
+        );
+        for where_ in r.overrun.iter().flatten() {
+            out += &format!("  {where_}\n");
+        }
+    }
+    for (k, v) in &report.ops {
+        let rate = report.ops_per_sec.get(k).copied().unwrap_or(0.0);
+        out += &format!("{k:>24}: {v:>10} ({rate:.1}/s)\n");
+    }
+    for (k, v) in &report.timings_ns {
+        out += &format!("{k:>24}: {:>10.1} us mean\n", v / 1000.0);
+    }
+    if report.host_op_errors > 0 {
+        out += &format!(
+            "host operations failed: {} (last: {})\n",
+            report.host_op_errors,
+            report
+                .host_op_last_error
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        );
+    }
+    out
 }
 
 fn config_from(args: &StressArgs) -> anyhow::Result<stress::StressConfig> {
@@ -119,5 +175,10 @@ fn config_from(args: &StressArgs) -> anyhow::Result<stress::StressConfig> {
     c.machine_mem = vmm::parse_mem_size(&args.machine_mem)
         .map_err(|e| anyhow::anyhow!("--machine-mem: {e}"))?;
     c.pages = args.pages;
+    (c.host_thp, c.pte_prefetch) = args.folios.config()?;
+    #[cfg(feature = "test-hooks")]
+    {
+        c.flush_fault = args.test_flush_fault;
+    }
     Ok(c)
 }

@@ -82,7 +82,10 @@ impl DmaDevice {
         let interval = mm
             .mmu_interval_notifier_insert(hva, size, inner.clone())
             .map_err(DmaError::Attach)?;
-        tracing::debug!(target: "shadowvm::trace", layer = "dma", kind = "attach", start = hva, end = hva + size, "dma: device attached (mmu_interval_notifier_insert)");
+        crate::trace::emit!(DmaAttach {
+            start: hva,
+            end: hva + size,
+        });
         Ok(Self { inner, interval })
     }
 

@@ -52,7 +52,12 @@ impl DmaDevice {
                 writable: host.writable,
             };
             tlb.install(page as usize, e);
-            tracing::debug!(target: "shadowvm::trace", layer = "dma", kind = "fault", iova, hva, frame = e.pfn, writable = e.writable, "dma: device fault mapped a page");
+            crate::trace::emit!(DmaFault {
+                iova,
+                hva,
+                frame: e.pfn,
+                writable: e.writable,
+            });
             return Ok(e);
         }
         Err(DmaError::TooManyRetries(MAX_FAULT_RETRIES))

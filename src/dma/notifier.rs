@@ -34,7 +34,13 @@ impl MmuIntervalNotifierOps for DeviceInner {
         };
         inc(&self.stats.invalidations);
         add(&self.stats.iotlb_invalidated, n as u64);
-        tracing::debug!(target: "shadowvm::trace", layer = "dma", kind = "invalidate", start = range.start, end = range.end, event = ?range.event, cur_seq, dropped = n, "dma: IOTLB entries invalidated");
+        crate::trace::emit!(DmaInvalidate {
+            start: range.start,
+            end: range.end,
+            event: &range.event,
+            cur_seq,
+            dropped: n as u64,
+        });
         true
     }
 }

@@ -7,7 +7,7 @@ use crate::notifier::{MmuNotifierRange, MmuNotifyEvent, NotifierPte};
 use super::memory::FrameAccess;
 use super::pgtable::{PresentPte, Pte};
 use super::stats::inc;
-use super::vma::{Prot, VmaTree};
+use super::vma::{Prot, Vma, VmaTree};
 use super::{Access, Hva, Mm, MmError, PAGE_SIZE, Pfn};
 
 /// What a secondary MMU gets from the host for an hva (`hva_to_pfn`).
@@ -16,18 +16,21 @@ pub struct HostPfn {
     pub pfn: Pfn,
     /// The host PTE is writable (so a secondary mapping may be).
     pub writable: bool,
+    /// The host PTE is dirty (a secondary mapping may be made writable
+    /// only over a dirty host PTE; writable implies dirty).
+    pub dirty: bool,
 }
 
 /// What one attempt at a fault found; `Retry` means the page table changed
 /// while the lock was dropped (`pte_same` failed).
-enum Step {
+pub(super) enum Step {
     Done(PresentPte),
     Retry,
 }
 
 /// Bound on `pte_same` retries of one fault; each retry means another thread
 /// changed this very PTE, so hitting the bound means livelock, not bad luck.
-const MAX_FAULT_RETRIES: u32 = 10_000;
+pub(super) const MAX_FAULT_RETRIES: u32 = 10_000;
 
 impl Mm {
     /// `handle_mm_fault` for `hva` with `access`: makes the page present (and
@@ -46,7 +49,26 @@ impl Mm {
         Ok(HostPfn {
             pfn: p.pfn,
             writable: p.writable,
+            dirty: p.dirty,
         })
+    }
+
+    /// `hva_to_pfn_fast` / `get_user_page_fast_only` for each of `hvas`:
+    /// the frame only where the page is present now, never faulting
+    /// (KVM's prefetch and `host_pfn_mapping_level` read the host table
+    /// this way). Takes the page-table lock once; call it with no lock of
+    /// a secondary MMU held.
+    pub fn lookup_present(&self, hvas: &[Hva]) -> Vec<Option<HostPfn>> {
+        let pt = self.pt.lock();
+        hvas.iter()
+            .map(|&h| {
+                pt.present(h & !(PAGE_SIZE - 1)).map(|p| HostPfn {
+                    pfn: p.pfn,
+                    writable: p.writable,
+                    dirty: p.dirty,
+                })
+            })
+            .collect()
     }
 
     /// The fault proper, under the mmap read lock.
@@ -70,21 +92,28 @@ impl Mm {
             });
         }
         inc(&self.stats.pgfault);
+        let vma = *vma;
         for _ in 0..MAX_FAULT_RETRIES {
-            if let Step::Done(p) = self.fault_once(vmas, page, access)? {
+            if let Step::Done(p) = self.fault_once(vmas, &vma, page, access)? {
                 return Ok(p);
             }
         }
         Err(MmError::InvalidArgument("fault retried too often"))
     }
 
-    fn fault_once(&self, vmas: &VmaTree, page: Hva, access: Access) -> Result<Step, MmError> {
+    fn fault_once(
+        &self,
+        vmas: &VmaTree,
+        vma: &Vma,
+        page: Hva,
+        access: Access,
+    ) -> Result<Step, MmError> {
         let write = access.is_write();
         let mut pt = self.pt.lock();
         match pt.pte(page) {
             None => {
                 drop(pt);
-                self.do_anonymous_page(vmas, page, write)
+                self.do_anonymous_page(vmas, vma, page, write)
             }
             Some(Pte::Swap(slot)) => {
                 drop(pt);
@@ -98,9 +127,10 @@ impl Mm {
                     pt.update(page, p);
                     return Ok(Step::Done(p));
                 }
-                // do_wp_page: a write to a read-only PTE in a writable VMA.
-                let meta = pt.pages.get(&p.pfn).ok_or(MmError::BadFrame(p.pfn))?;
-                if !meta.ksm {
+                // do_wp_page (do_huge_pmd_wp_page under a huge PMD): a write
+                // to a read-only entry in a writable VMA.
+                let folio = pt.folio(p.pfn).ok_or(MmError::BadFrame(p.pfn))?;
+                if !folio.ksm {
                     // None: shared or KSM after all, so copy.
                     if let Some(step) = self.reuse_locked_page(&mut pt, page, p)? {
                         return Ok(step);
@@ -139,7 +169,7 @@ impl Mm {
                 // the last one now.
                 self.unlock_page(pt, p.pfn);
                 if let Some(freed) = pt.put_page(p.pfn) {
-                    parking_lot::MutexGuard::unlocked(pt, || self.free_frames([freed]));
+                    parking_lot::MutexGuard::unlocked(pt, || self.free_folios([freed]));
                 }
                 return Ok(Some(Step::Retry));
             }
@@ -147,14 +177,15 @@ impl Mm {
             let freed = pt.put_page(p.pfn);
             debug_assert!(freed.is_none(), "a mapped page is referenced");
         }
+        // Under a huge PMD the page is mapped once, by the PMD: the whole
+        // PMD is reused (do_huge_pmd_wp_page), `update` writes its bits.
         let reuse = pt
-            .pages
-            .get(&p.pfn)
+            .page_meta(p.pfn)
             .is_some_and(|m| !m.ksm && m.mapcount == 1);
         if reuse {
             // wp_page_reuse: we are the only user; the swap copy (if any)
             // is about to become stale.
-            if let Some(slot) = pt.pages.get_mut(&p.pfn).and_then(|m| m.swap.take()) {
+            if let Some(slot) = pt.folio_mut(p.pfn).and_then(|m| m.swap.take()) {
                 pt.swap.put(slot)?;
             }
             p.writable = true;
@@ -169,8 +200,27 @@ impl Mm {
 
     /// `do_anonymous_page`: a zeroed page. A read fault maps it read-only
     /// and clean (Linux maps the zero page); the first write upgrades it in
-    /// place.
-    fn do_anonymous_page(&self, vmas: &VmaTree, page: Hva, write: bool) -> Result<Step, MmError> {
+    /// place. A write fault first tries the large folio sizes the THP
+    /// settings allow here, largest first (`do_huge_pmd_anonymous_page`,
+    /// then `alloc_anon_folio`); reads never get one, as Linux maps the
+    /// (huge) zero page for them.
+    fn do_anonymous_page(
+        &self,
+        vmas: &VmaTree,
+        vma: &Vma,
+        page: Hva,
+        write: bool,
+    ) -> Result<Step, MmError> {
+        if write {
+            let cfg = *self.thp.read();
+            if cfg.any_enabled() {
+                for order in cfg.allowable_orders(vma, page) {
+                    if let Some(step) = self.do_anonymous_folio(page, order)? {
+                        return Ok(step);
+                    }
+                }
+            }
+        }
         let pfn = self.alloc_page(vmas)?;
         let mut pt = self.pt.lock();
         if pt.pte(page).is_some() {
@@ -178,7 +228,7 @@ impl Mm {
             self.free_frames([pfn]);
             return Ok(Step::Retry);
         }
-        pt.new_page(pfn);
+        pt.new_page(pfn, page);
         let p = PresentPte {
             pfn,
             writable: write,
@@ -210,14 +260,14 @@ impl Mm {
         let data = pt.swap.read(slot)?;
         self.memory().write_frame(pfn, 0, data)?;
         pt.ptes.remove(&super::pgtable::vpn(page));
-        pt.new_page(pfn);
+        pt.new_page(pfn, page);
         // The new page is locked while it joins the swap cache and is
         // mapped, and the write-reuse decision is taken under that lock.
         let locked = pt.trylock_page(pfn);
         debug_assert!(locked, "a page nobody else can see yet");
         if write {
             pt.swap.put(slot)?; // the PTE's reference; no swap cache
-        } else if let Some(m) = pt.pages.get_mut(&pfn) {
+        } else if let Some(m) = pt.folio_mut(pfn) {
             m.swap = Some(slot); // the PTE's reference moves to the swap cache
         }
         let p = PresentPte {
@@ -251,7 +301,7 @@ impl Mm {
                 // ptep_clear_flush_notify, then set_pte_at_notify.
                 pt.unmap(page);
                 self.mn_invalidate_range(page, page + PAGE_SIZE);
-                pt.new_page(new_pfn);
+                pt.new_page(new_pfn, page);
                 let p = PresentPte {
                     pfn: new_pfn,
                     writable: true,
@@ -295,7 +345,7 @@ impl Mm {
     fn alloc_page(&self, vmas: &VmaTree) -> Result<Pfn, MmError> {
         match self.frames.alloc(self.frame_owner()) {
             Err(MmError::OutOfFrames) => {
-                self.direct_reclaim(vmas, 32);
+                self.direct_reclaim(vmas, 32)?;
                 self.frames.alloc(self.frame_owner())
             }
             r => r,

@@ -1,10 +1,18 @@
 //! The frame allocator: who owns each frame of machine memory.
 //!
-//! The host mm allocates frames for anonymous pages, the shadow MMU for its
-//! shadow pages, the VMM for pages it reserves. Ownership is recorded per
-//! frame so checkers can prove that no spte points at a free frame or at a
-//! shadow page. Free frames are filled with [`POISON_FREE`] so that a stale
+//! The host mm allocates frames for anonymous pages, users outside it (a
+//! secondary MMU's page tables) borrow frames as `External`, and the owner
+//! of machine memory reserves some. Ownership is recorded per frame so
+//! checkers can prove that no secondary mapping points at a free frame or
+//! at someone else's page. Free frames are filled with [`POISON_FREE`] so that a stale
 //! mapping shows up as corruption instead of silently reading old data.
+//!
+//! Free frames are kept by a buddy allocator (Linux's per-order free lists,
+//! `__rmqueue_smallest` / `__free_one_page`), so a large folio gets 2^order
+//! physically contiguous frames aligned to their size, and freed frames
+//! merge back with their buddies into the runs large folios need. The
+//! `buddy_system_allocator` crate implements exactly that over frame
+//! numbers; this file adds ownership, zeroing and poisoning around it.
 
 use std::sync::Arc;
 
@@ -22,15 +30,22 @@ pub enum FrameOwner {
     Free,
     /// An anonymous page of the host mm with this id.
     Mm(u64),
-    /// A shadow page-table page of the shadow MMU.
-    Shadow,
+    /// Lent to a user of the allocator outside the mm (a secondary MMU's
+    /// own page tables): the mm never maps, reclaims or frees it.
+    External,
     /// Set aside by the VMM (never handed out).
     Reserved,
 }
 
+/// Largest order handed out (`MAX_PAGE_ORDER` would be 10; a PMD-size
+/// folio is order 9).
+pub const MAX_ORDER: u8 = 9;
+
 struct Inner {
     owner: Vec<FrameOwner>,
-    free: Vec<Pfn>,
+    /// The free frames, by power-of-two aligned blocks.
+    buddy: buddy_system_allocator::FrameAllocator,
+    nr_free: u64,
 }
 
 /// Hands out frames of one machine memory.
@@ -55,11 +70,15 @@ impl FrameAllocator {
         for o in owner.iter_mut().take(reserved as usize) {
             *o = FrameOwner::Reserved;
         }
-        // Hand out low frames first: pop() takes from the end.
-        let free: Vec<Pfn> = (reserved..n).rev().collect();
+        let mut buddy = buddy_system_allocator::FrameAllocator::new();
+        buddy.add_frame(reserved as usize, n as usize);
         Arc::new(Self {
             mem,
-            inner: Mutex::new(Inner { owner, free }),
+            inner: Mutex::new(Inner {
+                owner,
+                buddy,
+                nr_free: n - reserved,
+            }),
             poison,
         })
     }
@@ -73,39 +92,75 @@ impl FrameAllocator {
     }
 
     pub fn nr_free(&self) -> u64 {
-        self.inner.lock().free.len() as u64
+        self.inner.lock().nr_free
     }
 
     /// Allocates one zeroed frame for `owner`.
     pub fn alloc(&self, owner: FrameOwner) -> Result<Pfn, MmError> {
+        self.alloc_contig(0, owner)
+    }
+
+    /// Allocates 2^`order` zeroed frames for `owner`, physically contiguous
+    /// and aligned to their size (`alloc_pages(order)`). `OutOfFrames` when
+    /// no such run is free: the caller falls back to a smaller order, as
+    /// Linux's THP allocations fall back without reclaiming.
+    pub fn alloc_contig(&self, order: u8, owner: FrameOwner) -> Result<Pfn, MmError> {
         debug_assert!(owner != FrameOwner::Free);
-        let pfn = {
+        if order > MAX_ORDER {
+            return Err(MmError::InvalidArgument("folio order too large"));
+        }
+        let nr = 1u64 << order;
+        let head = {
             let mut inner = self.inner.lock();
-            let pfn = inner.free.pop().ok_or(MmError::OutOfFrames)?;
-            inner.owner[pfn as usize] = owner;
-            pfn
+            let head = inner.buddy.alloc(nr as usize).ok_or(MmError::OutOfFrames)? as Pfn;
+            debug_assert!(head.is_multiple_of(nr));
+            for o in &mut inner.owner[head as usize..(head + nr) as usize] {
+                debug_assert_eq!(*o, FrameOwner::Free);
+                *o = owner;
+            }
+            inner.nr_free -= nr;
+            head
         };
-        self.mem.fill_frame(pfn, 0)?;
-        Ok(pfn)
+        for pfn in head..head + nr {
+            self.mem.fill_frame(pfn, 0)?;
+        }
+        Ok(head)
     }
 
     /// Returns a frame; it must be owned by `owner`.
     pub fn free(&self, pfn: Pfn, owner: FrameOwner) -> Result<(), MmError> {
+        self.free_contig(pfn, 0, owner)
+    }
+
+    /// Returns the 2^`order` frames from `head` (as allocated, or any
+    /// aligned part of an allocation); each must be owned by `owner`.
+    pub fn free_contig(&self, head: Pfn, order: u8, owner: FrameOwner) -> Result<(), MmError> {
+        let nr = 1u64 << order.min(MAX_ORDER);
         {
             let inner = self.inner.lock();
-            match inner.owner.get(pfn as usize) {
-                Some(o) if *o == owner => {}
-                _ => return Err(MmError::BadFrame(pfn)),
+            if !head.is_multiple_of(nr) {
+                return Err(MmError::BadFrame(head));
+            }
+            for pfn in head..head + nr {
+                match inner.owner.get(pfn as usize) {
+                    Some(o) if *o == owner => {}
+                    _ => return Err(MmError::BadFrame(pfn)),
+                }
             }
         }
-        // Poison before the frame becomes visible as free, so no new owner
+        // Poison before the frames become visible as free, so no new owner
         // sees poison and no stale reader sees the old data.
         if self.poison {
-            self.mem.fill_frame(pfn, POISON_FREE)?;
+            for pfn in head..head + nr {
+                self.mem.fill_frame(pfn, POISON_FREE)?;
+            }
         }
         let mut inner = self.inner.lock();
-        inner.owner[pfn as usize] = FrameOwner::Free;
-        inner.free.push(pfn);
+        for o in &mut inner.owner[head as usize..(head + nr) as usize] {
+            *o = FrameOwner::Free;
+        }
+        inner.buddy.dealloc(head as usize, nr as usize);
+        inner.nr_free += nr;
         Ok(())
     }
 
@@ -128,5 +183,50 @@ impl FrameAllocator {
             .iter()
             .filter(|o| **o == owner)
             .count() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mm::AnonMemory;
+
+    #[test]
+    fn runs_are_aligned_and_merge_back_when_freed() {
+        let mem: Arc<dyn MachineMemory> = Arc::new(AnonMemory::new(64).unwrap());
+        let fa = FrameAllocator::with_reserved(mem, 3, true);
+        let o = FrameOwner::External;
+        assert_eq!(fa.nr_free(), 61);
+        let big = fa.alloc_contig(4, o).unwrap();
+        assert!(big.is_multiple_of(16) && big >= 16);
+        assert_eq!(fa.count(o), 16);
+        // Single frames split the remaining blocks; a second order-4 run
+        // and an order-5 one still fit, an order-6 one never does.
+        let small: Vec<Pfn> = (0..8).map(|_| fa.alloc(o).unwrap()).collect();
+        assert!(small.iter().all(|p| !(big..big + 16).contains(p)));
+        assert!(fa.alloc_contig(6, o).is_err());
+        assert_eq!(
+            fa.alloc_contig(10, o),
+            Err(MmError::InvalidArgument("folio order too large"))
+        );
+        // Freeing page by page merges the run back.
+        for p in big..big + 16 {
+            fa.free(p, o).unwrap();
+        }
+        assert_eq!(fa.alloc_contig(4, o), Ok(big));
+        assert_eq!(
+            fa.free_contig(big + 1, 0, FrameOwner::Reserved),
+            Err(MmError::BadFrame(big + 1))
+        );
+        assert_eq!(
+            fa.free_contig(big + 1, 1, o),
+            Err(MmError::BadFrame(big + 1))
+        );
+        fa.free_contig(big, 4, o).unwrap();
+        for p in small {
+            fa.free(p, o).unwrap();
+        }
+        assert_eq!(fa.nr_free(), 61);
+        assert_eq!(fa.count(FrameOwner::Free), 61);
     }
 }

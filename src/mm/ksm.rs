@@ -7,7 +7,9 @@
 //! Merging write-protects the page inside `invalidate_range_start/end`, then
 //! replaces it with the shared page inside another start/end pair, with
 //! `change_pte` pointing secondary MMUs at the shared frame. A later write
-//! breaks the sharing by copy-on-write (`fault.rs`).
+//! breaks the sharing by copy-on-write (`fault.rs`). Only small pages are
+//! merged: a page of a large folio is split out of it first, under its lock,
+//! when a merge is tried (`try_to_merge_one_page`'s `split_huge_page`).
 
 use std::collections::HashMap;
 
@@ -15,7 +17,7 @@ use crate::notifier::{MmuNotifierRange, MmuNotifyEvent, NotifierPte};
 
 use super::memory::FrameAccess;
 use super::pgtable::{PresentPte, Pte};
-use super::vma::MmapFlags;
+use super::vma::{MmapFlags, VmaTree};
 use super::{Hva, Mm, MmError, PAGE_SIZE, Pfn};
 
 /// The tunables of `/sys/kernel/mm/ksm`.
@@ -85,7 +87,7 @@ impl Mm {
     /// One wake-up of ksmd (`ksm_do_scan`): scans up to `pages_to_scan`
     /// mergeable pages, merging what it can.
     pub fn ksm_scan(&self, pages_to_scan: u64) -> Result<KsmScanResult, MmError> {
-        crate::trace::emit!(HostOp(crate::trace::HostOp::KsmScan { pages_to_scan }));
+        let _slice = crate::trace::slice!(HostOp(crate::trace::HostOp::KsmScan { pages_to_scan }));
         self.check_alive()?;
         let mut ksm = self.ksm.lock();
         let mut res = KsmScanResult::default();
@@ -117,9 +119,9 @@ impl Mm {
         let ksm = self.ksm.lock();
         let pt = self.pt.lock();
         let (mut shared, mut mapped) = (0, 0);
-        for m in pt.pages.values().filter(|m| m.ksm && m.mapcount > 0) {
+        for m in pt.folios.values().filter(|m| m.ksm && m.mapcount() > 0) {
             shared += 1;
-            mapped += m.mapcount as u64;
+            mapped += m.mapcount() as u64;
         }
         let unshared: u64 = ksm.unstable.values().map(|v| v.len() as u64).sum();
         let items = ksm.rmap_items.len() as u64;
@@ -166,7 +168,7 @@ impl Mm {
             match pt.present(hva) {
                 Some(p) => {
                     pt.get_page(p.pfn);
-                    (p.pfn, pt.pages.get(&p.pfn).is_some_and(|m| m.ksm))
+                    (p.pfn, pt.folio(p.pfn).is_some_and(|m| m.ksm))
                 }
                 None => {
                     ksm.rmap_items.remove(&hva);
@@ -178,7 +180,7 @@ impl Mm {
             ksm.rmap_items.insert(hva, RmapItem { oldchecksum: None });
             Ok(false) // already merged
         } else {
-            self.cmp_and_merge_ref(ksm, &mergeable, hva, pfn)
+            self.cmp_and_merge_ref(ksm, &vmas, &mergeable, hva, pfn)
         };
         self.put_pages(vec![pfn]);
         merged
@@ -188,6 +190,7 @@ impl Mm {
     fn cmp_and_merge_ref(
         &self,
         ksm: &mut KsmState,
+        vmas: &VmaTree,
         mergeable: &dyn Fn(Hva) -> bool,
         hva: Hva,
         pfn: Pfn,
@@ -199,7 +202,7 @@ impl Mm {
         if let Some(kpfn) = self.stable_search(ksm, checksum, pfn)? {
             // get_ksm_page: a reference, so the stable page cannot be freed
             // (and its frame reused) before replace_page maps it.
-            let merged = self.try_to_merge_one_page(hva, pfn, Some(kpfn));
+            let merged = self.try_to_merge_one_page(vmas, hva, pfn, Some(kpfn), &[pfn]);
             self.put_pages(vec![kpfn]);
             if merged?.is_some() {
                 ksm.rmap_items.insert(hva, RmapItem { oldchecksum: None });
@@ -247,7 +250,7 @@ impl Mm {
             ksm.unstable.entry(checksum).or_default().push(hva);
             return Ok(false);
         };
-        let merged = self.try_to_merge_two_pages(hva, pfn, tree_hva, tree_pfn);
+        let merged = self.try_to_merge_two_pages(vmas, hva, pfn, tree_hva, tree_pfn);
         self.put_pages(vec![tree_pfn]);
         if let Some(list) = ksm.unstable.get_mut(&checksum) {
             list.retain(|&t| t != tree_hva);
@@ -263,8 +266,8 @@ impl Mm {
         let mut pt = self.pt.lock();
         self.lock_page(&mut pt, kpfn)?;
         if !tree_merged
-            && let Some(m) = pt.pages.get_mut(&kpfn)
-            && m.mapcount <= 1
+            && let Some(m) = pt.folio_mut(kpfn)
+            && m.mapcount() <= 1
         {
             m.ksm = false;
             m.dirty = true;
@@ -283,17 +286,25 @@ impl Mm {
     /// `try_to_merge_two_pages`: our page becomes the KSM page, then the
     /// tree page is replaced by it. Returns the KSM frame if the first step
     /// succeeded, and whether the second did.
+    /// Our references to both pages count as pins if they are pages of
+    /// one large folio (cmp_and_merge_page's `split` case).
     fn try_to_merge_two_pages(
         &self,
+        vmas: &VmaTree,
         hva: Hva,
         pfn: Pfn,
         tree_hva: Hva,
         tree_pfn: Pfn,
     ) -> Result<Option<(Pfn, bool)>, MmError> {
-        let Some(kpfn) = self.try_to_merge_one_page(hva, pfn, None)? else {
+        let same = {
+            let pt = self.pt.lock();
+            pt.folio_head(pfn).is_some() && pt.folio_head(pfn) == pt.folio_head(tree_pfn)
+        };
+        let pins: &[Pfn] = if same { &[pfn, tree_pfn] } else { &[pfn] };
+        let Some(kpfn) = self.try_to_merge_one_page(vmas, hva, pfn, None, pins)? else {
             return Ok(None);
         };
-        let tree = self.try_to_merge_one_page(tree_hva, tree_pfn, Some(kpfn))?;
+        let tree = self.try_to_merge_one_page(vmas, tree_hva, tree_pfn, Some(kpfn), &[tree_pfn])?;
         Ok(Some((kpfn, tree.is_some())))
     }
 
@@ -310,7 +321,7 @@ impl Mm {
         };
         let mut pt = self.pt.lock();
         // Drop stable nodes whose page went away.
-        list.retain(|k| pt.pages.get(k).is_some_and(|m| m.ksm && m.mapcount > 0));
+        list.retain(|k| pt.folio(*k).is_some_and(|m| m.ksm && m.mapcount() > 0));
         for &k in list.iter() {
             if k != pfn && self.memory().frames_identical(k, pfn)? {
                 pt.get_page(k);
@@ -330,11 +341,16 @@ impl Mm {
     /// KSM marking: a write fault that finds the page not yet KSM must lock
     /// it to reuse it in place (`do_wp_page`), so it waits here and then
     /// sees a KSM page, which it copies instead.
+    ///
+    /// A page of a large folio is split out of it first (KSM merges small
+    /// pages only); `pins` are our references to that folio, page by page.
     fn try_to_merge_one_page(
         &self,
+        vmas: &VmaTree,
         hva: Hva,
         pfn: Pfn,
         kpfn: Option<Pfn>,
+        pins: &[Pfn],
     ) -> Result<Option<Pfn>, MmError> {
         if kpfn == Some(pfn) {
             return Ok(None); // ksm page forked
@@ -343,7 +359,15 @@ impl Mm {
         if !self.pt.lock().trylock_page(pfn) {
             return Ok(None);
         }
-        let merged = self.merge_locked_page(hva, pfn, kpfn);
+        let large = self.pt.lock().folio(pfn).is_some_and(|f| f.is_large());
+        let merged = match large {
+            true => match self.split_folio(vmas, pfn, pins) {
+                Ok(true) => self.merge_locked_page(hva, pfn, kpfn),
+                Ok(false) => Ok(None),
+                Err(e) => Err(e),
+            },
+            false => self.merge_locked_page(hva, pfn, kpfn),
+        };
         let mut pt = self.pt.lock();
         self.unlock_page(&mut pt, pfn);
         merged
@@ -368,8 +392,8 @@ impl Mm {
                 if pt.pte(hva) != Some(Pte::Present(orig)) {
                     return Ok(None);
                 }
-                match pt.pages.get_mut(&pfn) {
-                    Some(m) if m.mapcount == 1 => {
+                match pt.folio_mut(pfn) {
+                    Some(m) if !m.is_large() && m.mapcount() == 1 => {
                         // set_page_stable_node(page, NULL): PageKsm from now.
                         m.ksm = true;
                         m.dirty = false; // now content-addressed, never written in place
@@ -401,16 +425,16 @@ impl Mm {
         self.mn_invalidate_range_start(&range);
         let orig = {
             let mut pt = self.pt.lock();
-            match (pt.present(hva), pt.pages.get(&pfn)) {
-                (Some(p), Some(m)) if p.pfn == pfn && m.mapcount == 1 => {
+            match (pt.present(hva), pt.folio(pfn)) {
+                (Some(p), Some(m)) if p.pfn == pfn && !m.is_large() && m.mapcount() == 1 => {
                     if p.writable || p.dirty {
                         // ptep_clear_flush (no notify: a downgrade), then the
                         // pin check: the mapping and our reference, no more.
-                        if m.refcount != m.mapcount + 1 {
+                        if m.refcount != m.mapcount() + 1 {
                             None
                         } else {
                             if p.dirty
-                                && let Some(m) = pt.pages.get_mut(&pfn)
+                                && let Some(m) = pt.folio_mut(pfn)
                             {
                                 m.dirty = true;
                             }
@@ -457,7 +481,7 @@ impl Mm {
         self.mn_invalidate_range_start(&range);
         let ok = {
             let mut pt = self.pt.lock();
-            let live = pt.pages.get(&kpfn).is_some_and(|m| m.ksm);
+            let live = pt.folio(kpfn).is_some_and(|m| m.ksm);
             if pt.pte(hva) == Some(Pte::Present(orig)) && live {
                 // ptep_clear_flush (no notify: read-only to read-only of the
                 // same content), then set_pte_at_notify.

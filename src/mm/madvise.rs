@@ -1,4 +1,5 @@
-//! madvise(MADV_DONTNEED), madvise(MADV_MERGEABLE) and mlock.
+//! madvise(MADV_DONTNEED), madvise(MADV_MERGEABLE), madvise(MADV_HUGEPAGE /
+//! MADV_NOHUGEPAGE), madvise(MADV_POPULATE_WRITE) and mlock.
 
 use crate::notifier::MmuNotifyEvent;
 
@@ -30,9 +31,10 @@ impl Mm {
     /// `EINVAL` for an unaligned address or a length that wraps; `EINVAL`
     /// (`Locked`) at the first VM_LOCKED VMA, after the VMAs before it were
     /// zapped; `ENOMEM` if part of the range is unmapped, after zapping the
-    /// mapped parts.
+    /// mapped parts. A huge PMD the range covers in part is split (inside
+    /// the zap), and a large folio left partly mapped is split after.
     pub fn madvise_dontneed(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        crate::trace::emit!(HostOp(crate::trace::HostOp::MadviseDontneed {
+        let _slice = crate::trace::slice!(HostOp(crate::trace::HostOp::MadviseDontneed {
             start: addr,
             len
         }));
@@ -46,22 +48,59 @@ impl Mm {
         if pieces.is_empty() {
             return Err(MmError::NoMemory);
         }
+        let mut result = if hole { Err(MmError::NoMemory) } else { Ok(()) };
         for (v, s, e) in pieces {
             // madvise_dontneed_free: can_madv_dontneed_vma.
             if v.flags.contains(MmapFlags::LOCKED) {
-                return Err(MmError::Locked(s));
+                result = Err(MmError::Locked(s));
+                break;
             }
-            self.zap_page_range(s, e, MmuNotifyEvent::Clear);
+            if let Err(e) = self.zap_page_range(s, e, MmuNotifyEvent::Clear) {
+                result = Err(e);
+                break;
+            }
         }
-        if hole { Err(MmError::NoMemory) } else { Ok(()) }
+        self.split_queued_by_unmap(&vmas)?;
+        result
     }
 
     /// `madvise(addr, len, MADV_MERGEABLE)`: lets KSM merge the range.
     pub fn madvise_mergeable(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        crate::trace::emit!(HostOp(crate::trace::HostOp::MadviseMergeable {
+        let _slice = crate::trace::slice!(HostOp(crate::trace::HostOp::MadviseMergeable {
             start: addr,
             len
         }));
+        self.madvise_update_vma(addr, len, MmapFlags::MERGEABLE, MmapFlags::empty())
+    }
+
+    /// `madvise(addr, len, MADV_HUGEPAGE)` (`hugepage_madvise`): THP
+    /// policies set to `madvise` apply to the range from now on; clears
+    /// `MADV_NOHUGEPAGE`. Errors as `madvise_mergeable`.
+    pub fn madvise_hugepage(&self, addr: Hva, len: u64) -> Result<(), MmError> {
+        let _slice = crate::trace::slice!(HostOp(crate::trace::HostOp::MadviseHugepage {
+            start: addr,
+            len
+        }));
+        self.madvise_update_vma(addr, len, MmapFlags::HUGEPAGE, MmapFlags::NOHUGEPAGE)
+    }
+
+    /// `madvise(addr, len, MADV_NOHUGEPAGE)`: no new large folio in the
+    /// range; folios already there stay.
+    pub fn madvise_nohugepage(&self, addr: Hva, len: u64) -> Result<(), MmError> {
+        self.madvise_update_vma(addr, len, MmapFlags::NOHUGEPAGE, MmapFlags::HUGEPAGE)
+    }
+
+    /// `madvise_update_vma`: sets `set` and clears `clear` on every VMA of
+    /// the range (`ENOMEM` for a hole, after the others), splitting a VMA
+    /// only where its flags change (`new_flags == vma->vm_flags`: no
+    /// split), and a huge PMD across such a split first.
+    fn madvise_update_vma(
+        &self,
+        addr: Hva,
+        len: u64,
+        set: MmapFlags,
+        clear: MmapFlags,
+    ) -> Result<(), MmError> {
         self.check_alive()?;
         let Some((start, end)) = madvise_range(addr, len)? else {
             return Ok(());
@@ -72,10 +111,62 @@ impl Mm {
         if pieces.is_empty() {
             return Err(MmError::NoMemory);
         }
-        for (_, s, e) in pieces {
-            vmas.modify_range(s, e, |v| v.flags.insert(MmapFlags::MERGEABLE));
+        for (v, s, e) in pieces {
+            if v.flags.contains(set) && !v.flags.intersects(clear) {
+                continue;
+            }
+            self.vma_adjust_trans_huge(s, e)?;
+            vmas.modify_range(s, e, |v| {
+                v.flags.insert(set);
+                v.flags.remove(clear);
+            });
         }
         if hole { Err(MmError::NoMemory) } else { Ok(()) }
+    }
+
+    /// `madvise(addr, len, MADV_POPULATE_WRITE)` (Linux 5.14,
+    /// `madvise_populate`): faults every page of the range in writable, as
+    /// a write would (breaking copy-on-write, swapping in, allocating the
+    /// large folios the THP settings allow), without writing anything.
+    /// Pages already present and writable are left as they are. Errors as
+    /// Linux: `EINVAL` (`InvalidArgument`) for an unaligned address, a
+    /// wrapping length, or a VMA that is not writable
+    /// (`faultin_page_range`'s permission check); `ENOMEM` (`NoMemory`) at
+    /// the first hole, after the pages before it were populated;
+    /// `OutOfFrames` (Linux's `ENOMEM` from `VM_FAULT_OOM`) when no frame is
+    /// left. Nothing here raises Linux's `EFAULT` (no SIGBUS or SIGSEGV
+    /// source in anonymous memory).
+    pub fn madvise_populate_write(&self, addr: Hva, len: u64) -> Result<(), MmError> {
+        let _slice = crate::trace::slice!(HostOp(crate::trace::HostOp::MadvisePopulateWrite {
+            start: addr,
+            len
+        }));
+        self.check_alive()?;
+        let Some((start, end)) = madvise_range(addr, len)? else {
+            return Ok(());
+        };
+        let vmas = self.mmap_lock.read();
+        let mut at = start;
+        while at < end {
+            let vma = *vmas.find(at).ok_or(MmError::NoMemory)?;
+            if !vma.prot.contains(Prot::WRITE) {
+                return Err(MmError::InvalidArgument(
+                    "MADV_POPULATE_WRITE of a mapping that is not writable",
+                ));
+            }
+            let stop = vma.end.min(end);
+            while at < stop {
+                let writable = self.pt.lock().present(at).is_some_and(|p| p.writable);
+                if writable {
+                    super::stats::inc(&self.stats.populate_present);
+                } else {
+                    self.fault_locked(&vmas, at, Access::Write)?;
+                    super::stats::inc(&self.stats.populate_fault);
+                }
+                at += PAGE_SIZE;
+            }
+        }
+        Ok(())
     }
 
     /// `mlock(addr, len)` (4.19 `do_mlock`): the address need not be
@@ -101,7 +192,11 @@ impl Mm {
             let mut vmas = self.mmap_lock.write();
             let all: Vec<Vma> = vmas.iter().copied().collect();
             let pieces = contiguous_prefix(&all, start, end)?;
-            for &(_, s, e) in &pieces {
+            for &(v, s, e) in &pieces {
+                if v.flags.contains(MmapFlags::LOCKED) {
+                    continue;
+                }
+                self.vma_adjust_trans_huge(s, e)?;
                 vmas.modify_range(s, e, |v| v.flags.insert(MmapFlags::LOCKED));
             }
             pieces

@@ -3,7 +3,7 @@
 
 use crate::notifier::{MmuNotifierRange, MmuNotifyEvent};
 
-use super::pgtable::Pte;
+use super::pgtable::{HPAGE_PMD_SIZE, Pte};
 use super::stats::add;
 use super::vma::{MmapFlags, Prot, Vma, VmaTree};
 use super::{Hva, MMAP_BASE, Mm, MmError, PAGE_SIZE, Pfn, TASK_SIZE, is_page_aligned, page_align};
@@ -38,7 +38,7 @@ impl Mm {
                     .filter(|&e| e <= TASK_SIZE)
                     .ok_or(MmError::NoMemory)?;
                 // MAP_FIXED silently unmaps what was there.
-                self.do_munmap(&mut vmas, a, end);
+                self.do_munmap(&mut vmas, a, end)?;
                 a
             }
             None => vmas.unmapped_area(MMAP_BASE, len, TASK_SIZE)?,
@@ -55,7 +55,8 @@ impl Mm {
 
     /// `munmap(addr, len)`.
     pub fn munmap(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        crate::trace::emit!(HostOp(crate::trace::HostOp::Munmap { start: addr, len }));
+        let _slice =
+            crate::trace::slice!(HostOp(crate::trace::HostOp::Munmap { start: addr, len }));
         self.check_alive()?;
         if !is_page_aligned(addr) {
             return Err(MmError::InvalidArgument("address is not page aligned"));
@@ -71,20 +72,24 @@ impl Mm {
                     "range overflows the address space",
                 ))?;
         let mut vmas = self.mmap_lock.write();
-        self.do_munmap(&mut vmas, addr, end);
-        Ok(())
+        self.do_munmap(&mut vmas, addr, end)
     }
 
     /// `do_munmap`: unmaps `[start, end)` under the mmap write lock. As in
     /// 4.19's `unmap_region` → `unmap_vmas`, the notifier range is the whole
     /// `[start, end)` asked for (holes included), not clipped to the VMAs;
-    /// nothing is called when no VMA overlaps it.
-    fn do_munmap(&self, vmas: &mut VmaTree, start: Hva, end: Hva) {
+    /// nothing is called when no VMA overlaps it. A huge PMD across either
+    /// end is split first (`__split_vma` → `vma_adjust_trans_huge`), and a
+    /// large folio left partly mapped is split after (its deferred split).
+    fn do_munmap(&self, vmas: &mut VmaTree, start: Hva, end: Hva) -> Result<(), MmError> {
         if vmas.overlapping(start, end).is_empty() {
-            return; // nothing mapped: munmap succeeds
+            return Ok(()); // nothing mapped: munmap succeeds
         }
-        self.zap_page_range(start, end, MmuNotifyEvent::Unmap);
+        self.vma_adjust_trans_huge(start, end)?;
+        self.zap_page_range(start, end, MmuNotifyEvent::Unmap)?;
         vmas.remove_range(start, end);
+        self.split_queued_by_unmap(vmas)?;
+        Ok(())
     }
 
     /// `zap_page_range` (4.19 `mm/memory.c`): clears every PTE in
@@ -93,47 +98,81 @@ impl Mm {
     /// the PTEs it cleared (`mmu_notifier_invalidate_range`) and drops the
     /// page references, so every secondary MMU has let go of a frame before
     /// it can be freed. Swap entries are freed too. Returns the pages
-    /// unmapped.
-    pub(super) fn zap_page_range(&self, start: Hva, end: Hva, event: MmuNotifyEvent) -> u64 {
+    /// unmapped. A huge PMD the range covers only in part is split inside
+    /// the range (`zap_pmd_range` → `__split_huge_pmd`, its own
+    /// start/only_end nested in ours); one it covers whole is zapped whole
+    /// (`zap_huge_pmd`).
+    pub(super) fn zap_page_range(
+        &self,
+        start: Hva,
+        end: Hva,
+        event: MmuNotifyEvent,
+    ) -> Result<u64, MmError> {
         let range = MmuNotifierRange::new(event, start, end);
         self.mn_invalidate_range_start(&range);
-        let gather = self.unmap_page_range(start, end);
+        let mut gather = Ok(Vec::new());
+        for _ in 0..super::fault::MAX_FAULT_RETRIES {
+            if let Err(e) = self.split_partial_pmds(start, end) {
+                gather = Err(e);
+                break;
+            }
+            match self.unmap_page_range(start, end) {
+                Some(g) => {
+                    gather = Ok(g);
+                    break;
+                }
+                // A fault made a huge PMD across an end meanwhile.
+                None => continue,
+            }
+        }
         self.mn_invalidate_range_end(&range, false);
-        self.tlb_finish_mmu(gather)
+        let gather = gather?;
+        Ok(self.tlb_finish_mmu(gather))
     }
 
     /// `unmap_page_range` under the page-table lock: clears the PTEs and
-    /// gathers the pages (`mmu_gather`).
-    fn unmap_page_range(&self, start: Hva, end: Hva) -> Vec<(Hva, Pfn)> {
+    /// the huge PMDs wholly inside the range, and gathers the pages
+    /// (`mmu_gather`): `(first address, bytes, frame)`. `None` if a huge
+    /// PMD sticks out of the range (split it first).
+    fn unmap_page_range(&self, start: Hva, end: Hva) -> Option<Vec<(Hva, u64, Pfn)>> {
         let mut gather = Vec::new();
         let mut pt = self.pt.lock();
+        let huge = pt.huge_pmds_in(start, end);
+        if huge.iter().any(|&h| h < start || h + HPAGE_PMD_SIZE > end) {
+            return None;
+        }
+        for haddr in huge {
+            if let Some(head) = pt.unmap_pmd(haddr) {
+                gather.push((haddr, HPAGE_PMD_SIZE, head.pfn));
+            }
+        }
         for (hva, pte) in pt.entries_in(start, end) {
             pt.unmap(hva);
             match pte {
-                Pte::Present(p) => gather.push((hva, p.pfn)),
+                Pte::Present(p) => gather.push((hva, PAGE_SIZE, p.pfn)),
                 Pte::Swap(slot) => {
                     let freed = pt.swap.put(slot);
                     debug_assert!(freed.is_ok(), "swap entry at {hva:#x}: {freed:?}");
                 }
             }
         }
-        gather
+        Some(gather)
     }
 
     /// `tlb_finish_mmu`: `tlb_flush_mmu_tlbonly` tells the notifiers the
-    /// range of the PTEs actually cleared (`__tlb_adjust_range`), then the
-    /// gathered pages are released.
-    fn tlb_finish_mmu(&self, gather: Vec<(Hva, Pfn)>) -> u64 {
+    /// range of the entries actually cleared (`__tlb_adjust_range`), then
+    /// the gathered pages are released. Returns the pages unmapped.
+    fn tlb_finish_mmu(&self, gather: Vec<(Hva, u64, Pfn)>) -> u64 {
         let (Some(first), Some(last)) = (
             gather.iter().map(|g| g.0).min(),
-            gather.iter().map(|g| g.0).max(),
+            gather.iter().map(|g| g.0 + g.1).max(),
         ) else {
             return 0;
         };
-        self.mn_invalidate_range(first, last + PAGE_SIZE);
-        let n = gather.len() as u64;
+        self.mn_invalidate_range(first, last);
+        let n = gather.iter().map(|g| g.1 / PAGE_SIZE).sum();
         add(&self.stats.pgzap, n);
-        self.put_pages(gather.into_iter().map(|g| g.1).collect());
+        self.put_pages(gather.into_iter().map(|g| g.2).collect());
         n
     }
 
@@ -142,7 +181,7 @@ impl Mm {
     /// frame and swap slot returned. Later calls on the mm fail with
     /// `Exited`; a second exit does nothing.
     pub fn exit_mmap(&self) {
-        crate::trace::emit!(HostOp(crate::trace::HostOp::ExitMmap));
+        let _slice = crate::trace::slice!(HostOp(crate::trace::HostOp::ExitMmap));
         let mut ksm = self.ksm.lock();
         let mut vmas = self.mmap_lock.write();
         if self.exited.swap(true, std::sync::atomic::Ordering::AcqRel) {
@@ -152,7 +191,10 @@ impl Mm {
         // unmap_vmas(&tlb, vma, 0, -1): every notifier is gone from the list
         // by now, so this range reaches nobody.
         if vmas.iter().next().is_some() {
-            self.zap_page_range(0, u64::MAX, MmuNotifyEvent::Unmap);
+            // Covers every huge PMD whole: nothing to split, nothing fails.
+            let zapped = self.zap_page_range(0, u64::MAX, MmuNotifyEvent::Unmap);
+            debug_assert!(zapped.is_ok(), "exit zap: {zapped:?}");
+            self.count_deferred();
         }
         vmas.remove_range(0, TASK_SIZE);
         *ksm = Default::default();
@@ -165,7 +207,7 @@ impl Mm {
     ///
     /// Deviation: 4.19 ends no notifier of a refused range; here every
     /// notifier gets its `invalidate_range_end`, so one that did start (a
-    /// shadow MMU counting invalidations in progress) is balanced.
+    /// secondary MMU counting invalidations in progress) is balanced.
     pub fn oom_reap(&self) -> Result<u64, MmError> {
         self.check_alive()?;
         let vmas = self.mmap_lock.read();
@@ -178,10 +220,14 @@ impl Mm {
                 result = Err(e);
                 continue;
             }
+            // No huge PMD spans two VMAs (`vma_adjust_trans_huge`), so a
+            // VMA's range never needs a split, which could block.
             let gather = self.unmap_page_range(v.start, v.end);
+            debug_assert!(gather.is_some(), "a huge PMD across a VMA boundary");
             self.mn_invalidate_range_end(&range, false);
-            zapped += self.tlb_finish_mmu(gather);
+            zapped += self.tlb_finish_mmu(gather.unwrap_or_default());
         }
+        self.count_deferred();
         result.map(|()| zapped)
     }
 }

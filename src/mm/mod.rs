@@ -8,13 +8,15 @@
 //! | --- | --- | --- |
 //! | fault (demand-zero, COW, swap-in) | `fault.rs` | `mm/memory.c` `handle_mm_fault` |
 //! | mmap, munmap, exit, OOM reap | `mmap.rs` | `mm/mmap.c`, `mm/oom_kill.c` |
-//! | madvise(MADV_DONTNEED) | `madvise.rs` | `mm/madvise.c` |
+//! | madvise(MADV_DONTNEED, MADV_HUGEPAGE, MADV_POPULATE_WRITE) | `madvise.rs` | `mm/madvise.c` |
 //! | mprotect | `mprotect.rs` | `mm/mprotect.c` |
+//! | large folios: THP settings, PMD mappings, splits | `thp.rs`, `huge_memory.rs` | `mm/huge_memory.c` |
 //! | KSM | `ksm.rs` | `mm/ksm.c` |
 //! | aging, reclaim | `reclaim.rs` | `mm/rmap.c`, `mm/vmscan.c` |
+//! | a read-only snapshot for observers (`--timeline`) | `snapshot.rs` | |
 //!
 //! Lock order: the KSM scanner lock, then `mmap_lock`, then a page lock
-//! (`PG_locked`, see `pgtable.rs`), then the page-table lock. A page lock is
+//! (`PG_locked` of a folio, see `pgtable.rs`), then the page-table lock. A page lock is
 //! waited for with the page-table lock dropped (`lock_page` sleeps), and only
 //! by a thread that holds a reference to the page. Notifier
 //! `invalidate_range_start`/`end` run with the mmap lock (and possibly a page
@@ -37,6 +39,7 @@ mod fault;
 mod frame;
 #[cfg(feature = "test-hooks")]
 mod hooks;
+mod huge_memory;
 mod interval;
 mod ksm;
 mod madvise;
@@ -45,8 +48,10 @@ mod mmap;
 mod mprotect;
 mod pgtable;
 mod reclaim;
+mod snapshot;
 mod stats;
 mod swap;
+mod thp;
 mod vma;
 
 use std::sync::Arc;
@@ -59,14 +64,21 @@ use crate::notifier::{MmuNotifier, MmuNotifierMm, MmuNotifierOps, MmuNotifierRan
 pub use check::MmCheckError;
 pub use error::{MachineError, MmError};
 pub use fault::HostPfn;
-pub use frame::{FrameAllocator, FrameOwner, POISON_FREE};
+pub use frame::{FrameAllocator, FrameOwner, MAX_ORDER, POISON_FREE};
 #[cfg(feature = "test-hooks")]
 pub use hooks::{MmHook, MmHookPoint};
+pub use huge_memory::HugePmd;
 pub use ksm::{KsmConfig, KsmScanResult, KsmStats};
 pub use memory::{AnonMemory, FrameAccess, MachineMemory};
-pub use pgtable::{PageMeta, PresentPte, Pte};
+pub use pgtable::{
+    Folio, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PageMeta, PresentPte, Pte,
+};
 pub use reclaim::{AgingResult, ReclaimResult};
+pub use snapshot::PageSnapshot;
 pub use stats::{MmStats, MmStatsSnapshot};
+pub use thp::{
+    MthpStatsSnapshot, OrderEnabled, ThpConfig, ThpConfigError, ThpEnabled, parse_size_order,
+};
 pub use vma::{MmapFlags, Prot, Vma};
 
 use ksm::KsmState;
@@ -133,6 +145,10 @@ pub struct Mm {
     /// ksmd's private state (`ksm_mmlist` cursor, stable and unstable trees).
     ksm: Mutex<KsmState>,
     stats: MmStats,
+    /// The THP settings (`/sys/kernel/mm/transparent_hugepage`).
+    thp: RwLock<ThpConfig>,
+    /// Per folio size counters.
+    mthp: thp::MthpStats,
     /// Where the reclaim clock hand stands.
     reclaim_cursor: Mutex<Hva>,
     /// `mm_users == 0`: exit_mmap has run.
@@ -161,6 +177,8 @@ impl Mm {
             notifiers: Arc::new(MmuNotifierMm::new()),
             ksm: Mutex::new(KsmState::default()),
             stats: MmStats::default(),
+            thp: RwLock::new(ThpConfig::off()),
+            mthp: Default::default(),
             reclaim_cursor: Mutex::new(0),
             exited: AtomicBool::new(false),
             #[cfg(feature = "test-hooks")]
@@ -198,6 +216,22 @@ impl Mm {
 
     pub fn stats(&self) -> MmStatsSnapshot {
         self.stats.snapshot()
+    }
+
+    /// The counters of every folio size, 8 KiB to 2 MiB
+    /// (`hugepages-<size>kB/stats`).
+    pub fn mthp_stats(&self) -> Vec<MthpStatsSnapshot> {
+        self.mthp.snapshot()
+    }
+
+    /// Sets the THP settings: later faults follow them; folios already
+    /// mapped stay as they are (as when sysfs changes).
+    pub fn set_thp_config(&self, cfg: ThpConfig) {
+        *self.thp.write() = cfg;
+    }
+
+    pub fn thp_config(&self) -> ThpConfig {
+        *self.thp.read()
     }
 
     pub fn has_exited(&self) -> bool {
@@ -268,9 +302,17 @@ impl Mm {
         self.pt.lock().pte(hva & !(PAGE_SIZE - 1))
     }
 
-    /// The page metadata of an anonymous frame of this mm.
+    /// The page metadata of an anonymous frame of this mm (the page and
+    /// its folio).
     pub fn page_meta(&self, pfn: Pfn) -> Option<PageMeta> {
-        self.pt.lock().pages.get(&pfn).cloned()
+        self.pt.lock().page_meta(pfn)
+    }
+
+    /// The folio holding `pfn`, with its head frame.
+    pub fn folio(&self, pfn: Pfn) -> Option<(Pfn, Folio)> {
+        let pt = self.pt.lock();
+        let head = pt.folio_head(pfn)?;
+        Some((head, pt.folios[&head].clone()))
     }
 
     /// Number of present PTEs.
@@ -333,19 +375,25 @@ impl Mm {
 
     /// Returns frames whose last reference went away to the allocator.
     fn free_frames(&self, frames: impl IntoIterator<Item = Pfn>) {
-        for pfn in frames {
-            let freed = self.frames.free(pfn, self.frame_owner());
-            debug_assert!(freed.is_ok(), "freeing frame {pfn}: {freed:?}");
+        self.free_folios(frames.into_iter().map(|p| (p, 0)));
+    }
+
+    /// Returns folios (head, order) whose last reference went away.
+    fn free_folios(&self, folios: impl IntoIterator<Item = (Pfn, u8)>) {
+        for (head, order) in folios {
+            let freed = self.frames.free_contig(head, order, self.frame_owner());
+            debug_assert!(freed.is_ok(), "freeing folio {head}: {freed:?}");
         }
     }
 
-    /// `lock_page`: takes `PG_locked` of `pfn`, sleeping with the page-table
-    /// lock dropped while another thread holds it. The caller holds a
-    /// reference to the page, so it cannot be freed meanwhile.
+    /// `lock_page`: takes `PG_locked` of the folio of `pfn`, sleeping with
+    /// the page-table lock dropped while another thread holds it. The
+    /// caller holds a reference to the folio, so it cannot be freed
+    /// meanwhile (it may be split: the lock then stays with `pfn`'s page).
     fn lock_page(&self, pt: &mut MutexGuard<'_, PageTables>, pfn: Pfn) -> Result<(), MmError> {
         let mut waited = false;
         loop {
-            match pt.pages.get_mut(&pfn) {
+            match pt.folio_mut(pfn) {
                 Some(m) if !m.locked => {
                     m.locked = true;
                     return Ok(());
@@ -373,11 +421,11 @@ impl Mm {
         if pfns.is_empty() {
             return;
         }
-        let freed: Vec<Pfn> = {
+        let freed: Vec<(Pfn, u8)> = {
             let mut pt = self.pt.lock();
             pfns.into_iter().filter_map(|p| pt.put_page(p)).collect()
         };
-        self.free_frames(freed);
+        self.free_folios(freed);
     }
 }
 

@@ -19,9 +19,12 @@ impl Mm {
     /// (`change_pmd_range`: from the first populated PMD to the end of the
     /// PUD's part of the range), write-protecting the present PTEs when
     /// write permission goes. An upgrade leaves the PTEs as they are in a
-    /// private mapping: the next write faults and upgrades the PTE.
+    /// private mapping: the next write faults and upgrades the PTE. A huge
+    /// PMD across either end of a VMA piece is split first (`__split_vma`
+    /// → `vma_adjust_trans_huge`); one inside is write-protected whole
+    /// (`change_huge_pmd`).
     pub fn mprotect(&self, addr: Hva, len: u64, prot: Prot) -> Result<(), MmError> {
-        crate::trace::emit!(HostOp(crate::trace::HostOp::Mprotect {
+        let _slice = crate::trace::slice!(HostOp(crate::trace::HostOp::Mprotect {
             start: addr,
             len,
             prot: &prot,
@@ -46,7 +49,8 @@ impl Mm {
             if v.prot == prot {
                 continue; // newflags == oldflags
             }
-            self.change_protection(s, e, prot);
+            self.vma_adjust_trans_huge(s, e)?;
+            self.change_protection(s, e, prot)?;
             vmas.modify_range(s, e, |v| v.prot = prot);
         }
         if reached == end {
@@ -57,13 +61,25 @@ impl Mm {
     }
 
     /// `change_protection` over `[start, end)` of one VMA.
-    fn change_protection(&self, start: Hva, end: Hva, prot: Prot) {
+    fn change_protection(&self, start: Hva, end: Hva, prot: Prot) -> Result<(), MmError> {
         for (s, e) in self.populated_pud_ranges(start, end) {
             let range = MmuNotifierRange::new(MmuNotifyEvent::ProtectionVma, s, e);
             self.mn_invalidate_range_start(&range);
-            if !prot.contains(Prot::WRITE) {
+            // change_pmd_range: a huge PMD the range covers in part is
+            // split (never, after vma_adjust_trans_huge, for a whole VMA).
+            let split = self.split_partial_pmds(s, e);
+            if split.is_ok() && !prot.contains(Prot::WRITE) {
                 let mut pt = self.pt.lock();
+                let mut done_pmd = None;
                 for (hva, mut p) in pt.present_in(s, e) {
+                    if pt.is_huge(hva) {
+                        // One update per huge PMD: its bits are shared.
+                        let base = super::pgtable::pmd_base(hva);
+                        if done_pmd == Some(base) {
+                            continue;
+                        }
+                        done_pmd = Some(base);
+                    }
                     if p.writable {
                         p.writable = false;
                         pt.update(hva, p);
@@ -72,7 +88,9 @@ impl Mm {
             }
             // flush_tlb_range, then the end (which calls invalidate_range).
             self.mn_invalidate_range_end(&range, false);
+            split?;
         }
+        Ok(())
     }
 
     /// For each PUD-sized piece of `[start, end)` that has a populated PTE

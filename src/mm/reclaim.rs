@@ -4,10 +4,18 @@
 //! MMU says so (`ptep_clear_flush_young_notify` and friends): the guest
 //! touches memory through the shadow MMU, whose Accessed bits the CPU sets,
 //! so without the notifier every guest page would look cold.
+//!
+//! A huge PMD has one young bit for its 2 MiB, tested and cleared with the
+//! notifier over the whole range (`pmdp_clear_flush_young_notify`). Reclaim
+//! takes a large folio as one unit: referenced if any of its mappings is
+//! young (`folio_referenced`); a cold one is split (`split_folio` in
+//! `shrink_folio_list`) and its pages swapped out one by one, since swap
+//! slots, swap-in and the swap cache here are per page (Linux 4.19 did the
+//! same without `CONFIG_THP_SWAP`).
 
 use crate::notifier::{MmuNotifierRange, MmuNotifyEvent};
 
-use super::pgtable::{PresentPte, Pte, vpn};
+use super::pgtable::{HPAGE_PMD_SIZE, PresentPte, Pte, pmd_base, vpn};
 use super::stats::{add, inc};
 use super::vma::{MmapFlags, VmaTree};
 use super::{Hva, Mm, MmError, PAGE_SHIFT, PAGE_SIZE, Pfn};
@@ -48,7 +56,8 @@ impl Mm {
     /// `ptep_clear_flush_young_notify`: test and clear the host young bit and
     /// every secondary MMU's, flushing the secondary TLBs.
     pub fn clear_flush_young(&self, hva: Hva) -> Result<bool, MmError> {
-        crate::trace::emit!(HostOp(crate::trace::HostOp::ClearFlushYoung { start: hva }));
+        let _slice =
+            crate::trace::slice!(HostOp(crate::trace::HostOp::ClearFlushYoung { start: hva }));
         self.young_op(hva, true, true)
     }
 
@@ -66,8 +75,11 @@ impl Mm {
 
     fn young_op(&self, hva: Hva, clear: bool, flush: bool) -> Result<bool, MmError> {
         self.check_alive()?;
-        let page = hva & !(PAGE_SIZE - 1);
+        let mut page = hva & !(PAGE_SIZE - 1);
         let mut pt = self.pt.lock();
+        if pt.is_huge(page) {
+            page = pmd_base(page);
+        }
         let Some(mut p) = pt.present(page) else {
             return Ok(false);
         };
@@ -75,7 +87,8 @@ impl Mm {
     }
 
     /// The body of the young operations, under the page-table lock (where
-    /// Linux calls the young notifiers).
+    /// Linux calls the young notifiers). Under a huge PMD, `page` is its
+    /// first address and the notifiers get its whole range.
     fn age_pte_locked(
         &self,
         pt: &mut super::pgtable::PageTables,
@@ -90,7 +103,12 @@ impl Mm {
             pt.update(page, *p);
         }
         if self.notifiers.has_notifiers() {
-            let end = page + PAGE_SIZE;
+            let end = page
+                + if pt.is_huge(page) {
+                    HPAGE_PMD_SIZE
+                } else {
+                    PAGE_SIZE
+                };
             young |= match (clear, flush) {
                 (true, true) => self.notifiers.clear_flush_young(page, end),
                 (true, false) => self.notifiers.clear_young(page, end),
@@ -104,7 +122,8 @@ impl Mm {
     /// flushes) the young bits of every present page and reports which were
     /// young.
     pub fn age_range(&self, start: Hva, end: Hva, flush: bool) -> Result<AgingResult, MmError> {
-        crate::trace::emit!(HostOp(crate::trace::HostOp::AgeRange { start, end, flush }));
+        let _slice =
+            crate::trace::slice!(HostOp(crate::trace::HostOp::AgeRange { start, end, flush }));
         self.check_alive()?;
         let mut res = AgingResult::default();
         let pages: Vec<Hva> = {
@@ -114,13 +133,29 @@ impl Mm {
                 .map(|(h, _)| h)
                 .collect()
         };
+        // A huge PMD is aged once (pmdp_clear_young), for all its pages.
+        let mut pmd_young: Option<(Hva, bool)> = None;
         for hva in pages {
             let mut pt = self.pt.lock();
             let Some(mut p) = pt.present(hva) else {
                 continue;
             };
             res.scanned += 1;
-            if self.age_pte_locked(&mut pt, hva, &mut p, true, flush) {
+            let young = if pt.is_huge(hva) {
+                let base = pmd_base(hva);
+                match pmd_young {
+                    Some((b, y)) if b == base => y,
+                    _ => {
+                        let mut head = pt.present(base).unwrap_or(p);
+                        let y = self.age_pte_locked(&mut pt, base, &mut head, true, flush);
+                        pmd_young = Some((base, y));
+                        y
+                    }
+                }
+            } else {
+                self.age_pte_locked(&mut pt, hva, &mut p, true, flush)
+            };
+            if young {
                 res.young.push(hva);
             }
         }
@@ -132,7 +167,7 @@ impl Mm {
     /// cleared); a cold one is unmapped under `invalidate_range_start/end`,
     /// written to swap if dirty, and freed. A later access swaps it back in.
     pub fn reclaim(&self, nr_to_scan: u64) -> Result<ReclaimResult, MmError> {
-        crate::trace::emit!(HostOp(crate::trace::HostOp::Reclaim { nr_to_scan }));
+        let _slice = crate::trace::slice!(HostOp(crate::trace::HostOp::Reclaim { nr_to_scan }));
         self.check_alive()?;
         let vmas = self.mmap_lock.read();
         self.reclaim_locked(&vmas, nr_to_scan)
@@ -141,6 +176,9 @@ impl Mm {
     /// Reclaim under the mmap lock (held for reading by the caller: kswapd,
     /// or a fault doing direct reclaim).
     fn reclaim_locked(&self, vmas: &VmaTree, nr_to_scan: u64) -> Result<ReclaimResult, MmError> {
+        // The deferred-split shrinker runs first (shrink_slab).
+        let queued: Vec<Pfn> = self.pt.lock().deferred.iter().copied().collect();
+        self.split_deferred(vmas, queued)?;
         self.reclaim_until(vmas, nr_to_scan, u64::MAX)
     }
 
@@ -185,7 +223,15 @@ impl Mm {
                 res.skipped += 1;
                 continue;
             }
-            match self.try_to_unmap_one(hva, p.pfn)? {
+            // A large folio is one unit of the clock: once looked at, the
+            // hand moves past it.
+            let folio_end = {
+                let pt = self.pt.lock();
+                pt.folio(p.pfn)
+                    .filter(|f| f.is_large())
+                    .map(|f| f.hva + (f.nr() << PAGE_SHIFT))
+            };
+            match self.try_to_unmap_one(vmas, hva, p.pfn)? {
                 Unmapped::Evicted { swapped } => {
                     res.evicted += 1;
                     if swapped {
@@ -194,7 +240,12 @@ impl Mm {
                         res.dropped_clean += 1;
                     }
                 }
-                Unmapped::Young => res.kept_young += 1,
+                Unmapped::Young => {
+                    res.kept_young += 1;
+                    if let Some(end) = folio_end {
+                        *cursor = (*cursor).max(end);
+                    }
+                }
                 Unmapped::Skipped => res.skipped += 1,
             }
         }
@@ -207,17 +258,40 @@ impl Mm {
     /// clock over every present page (one to clear young bits, one to find
     /// them cold), stopping as soon as `nr` pages were freed, so an
     /// allocation fails only when nothing at all can be evicted.
-    pub(super) fn direct_reclaim(&self, vmas: &VmaTree, nr: u64) {
+    pub(super) fn direct_reclaim(&self, vmas: &VmaTree, nr: u64) -> Result<(), MmError> {
+        let queued: Vec<Pfn> = self.pt.lock().deferred.iter().copied().collect();
+        self.split_deferred(vmas, queued)?;
         let present = self.pt.lock().ptes.len() as u64;
-        let _ = self.reclaim_until(vmas, 2 * present + 2, nr);
+        self.reclaim_until(vmas, 2 * present + 2, nr)?;
+        Ok(())
+    }
+
+    /// `folio_referenced`: tests and clears the young bits of every mapping
+    /// of the folio holding `pfn` (the PMD's, or each PTE's), asking the
+    /// secondary MMUs too.
+    fn folio_referenced(&self, hva: Hva, pfn: Pfn) -> Result<bool, MmError> {
+        let mapped: Vec<Hva> = {
+            let pt = self.pt.lock();
+            match pt.folio(pfn) {
+                Some(f) if f.is_large() && !f.pmd => f.rmap.iter().flatten().copied().collect(),
+                _ => vec![hva],
+            }
+        };
+        let mut young = false;
+        for h in mapped {
+            young |= self.clear_flush_young(h)?;
+        }
+        Ok(young)
     }
 
     /// `shrink_page_list` for one anonymous page: `page_referenced` (the
     /// host bit and every secondary MMU's), then with a reference and the
     /// page lock held (`isolate_lru_page`, `trylock_page`: a page KSM is
-    /// merging is skipped this round), `try_to_unmap_one`.
-    fn try_to_unmap_one(&self, hva: Hva, pfn: Pfn) -> Result<Unmapped, MmError> {
-        if self.clear_flush_young(hva)? {
+    /// merging is skipped this round), `try_to_unmap_one`. A large folio
+    /// is referenced if any mapping of it is young (`folio_referenced`);
+    /// a cold one is split first and only this page unmapped now.
+    fn try_to_unmap_one(&self, vmas: &VmaTree, hva: Hva, pfn: Pfn) -> Result<Unmapped, MmError> {
+        if self.folio_referenced(hva, pfn)? {
             return Ok(Unmapped::Young);
         }
         {
@@ -233,7 +307,15 @@ impl Mm {
             }
         }
         mm_hook!(self, ReclaimPageLocked, hva);
-        let outcome = self.unmap_locked_page(hva, pfn);
+        let large = self.pt.lock().folio(pfn).is_some_and(|f| f.is_large());
+        let outcome = match large {
+            true => match self.split_folio(vmas, pfn, &[pfn]) {
+                Ok(true) => self.unmap_locked_page(hva, pfn),
+                Ok(false) => Ok(Unmapped::Skipped),
+                Err(e) => Err(e),
+            },
+            false => self.unmap_locked_page(hva, pfn),
+        };
         let mut pt = self.pt.lock();
         self.unlock_page(&mut pt, pfn);
         drop(pt);
@@ -266,9 +348,8 @@ impl Mm {
         // Only an exclusively mapped page nobody pins (the mapping and our
         // reference): KSM pages are shared and stay.
         let unpinned = pt
-            .pages
-            .get(&pfn)
-            .is_some_and(|m| !m.ksm && m.mapcount == 1 && m.refcount == 2);
+            .folio(pfn)
+            .is_some_and(|m| !m.is_large() && !m.ksm && m.mapcount() == 1 && m.refcount == 2);
         if !unpinned {
             return Ok(Unmapped::Skipped);
         }
@@ -278,7 +359,7 @@ impl Mm {
         let Some(Pte::Present(p)) = pt.unmap(hva) else {
             return Err(MmError::BadFrame(pfn));
         };
-        let (dirty, cached) = match pt.pages.get_mut(&pfn) {
+        let (dirty, cached) = match pt.folio_mut(pfn) {
             Some(m) => (m.dirty || p.dirty, m.swap),
             None => (p.dirty, None),
         };

@@ -51,6 +51,26 @@ counters!(
         /// Blockable `invalidate_range_start` calls a notifier failed
         /// (a notifier bug: blockable starts may not fail).
         mn_start_failed,
+        /// PMD-size folios allocated and mapped by a fault (`thp_fault_alloc`).
+        thp_fault_alloc,
+        /// Faults that wanted a PMD-size folio and found no 2 MiB run of
+        /// free frames (`thp_fault_fallback`).
+        thp_fault_fallback,
+        /// Huge PMDs split into PTE tables (`thp_split_pmd`).
+        thp_split_pmd,
+        /// PMD-size folios split into small pages (`thp_split_page`).
+        thp_split_page,
+        /// Splits of PMD-size folios refused: pinned or locked
+        /// (`thp_split_page_failed`).
+        thp_split_page_failed,
+        /// Large folios queued for a later split after a partial unmap
+        /// (`thp_deferred_split_page`).
+        thp_deferred_split_page,
+        /// Pages faulted in by `madvise(MADV_POPULATE_WRITE)` (the faults
+        /// are in `pgfault` too).
+        populate_fault,
+        /// Pages `MADV_POPULATE_WRITE` found already present and writable.
+        populate_present,
     }
 );
 

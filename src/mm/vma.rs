@@ -29,6 +29,12 @@ bitflags! {
         /// `VM_LOCKED` (mlock): never reclaimed, never dropped by
         /// MADV_DONTNEED, never merged.
         const LOCKED = 2;
+        /// `VM_HUGEPAGE` (madvise(MADV_HUGEPAGE)): THP policies set to
+        /// `madvise` apply here.
+        const HUGEPAGE = 4;
+        /// `VM_NOHUGEPAGE` (madvise(MADV_NOHUGEPAGE)): no new large folio
+        /// here, whatever the policy.
+        const NOHUGEPAGE = 8;
     }
 }
 

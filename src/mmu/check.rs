@@ -70,7 +70,7 @@ impl ShadowMmu {
         for (&p, page) in &st.pages {
             ensure!(page.pfn == p, "shadow page {p} records frame {}", page.pfn);
             ensure!(
-                inner.mm.frames().owner(p).ok() == Some(FrameOwner::Shadow),
+                inner.mm.frames().owner(p).ok() == Some(FrameOwner::External),
                 "shadow page {p} is not a shadow frame"
             );
             for &(pp, idx) in &page.parents {
@@ -97,7 +97,7 @@ impl ShadowMmu {
                 if !spte::is_present(e) {
                     continue;
                 }
-                if page.role.level > 1 {
+                if page.role.level > 1 && !spte::is_large(e) {
                     let c = spte::pfn(e);
                     let child = st.pages.get(&c);
                     ensure!(
@@ -110,42 +110,64 @@ impl ShadowMmu {
                     );
                     continue;
                 }
-                // A leaf: rule 5 first.
-                let f = spte::pfn(e);
-                let owner = inner.mm.frames().owner(f).ok();
+                // A leaf (4 KiB, or 2 MiB at level 2): rule 5 first, for
+                // every frame it maps.
+                let large = spte::is_large(e);
                 ensure!(
-                    owner == Some(mm_owner),
-                    "leaf {p}[{idx}] maps frame {f} owned by {owner:?}, not guest memory"
+                    page.role.level == 1 || (large && page.role.level == 2),
+                    "leaf {p}[{idx}] at level {} (large: {large})",
+                    page.role.level
                 );
-                let gfn = page.leaf_gfns[idx];
-                ensure!(gfn != NO_GFN, "leaf {p}[{idx}] has no gfn");
-                seen.insert((p, idx as u16), gfn);
-                let hva = inner.slots.gfn_to_hva(gfn);
-                ensure!(
-                    hva.is_some(),
-                    "leaf {p}[{idx}] maps gfn {gfn:#x} outside every memslot"
-                );
-                if quiet && let Some(hva) = hva {
-                    let host = inner.mm.pte(hva);
-                    let Some(Pte::Present(hp)) = host else {
-                        return Err(CoherenceError(format!(
-                            "leaf {p}[{idx}] maps gfn {gfn:#x} (hva {hva:#x}) whose host PTE is {host:?}"
-                        )));
-                    };
+                let n = if large { 512 } else { 1 };
+                let gfn0 = page.leaf_gfns.get(idx).copied().unwrap_or(NO_GFN);
+                ensure!(gfn0 != NO_GFN, "leaf {p}[{idx}] has no gfn");
+                seen.insert((p, idx as u16), gfn0);
+                if large {
                     ensure!(
-                        hp.pfn == f,
-                        "leaf {p}[{idx}] maps frame {f} but the host maps hva {hva:#x} to {}",
-                        hp.pfn
+                        spte::pfn(e).is_multiple_of(512) && gfn0.is_multiple_of(512),
+                        "2 MiB leaf {p}[{idx}] at frame {} for gfn {gfn0:#x} is unaligned",
+                        spte::pfn(e)
                     );
-                    if spte::is_writable(e) {
+                    ensure!(
+                        !st.lpage_disallow.contains_key(&(gfn0 >> 9)),
+                        "2 MiB leaf {p}[{idx}] covers a shadowed guest table near gfn {gfn0:#x}"
+                    );
+                }
+                for i in 0..n {
+                    let f = spte::pfn(e) + i;
+                    let gfn = gfn0 + i;
+                    let owner = inner.mm.frames().owner(f).ok();
+                    ensure!(
+                        owner == Some(mm_owner),
+                        "leaf {p}[{idx}] maps frame {f} owned by {owner:?}, not guest memory"
+                    );
+                    let hva = inner.slots.gfn_to_hva(gfn);
+                    ensure!(
+                        hva.is_some(),
+                        "leaf {p}[{idx}] maps gfn {gfn:#x} outside every memslot"
+                    );
+                    if quiet && let Some(hva) = hva {
+                        let host = inner.mm.pte(hva);
+                        let Some(Pte::Present(hp)) = host else {
+                            return Err(CoherenceError(format!(
+                                "leaf {p}[{idx}] maps gfn {gfn:#x} (hva {hva:#x}) whose host PTE is {host:?}"
+                            )));
+                        };
                         ensure!(
-                            hp.writable,
-                            "leaf {p}[{idx}] writable over a read-only host PTE at {hva:#x}"
+                            hp.pfn == f,
+                            "leaf {p}[{idx}] maps frame {f} but the host maps hva {hva:#x} to {}",
+                            hp.pfn
                         );
-                        ensure!(
-                            !st.protected.contains_key(&gfn),
-                            "leaf {p}[{idx}] writable over write-protected guest table gfn {gfn:#x}"
-                        );
+                        if spte::is_writable(e) {
+                            ensure!(
+                                hp.writable,
+                                "leaf {p}[{idx}] writable over a read-only host PTE at {hva:#x}"
+                            );
+                            ensure!(
+                                !st.protected.contains_key(&gfn),
+                                "leaf {p}[{idx}] writable over write-protected guest table gfn {gfn:#x}"
+                            );
+                        }
                     }
                 }
             }
@@ -153,7 +175,7 @@ impl ShadowMmu {
 
         // The rmap and the tables agree both ways.
         let mut rmap_count = 0;
-        for (&gfn, locs) in &st.rmap {
+        for (&gfn, locs) in st.rmap.iter().chain(&st.rmap_large) {
             for loc in locs {
                 rmap_count += 1;
                 ensure!(
@@ -219,7 +241,7 @@ impl ShadowMmu {
                 if gva & (1 << 47) != 0 {
                     gva |= 0xffff_0000_0000_0000;
                 }
-                if level > 1 {
+                if level > 1 && !spte::is_large(e) {
                     stack.push((spte::pfn(e), level - 1, gva, synced));
                     continue;
                 }
@@ -240,6 +262,11 @@ impl ShadowMmu {
                     "vCPU {vcpu}: gva {gva:#x} shadowed to gfn {:#x}, guest maps gfn {:#x}",
                     page.leaf_gfns[idx],
                     walk.gfn
+                );
+                ensure!(
+                    level == 1 || walk.level >= level,
+                    "vCPU {vcpu}: gva {gva:#x} mapped by a level-{level} spte over a level-{} guest page",
+                    walk.level
                 );
                 let acc = walk.pte_access;
                 if spte::is_writable(e) {

@@ -12,16 +12,20 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use crate::mm::{Access as HostAccess, FrameAccess, MmError};
+use crate::mm::{
+    Access as HostAccess, FrameAccess, HPAGE_PMD_NR, HPAGE_PMD_SIZE, HostPfn, Hva, MmError, Pfn,
+};
 
 use super::guest_mem::GuestMem;
-use super::invalidate::SeqRead;
-use super::pte::{PAGE_SHIFT, PT64_ROOT_4LEVEL, level_size, pt_index};
-use super::shadow_page::Role;
+use super::invalidate::{HostRange, SeqRead, page_range};
+use super::pte::{
+    PAGE_SHIFT, PG_LEVEL_2M, PG_LEVEL_4K, PT64_ROOT_4LEVEL, PteAccess, level_size, pt_index,
+};
+use super::shadow_page::{Ctx, Role};
 use super::spte;
 use super::stats::{add_ns, inc, max};
-use super::tlb::FlushReason;
-use super::walk::{Access, GuestMmu, PageFault, PfErrorCode, WalkError};
+use super::tlb::{FlushFrame, FlushReason};
+use super::walk::{Access, GuestMmu, GuestWalk, PageFault, PagingState, PfErrorCode, WalkError};
 use super::{MmuError, ShadowMmu};
 
 /// Bound on retries of one fault; each means an invalidation raced it.
@@ -100,7 +104,11 @@ impl ShadowMmu {
     /// ended since `seq`, every read was of a live table.
     /// If so, waits for the invalidations of those pages in progress to end
     /// before the retry.
-    fn invalidation_raced(&self, seq: &SeqRead<'_>, pages: &[u64]) -> Result<bool, MmuError> {
+    pub(super) fn invalidation_raced(
+        &self,
+        seq: &SeqRead<'_>,
+        pages: &[HostRange],
+    ) -> Result<bool, MmuError> {
         let raced = {
             let st = self.inner.state.lock();
             if st.released {
@@ -158,7 +166,7 @@ impl ShadowMmu {
             inc(&inner.stats.pf_mmio);
             return Ok(Some(FaultOutcome::Mmio { gpa }));
         };
-        gm.touched.borrow_mut().push(hva);
+        gm.touched.borrow_mut().push(page_range(hva));
         let host_access = if access.write {
             HostAccess::Write
         } else {
@@ -178,13 +186,85 @@ impl ShadowMmu {
                 return Ok(Some(FaultOutcome::HostFault { gpa, error }));
             }
         };
+        self.install(Install {
+            vcpu,
+            seq: &seq,
+            walk: &walk,
+            gm: &gm,
+            hva,
+            host,
+            paging,
+            origin: Origin::Fault,
+        })
+    }
+
+    /// `kvm_mmu_hugepage_adjust` before the MMU lock: a 2 MiB spte is
+    /// possible when the guest maps a 2 MiB (or 1 GiB) page, its 512 gfns
+    /// lie in one memslot at a 2 MiB-aligned hva, and the host maps that
+    /// hva range with a huge PMD whose frames are the ones `hva_to_pfn`
+    /// gave (`host_pfn_mapping_level`). Whether a shadowed guest table
+    /// lives in the range (`disallow_lpage`) is checked under the lock.
+    pub(super) fn host_large(
+        &self,
+        walk: &GuestWalk,
+        hva: Hva,
+        host: &HostPfn,
+    ) -> Option<LargeMap> {
+        if walk.level < PG_LEVEL_2M {
+            return None;
+        }
+        let inner = &self.inner;
+        let base_gfn = walk.gfn & !(HPAGE_PMD_NR - 1);
+        let haddr = inner.slots.gfn_range_to_hva(base_gfn, HPAGE_PMD_NR)?;
+        if !haddr.is_multiple_of(HPAGE_PMD_SIZE) {
+            return None;
+        }
+        let pmd = inner.mm.huge_pmd(hva)?;
+        (pmd.haddr == haddr && pmd.pfn + (walk.gfn - base_gfn) == host.pfn).then_some(LargeMap {
+            base_gfn,
+            haddr,
+            pfn: pmd.pfn,
+            writable: pmd.writable && host.writable,
+        })
+    }
+
+    /// The install half of the fault (`FNAME(fetch)` under the MMU lock),
+    /// shared with the pre-fault: the sequence check for every host range
+    /// the translation relied on, `FNAME(gpte_changed)`, the path of
+    /// shadow tables, the leaf (4 KiB, or 2 MiB where `large` allows and
+    /// no shadowed guest table lives in the range), then the prefetch.
+    pub(super) fn install(&self, req: Install<'_, '_>) -> Result<Option<FaultOutcome>, MmuError> {
+        let inner = &self.inner;
+        let Install {
+            vcpu,
+            seq,
+            walk,
+            gm,
+            hva,
+            host,
+            paging,
+            origin,
+        } = req;
+        let large = self.host_large(walk, hva, &host);
+        let reads = gm.reads.take();
+        let reads = &reads[..];
+        let prefetch = match (origin, large) {
+            (Origin::Fault, None) => self.prefetch_candidates(walk, reads, &paging),
+            _ => Vec::new(),
+        };
         #[cfg(feature = "test-hooks")]
-        if let Some(hook) = inner.race_hook.lock().clone() {
+        if origin == Origin::Fault
+            && let Some(hook) = inner.race_hook.lock().clone()
+        {
             hook(hva);
         }
-        let reads = gm.reads.take();
-        let touched = gm.touched.take();
-
+        let mut touched = gm.touched.take();
+        let gva = walk.gva;
+        let access = walk.access;
+        if let Some(l) = &large {
+            // A 2 MiB spte relies on every page of the huge PMD.
+            touched.push((l.haddr, l.haddr + HPAGE_PMD_SIZE));
+        }
         let t_install = Instant::now();
         let mut st = inner.state.lock();
         if st.released {
@@ -194,7 +274,6 @@ impl ShadowMmu {
         // for the pages this translation relied on.
         if seq.retry(&touched) {
             drop(st);
-            drop(seq);
             inner
                 .inv
                 .wait_for(&touched, || inc(&inner.stats.pf_invalidate_wait));
@@ -232,78 +311,169 @@ impl ShadowMmu {
             ctx.unprotect_gfn(walk.gfn, FlushReason::Zapped)?;
         }
 
-        // FNAME(fetch): build the path of shadow tables down to level 1.
+        // FNAME(fetch): build the path of shadow tables down to level 2,
+        // then down to level 1 unless a 2 MiB leaf goes at level 2.
         let mut sp = root;
-        for level in (2..=PT64_ROOT_4LEVEL).rev() {
-            let idx = pt_index(gva, level);
-            let child_level = level - 1;
-            let (gfn, role, protect) = if child_level >= walk.level {
-                let gfn = walk.table_gfn[usize::from(child_level - 1)];
-                let role = Role::new(
-                    child_level,
-                    walk.pt_access[usize::from(child_level - 1)].bits(),
-                    false,
-                    &paging,
-                );
-                (gfn, role, !(writes_own_table && gfn == walk.gfn))
-            } else {
-                // Below a guest large page: a direct page for the 4 KiB
-                // split of the range the child covers.
-                let span = level_size(level) >> PAGE_SHIFT;
-                let role = Role::new(child_level, walk.pte_access.bits(), true, &paging);
-                (walk.gfn & !(span - 1), role, true)
-            };
-            let e = ctx.word(sp, idx)?.load(Ordering::Acquire);
-            if spte::is_present(e) {
-                let child = spte::pfn(e);
-                if ctx
-                    .st
-                    .pages
-                    .get(&child)
-                    .is_some_and(|c| c.gfn == gfn && c.role == role && (c.unsync || protect))
-                {
-                    sp = child;
-                    continue;
-                }
-                // A stale link (an unsync parent, or a changed role).
-                ctx.zap_entry(sp, idx, FlushReason::Zapped)?;
-            }
-            let child = ctx.get_page(gfn, role, protect)?;
-            ctx.link(sp, idx, child)?;
-            sp = child;
+        for level in (PG_LEVEL_2M + 1..=PT64_ROOT_4LEVEL).rev() {
+            sp = descend(&mut ctx, walk, &paging, writes_own_table, sp, level)?;
         }
+        let large = large.filter(|l| !ctx.lpage_disallowed(l.base_gfn));
+        let leaf_level = if large.is_some() {
+            PG_LEVEL_2M
+        } else {
+            sp = descend(&mut ctx, walk, &paging, writes_own_table, sp, PG_LEVEL_2M)?;
+            PG_LEVEL_4K
+        };
 
         // The leaf: guest rights ∧ host rights, writable only if the guest
-        // PTE is dirty and the gfn is not a write-protected guest table.
-        let idx = pt_index(gva, 1);
+        // PTE is dirty and no gfn it maps is a write-protected guest table
+        // (a 2 MiB leaf covers none: lpage_disallowed).
+        let idx = pt_index(gva, leaf_level);
         let acc = walk.shadow_pte_access(&paging);
-        let writable = acc.contains(super::pte::PteAccess::WRITE)
-            && host.writable
-            && !ctx.is_protected(walk.gfn);
-        let new = spte::make_leaf(host.pfn, acc, writable, paging.efer_nx, access.write);
+        let (pfn, gfn, host_writable) = match &large {
+            Some(l) => (l.pfn, l.base_gfn, l.writable),
+            None => (
+                host.pfn,
+                walk.gfn,
+                host.writable && !ctx.is_protected(walk.gfn),
+            ),
+        };
+        let writable = acc.contains(PteAccess::WRITE) && host_writable;
+        let mut new = match origin {
+            Origin::Fault => spte::make_leaf(pfn, acc, writable, paging.efer_nx, access.write),
+            // Not an access: no Accessed bit, as KVM's prefetched sptes.
+            Origin::PreFault => spte::make_spte(pfn, acc, writable, paging.efer_nx, false),
+        };
+        if large.is_some() {
+            new = spte::make_large(new);
+        }
         let same = ctx
             .st
             .pages
             .get(&sp)
-            .is_some_and(|p| p.leaf_gfns[idx] == walk.gfn);
+            .is_some_and(|p| p.leaf_gfns.get(idx) == Some(&gfn));
         let old = ctx.word(sp, idx)?.swap(new, Ordering::AcqRel);
-        if spte::is_present(old) && !(same && spte::pfn(old) == host.pfn) {
-            // Replacing a different translation: forget it and flush it.
+        let same = same && spte::pfn(old) == pfn && spte::is_large(old) == spte::is_large(new);
+        if origin == Origin::PreFault && spte::is_present(old) && same {
+            // Already mapped: keep the spte, with the A/D bits the CPU set.
+            ctx.word(sp, idx)?.store(old, Ordering::Release);
+        } else if spte::is_present(old) && !same {
+            // Replacing a different translation, or a link to a table of
+            // 4 KiB sptes (`drop_parent_pte`): forget it and flush it.
             ctx.word(sp, idx)?.store(old, Ordering::Release);
             ctx.zap_entry(sp, idx, FlushReason::Zapped)?;
             ctx.word(sp, idx)?.store(new, Ordering::Release);
-            ctx.rmap_add(walk.gfn, (sp, idx as u16));
+            ctx.rmap_add(gfn, (sp, idx as u16));
         } else if !spte::is_present(old) {
-            ctx.rmap_add(walk.gfn, (sp, idx as u16));
+            ctx.rmap_add(gfn, (sp, idx as u16));
         } else if spte::is_writable(old) && !writable {
-            ctx.flush.push(super::tlb::FlushFrame {
-                pfn: host.pfn,
-                reason: FlushReason::WriteProtected,
-            });
+            let n = if large.is_some() { HPAGE_PMD_NR } else { 1 };
+            for f in pfn..pfn + n {
+                ctx.flush.push(FlushFrame {
+                    pfn: f,
+                    reason: FlushReason::WriteProtected,
+                });
+            }
         }
-        inc(&inner.stats.pf_fixed);
+        if origin == Origin::Fault {
+            inc(&inner.stats.pf_fixed);
+            if large.is_some() {
+                inc(&inner.stats.pf_fixed_2m);
+            }
+        }
+        if large.is_none() {
+            self.prefetch_locked(&mut ctx, seq, sp, prefetch, &paging)?;
+        }
         ctx.flush_now(inner.tlb.as_ref())?;
         add_ns(&inner.stats.pf_install_ns, t_install);
         Ok(Some(FaultOutcome::Fixed))
     }
+}
+
+/// How a translation is being installed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Origin {
+    /// A guest access faulted: the spte starts Accessed (and Dirty for a
+    /// write).
+    Fault,
+    /// `pre_fault`: no access happened; the spte starts with neither.
+    PreFault,
+}
+
+/// A 2 MiB mapping the host allows for a fault (before the MMU lock).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct LargeMap {
+    /// First gfn of the range.
+    pub base_gfn: u64,
+    /// First hva of the huge PMD.
+    pub haddr: Hva,
+    /// Its first frame.
+    pub pfn: Pfn,
+    pub writable: bool,
+}
+
+/// Everything the install needs from the translation.
+pub(super) struct Install<'w, 's> {
+    pub vcpu: usize,
+    pub seq: &'w SeqRead<'s>,
+    pub walk: &'w GuestWalk,
+    /// The walk's guest memory: every guest entry it read and every host
+    /// range the translation relied on.
+    pub gm: &'w GuestMem<'w>,
+    /// The leaf's hva and what the host gave for it.
+    pub hva: Hva,
+    pub host: HostPfn,
+    pub paging: PagingState,
+    pub origin: Origin,
+}
+
+/// One step of `FNAME(fetch)`'s descent: the shadow page the entry
+/// `pt_index(gva, level)` of `sp` must link to (a shadow of the guest table
+/// at `level - 1`, or below a guest large page a direct page for its
+/// 4 KiB split), reused when already linked, made and linked otherwise.
+fn descend(
+    ctx: &mut Ctx<'_>,
+    walk: &GuestWalk,
+    paging: &PagingState,
+    writes_own_table: bool,
+    sp: Pfn,
+    level: u8,
+) -> Result<Pfn, MmuError> {
+    let idx = pt_index(walk.gva, level);
+    let child_level = level - 1;
+    let (gfn, role, protect) = if child_level >= walk.level {
+        let gfn = walk.table_gfn[usize::from(child_level - 1)];
+        let role = Role::new(
+            child_level,
+            walk.pt_access[usize::from(child_level - 1)].bits(),
+            false,
+            paging,
+        );
+        (gfn, role, !(writes_own_table && gfn == walk.gfn))
+    } else {
+        // Below a guest large page: a direct page for the 4 KiB
+        // split of the range the child covers.
+        let span = level_size(level) >> PAGE_SHIFT;
+        let role = Role::new(child_level, walk.pte_access.bits(), true, paging);
+        (walk.gfn & !(span - 1), role, true)
+    };
+    let e = ctx.word(sp, idx)?.load(Ordering::Acquire);
+    if spte::is_present(e) {
+        let child = spte::pfn(e);
+        if !spte::is_large(e)
+            && ctx
+                .st
+                .pages
+                .get(&child)
+                .is_some_and(|c| c.gfn == gfn && c.role == role && (c.unsync || protect))
+        {
+            return Ok(child);
+        }
+        // A stale link (an unsync parent, or a changed role), or a 2 MiB
+        // leaf where 4 KiB sptes must go now (`drop_large_spte`).
+        ctx.zap_entry(sp, idx, FlushReason::Zapped)?;
+    }
+    let child = ctx.get_page(gfn, role, protect)?;
+    ctx.link(sp, idx, child)?;
+    Ok(child)
 }

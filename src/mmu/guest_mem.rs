@@ -6,6 +6,7 @@ use std::cell::RefCell;
 
 use crate::mm::{Access, FrameAccess, Hva, Mm, MmError, PAGE_SIZE, Pfn};
 
+use super::invalidate::{HostRange, page_range};
 use super::memslot::Memslots;
 use super::walk::GuestPtMemory;
 
@@ -20,7 +21,7 @@ pub struct GuestMem<'a> {
     /// The host page of every guest table the walk looked at, read or
     /// written, whether it got a frame or not: what an invalidation must
     /// not have touched for the walk's outcome to stand.
-    pub touched: RefCell<Vec<Hva>>,
+    pub touched: RefCell<Vec<HostRange>>,
     /// A host error that is the VMM's problem, not the guest's (no frame
     /// left): the fault fails instead of faulting the guest.
     pub host_error: RefCell<Option<MmError>>,
@@ -39,8 +40,9 @@ impl<'a> GuestMem<'a> {
 
     fn touch(&self, hva: Hva) {
         let mut t = self.touched.borrow_mut();
-        if !t.contains(&hva) {
-            t.push(hva);
+        let r = page_range(hva);
+        if !t.contains(&r) {
+            t.push(r);
         }
     }
 
@@ -94,5 +96,24 @@ impl GuestPtMemory for GuestMem<'_> {
 
     fn is_ram(&self, gpa: u64) -> bool {
         self.slots.gfn_to_hva(gpa / PAGE_SIZE).is_some()
+    }
+}
+
+/// Guest memory for a walk that must not change the guest's tables (the
+/// pre-fault path): reads as [`GuestMem`] does; an Accessed or Dirty bit
+/// the walk would have to set makes it fail instead (a not-present fault,
+/// `AdUpdateFailed`), so only translations the guest has already used are
+/// mapped, as KVM prefetches only accessed guest PTEs.
+pub struct NoAdMem<'a, 'b>(pub &'b GuestMem<'a>);
+
+impl GuestPtMemory for NoAdMem<'_, '_> {
+    fn read_gpte(&self, gpa: u64) -> Option<u64> {
+        self.0.read_gpte(gpa)
+    }
+    fn cmpxchg_gpte(&self, _gpa: u64, _old: u64, _new: u64) -> Option<Result<(), u64>> {
+        None
+    }
+    fn is_ram(&self, gpa: u64) -> bool {
+        self.0.is_ram(gpa)
     }
 }

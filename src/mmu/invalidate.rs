@@ -11,7 +11,10 @@
 //! progress, and a log of the ranges that ended with the sequence each end
 //! produced, so a fault retries only if an invalidation overlapping a page
 //! it relied on was in progress at the check or ended after its sequence
-//! read. Each fault in flight holds a [`SeqRead`] naming the sequence it
+//! read. What a fault relies on is a set of host ranges: the 4 KiB page of
+//! each guest table the walk read and of the leaf, the whole 2 MiB of a
+//! large spte, or (for a prefetched spte) that spte's own page.
+//! Each fault in flight holds a [`SeqRead`] naming the sequence it
 //! read, and the log keeps every range a fault in flight may still need (so
 //! a fault descheduled for a long time still gets an exact answer); only
 //! past [`ENDED_LOG_MAX`] ranges does it forget, and a fault older than
@@ -73,11 +76,18 @@ pub(crate) struct Invalidations {
     ended_cv: Condvar,
 }
 
-/// Whether `[s, e)` overlaps one of the 4 KiB `pages`.
-fn overlaps(pages: &[Hva], s: Hva, e: Hva) -> bool {
-    pages
-        .iter()
-        .any(|&p| p < e && p.saturating_add(PAGE_SIZE) > s)
+/// A host range `[start, end)` a fault relies on.
+pub(crate) type HostRange = (Hva, Hva);
+
+/// The host page at `hva` as a range.
+pub(crate) fn page_range(hva: Hva) -> HostRange {
+    let p = hva & !(PAGE_SIZE - 1);
+    (p, p.saturating_add(PAGE_SIZE))
+}
+
+/// Whether `[s, e)` overlaps one of the `ranges`.
+fn overlaps(ranges: &[HostRange], s: Hva, e: Hva) -> bool {
+    ranges.iter().any(|&(a, b)| a < e && b > s)
 }
 
 impl Invalidations {
@@ -124,7 +134,7 @@ impl Invalidations {
     /// needs.
     /// `before_sleeping` runs (once, under the tracker's lock) if it is
     /// about to sleep.
-    pub fn wait_for(&self, pages: &[Hva], before_sleeping: impl FnOnce()) {
+    pub fn wait_for(&self, pages: &[HostRange], before_sleeping: impl FnOnce()) {
         let mut t = self.tracker.lock();
         let mut before = Some(before_sleeping);
         while t.active.iter().any(|&(s, e)| overlaps(pages, s, e)) {
@@ -143,10 +153,10 @@ impl Invalidations {
     }
 
     /// `mmu_invalidate_retry_gfn` for a fault that read sequence `seq` and
-    /// relied on the host pages `pages` (the leaf and every guest table the
+    /// relied on the host ranges `pages` (the leaf and every guest table the
     /// walk read): whether an invalidation of one of them is in progress or
     /// ended since.
-    fn retry(&self, seq: u64, pages: &[Hva]) -> bool {
+    fn retry(&self, seq: u64, pages: &[HostRange]) -> bool {
         let t = self.tracker.lock();
         if t.active.iter().any(|&(s, e)| overlaps(pages, s, e)) {
             return true;
@@ -176,7 +186,7 @@ pub(crate) struct SeqRead<'a> {
 
 impl SeqRead<'_> {
     /// Whether the fault must retry: see [`Invalidations::retry`].
-    pub fn retry(&self, pages: &[Hva]) -> bool {
+    pub fn retry(&self, pages: &[HostRange]) -> bool {
         self.inv.retry(self.seq, pages)
     }
 }
@@ -206,13 +216,25 @@ mod tests {
         let inv = Invalidations::default();
         let read = inv.begin_read();
         inv.begin(10 * P, 20 * P);
-        assert!(read.retry(&[15 * P]), "in progress over the page");
-        assert!(!read.retry(&[5 * P, 20 * P]), "in progress elsewhere");
+        assert!(
+            read.retry(&[page_range(15 * P)]),
+            "in progress over the page"
+        );
+        assert!(
+            !read.retry(&[page_range(5 * P), page_range(20 * P)]),
+            "in progress elsewhere"
+        );
         inv.end(10 * P, 20 * P);
         assert_eq!(inv.in_progress(), 0);
-        assert!(read.retry(&[19 * P]), "ended after the sequence read");
-        assert!(!read.retry(&[9 * P]), "ended elsewhere");
-        assert!(!inv.begin_read().retry(&[19 * P]), "ended before the read");
+        assert!(
+            read.retry(&[page_range(19 * P)]),
+            "ended after the sequence read"
+        );
+        assert!(!read.retry(&[page_range(9 * P)]), "ended elsewhere");
+        assert!(
+            !inv.begin_read().retry(&[page_range(19 * P)]),
+            "ended before the read"
+        );
     }
 
     #[test]
@@ -221,9 +243,9 @@ mod tests {
         inv.begin(0, P);
         inv.begin(0, P);
         inv.end(0, P);
-        assert!(inv.begin_read().retry(&[0]));
+        assert!(inv.begin_read().retry(&[page_range(0)]));
         inv.end(0, P);
-        assert!(!inv.begin_read().retry(&[0]));
+        assert!(!inv.begin_read().retry(&[page_range(0)]));
     }
 
     #[test]
@@ -237,16 +259,32 @@ mod tests {
             inv.end(100 * P, 101 * P);
         }
         // The old fault still sees the range that ended first, exactly.
-        assert!(old.retry(&[7 * P]));
-        assert!(!old.retry(&[0]));
+        assert!(old.retry(&[page_range(7 * P)]));
+        assert!(!old.retry(&[page_range(0)]));
         assert_eq!(inv.tracker.lock().ended.len(), 5001);
         drop(old);
         assert!(inv.tracker.lock().ended.is_empty(), "nobody needs the log");
         let recent = inv.begin_read();
         inv.begin(100 * P, 101 * P);
         inv.end(100 * P, 101 * P);
-        assert!(!recent.retry(&[0]));
-        assert!(recent.retry(&[100 * P]));
+        assert!(!recent.retry(&[page_range(0)]));
+        assert!(recent.retry(&[page_range(100 * P)]));
+    }
+
+    #[test]
+    fn a_range_is_hit_by_any_invalidation_inside_it() {
+        let inv = Invalidations::default();
+        let read = inv.begin_read();
+        let huge = [(512 * P, 1024 * P)];
+        inv.begin(700 * P, 701 * P);
+        assert!(read.retry(&huge), "in progress inside the 2 MiB");
+        inv.end(700 * P, 701 * P);
+        assert!(read.retry(&huge), "ended inside the 2 MiB");
+        assert!(!read.retry(&[page_range(699 * P)]));
+        let other = inv.begin_read();
+        inv.begin(1024 * P, 1025 * P);
+        inv.end(1024 * P, 1025 * P);
+        assert!(!other.retry(&huge), "just past its end");
     }
 
     #[test]
@@ -257,6 +295,6 @@ mod tests {
             inv.begin(100 * P, 101 * P);
             inv.end(100 * P, 101 * P);
         }
-        assert!(old.retry(&[0]), "lost track: retry");
+        assert!(old.retry(&[page_range(0)]), "lost track: retry");
     }
 }

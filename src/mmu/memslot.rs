@@ -72,6 +72,17 @@ impl Memslots {
             .map(|s| s.userspace_addr + ((gfn - s.base_gfn) << PAGE_SHIFT))
     }
 
+    /// The hva of `gfn` if the `n` gfns from it lie in one memslot (so
+    /// their hvas are contiguous), as a large mapping needs
+    /// (`kvm_mmu_max_mapping_level`'s memslot check).
+    pub fn gfn_range_to_hva(&self, gfn: u64, n: u64) -> Option<Hva> {
+        let last = gfn.checked_add(n.checked_sub(1)?)?;
+        self.slots
+            .iter()
+            .find(|s| gfn >= s.base_gfn && last < s.end_gfn())
+            .map(|s| s.userspace_addr + ((gfn - s.base_gfn) << PAGE_SHIFT))
+    }
+
     /// The gfn ranges backed by `[start, end)` of the host mm
     /// (`kvm_handle_hva_range`).
     pub fn hva_range_to_gfns(&self, start: Hva, end: Hva) -> Vec<(u64, u64)> {

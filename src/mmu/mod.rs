@@ -7,10 +7,15 @@
 //!   `walk_addr_generic`), with A/D emulation.
 //! * `spte.rs`: the shadow PTE format; `shadow_page.rs`: shadow pages, the
 //!   page hash, the rmap and write protection of guest tables.
-//! * `fault.rs`: the fault path with KVM's invalidation-sequence retry.
+//! * `fault.rs`: the fault path with KVM's invalidation-sequence retry, and
+//!   2 MiB sptes over host huge PMDs (`kvm_mmu_hugepage_adjust`).
+//! * `prefetch.rs`: sptes for a fault's neighbours (`FNAME(pte_prefetch)`).
+//! * `prefault.rs`: populating a guest range on request
+//!   (`KVM_PRE_FAULT_MEMORY`).
 //! * `notifier.rs`: the `MmuNotifierOps` implementation.
 //! * [`tlb`]: the flush the MMU requests, by frame.
 //! * `check.rs`: the coherence checker (docs/design.md rules 1 and 5).
+//! * `snapshot.rs`: a read-only look at the Accessed bits for observers.
 
 mod check;
 mod fault;
@@ -18,10 +23,13 @@ mod guest_mem;
 mod invalidate;
 pub mod memslot;
 mod notifier;
+mod prefault;
+mod prefetch;
 pub mod pte;
 #[cfg(feature = "test-hooks")]
 mod scan;
 mod shadow_page;
+mod snapshot;
 mod spte;
 pub mod stats;
 pub mod tlb;
@@ -38,6 +46,8 @@ use crate::notifier::MmuNotifier;
 pub use check::CoherenceError;
 pub use fault::FaultOutcome;
 pub use memslot::{Memslot, MemslotError, Memslots};
+pub use prefault::PrefaultResult;
+pub use prefetch::PTE_PREFETCH_NUM;
 pub use stats::{MmuStats, MmuStatsSnapshot};
 pub use tlb::{FlushFrame, FlushReason, NoFlush, RecordingFlush, TlbFlush, TlbFlushError};
 pub use walk::{Access, PagingState, PfErrorCode};
@@ -67,6 +77,8 @@ pub enum MmuError {
     Released,
     #[error("a fault was retried {0} times because of concurrent invalidations")]
     TooManyRetries(u32),
+    #[error("guest range {gva:#x} + {len:#x} wraps around the address space")]
+    InvalidRange { gva: u64, len: u64 },
     #[error("registering on the host mm: {0}")]
     Register(MmError),
     #[error(transparent)]
@@ -146,6 +158,10 @@ pub struct ShadowMmuConfig {
     pub maxphyaddr: u8,
     /// The PML4 slot the VMM keeps, if any.
     pub reserved: Option<ReservedSlot>,
+    /// Sptes a fault considers for prefetch: the aligned group of this many
+    /// around the faulting one (KVM's `PTE_PREFETCH_NUM`, 8); a power of
+    /// two up to 512, 0 or 1 for none. 16 is a 64 KiB folio's worth.
+    pub pte_prefetch: usize,
 }
 
 impl Default for ShadowMmuConfig {
@@ -155,6 +171,7 @@ impl Default for ShadowMmuConfig {
             max_roots: 8,
             maxphyaddr: 40,
             reserved: None,
+            pte_prefetch: 0,
         }
     }
 }
@@ -194,6 +211,7 @@ impl Inner {
             tlb: self.tlb.as_ref(),
             fatal: &self.fatal,
             reserved: self.cfg.reserved,
+            quarantine: Vec::new(),
         }
     }
 }
@@ -207,7 +225,7 @@ pub struct ShadowMmu {
 impl ShadowMmu {
     /// Builds the MMU for guest memory `slots` of `mm` and registers it on
     /// the mm (`kvm_init_mmu_notifier`). Shadow pages come from the mm's
-    /// frame allocator, owned as `FrameOwner::Shadow`.
+    /// frame allocator, owned as `FrameOwner::External`.
     pub fn new(
         mm: Arc<Mm>,
         slots: Memslots,
@@ -226,6 +244,10 @@ impl ShadowMmu {
             cfg: ShadowMmuConfig {
                 nr_vcpus: nr,
                 max_roots: cfg.max_roots.max(1),
+                pte_prefetch: match cfg.pte_prefetch {
+                    0 | 1 => 0,
+                    n => n.next_power_of_two().min(pte::PT_ENTRIES),
+                },
                 ..cfg
             },
             state: Mutex::new(state),
@@ -278,9 +300,27 @@ impl ShadowMmu {
         self.inner.state.lock().pages.len()
     }
 
-    /// Number of present leaf sptes.
+    /// Number of present leaf sptes (4 KiB and 2 MiB).
     pub fn nr_sptes(&self) -> usize {
-        self.inner.state.lock().rmap.values().map(Vec::len).sum()
+        let st = self.inner.state.lock();
+        st.rmap.values().map(Vec::len).sum::<usize>()
+            + st.rmap_large.values().map(Vec::len).sum::<usize>()
+    }
+
+    /// Number of present 2 MiB sptes (KVM's `pages_2m`).
+    pub fn nr_large_sptes(&self) -> usize {
+        self.inner
+            .state
+            .lock()
+            .rmap_large
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
+    /// The configuration in force (`pte_prefetch` rounded as applied).
+    pub fn config(&self) -> ShadowMmuConfig {
+        self.inner.cfg
     }
 
     /// Number of cached roots.
@@ -397,9 +437,9 @@ impl ShadowMmu {
         self.inner.state.lock().vcpu_roots[vcpu].ok_or(MmuError::NoRoot(vcpu))
     }
 
-    /// invlpg (a hypercall in shadow mode): drops the leaf spte of `gva`
-    /// and, where the path goes through an unsync page, the stale entry
-    /// there (`FNAME(invlpg)`).
+    /// invlpg (a hypercall in shadow mode): drops the leaf spte of `gva` (a
+    /// 2 MiB one too) and, where the path goes through an unsync page, the
+    /// stale entry there (`FNAME(invlpg)`).
     pub fn invlpg(&self, vcpu: usize, gva: u64) -> Result<(), MmuError> {
         self.check_vcpu(vcpu)?;
         inc(&self.inner.stats.invlpg);
@@ -419,6 +459,11 @@ impl ShadowMmu {
             }
             let e = ctx.word(sp, idx)?.load(Ordering::Acquire);
             if !spte::is_present(e) {
+                break;
+            }
+            if spte::is_large(e) {
+                // A 2 MiB leaf (`is_last_spte` above level 1).
+                ctx.zap_entry(sp, idx, FlushReason::Zapped)?;
                 break;
             }
             sp = spte::pfn(e);
@@ -445,8 +490,14 @@ impl ShadowMmu {
     }
 
     /// The leaf spte mapping `gva` under the vCPU's root (a software walk of
-    /// the shadow tables), for tests and tracing.
+    /// the shadow tables), for tests and tracing. A 2 MiB spte is returned
+    /// as it is (`PS` set, the frame of the range's start).
     pub fn lookup_spte(&self, vcpu: usize, gva: u64) -> Result<Option<u64>, MmuError> {
+        Ok(self.leaf_at(vcpu, gva)?.map(|l| l.0))
+    }
+
+    /// The leaf spte mapping `gva` and its level (1, or 2 for 2 MiB).
+    pub fn leaf_at(&self, vcpu: usize, gva: u64) -> Result<Option<(u64, u8)>, MmuError> {
         self.check_vcpu(vcpu)?;
         let st = self.inner.state.lock();
         let Some(mut sp) = st.vcpu_roots[vcpu] else {
@@ -461,8 +512,8 @@ impl ShadowMmu {
             if !spte::is_present(e) {
                 return Ok(None);
             }
-            if level == 1 {
-                return Ok(Some(e));
+            if level == 1 || spte::is_large(e) {
+                return Ok(Some((e, level)));
             }
             sp = spte::pfn(e);
         }
@@ -489,5 +540,5 @@ impl Drop for ShadowMmu {
 
 /// Shadow-PTE helpers re-exported for tests and the VMM.
 pub mod spte_bits {
-    pub use super::spte::{is_accessed, is_present, is_writable, pfn};
+    pub use super::spte::{is_accessed, is_large, is_present, is_writable, pfn};
 }

@@ -79,10 +79,14 @@ impl Inner {
                         idx: idx.into(),
                         frame: spte::pfn(old),
                     });
-                    ctx.flush.push(FlushFrame {
-                        pfn: spte::pfn(old),
-                        reason: FlushReason::AccessedCleared,
-                    });
+                    // A 2 MiB spte's one Accessed bit covers 512 frames.
+                    let n = if spte::is_large(old) { 512 } else { 1 };
+                    for pfn in spte::pfn(old)..spte::pfn(old) + n {
+                        ctx.flush.push(FlushFrame {
+                            pfn,
+                            reason: FlushReason::AccessedCleared,
+                        });
+                    }
                 }
             }
         }
@@ -157,10 +161,6 @@ impl MmuNotifierOps for Inner {
         let mut work = Ok(());
         for (g0, g1) in self.gfn_ranges(address, address + PAGE_SIZE) {
             for (_, (sp, idx)) in ctx.rmap_range(g0, g1) {
-                if pte.writable {
-                    work = work.and(ctx.zap_entry(sp, idx as usize, FlushReason::Zapped));
-                    continue;
-                }
                 let w = match ctx.word(sp, idx as usize) {
                     Ok(w) => w,
                     Err(e) => {
@@ -169,6 +169,13 @@ impl MmuNotifierOps for Inner {
                     }
                 };
                 let mut old = w.load(Ordering::Acquire);
+                // One page of a 2 MiB spte cannot be repointed: zap it
+                // (it is gone already: change_pte runs inside a range
+                // whose start zapped it).
+                if pte.writable || spte::is_large(old) {
+                    work = work.and(ctx.zap_entry(sp, idx as usize, FlushReason::Zapped));
+                    continue;
+                }
                 // The CPU may set A/D concurrently: compare-and-exchange.
                 loop {
                     let new = spte::repoint_readonly(old, pte.frame);

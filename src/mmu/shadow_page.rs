@@ -12,6 +12,13 @@
 //! on it is emptied and marked unsync instead: its entries are rebuilt by
 //! faults, and it is resynced at the next CR3 load or flush, which is when a
 //! real TLB would have to drop stale entries too.
+//!
+//! A leaf may also sit at level 2: a 2 MiB spte (`PT_PAGE_SIZE_MASK`),
+//! recorded in the large rmap by the first gfn of its range, so a gfn
+//! anywhere in the range finds it. None covers a guest table we shadow:
+//! every gfn with an indirect shadow page counts against its 2 MiB range
+//! (`kvm_mmu_gfn_disallow_lpage`), and the first one drops any large spte
+//! already there.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -88,7 +95,8 @@ pub struct ShadowPage {
     /// Not write-protecting its guest table: entries may be stale until
     /// the next invlpg, flush or CR3 load.
     pub unsync: bool,
-    /// Level 1: the gfn each leaf spte maps (`NO_GFN` when none).
+    /// Levels 1 and 2: the gfn each leaf spte maps (`NO_GFN` when none);
+    /// for a 2 MiB leaf, the first gfn of its range.
     pub leaf_gfns: Vec<u64>,
 }
 
@@ -115,8 +123,14 @@ pub struct MmuState {
     pub protected: HashMap<u64, u32>,
     /// Unsync, non-root pages: dropped at the next sync.
     pub unsync: HashSet<Pfn>,
-    /// gfn → leaf sptes mapping it (`rmap`).
+    /// gfn → 4 KiB leaf sptes mapping it (`rmap`).
     pub rmap: BTreeMap<u64, Vec<SpteLoc>>,
+    /// First gfn of a 2 MiB range → the 2 MiB sptes mapping it (KVM's
+    /// rmap of `PG_LEVEL_2M`).
+    pub rmap_large: BTreeMap<u64, Vec<SpteLoc>>,
+    /// `gfn >> 9` → indirect shadow pages of guest tables in that 2 MiB
+    /// range (`lpage_info.disallow_lpage`): no 2 MiB spte while non-zero.
+    pub lpage_disallow: HashMap<u64, u32>,
     pub roots: Vec<RootEntry>,
     /// The root each vCPU runs on (never recycled).
     pub vcpu_roots: Vec<Option<Pfn>>,
@@ -140,6 +154,11 @@ pub struct Ctx<'a> {
     pub fatal: &'a Fatal,
     /// The VMM's PML4 slot: held in every root, never zapped.
     pub reserved: Option<ReservedSlot>,
+    /// Frames of shadow pages freed by this operation: back to the
+    /// allocator only once the flush naming them (`TableChanged`) has
+    /// returned, so no cached view of the old table can reach their next
+    /// use.
+    pub quarantine: Vec<Pfn>,
 }
 
 /// An operation that fails half-way (no frame for a shadow page) may already
@@ -184,7 +203,19 @@ impl Ctx<'_> {
         batch.dedup_by_key(|f| f.pfn);
         inc(&self.stats.remote_tlb_flush);
         add(&self.stats.remote_tlb_flush_frames, batch.len() as u64);
-        tlb.flush_frames(&batch)?;
+        tlb.flush_frames(&batch).map_err(|e| {
+            // Whoever gets the error, the VM must stop before a vCPU can
+            // use what was not flushed (the quarantined frames stay out of
+            // use for good).
+            let e = MmuError::from(e);
+            self.fatal.raise(e.clone());
+            e
+        })?;
+        for p in std::mem::take(&mut self.quarantine) {
+            self.frames
+                .free(p, FrameOwner::External)
+                .map_err(MmuError::Memory)?;
+        }
         Ok(())
     }
 
@@ -217,7 +248,7 @@ impl Ctx<'_> {
                 parents: Vec::new(),
                 root_count: 0,
                 unsync,
-                leaf_gfns: if role.level == 1 {
+                leaf_gfns: if role.level <= 2 {
                     vec![NO_GFN; PT_ENTRIES]
                 } else {
                     Vec::new()
@@ -227,7 +258,7 @@ impl Ctx<'_> {
         if role.direct {
             self.st.hash.insert((gfn, role), pfn);
         } else {
-            self.st.by_gfn.entry(gfn).or_default().push(pfn);
+            self.by_gfn_add(gfn, pfn)?;
             if unsync {
                 self.st.unsync.insert(pfn);
             } else {
@@ -239,14 +270,26 @@ impl Ctx<'_> {
     }
 
     fn alloc_shadow_frame(&mut self) -> Result<Pfn, MmuError> {
-        match self.frames.alloc(FrameOwner::Shadow) {
+        if let Ok(p) = self.frames.alloc(FrameOwner::External) {
+            return Ok(p);
+        }
+        if !self.quarantine.is_empty() {
+            // Frames this operation freed: flush, and they are free again.
+            let tlb = self.tlb;
+            self.flush_now(tlb)?;
+        }
+        match self.frames.alloc(FrameOwner::External) {
             Ok(p) => Ok(p),
             Err(_) => {
                 // Make room by recycling an unused root, as KVM does when it
                 // runs out of shadow pages (`make_mmu_pages_available`).
                 if self.recycle_root()? {
+                    // The recycled root's frames come back only after the
+                    // flush that drops every cached view of them.
+                    let tlb = self.tlb;
+                    self.flush_now(tlb)?;
                     self.frames
-                        .alloc(FrameOwner::Shadow)
+                        .alloc(FrameOwner::External)
                         .map_err(MmuError::Memory)
                 } else {
                     Err(MmuError::OutOfShadowPages)
@@ -296,9 +339,55 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Records a leaf spte in the rmap.
+    /// An indirect shadow page for guest table `gfn` now exists: no 2 MiB
+    /// spte may cover `gfn` (`account_shadowed` →
+    /// `kvm_mmu_gfn_disallow_lpage`); one that does is zapped.
+    fn by_gfn_add(&mut self, gfn: u64, sp: Pfn) -> Result<(), MmuError> {
+        self.st.by_gfn.entry(gfn).or_default().push(sp);
+        *self.st.lpage_disallow.entry(gfn >> 9).or_default() += 1;
+        let base = gfn & !511;
+        let large = self.st.rmap_large.get(&base).cloned().unwrap_or_default();
+        for (p, idx) in large {
+            self.zap_entry(p, usize::from(idx), FlushReason::Zapped)?;
+        }
+        Ok(())
+    }
+
+    fn by_gfn_remove(&mut self, gfn: u64, sp: Pfn) {
+        if let Some(v) = self.st.by_gfn.get_mut(&gfn) {
+            let before = v.len();
+            v.retain(|&x| x != sp);
+            let removed = before - v.len();
+            if v.is_empty() {
+                self.st.by_gfn.remove(&gfn);
+            }
+            if removed > 0
+                && let Some(c) = self.st.lpage_disallow.get_mut(&(gfn >> 9))
+            {
+                *c -= removed as u32;
+                if *c == 0 {
+                    self.st.lpage_disallow.remove(&(gfn >> 9));
+                }
+            }
+        }
+    }
+
+    /// `kvm_mmu_max_mapping_level`'s `disallow_lpage`: a guest table we
+    /// shadow lives in the 2 MiB gfn range from `base`.
+    pub fn lpage_disallowed(&self, base: u64) -> bool {
+        self.st.lpage_disallow.contains_key(&(base >> 9))
+    }
+
+    /// Records a leaf spte in the rmap: a 4 KiB one under its gfn, a 2 MiB
+    /// one (in a level-2 page) under the first gfn of its range.
     pub fn rmap_add(&mut self, gfn: u64, loc: SpteLoc) {
-        self.st.rmap.entry(gfn).or_default().push(loc);
+        let level = self.st.pages.get(&loc.0).map_or(1, |p| p.role.level);
+        let map = if level == 1 {
+            &mut self.st.rmap
+        } else {
+            &mut self.st.rmap_large
+        };
+        map.entry(gfn).or_default().push(loc);
         if let Some(sp) = self.st.pages.get_mut(&loc.0) {
             sp.leaf_gfns[loc.1 as usize] = gfn;
         }
@@ -308,12 +397,43 @@ impl Ctx<'_> {
         let Some(sp) = self.st.pages.get_mut(&loc.0) else {
             return;
         };
+        if sp.leaf_gfns.is_empty() {
+            return;
+        }
         let gfn = std::mem::replace(&mut sp.leaf_gfns[loc.1 as usize], NO_GFN);
-        if let Some(list) = self.st.rmap.get_mut(&gfn) {
+        let map = if sp.role.level == 1 {
+            &mut self.st.rmap
+        } else {
+            &mut self.st.rmap_large
+        };
+        if let Some(list) = map.get_mut(&gfn) {
             list.retain(|&l| l != loc);
             if list.is_empty() {
-                self.st.rmap.remove(&gfn);
+                map.remove(&gfn);
             }
+        }
+    }
+
+    /// A leaf spte `old` at `sp[idx]` was cleared: it leaves the rmap and
+    /// its frames (512 for a 2 MiB one) are flushed with `reason`.
+    fn leaf_zapped(&mut self, sp: Pfn, idx: usize, old: u64, reason: FlushReason) {
+        self.rmap_remove((sp, idx as u16));
+        inc(&self.stats.spte_zapped);
+        let (first, n) = if spte::is_large(old) {
+            inc(&self.stats.spte_zapped_2m);
+            (spte::pfn(old), 512)
+        } else {
+            (spte::pfn(old), 1)
+        };
+        crate::trace::emit!(SpteZapped {
+            sp,
+            idx: idx as u64,
+            frame: first,
+            large: n > 1,
+            reason: &reason,
+        });
+        for pfn in first..first + n {
+            self.flush.push(FlushFrame { pfn, reason });
         }
     }
 
@@ -332,20 +452,10 @@ impl Ctx<'_> {
         if !spte::is_present(old) {
             return Ok(());
         }
-        if level == 1 {
-            self.rmap_remove((sp, idx as u16));
-            inc(&self.stats.spte_zapped);
-            crate::trace::emit!(SpteZapped {
-                sp,
-                idx: idx as u64,
-                frame: spte::pfn(old),
-                reason: &reason,
-            });
-            self.flush.push(FlushFrame {
-                pfn: spte::pfn(old),
-                reason,
-            });
+        if level == 1 || spte::is_large(old) {
+            self.leaf_zapped(sp, idx, old, reason);
         } else {
+            self.table_changed(sp);
             let child = spte::pfn(old);
             let orphan = match self.st.pages.get_mut(&child) {
                 Some(c) => {
@@ -361,6 +471,15 @@ impl Ctx<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Names shadow table `sp` in the flush: a link in it was cleared or it
+    /// was freed (`FlushReason::TableChanged`).
+    fn table_changed(&mut self, sp: Pfn) {
+        self.flush.push(FlushFrame {
+            pfn: sp,
+            reason: FlushReason::TableChanged,
+        });
     }
 
     /// Queues a flush of every leaf frame reachable under `sp`, after an
@@ -393,11 +512,14 @@ impl Ctx<'_> {
                 if !spte::is_present(e) {
                     continue;
                 }
-                if level == 1 {
-                    self.flush.push(FlushFrame {
-                        pfn: spte::pfn(e),
-                        reason: FlushReason::Zapped,
-                    });
+                if level == 1 || spte::is_large(e) {
+                    let n = if spte::is_large(e) { 512 } else { 1 };
+                    for pfn in spte::pfn(e)..spte::pfn(e) + n {
+                        self.flush.push(FlushFrame {
+                            pfn,
+                            reason: FlushReason::Zapped,
+                        });
+                    }
                 } else {
                     stack.push(spte::pfn(e));
                 }
@@ -424,6 +546,7 @@ impl Ctx<'_> {
             for (pp, idx) in parents {
                 if self.st.pages.contains_key(&pp) {
                     self.word(pp, idx as usize)?.store(0, Ordering::Release);
+                    self.table_changed(pp);
                 }
             }
             for idx in 0..PT_ENTRIES {
@@ -436,6 +559,10 @@ impl Ctx<'_> {
                 }
                 let old = self.word(p, idx)?.swap(0, Ordering::AcqRel);
                 if !spte::is_present(old) {
+                    continue;
+                }
+                if spte::is_large(old) {
+                    self.leaf_zapped(p, idx, old, reason);
                     continue;
                 }
                 let child = spte::pfn(old);
@@ -463,9 +590,10 @@ impl Ctx<'_> {
             }
             self.st.pages.remove(&p);
             self.st.unsync.remove(&p);
-            self.frames
-                .free(p, FrameOwner::Shadow)
-                .map_err(MmuError::Memory)?;
+            // Its contents no longer hold; the frame is freed after the
+            // flush (see `quarantine`).
+            self.table_changed(p);
+            self.quarantine.push(p);
             inc(&self.stats.mmu_shadow_zapped);
         }
         Ok(())
@@ -481,12 +609,7 @@ impl Ctx<'_> {
             self.st.hash.remove(&(gfn, role));
         }
         if !role.direct {
-            if let Some(v) = self.st.by_gfn.get_mut(&gfn) {
-                v.retain(|&x| x != p);
-                if v.is_empty() {
-                    self.st.by_gfn.remove(&gfn);
-                }
-            }
+            self.by_gfn_remove(gfn, p);
             if !unsync {
                 self.unaccount_shadowed(gfn);
             }
@@ -518,7 +641,7 @@ impl Ctx<'_> {
         if let Some(pg) = self.st.pages.get_mut(&root) {
             pg.unsync = false;
         }
-        self.st.by_gfn.entry(gfn).or_default().push(root);
+        self.by_gfn_add(gfn, root)?;
         if let std::collections::hash_map::Entry::Vacant(e) = self.st.hash.entry((gfn, role)) {
             e.insert(root);
         }
@@ -562,12 +685,23 @@ impl Ctx<'_> {
         self.zap_page(sp, FlushReason::Zapped)
     }
 
-    /// Leaf sptes mapping gfns in `[g0, g1)`.
+    /// Leaf sptes mapping gfns in `[g0, g1)`: the 4 KiB ones, and the
+    /// 2 MiB ones whose range meets it (by their first gfn).
     pub fn rmap_range(&self, g0: u64, g1: u64) -> Vec<(u64, SpteLoc)> {
-        self.st
+        let mut out: Vec<(u64, SpteLoc)> = self
+            .st
             .rmap
             .range(g0..g1)
             .flat_map(|(&g, locs)| locs.iter().map(move |&l| (g, l)))
-            .collect()
+            .collect();
+        if !self.st.rmap_large.is_empty() && g0 < g1 {
+            out.extend(
+                self.st
+                    .rmap_large
+                    .range(g0 & !511..g1)
+                    .flat_map(|(&g, locs)| locs.iter().map(move |&l| (g, l))),
+            );
+        }
+        out
     }
 }

@@ -8,8 +8,8 @@
 use crate::mm::{PAGE_SHIFT, Pfn};
 
 use super::pte::{
-    PT_ACCESSED_MASK, PT_BASE_ADDR_MASK, PT_DIRTY_MASK, PT_PRESENT_MASK, PT_USER_MASK,
-    PT_WRITABLE_MASK, PT64_NX_MASK, PteAccess,
+    PT_ACCESSED_MASK, PT_BASE_ADDR_MASK, PT_DIRTY_MASK, PT_PAGE_SIZE_MASK, PT_PRESENT_MASK,
+    PT_USER_MASK, PT_WRITABLE_MASK, PT64_NX_MASK, PteAccess,
 };
 
 /// An entry pointing at a child shadow table.
@@ -17,9 +17,16 @@ pub fn make_nonleaf(child: Pfn) -> u64 {
     (child << PAGE_SHIFT) | PT_PRESENT_MASK | PT_WRITABLE_MASK | PT_USER_MASK | PT_ACCESSED_MASK
 }
 
-/// `make_spte` for a 4 KiB leaf.
+/// `make_spte` for a 4 KiB leaf, made by a fault: Accessed set (the fault
+/// is an access).
 pub fn make_leaf(pfn: Pfn, access: PteAccess, writable: bool, efer_nx: bool, dirty: bool) -> u64 {
-    let mut spte = (pfn << PAGE_SHIFT) | PT_PRESENT_MASK | PT_ACCESSED_MASK;
+    make_spte(pfn, access, writable, efer_nx, dirty) | PT_ACCESSED_MASK
+}
+
+/// `make_spte` without the Accessed bit, as KVM makes prefetched sptes
+/// (`prefetch`: the page was not accessed; the CPU sets A when it is).
+pub fn make_spte(pfn: Pfn, access: PteAccess, writable: bool, efer_nx: bool, dirty: bool) -> u64 {
+    let mut spte = (pfn << PAGE_SHIFT) | PT_PRESENT_MASK;
     if access.contains(PteAccess::USER) {
         spte |= PT_USER_MASK;
     }
@@ -33,6 +40,18 @@ pub fn make_leaf(pfn: Pfn, access: PteAccess, writable: bool, efer_nx: bool, dir
         spte |= PT64_NX_MASK;
     }
     spte
+}
+
+/// The same leaf as a 2 MiB one (`PT_PAGE_SIZE_MASK`); `pfn` must be
+/// 512-frame aligned, so PAT bit 12 stays clear.
+pub fn make_large(leaf: u64) -> u64 {
+    debug_assert!(pfn(leaf).is_multiple_of(512));
+    leaf | PT_PAGE_SIZE_MASK
+}
+
+/// A leaf above level 1 (`is_large_pte`).
+pub fn is_large(spte: u64) -> bool {
+    spte & PT_PAGE_SIZE_MASK != 0
 }
 
 pub fn is_present(spte: u64) -> bool {

@@ -23,6 +23,16 @@ macro_rules! mmu_counters {
 mmu_counters!(
     /// Faults fixed by installing an spte.
     pf_fixed,
+    /// Of those, fixed with a 2 MiB spte (guest 2 MiB page over a host
+    /// huge PMD; KVM counts these in `pages_2m`).
+    pf_fixed_2m,
+    /// Sptes installed by prefetch for neighbours of a faulting gva
+    /// (`FNAME(pte_prefetch)` / `direct_pte_prefetch`), not by a fault.
+    pf_prefetch,
+    /// Prefetch candidates dropped under the MMU lock: an invalidation
+    /// touched their host page since the sequence read, or the guest PTE
+    /// changed.
+    pf_prefetch_raced,
     /// Faults that were the guest's own (a #PF for the guest).
     pf_guest,
     /// Faults on a gpa outside every memslot (MMIO).
@@ -64,6 +74,17 @@ mmu_counters!(
     mmu_unsync,
     /// Leaf sptes zapped (by the notifier, invlpg, flushes).
     spte_zapped,
+    /// Of those, 2 MiB sptes.
+    spte_zapped_2m,
+    /// Pre-fault requests (`KVM_PRE_FAULT_MEMORY`), apart from the fault
+    /// path.
+    prefault_calls,
+    /// 4 KiB pages a pre-fault left mapped by an spte (installed, or found
+    /// present).
+    prefault_pages,
+    /// 4 KiB pages a pre-fault skipped: the guest does not map them, or
+    /// its PTE is not yet accessed, or the host cannot back them.
+    prefault_skipped,
     /// Notifier callbacks received.
     mn_invalidate_range_start,
     mn_invalidate_range_end,

@@ -24,6 +24,15 @@ pub enum FlushReason {
     Repointed,
     /// The Accessed bit was cleared and must be seen again on the next access.
     AccessedCleared,
+    /// A link in the shadow table at this frame was cleared, or the shadow
+    /// page at this frame was freed: every translation structure built from
+    /// our tables must go, not only the leaves. A host KVM that shadows our
+    /// tables caches their upper levels and never sees the VMM's writes to
+    /// them, so a stale link would lead its walk, and its prefetch, into a
+    /// table that no longer sits there (or into a frame reused for guest
+    /// data). The shadow MMU keeps a freed page's frame out of use until
+    /// this flush has returned.
+    TableChanged,
 }
 
 /// One frame whose translations must no longer be used.

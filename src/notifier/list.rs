@@ -230,7 +230,7 @@ impl MmuNotifierMm {
     /// `release` started by a concurrent unregister has finished, so the
     /// caller may free the pages afterwards.
     pub fn release(&self) {
-        crate::trace::emit!(Release);
+        let _slice = crate::trace::slice!(Release);
         // mn_itree_release, then mn_hlist_release.
         if self.itree.is_enabled() {
             self.itree.release();
@@ -263,56 +263,63 @@ impl MmuNotifierMm {
 
     /// `__mmu_notifier_clear_flush_young`: young results are OR'ed.
     pub fn clear_flush_young(&self, start: u64, end: u64) -> bool {
-        crate::trace::emit!(ClearFlushYoung { start, end });
-        let mut young = false;
-        self.for_each(|r| {
-            if r.callbacks.contains(Callbacks::CLEAR_FLUSH_YOUNG) {
-                young |= r.ops.clear_flush_young(start, end);
-            }
-            true
-        });
-        young
+        crate::trace::in_slice!(crate::trace::Event::ClearFlushYoung { start, end }, {
+            let mut young = false;
+            self.for_each(|r| {
+                if r.callbacks.contains(Callbacks::CLEAR_FLUSH_YOUNG) {
+                    young |= r.ops.clear_flush_young(start, end);
+                }
+                true
+            });
+            young
+        })
     }
 
     /// `__mmu_notifier_clear_young`: young results are OR'ed.
     pub fn clear_young(&self, start: u64, end: u64) -> bool {
-        crate::trace::emit!(ClearYoung { start, end });
-        let mut young = false;
-        self.for_each(|r| {
-            if r.callbacks.contains(Callbacks::CLEAR_YOUNG) {
-                young |= r.ops.clear_young(start, end);
-            }
-            true
-        });
-        young
+        crate::trace::in_slice!(crate::trace::Event::ClearYoung { start, end }, {
+            let mut young = false;
+            self.for_each(|r| {
+                if r.callbacks.contains(Callbacks::CLEAR_YOUNG) {
+                    young |= r.ops.clear_young(start, end);
+                }
+                true
+            });
+            young
+        })
     }
 
     /// `__mmu_notifier_test_young`: stops at the first young notifier.
     pub fn test_young(&self, address: u64) -> bool {
-        crate::trace::emit!(TestYoung { address });
-        let mut young = false;
-        self.for_each(|r| {
-            if r.callbacks.contains(Callbacks::TEST_YOUNG) {
-                young = r.ops.test_young(address);
-            }
-            !young
-        });
-        young
+        crate::trace::in_slice!(crate::trace::Event::TestYoung { address }, {
+            let mut young = false;
+            self.for_each(|r| {
+                if r.callbacks.contains(Callbacks::TEST_YOUNG) {
+                    young = r.ops.test_young(address);
+                }
+                !young
+            });
+            young
+        })
     }
 
     /// `__mmu_notifier_change_pte`.
     pub fn change_pte(&self, address: u64, pte: NotifierPte) {
-        crate::trace::emit!(ChangePte {
-            address,
-            frame: pte.frame,
-            writable: pte.writable,
-        });
-        self.for_each(|r| {
-            if r.callbacks.contains(Callbacks::CHANGE_PTE) {
-                r.ops.change_pte(address, pte);
+        crate::trace::in_slice!(
+            crate::trace::Event::ChangePte {
+                address,
+                frame: pte.frame,
+                writable: pte.writable,
+            },
+            {
+                self.for_each(|r| {
+                    if r.callbacks.contains(Callbacks::CHANGE_PTE) {
+                        r.ops.change_pte(address, pte);
+                    }
+                    true
+                });
             }
-            true
-        });
+        )
     }
 
     /// `__mmu_notifier_invalidate_range_start`: the interval tree first
@@ -321,33 +328,37 @@ impl MmuNotifierMm {
     /// range either way, and list notifiers balance start against end); the
     /// last failure is returned.
     pub fn invalidate_range_start(&self, range: &MmuNotifierRange) -> Result<(), NotifierError> {
-        crate::trace::emit!(InvalidateRangeStart {
-            start: range.start,
-            end: range.end,
-            event: &range.event,
-            blockable: range.blockable(),
-        });
-        let mut ret = Ok(());
-        if self.itree.is_enabled() {
-            ret = self.itree.invalidate(range);
-        }
-        if self.is_empty() {
-            return ret;
-        }
-        self.for_each(|r| {
-            if r.callbacks.contains(Callbacks::INVALIDATE_RANGE_START)
-                && let Err(e) = r.ops.invalidate_range_start(range)
+        crate::trace::in_slice!(
+            crate::trace::Event::InvalidateRangeStart {
+                start: range.start,
+                end: range.end,
+                event: &range.event,
+                blockable: range.blockable(),
+            },
             {
-                tracing::info!(
-                    ?e,
-                    blockable = range.blockable(),
-                    "invalidate_range_start callback failed"
-                );
-                ret = Err(e);
+                let mut ret = Ok(());
+                if self.itree.is_enabled() {
+                    ret = self.itree.invalidate(range);
+                }
+                if self.is_empty() {
+                    return ret;
+                }
+                self.for_each(|r| {
+                    if r.callbacks.contains(Callbacks::INVALIDATE_RANGE_START)
+                        && let Err(e) = r.ops.invalidate_range_start(range)
+                    {
+                        tracing::info!(
+                            ?e,
+                            blockable = range.blockable(),
+                            "invalidate_range_start callback failed"
+                        );
+                        ret = Err(e);
+                    }
+                    true
+                });
+                ret
             }
-            true
-        });
-        ret
+        )
     }
 
     /// `__mmu_notifier_invalidate_range_end`: the interval tree first
@@ -355,26 +366,30 @@ impl MmuNotifierMm {
     /// first unless `only_end` says the caller already called it under the
     /// page-table lock.
     pub fn invalidate_range_end(&self, range: &MmuNotifierRange, only_end: bool) {
-        crate::trace::emit!(InvalidateRangeEnd {
-            start: range.start,
-            end: range.end,
-            event: &range.event,
-        });
-        if self.itree.is_enabled() {
-            self.itree.inv_end();
-        }
-        if self.is_empty() {
-            return;
-        }
-        self.for_each(|r| {
-            if !only_end && r.callbacks.contains(Callbacks::INVALIDATE_RANGE) {
-                r.ops.invalidate_range(range.start, range.end);
+        crate::trace::in_slice!(
+            crate::trace::Event::InvalidateRangeEnd {
+                start: range.start,
+                end: range.end,
+                event: &range.event,
+            },
+            {
+                if self.itree.is_enabled() {
+                    self.itree.inv_end();
+                }
+                if self.is_empty() {
+                    return;
+                }
+                self.for_each(|r| {
+                    if !only_end && r.callbacks.contains(Callbacks::INVALIDATE_RANGE) {
+                        r.ops.invalidate_range(range.start, range.end);
+                    }
+                    if r.callbacks.contains(Callbacks::INVALIDATE_RANGE_END) {
+                        r.ops.invalidate_range_end(range);
+                    }
+                    true
+                });
             }
-            if r.callbacks.contains(Callbacks::INVALIDATE_RANGE_END) {
-                r.ops.invalidate_range_end(range);
-            }
-            true
-        });
+        )
     }
 
     /// `__mmu_notifier_invalidate_range`.

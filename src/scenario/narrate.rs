@@ -127,7 +127,7 @@ fn indent(layer: Option<Layer>) -> &'static str {
     match layer {
         Some(Layer::Mm) | Some(Layer::Demo) | None => "",
         Some(Layer::Notifier) => "  ",
-        Some(Layer::Mmu) => "    ",
+        Some(Layer::Mmu) | Some(Layer::Dma) => "    ",
         Some(Layer::Tlb) => "      ",
         Some(Layer::Guest) => "        ",
     }
@@ -138,6 +138,7 @@ fn label(layer: Option<Layer>) -> &'static str {
         Some(Layer::Mm) => "host mm",
         Some(Layer::Notifier) => "notifier",
         Some(Layer::Mmu) => "shadow MMU",
+        Some(Layer::Dma) => "DMA device",
         Some(Layer::Tlb) => "TLB shootdown",
         Some(Layer::Guest) => "guest",
         Some(Layer::Demo) | None => "demo",
@@ -338,11 +339,66 @@ mod tests {
                     sp: 1,
                     idx: 2,
                     frame: 3,
+                    large: false,
                     reason: &ev,
                 },
-                &["sp", "idx", "frame", "reason"],
+                &["sp", "idx", "frame", "large", "reason"],
+            ),
+            (
+                E::FolioAlloc {
+                    hva: 1,
+                    frame: 2,
+                    order: 4,
+                },
+                &["hva", "frame", "order"],
+            ),
+            (E::SplitPmd { hva: 1, frame: 2 }, &["hva", "frame"]),
+            (
+                E::SplitFolio {
+                    hva: 1,
+                    frame: 2,
+                    order: 4,
+                },
+                &["hva", "frame", "order"],
+            ),
+            (E::DmaAttach { start: 1, end: 2 }, &["start", "end"]),
+            (
+                E::DmaFault {
+                    iova: 1,
+                    hva: 2,
+                    frame: 3,
+                    writable: true,
+                },
+                &["iova", "hva", "frame", "writable"],
+            ),
+            (
+                E::DmaInvalidate {
+                    start: 1,
+                    end: 2,
+                    event: &ev,
+                    cur_seq: 3,
+                    dropped: 4,
+                },
+                &["start", "end", "event", "cur_seq", "dropped"],
+            ),
+            (
+                E::HostOp(HostOp::MadviseHugepage { start: 1, len: 2 }),
+                &["op", "start", "len"],
+            ),
+            (
+                E::HostOp(HostOp::MadvisePopulateWrite { start: 1, len: 2 }),
+                &["op", "start", "len"],
             ),
             (E::ShadowPageZapped { sp: 1, level: 2 }, &["sp", "level"]),
+            (
+                E::SptePrefetched {
+                    sp: 1,
+                    idx: 2,
+                    gfn: 3,
+                    frame: 4,
+                },
+                &["sp", "idx", "gfn", "frame"],
+            ),
             (
                 E::AccessedCleared {
                     sp: 1,
@@ -399,12 +455,13 @@ mod tests {
                 sp: 1,
                 idx: 2,
                 frame: 3,
+                large: false,
                 reason: &ev,
             }],
         );
         assert_eq!(
             line.trim(),
-            r#"{"frame":3,"idx":2,"kind":"spte_zapped","layer":"mmu","message":"spte zapped","reason":"Clear","sp":1}"#
+            r#"{"frame":3,"idx":2,"kind":"spte_zapped","large":false,"layer":"mmu","message":"spte zapped","reason":"Clear","sp":1}"#
         );
     }
 
@@ -414,6 +471,7 @@ mod tests {
             sp: 0x208,
             idx: 4,
             frame,
+            large: false,
             reason: &"Zapped",
         };
         let text = render(
@@ -436,7 +494,7 @@ mod tests {
         assert_eq!(
             text,
             "[host mm] munmap: len=0x1000, op=munmap, start=0x7000\n\
-             \x20   [shadow MMU] spte zapped: frame=0x1, idx=4, reason=\"Zapped\", sp=0x208\n\
+             \x20   [shadow MMU] spte zapped: frame=0x1, idx=4, large=false, reason=\"Zapped\", sp=0x208\n\
              \x20   ... and 2 more spte zapped\n\
              \x20     [TLB shootdown] stale host translations invalidated: frames=3, method=protect_toggle, runs=1\n"
         );

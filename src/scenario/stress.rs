@@ -18,8 +18,12 @@
 //!
 //! verify cannot be told to stop, so the run is a sequence of whole verify
 //! runs (a fresh VM each): the first with a few rounds to measure the
-//! speed, then as many rounds as fill the time left. Each run must exit 0
-//! with 0 corrupted bytes, pass `--check` and give every frame back.
+//! speed, then runs of at most [`MAX_RUN_BUDGET`] each, with as many
+//! rounds as the slowest seconds-per-round seen so far allows (a run under
+//! reclaim and KSM in steady state is slower than the first one). Each run
+//! must exit 0 with 0 corrupted bytes, pass `--check` and give every frame
+//! back. A run still going [`OVERRUN_GRACE`] past its budget is stopped
+//! and reported as an overrun, with where each vCPU was.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,6 +32,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde_json::Value;
 
+use super::stress_dma::{self, DMA_PAGES};
 use crate::mm::{KsmConfig, MmError, Prot};
 use crate::vmm::host::kswapd::ReclaimConfig;
 use crate::vmm::paging::ShadowPaging;
@@ -35,6 +40,12 @@ use crate::vmm::paging::shadow::CheckError;
 use crate::vmm::{ConsoleBuffer, GuestSource, Outcome, Paging, RunningVm, VmConfig, VmmError};
 
 const PAGE: u64 = 4096;
+/// The longest one verify run is planned to take.
+pub const MAX_RUN_BUDGET: Duration = Duration::from_secs(5);
+/// How far past its budget a run may go before it is called an overrun
+/// (a starved vCPU, not a slow machine: a loaded machine is seen in the
+/// seconds-per-round of the earlier runs).
+pub const OVERRUN_GRACE: Duration = Duration::from_secs(60);
 /// Pages a scripted operation covers at most.
 const CHUNK_PAGES: u64 = 16;
 
@@ -74,6 +85,14 @@ pub struct StressConfig {
     pub pages: u64,
     /// Seed of the host thread's choices.
     pub seed: u64,
+    /// Large folios for guest RAM (`--host-thp`, `--host-mthp`).
+    pub host_thp: crate::mm::ThpConfig,
+    /// Guest PTEs prefetched around a shadow fault.
+    pub pte_prefetch: usize,
+    /// A fault injected into every run's host TLB flush (tests only: the
+    /// negative control).
+    #[cfg(feature = "test-hooks")]
+    pub flush_fault: Option<crate::vmm::host::tlb::FlushFault>,
 }
 
 impl StressConfig {
@@ -88,6 +107,10 @@ impl StressConfig {
             machine_mem: 10 << 20,
             pages: 2048,
             seed: 0x5eed_1234_abcd_ef01,
+            host_thp: crate::mm::ThpConfig::off(),
+            pte_prefetch: crate::mmu::PTE_PREFETCH_NUM,
+            #[cfg(feature = "test-hooks")]
+            flush_fault: None,
         }
     }
 
@@ -179,6 +202,13 @@ impl serde::Serialize for CheckResult {
 pub struct StressRun {
     /// verify's rounds.
     pub rounds: u64,
+    /// The seconds the run was planned to take (rounds × the slowest
+    /// seconds per round seen so far).
+    pub budget_seconds: f64,
+    /// The run was stopped for running far past its budget: where each
+    /// vCPU was at that moment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overrun: Option<Vec<String>>,
     /// How the run ended.
     pub outcome: String,
     /// The guest's exit code (None if it did not exit).
@@ -222,6 +252,14 @@ pub struct StressReport {
     /// call (each one notifier invalidation on the live path: the shadow
     /// zap and the host TLB flush included), and one host TLB flush.
     pub timings_ns: std::collections::BTreeMap<&'static str, f64>,
+    /// Bytes the DMA device read back that it had not written (nor were
+    /// zero after a discard).
+    pub dma_corrupted_bytes: u64,
+    /// DMAs that reached a frame the mm no longer owned (a freed frame).
+    pub dma_freed_frame_accesses: u64,
+    /// Why the DMA device's thread stopped early, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dma_error: Option<String>,
     /// Host-thread operations that failed (e.g. out of frames).
     pub host_op_errors: u64,
     /// The last of those.
@@ -235,11 +273,37 @@ impl StressReport {
     /// One line: PASS/FAIL and why.
     pub fn verdict(&self) -> String {
         let status = if self.ok { "PASS" } else { "FAIL" };
+        let unknown = self
+            .runs
+            .iter()
+            .filter(|r| r.corrupted_bytes.is_none())
+            .count();
+        let corrupted = if unknown == 0 {
+            format!("{} corrupted bytes", self.corrupted_bytes)
+        } else {
+            format!(
+                "{} corrupted bytes counted ({unknown} run(s) never reported theirs)",
+                self.corrupted_bytes
+            )
+        };
+        let first_failure = self
+            .runs
+            .iter()
+            .enumerate()
+            .find(|(_, r)| !r.passed())
+            .map(|(i, r)| format!("; run {i}: {}", r.outcome.lines().next().unwrap_or("")))
+            .unwrap_or_default();
+        let dma = match &self.dma_error {
+            Some(e) => format!("DMA device stopped: {e}"),
+            None => format!(
+                "DMA {} corrupted bytes, {} freed-frame accesses",
+                self.dma_corrupted_bytes, self.dma_freed_frame_accesses
+            ),
+        };
         format!(
-            "stress: {status}: {} verify run(s) in {:.1}s, {} corrupted bytes, coherence check {}, frames {}",
+            "stress: {status}: {} verify run(s) in {:.1}s, {corrupted}, {dma}, coherence check {}, frames {}{first_failure}",
             self.runs.len(),
             self.seconds,
-            self.corrupted_bytes,
             if self.check_ok { "ok" } else { "FAILED" },
             if self.frames_returned {
                 "all returned"
@@ -247,6 +311,17 @@ impl StressReport {
                 "NOT all returned"
             }
         )
+    }
+}
+
+impl StressRun {
+    /// The run exited 0, reported 0 corrupted bytes, passed the checks and
+    /// gave every frame back.
+    pub fn passed(&self) -> bool {
+        self.exit_code == Some(0)
+            && self.corrupted_bytes == Some(0)
+            && self.check.is_ok()
+            && self.frames_returned
     }
 }
 
@@ -274,7 +349,8 @@ fn host_thread(sp: &ShadowPaging, ops: &HostOps, stop: &AtomicBool, seed: u64) {
     let ram = sp.ram();
     let mm = ram.mm();
     let lo = ram.base() + ram.size_bytes() / 2;
-    let pages = ram.size_bytes() / 2 / PAGE;
+    // The top of RAM belongs to the DMA device's thread.
+    let pages = ram.size_bytes() / 2 / PAGE - DMA_PAGES;
     let mut rng = Rng(seed | 1);
     // A page pattern many pages share, for ksmd to merge.
     let pattern: Vec<u8> = (0..PAGE).map(|i| (i as u8) ^ 0xa5).collect();
@@ -367,25 +443,34 @@ pub fn stress(
     let start = Instant::now();
     let deadline = start + config.duration;
     let ops = Arc::new(HostOps::default());
+    let dma = Arc::new(stress_dma::DmaCounters::default());
+    let dma_error: Mutex<Option<String>> = Mutex::new(None);
     let mut totals = std::collections::BTreeMap::<&'static str, u64>::new();
     let mut runs = Vec::new();
+    // The slowest seconds per round seen so far (None before the first run).
     let mut secs_per_round: Option<f64> = None;
     let mut seed = config.seed;
     loop {
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .as_secs_f64();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let budget_left = left.min(MAX_RUN_BUDGET).as_secs_f64();
         let rounds = match secs_per_round {
             None => 4,
-            Some(s) => ((left / s.max(1e-6)) as u64).clamp(1, 1_000_000),
+            Some(s) => ((budget_left / s.max(1e-6)) as u64).clamp(1, 1_000_000),
         };
+        let budget = secs_per_round.map_or(budget_left, |s| s * rounds as f64);
         let mut vm_config = VmConfig::new(GuestSource::Builtin("verify".into()));
         vm_config.mem_size = config.mem_size;
         vm_config.vcpus = config.vcpus;
         vm_config.paging = Paging::Shadow;
         vm_config.machine_mem = Some(config.machine_mem);
         vm_config.check = true;
+        vm_config.host_thp = config.host_thp;
+        vm_config.pte_prefetch = config.pte_prefetch;
         vm_config.cmdline = format!("pages={} rounds={rounds}", config.pages);
+        #[cfg(feature = "test-hooks")]
+        {
+            vm_config.flush_fault = config.flush_fault;
+        }
         vm_config.ksm = Some(KsmConfig {
             pages_to_scan: 1000,
             sleep_millisecs: 1,
@@ -399,6 +484,15 @@ pub fn stress(
         let sp = vm.shadow().cloned().ok_or(StressError::NotShadow)?;
         let stop = Arc::new(AtomicBool::new(false));
         seed = Rng(seed).next();
+        let dma = {
+            let (c, stop) = (dma.clone(), stop.clone());
+            let mm = sp.ram().mm().clone();
+            let base = sp.ram().base() + sp.ram().size_bytes() - DMA_PAGES * PAGE;
+            let run_seed = seed.rotate_left(17);
+            std::thread::Builder::new()
+                .name("stress-dma".into())
+                .spawn(move || stress_dma::run(&mm, base, &stop, run_seed, &c))
+        };
         let host = {
             let (ops, stop) = (ops.clone(), stop.clone());
             let run_seed = seed;
@@ -406,15 +500,31 @@ pub fn stress(
                 .name("stress-host".into())
                 .spawn(move || host_thread(&sp, &ops, &stop, run_seed))
         };
-        // Generous: the time left plus a minute for a slow run.
-        let limit = Duration::from_secs_f64(left.max(0.0)) + Duration::from_secs(60);
-        vm.wait_for_stop(Some(limit));
+        let limit = Duration::from_secs_f64(budget) + OVERRUN_GRACE;
+        let overrun = (!vm.wait_for_stop(Some(limit))).then(|| {
+            vm.activity()
+                .iter()
+                .map(crate::vmm::run::describe_activity)
+                .collect::<Vec<_>>()
+        });
         // The host thread stops before the report's quiescent point.
         stop.store(true, Ordering::Relaxed);
         let host_ok = match host {
             Ok(t) => t.join().is_ok(),
             Err(_) => false,
         };
+        let dma_ok = match dma {
+            Ok(t) => match t.join() {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => {
+                    *dma_error.lock() = Some(e.to_string());
+                    false
+                }
+                Err(_) => false,
+            },
+            Err(_) => false,
+        };
+        let host_ok = host_ok && dma_ok;
         let report = vm.wait(Some(Duration::from_millis(1)));
         let seconds = t0.elapsed().as_secs_f64();
         let text = console.text();
@@ -434,19 +544,41 @@ pub fn stress(
             ),
             ("host_tlb_flushes", &["host_invalidate", "flushes"]),
             ("host_tlb_flush_ns", &["host_invalidate", "flush_ns"]),
+            ("thp_fault_alloc", &["host_mm", "thp_fault_alloc"]),
+            ("thp_split_pmd", &["host_mm", "thp_split_pmd"]),
+            ("thp_split_page", &["host_mm", "thp_split_page"]),
+            ("faults_fixed_2m", &["mmu", "pf_fixed_2m"]),
+            ("sptes_zapped_2m", &["mmu", "spte_zapped_2m"]),
+            ("sptes_prefetched", &["mmu", "pf_prefetch"]),
         ] {
             *totals.entry(name).or_default() += num(&stats, path);
+        }
+        // Multi-size THP below PMD size, all sizes together.
+        for m in stats["host_mthp"].as_array().into_iter().flatten() {
+            if m["size_kb"].as_u64().is_some_and(|kb| kb < 2048) {
+                for (name, key) in [
+                    ("mthp_fault_alloc", "anon_fault_alloc"),
+                    ("mthp_split", "split"),
+                ] {
+                    *totals.entry(name).or_default() += m[key].as_u64().unwrap_or(0);
+                }
+            }
         }
         let exit_code = match report.outcome {
             Outcome::Exited { code, .. } => Some(code),
             _ => None,
         };
-        let mut outcome = report.outcome.to_string();
+        let mut outcome = match &overrun {
+            Some(_) => format!("overran its budget of {budget:.1}s: stopped after {seconds:.1}s"),
+            None => report.outcome.to_string(),
+        };
         if !host_ok {
             outcome.push_str(" (the host thread failed)");
         }
         runs.push(StressRun {
             rounds,
+            budget_seconds: budget,
+            overrun,
             outcome,
             exit_code: if host_ok { exit_code } else { None },
             corrupted_bytes: corrupted_from(&text),
@@ -457,9 +589,8 @@ pub fn stress(
         let failed = runs
             .last()
             .is_some_and(|r| r.exit_code != Some(0) || !r.check.is_ok() || !r.frames_returned);
-        if secs_per_round.is_none() {
-            secs_per_round = Some(seconds / rounds as f64);
-        }
+        let spr = seconds / rounds as f64;
+        secs_per_round = Some(secs_per_round.map_or(spr, |s: f64| s.max(spr)));
         if failed || Instant::now() >= deadline {
             break;
         }
@@ -469,6 +600,14 @@ pub fn stress(
     totals.insert("mprotect", ops.mprotect.load(Ordering::Relaxed));
     totals.insert("balloon", ops.balloon.load(Ordering::Relaxed));
     totals.insert("host_page_writes", ops.host_writes.load(Ordering::Relaxed));
+    let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    totals.insert("dma_writes", l(&dma.writes));
+    totals.insert("dma_reads", l(&dma.reads));
+    totals.insert("dma_faults", l(&dma.faults));
+    totals.insert("dma_invalidations", l(&dma.invalidations));
+    totals.insert("dma_host_ops", l(&dma.host_ops));
+    let dma_corrupted_bytes = l(&dma.corrupted_bytes);
+    let dma_freed_frame_accesses = l(&dma.freed_frame_accesses);
     let flush_ns = totals.remove("host_tlb_flush_ns").unwrap_or(0);
     let per = |ns: u64, n: u64| if n == 0 { 0.0 } else { ns as f64 / n as f64 };
     let timings_ns = [
@@ -507,6 +646,8 @@ pub fn stress(
         && check_ok
         && frames_returned
         && corrupted_bytes == 0
+        && dma_corrupted_bytes == 0
+        && dma_freed_frame_accesses == 0
         && runs
             .iter()
             .all(|r| r.exit_code == Some(0) && r.corrupted_bytes == Some(0));
@@ -524,6 +665,9 @@ pub fn stress(
         ops: totals,
         ops_per_sec,
         timings_ns,
+        dma_corrupted_bytes,
+        dma_freed_frame_accesses,
+        dma_error: dma_error.lock().clone(),
         host_op_errors: ops.errors.load(Ordering::Relaxed),
         host_op_last_error,
         ok,

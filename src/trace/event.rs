@@ -63,11 +63,25 @@ pub enum HostOp<'a> {
     },
     /// The mm's teardown.
     ExitMmap,
+    /// `madvise(MADV_HUGEPAGE)`.
+    MadviseHugepage {
+        /// First host address.
+        start: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// `madvise(MADV_POPULATE_WRITE)`.
+    MadvisePopulateWrite {
+        /// First host address.
+        start: u64,
+        /// Bytes.
+        len: u64,
+    },
 }
 
 impl HostOp<'_> {
     /// Every `op` value.
-    pub const NAMES: [&'static str; 9] = [
+    pub const NAMES: [&'static str; 11] = [
         "madvise_dontneed",
         "madvise_mergeable",
         "munmap",
@@ -77,6 +91,8 @@ impl HostOp<'_> {
         "reclaim",
         "clear_flush_young",
         "exit_mmap",
+        "madvise_hugepage",
+        "madvise_populate_write",
     ];
 
     /// The `op` field's value.
@@ -91,6 +107,8 @@ impl HostOp<'_> {
             HostOp::Reclaim { .. } => "reclaim",
             HostOp::ClearFlushYoung { .. } => "clear_flush_young",
             HostOp::ExitMmap => "exit_mmap",
+            HostOp::MadviseHugepage { .. } => "madvise_hugepage",
+            HostOp::MadvisePopulateWrite { .. } => "madvise_populate_write",
         }
     }
 }
@@ -169,6 +187,31 @@ pub enum Event<'a> {
         /// The private copy.
         new_frame: u64,
     },
+    /// A fault allocated a large folio (2^order pages).
+    FolioAlloc {
+        /// The first page's host address.
+        hva: u64,
+        /// The head frame.
+        frame: u64,
+        /// log2 of the pages.
+        order: u8,
+    },
+    /// A huge PMD was split into 512 PTEs (`__split_huge_pmd`).
+    SplitPmd {
+        /// The 2 MiB range's host address.
+        hva: u64,
+        /// The head frame.
+        frame: u64,
+    },
+    /// A large folio was split into small pages (`split_folio`).
+    SplitFolio {
+        /// The folio's first host address.
+        hva: u64,
+        /// The head frame.
+        frame: u64,
+        /// log2 of its pages.
+        order: u8,
+    },
     /// The notifier's `release`.
     Release,
     /// The notifier's `clear_flush_young`.
@@ -225,10 +268,24 @@ pub enum Event<'a> {
         sp: u64,
         /// The entry.
         idx: u64,
-        /// The frame it mapped.
+        /// The frame it mapped (the first, for a 2 MiB spte).
         frame: u64,
+        /// A 2 MiB spte (512 frames).
+        large: bool,
         /// Why (`FlushReason`).
         reason: &'a dyn fmt::Debug,
+    },
+    /// An spte installed for a neighbour of a faulting gva
+    /// (`FNAME(pte_prefetch)`).
+    SptePrefetched {
+        /// The shadow page (its frame).
+        sp: u64,
+        /// The entry.
+        idx: u64,
+        /// The guest frame it maps.
+        gfn: u64,
+        /// The host frame.
+        frame: u64,
     },
     /// A shadow page freed.
     ShadowPageZapped {
@@ -266,6 +323,37 @@ pub enum Event<'a> {
         /// How.
         method: ShootdownMethod,
     },
+    /// A DMA device attached to a buffer (`mmu_interval_notifier_insert`).
+    DmaAttach {
+        /// First host address.
+        start: u64,
+        /// End (exclusive).
+        end: u64,
+    },
+    /// A device fault mapped a page in the device's IOTLB.
+    DmaFault {
+        /// The offset in the buffer.
+        iova: u64,
+        /// The page's host address.
+        hva: u64,
+        /// The frame mapped.
+        frame: u64,
+        /// Mapped writable.
+        writable: bool,
+    },
+    /// The device's interval notifier dropped IOTLB entries.
+    DmaInvalidate {
+        /// First host address.
+        start: u64,
+        /// End (exclusive).
+        end: u64,
+        /// Why (`MmuNotifyEvent`).
+        event: &'a dyn fmt::Debug,
+        /// The interval's new sequence.
+        cur_seq: u64,
+        /// Entries dropped.
+        dropped: u64,
+    },
     /// The VMM answered RESOLVE_PF.
     ResolvePf {
         /// The faulting address.
@@ -289,6 +377,12 @@ impl Event<'_> {
             Event::SwapOut { .. } => Kind::SwapOut,
             Event::SwapIn { .. } => Kind::SwapIn,
             Event::Cow { .. } => Kind::Cow,
+            Event::FolioAlloc { .. } => Kind::FolioAlloc,
+            Event::SplitPmd { .. } => Kind::SplitPmd,
+            Event::SplitFolio { .. } => Kind::SplitFolio,
+            Event::DmaAttach { .. } => Kind::DmaAttach,
+            Event::DmaFault { .. } => Kind::DmaFault,
+            Event::DmaInvalidate { .. } => Kind::DmaInvalidate,
             Event::Release => Kind::Release,
             Event::ClearFlushYoung { .. } => Kind::ClearFlushYoung,
             Event::ClearYoung { .. } => Kind::ClearYoung,
@@ -298,6 +392,7 @@ impl Event<'_> {
             Event::InvalidateRangeEnd { .. } => Kind::InvalidateRangeEnd,
             Event::SpteZapped { .. } => Kind::SpteZapped,
             Event::ShadowPageZapped { .. } => Kind::ShadowPageZapped,
+            Event::SptePrefetched { .. } => Kind::SptePrefetched,
             Event::AccessedCleared { .. } => Kind::AccessedCleared,
             Event::SpteRepointed { .. } => Kind::SpteRepointed,
             Event::Shootdown { .. } => Kind::Shootdown,
@@ -334,36 +429,65 @@ impl Event<'_> {
         match self {
             Event::HostOp(op) => op.emit(kind, layer),
             Event::SwapOut { hva, frame } => {
-                tracing::debug!(target: TARGET, layer, kind, hva, frame, "host: page written to swap and freed");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, hva, frame, "host: page written to swap and freed");
             }
             Event::SwapIn { hva, write } => {
-                tracing::debug!(target: TARGET, layer, kind, hva, write, "host: swap-in (do_swap_page)");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, hva, write, "host: swap-in (do_swap_page)");
             }
             Event::Cow {
                 hva,
                 old_frame,
                 new_frame,
             } => {
-                tracing::debug!(target: TARGET, layer, kind, hva, old_frame, new_frame, "host: copy-on-write broke the sharing");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, hva, old_frame, new_frame, "host: copy-on-write broke the sharing");
+            }
+            Event::FolioAlloc { hva, frame, order } => {
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, hva, frame, order, "host: large folio allocated");
+            }
+            Event::SplitPmd { hva, frame } => {
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, hva, frame, "host: huge PMD split");
+            }
+            Event::SplitFolio { hva, frame, order } => {
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, hva, frame, order, "host: large folio split");
+            }
+            Event::DmaAttach { start, end } => {
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, start, end, "dma: device attached (mmu_interval_notifier_insert)");
+            }
+            Event::DmaFault {
+                iova,
+                hva,
+                frame,
+                writable,
+            } => {
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, iova, hva, frame, writable, "dma: device fault mapped a page");
+            }
+            Event::DmaInvalidate {
+                start,
+                end,
+                event,
+                cur_seq,
+                dropped,
+            } => {
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, start, end, event = ?event, cur_seq, dropped, "dma: IOTLB entries invalidated");
             }
             Event::Release => {
-                tracing::debug!(target: TARGET, layer, kind, "release: the mm is going away");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, "release: the mm is going away");
             }
             Event::ClearFlushYoung { start, end } => {
-                tracing::debug!(target: TARGET, layer, kind, start, end, "clear_flush_young");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, start, end, "clear_flush_young");
             }
             Event::ClearYoung { start, end } => {
-                tracing::debug!(target: TARGET, layer, kind, start, end, "clear_young");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, start, end, "clear_young");
             }
             Event::TestYoung { address } => {
-                tracing::debug!(target: TARGET, layer, kind, address, "test_young");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, address, "test_young");
             }
             Event::ChangePte {
                 address,
                 frame,
                 writable,
             } => {
-                tracing::debug!(target: TARGET, layer, kind, address, frame, writable, "change_pte");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, address, frame, writable, "change_pte");
             }
             Event::InvalidateRangeStart {
                 start,
@@ -371,24 +495,33 @@ impl Event<'_> {
                 event,
                 blockable,
             } => {
-                tracing::debug!(target: TARGET, layer, kind, start, end, event = ?event, blockable, "invalidate_range_start");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, start, end, event = ?event, blockable, "invalidate_range_start");
             }
             Event::InvalidateRangeEnd { start, end, event } => {
-                tracing::debug!(target: TARGET, layer, kind, start, end, event = ?event, "invalidate_range_end");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, start, end, event = ?event, "invalidate_range_end");
             }
             Event::SpteZapped {
                 sp,
                 idx,
                 frame,
+                large,
                 reason,
             } => {
-                tracing::debug!(target: TARGET, layer, kind, sp, idx, frame, reason = ?reason, "spte zapped");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, sp, idx, frame, large, reason = ?reason, "spte zapped");
+            }
+            Event::SptePrefetched {
+                sp,
+                idx,
+                gfn,
+                frame,
+            } => {
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, sp, idx, gfn, frame, "spte prefetched");
             }
             Event::ShadowPageZapped { sp, level } => {
-                tracing::debug!(target: TARGET, layer, kind, sp, level, "shadow page zapped");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, sp, level, "shadow page zapped");
             }
             Event::AccessedCleared { sp, idx, frame } => {
-                tracing::debug!(target: TARGET, layer, kind, sp, idx, frame, "spte Accessed bit cleared");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, sp, idx, frame, "spte Accessed bit cleared");
             }
             Event::SpteRepointed {
                 sp,
@@ -396,21 +529,21 @@ impl Event<'_> {
                 old_frame,
                 new_frame,
             } => {
-                tracing::debug!(target: TARGET, layer, kind, sp, idx, old_frame, new_frame, "spte repointed read-only");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, sp, idx, old_frame, new_frame, "spte repointed read-only");
             }
             Event::Shootdown {
                 frames,
                 runs,
                 method: ShootdownMethod::Disabled,
             } => {
-                tracing::debug!(target: TARGET, layer, kind, frames, runs, method = ShootdownMethod::Disabled.name(), "host flush disabled: nothing invalidated");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, frames, runs, method = %ShootdownMethod::Disabled.name(), "host flush disabled: nothing invalidated");
             }
             Event::Shootdown {
                 frames,
                 runs,
                 method,
             } => {
-                tracing::debug!(target: TARGET, layer, kind, frames, runs, method = method.name(), "stale host translations invalidated");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, frames, runs, method = %method.name(), "stale host translations invalidated");
             }
             Event::ResolvePf {
                 gva,
@@ -418,14 +551,14 @@ impl Event<'_> {
                 outcome,
             } => match outcome {
                 PfOutcome::Retry => {
-                    tracing::debug!(target: TARGET, layer, kind, gva, error_code, outcome = outcome.name(), "guest page fault fixed by the VMM");
+                    tracing::debug!(target: TARGET, layer = %layer, kind = %kind, gva, error_code, outcome = %outcome.name(), "guest page fault fixed by the VMM");
                 }
                 PfOutcome::GuestFault => {
-                    tracing::debug!(target: TARGET, layer, kind, gva, error_code, outcome = outcome.name(), "guest page fault reflected to the guest");
+                    tracing::debug!(target: TARGET, layer = %layer, kind = %kind, gva, error_code, outcome = %outcome.name(), "guest page fault reflected to the guest");
                 }
             },
             Event::GuestSaw(text) | Event::Note(text) => {
-                tracing::info!(target: TARGET, layer, kind, "{}", text);
+                tracing::info!(target: TARGET, layer = %layer, kind = %kind, "{}", text);
             }
         }
     }
@@ -436,31 +569,37 @@ impl HostOp<'_> {
         let op = self.name();
         match self {
             HostOp::MadviseDontneed { start, len } => {
-                tracing::debug!(target: TARGET, layer, kind, op, start, len, "host: madvise(MADV_DONTNEED)");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, op = %op, start, len, "host: madvise(MADV_DONTNEED)");
             }
             HostOp::MadviseMergeable { start, len } => {
-                tracing::debug!(target: TARGET, layer, kind, op, start, len, "host: madvise(MADV_MERGEABLE)");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, op = %op, start, len, "host: madvise(MADV_MERGEABLE)");
             }
             HostOp::Munmap { start, len } => {
-                tracing::debug!(target: TARGET, layer, kind, op, start, len, "host: munmap");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, op = %op, start, len, "host: munmap");
             }
             HostOp::Mprotect { start, len, prot } => {
-                tracing::debug!(target: TARGET, layer, kind, op, start, len, prot = ?prot, "host: mprotect");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, op = %op, start, len, prot = ?prot, "host: mprotect");
             }
             HostOp::KsmScan { pages_to_scan } => {
-                tracing::debug!(target: TARGET, layer, kind, op, pages_to_scan, "host: ksmd scan");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, op = %op, pages_to_scan, "host: ksmd scan");
             }
             HostOp::AgeRange { start, end, flush } => {
-                tracing::debug!(target: TARGET, layer, kind, op, start, end, flush, "host: aging pass");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, op = %op, start, end, flush, "host: aging pass");
             }
             HostOp::Reclaim { nr_to_scan } => {
-                tracing::debug!(target: TARGET, layer, kind, op, nr_to_scan, "host: reclaim (kswapd)");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, op = %op, nr_to_scan, "host: reclaim (kswapd)");
             }
             HostOp::ClearFlushYoung { start } => {
-                tracing::debug!(target: TARGET, layer, kind, op, start, "host: ptep_clear_flush_young");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, op = %op, start, "host: ptep_clear_flush_young");
             }
             HostOp::ExitMmap => {
-                tracing::debug!(target: TARGET, layer, kind, op, "host: exit_mmap");
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, op = %op, "host: exit_mmap");
+            }
+            HostOp::MadviseHugepage { start, len } => {
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, op = %op, start, len, "host: madvise(MADV_HUGEPAGE)");
+            }
+            HostOp::MadvisePopulateWrite { start, len } => {
+                tracing::debug!(target: TARGET, layer = %layer, kind = %kind, op = %op, start, len, "host: madvise(MADV_POPULATE_WRITE)");
             }
         }
     }

@@ -29,6 +29,9 @@ pub enum ConfigError {
     /// A host memory feature asked for in kvm mode.
     #[error("{0} needs --paging shadow")]
     NeedsShadow(&'static str),
+    /// More prefetched PTEs than a page table has.
+    #[error("--prefetch {0} is more than the 512 entries of a page table")]
+    PrefetchTooLarge(usize),
 }
 
 /// Who builds the guest's second-level translation.
@@ -101,6 +104,18 @@ pub struct VmConfig {
     pub reclaim: Option<ReclaimConfig>,
     /// Shadow mode: scripted host operations (`--host-ops`).
     pub host_ops: Option<Arc<HostOpScript>>,
+    /// Transparent huge pages for guest RAM (`--host-thp`, `--host-mthp`).
+    /// Shadow mode: the host mm's settings; guest RAM is given
+    /// `MADV_HUGEPAGE` when any size is on, as a VMM asking for huge pages
+    /// does. Kvm mode: the real host's THP, `MADV_HUGEPAGE` on guest RAM
+    /// (its sizes are the host kernel's), so both modes compare fairly.
+    pub host_thp: crate::mm::ThpConfig,
+    /// Shadow mode: guest PTEs prefetched around a fault
+    /// (`FNAME(pte_prefetch)`; KVM's `PTE_PREFETCH_NUM` is 8, 0 turns it off).
+    pub pte_prefetch: usize,
+    /// Shadow mode: a fault injected into the host TLB flush (tests only).
+    #[cfg(feature = "test-hooks")]
+    pub flush_fault: Option<crate::vmm::host::tlb::FlushFault>,
 }
 
 impl VmConfig {
@@ -120,6 +135,10 @@ impl VmConfig {
             ksm: None,
             reclaim: None,
             host_ops: None,
+            host_thp: crate::mm::ThpConfig::off(),
+            pte_prefetch: crate::mmu::PTE_PREFETCH_NUM,
+            #[cfg(feature = "test-hooks")]
+            flush_fault: None,
         }
     }
 
@@ -145,6 +164,14 @@ impl VmConfig {
             if self.reclaim.is_some() {
                 return Err(ConfigError::NeedsShadow("--reclaim"));
             }
+            // The real host's folio sizes are its own (sysfs), not ours.
+            let pmd_only = crate::mm::ThpConfig::pmd(self.host_thp.enabled);
+            if self.host_thp.orders != pmd_only.orders {
+                return Err(ConfigError::NeedsShadow("--host-mthp"));
+            }
+        }
+        if self.pte_prefetch > 512 {
+            return Err(ConfigError::PrefetchTooLarge(self.pte_prefetch));
         }
         Ok(())
     }

@@ -36,6 +36,15 @@ pub enum VmmFailure {
     /// A `--host-ops` timed operation failed.
     #[error(transparent)]
     HostOp(#[from] HostOpFailed),
+    /// The shadow MMU met an error it could not return (a host TLB flush
+    /// the host refused, a zap inside a notifier callback): a translation
+    /// may be stale, so the VM stops (fail-stop, never stale).
+    #[error("fail-stop: {0}")]
+    ShadowMmu(crate::mmu::MmuError),
+    /// A host TLB flush outside the shadow MMU (kswapd's batched aging
+    /// flush) failed.
+    #[error("fail-stop: {0}")]
+    HostFlush(crate::mmu::TlbFlushError),
 }
 
 /// The devices and the hypercalls of one VM.

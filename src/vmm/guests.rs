@@ -52,6 +52,12 @@ mod tests {
     #[test]
     fn builtins_are_valid_images() {
         if let Some(reason) = unavailable_reason() {
+            let required = std::env::var("CI").is_ok_and(|v| v == "true")
+                || std::env::var("SHADOWVM_REQUIRE_KVM").is_ok_and(|v| v == "1");
+            assert!(
+                !required,
+                "the built-in guests are missing ({reason}), but CI=true or SHADOWVM_REQUIRE_KVM=1 requires them"
+            );
             eprintln!("skipping: {reason}");
             return;
         }

@@ -5,7 +5,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use super::abi::{self, PAGE_SIZE};
@@ -20,7 +20,7 @@ use super::host::ksmd::Ksmd;
 use super::host::kswapd::Kswapd;
 use super::host::timed_ops::TimedOps;
 use super::hypercall::{HypercallHandler, HypercallPort, Limits};
-use super::kvm::kick::{self, KickError, VcpuKick, VcpuRequest};
+use super::kvm::kick::{self, KickError, VcpuActivity, VcpuKick, VcpuRequest};
 use super::kvm::memory::{GuestRam, SharedGuestMem};
 use super::kvm::{GuestFailure, Vcpu, VcpuReport, Vm, VmContext, VmStats, VmStop};
 use super::paging::shadow::{self, CheckError, ShadowPaging};
@@ -178,6 +178,41 @@ fn guest_image(source: &GuestSource) -> Result<(String, Cow<'static, [u8]>), Vmm
     }
 }
 
+/// One line for a vCPU's [`VcpuActivity`].
+pub fn describe_activity(a: &VcpuActivity) -> String {
+    let doing = match (a.exited, a.in_guest, a.hypercall) {
+        (true, _, _) => "left its run loop".to_string(),
+        (_, true, _) => "in the guest (KVM_RUN)".to_string(),
+        (_, _, Some(nr)) => format!("handling hypercall {nr} ({})", abi::hc::name(nr)),
+        _ => "outside the guest, handling an exit or a request".to_string(),
+    };
+    format!("vCPU {}: {doing}, {} exits so far", a.id, a.exits)
+}
+
+/// Fail-stop, never stale: an error the shadow MMU cannot return (inside a
+/// notifier callback) or a host TLB flush the host refused stops the VM,
+/// and the handler returns only once every vCPU is out of KVM_RUN with a
+/// STOP posted, so none runs again on a translation that was not flushed.
+/// The handlers hold the context weakly (it owns the MMU that holds them).
+fn arm_fail_stop(ctx: &Arc<VmContext<VmmExits>>, shadow: &ShadowPaging) {
+    fn stop(ctx: &Weak<VmContext<VmmExits>>, why: VmmFailure) {
+        if let Some(ctx) = ctx.upgrade() {
+            ctx.request_stop(VmStop::VmmError(why));
+            if let Some(b) = &ctx.memslot_bounce {
+                b.wait_all_out();
+            }
+        }
+    }
+    let weak = Arc::downgrade(ctx);
+    shadow.mmu().set_fatal_handler(Arc::new(move |e| {
+        stop(&weak, VmmFailure::ShadowMmu(e.clone()))
+    }));
+    let weak = Arc::downgrade(ctx);
+    shadow.host_flush().on_failure(Box::new(move |e| {
+        stop(&weak, VmmFailure::HostFlush(e.clone()))
+    }));
+}
+
 /// Boots `config`'s guest and runs it to the end (or `config.timeout`);
 /// guest console output goes to `console`.
 pub fn run(config: &VmConfig, console: ConsoleOut) -> Result<RunReport, VmmError> {
@@ -230,6 +265,9 @@ impl RunningVm {
                 let (mut vm, ram) = Vm::new_ram(config.mem_size)?;
                 let (switcher, range) = kvm_switcher(&mut vm, config)?;
                 rom = Some(range);
+                if config.host_thp.any_enabled() {
+                    ram.advise_hugepage()?;
+                }
                 let layout = load(&ram, &image_name, &image)?;
                 let params = BootParams {
                     nr_vcpus: config.vcpus,
@@ -277,6 +315,9 @@ impl RunningVm {
             kicks.clone(),
             memslot_bounce,
         ));
+        if let Some(s) = &shadow_paging {
+            arm_fail_stop(&ctx, s);
+        }
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for id in 0..config.vcpus {
             let cr3 = paging.boot_cr3(id, boot_info.boot_cr3);
@@ -366,6 +407,12 @@ impl RunningVm {
     /// host-side memory operations against a running guest).
     pub fn shadow(&self) -> Option<&Arc<ShadowPaging>> {
         self.shadow.as_ref()
+    }
+
+    /// Where each vCPU is now: in the guest, in a hypercall (which), or
+    /// neither (handling an exit, or blocked on a lock outside KVM_RUN).
+    pub fn activity(&self) -> Vec<VcpuActivity> {
+        self.ctx.kicks.iter().map(|k| k.activity()).collect()
     }
 
     /// Waits up to `timeout` for the guest to stop, without ending the run

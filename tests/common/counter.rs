@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use shadowvm::mm::{FrameAccess, Mm, Pfn, Pte};
 use shadowvm::vmm::paging::ShadowPaging;
-use shadowvm::vmm::{ConsoleBuffer, GuestSource, Paging, RunningVm, VmConfig, guests};
+use shadowvm::vmm::{ConsoleBuffer, GuestSource, Paging, RunningVm, VmConfig};
 
 /// A running `test-counter` and vCPU `cpu`'s counter page.
 pub struct CounterGuest {
@@ -28,10 +28,9 @@ impl CounterGuest {
     /// where it counts. `None` when KVM (after saying so) or the guest is
     /// missing.
     pub fn start(cpu: u32, setup: impl FnOnce(&mut VmConfig)) -> Option<Self> {
-        if !super::require_kvm() {
+        if !super::require_kvm_and_guest("test-counter") {
             return None;
         }
-        guests::find("test-counter")?;
         let mut config = VmConfig::new(GuestSource::Builtin("test-counter".into()));
         config.mem_size = 16 << 20;
         config.paging = Paging::Shadow;
@@ -64,6 +63,15 @@ impl CounterGuest {
             Some(Pte::Present(p)) => Some(p.pfn),
             _ => None,
         }
+    }
+
+    /// Waits until the counter on frame `pfn` has moved by `n`: an event
+    /// that shows the guest ran (the ring-3 loop does millions a second).
+    pub fn progress_on(&self, pfn: Pfn, n: u64) {
+        let v = self.read(pfn);
+        super::wait_for("the guest's counter to move on", || {
+            (self.read(pfn).wrapping_sub(v) >= n).then_some(())
+        });
     }
 
     /// The counter as frame `pfn` holds it.

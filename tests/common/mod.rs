@@ -30,20 +30,50 @@ pub fn kvm_usable() -> bool {
         .is_ok()
 }
 
+/// Whether a skip is a failure: `CI=true` or `SHADOWVM_REQUIRE_KVM=1`.
+pub fn skips_fail() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+        || std::env::var("SHADOWVM_REQUIRE_KVM").is_ok_and(|v| v == "1")
+}
+
+/// Skips the test (says so, returns false) when `missing` names what it
+/// needs and lacks; panics instead when skips are failures.
+fn require(missing: Option<String>) -> bool {
+    let Some(what) = missing else {
+        return true;
+    };
+    assert!(
+        !skips_fail(),
+        "{what}, but CI=true or SHADOWVM_REQUIRE_KVM=1 requires it"
+    );
+    eprintln!("skipping: {what}");
+    false
+}
+
 /// True if the test may use KVM; false (after saying so) if it must skip.
 /// Panics when KVM is missing but required.
 pub fn require_kvm() -> bool {
-    if kvm_usable() {
-        return true;
-    }
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    let required = std::env::var("SHADOWVM_REQUIRE_KVM").is_ok_and(|v| v == "1");
-    assert!(
-        !(ci || required),
-        "/dev/kvm is not available, but CI=true or SHADOWVM_REQUIRE_KVM=1 requires it"
-    );
-    eprintln!("skipping: /dev/kvm not available");
-    false
+    require((!kvm_usable()).then(|| "/dev/kvm is not available".to_string()))
+}
+
+/// True if the built-in guests exist (the build had a gcc); false (after
+/// saying so) if the test must skip. Panics when skips are failures.
+pub fn require_guests() -> bool {
+    require(
+        shadowvm::vmm::guests::unavailable_reason()
+            .map(|r| format!("the built-in guests are missing ({r})")),
+    )
+}
+
+/// [`require_kvm`] and the built-in guest `name`.
+pub fn require_kvm_and_guest(name: &str) -> bool {
+    require_kvm()
+        && require_guests()
+        && require(
+            shadowvm::vmm::guests::find(name)
+                .is_none()
+                .then(|| format!("the built-in guest `{name}` is missing")),
+        )
 }
 
 /// The result of one `shadowvm` run.
@@ -72,6 +102,14 @@ impl Run {
             .find(|l| l.starts_with('{'))
             .unwrap_or_default();
         serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
+    }
+
+    /// The report `shadowvm stress --json` prints: stdout's last line.
+    pub fn stdout_json(&self) -> serde_json::Value {
+        let line = self.stdout.lines().last().unwrap_or_default();
+        let v = serde_json::from_str(line);
+        self.check(v.is_ok(), "stdout ends with the JSON report");
+        v.unwrap_or_default()
     }
 
     /// The `--json` object, which must be stderr's last line.

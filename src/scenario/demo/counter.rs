@@ -35,6 +35,15 @@ pub(super) struct Guest {
 }
 
 impl Guest {
+    /// Waits until the counter on frame `pfn` moved by `n` (the guest ran).
+    pub(super) fn progress_on(&self, pfn: u64, n: u64) -> bool {
+        let v = self.read(pfn);
+        wait_for(Duration::from_secs(5), || {
+            (self.read(pfn).wrapping_sub(v) >= n).then_some(())
+        })
+        .is_some()
+    }
+
     pub(super) fn pfn(&self) -> Option<u64> {
         match self.mm.pte(self.hva) {
             Some(Pte::Present(p)) => Some(p.pfn),
@@ -58,14 +67,22 @@ impl Guest {
     }
 }
 
-/// Boots `test-counter` and waits until its counter moves.
-pub(super) fn boot() -> Result<Guest> {
+/// Boots `test-counter` (with host huge pages for guest RAM if `thp`) and
+/// waits until its counter moves.
+pub(super) fn boot(thp: bool) -> Result<Guest> {
     if guests::find("test-counter").is_none() {
         return Err(DemoError::NotBuiltIn("test-counter"));
     }
     let mut config = VmConfig::new(GuestSource::Builtin("test-counter".into()));
     config.mem_size = 16 << 20;
     config.paging = Paging::Shadow;
+    if thp {
+        // The counter in a 2 MiB page of its own, away from the image
+        // (locked, so split at its ends) and the guest's own tables.
+        config.host_thp = crate::mm::ThpConfig::pmd(crate::mm::ThpEnabled::Always);
+        config.machine_mem = Some(32 << 20);
+        config.cmdline = format!("at={:#x}", 8 << 20);
+    }
     config.validate()?;
     let console = ConsoleBuffer::new();
     let vm = RunningVm::start(&config, Box::new(console.clone()))?;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use super::super::narrate::TraceLayer;
+use super::super::observe::{self, Observer, cold_after};
 use super::{DemoError, Result, Scenario, print_summary, summary};
 use crate::vmm::{ConsoleBuffer, GuestSource, Outcome, Paging, RunningVm, VmConfig, guests};
 
@@ -20,6 +21,8 @@ pub(super) fn run(
     json: bool,
     out: &Arc<Mutex<Box<dyn Write + Send>>>,
     layer: &TraceLayer,
+    observer: &mut Observer,
+    title: &str,
 ) -> Result<()> {
     if guests::find("ksm").is_none() {
         return Err(DemoError::NotBuiltIn("ksm"));
@@ -44,8 +47,13 @@ pub(super) fn run(
     let console = ConsoleBuffer::new();
     layer.set_enabled(true);
     let vm = RunningVm::start(&config, Box::new(console.clone()))?;
-    let mm = vm.shadow().ok_or(DemoError::NotShadow)?.ram().mm().clone();
-    let report = vm.wait(Some(Duration::from_secs(20)));
+    let paging = vm.shadow().ok_or(DemoError::NotShadow)?;
+    let mm = paging.ram().mm().clone();
+    observer.attach(paging, cold_after(None), title)?;
+    let timeout = Some(Duration::from_secs(20));
+    vm.wait_for_stop(timeout);
+    let (report, detached) = observe::end(vm, observer, timeout);
+    detached?;
     let cows = mm.stats().pgcow;
     let text = console.text();
     let summary_line = text

@@ -16,6 +16,7 @@ use parking_lot::Mutex;
 use serde_json::Value;
 
 use super::narrate::TraceLayer;
+use super::observe::{self, ObserveError, Observer, cold_after};
 use crate::mm::Mm;
 use crate::vmm::config::ConfigError;
 use crate::vmm::{Outcome, RunReport, VmmError};
@@ -50,6 +51,13 @@ pub enum DemoError {
     /// ksmd merged nothing before the guest wrote its pages.
     #[error("no copy-on-write happened: ksmd merged nothing in time")]
     NoCow,
+    /// The host did not back the guest's 2 MiB page with a huge page, or
+    /// the shadow MMU did not map it with a 2 MiB spte.
+    #[error("no 2 MiB spte over a host huge page to split: {0}")]
+    NoLargeSpte(&'static str),
+    /// The DMA device failed.
+    #[error(transparent)]
+    Dma(#[from] crate::dma::DmaError),
     /// The guest failed.
     #[error("the guest failed: {0}")]
     GuestFailed(Box<Outcome>),
@@ -72,9 +80,15 @@ pub enum DemoError {
     Io(#[from] std::io::Error),
     #[error("installing the trace subscriber: {0}")]
     Subscriber(#[from] tracing::subscriber::SetGlobalDefaultError),
+    #[error(transparent)]
+    Observe(#[from] ObserveError),
 }
 
 type Result<T> = std::result::Result<T, DemoError>;
+
+/// With `--timeline`, how long the guest is watched before and after the
+/// host operation.
+const TIMELINE_WATCH: Duration = Duration::from_millis(100);
 
 /// A scenario: its name and a one-line description.
 pub struct Scenario {
@@ -116,6 +130,14 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "release",
         description: "the guest stops: exit_mmap calls release, every spte is torn down",
     },
+    Scenario {
+        name: "thp",
+        description: "a host huge page backs the guest's 2 MiB page: a DONTNEED of one 4 KiB page splits it, and the invalidation of the whole 2 MiB range zaps the 2 MiB spte",
+    },
+    Scenario {
+        name: "dma",
+        description: "a DMA device mirrors the guest's counter page through an interval notifier: one madvise(DONTNEED) invalidates both secondary MMUs",
+    },
 ];
 
 /// Looks a scenario up by name.
@@ -144,8 +166,15 @@ mod steps;
 use counter::boot;
 
 /// Runs scenario `name`, writing the trace (narrated or JSON lines) and
-/// the counters to `out`. `Err` for an unknown scenario or a failure.
-pub fn run(name: &str, json: bool, out: Box<dyn Write + Send>) -> Result<()> {
+/// the counters to `out`; `observer`'s layers are installed beside the
+/// narrator and its timeline samples the demo's guest (the caller finishes
+/// it). `Err` for an unknown scenario or a failure.
+pub fn run(
+    name: &str,
+    json: bool,
+    out: Box<dyn Write + Send>,
+    observer: &mut Observer,
+) -> Result<()> {
     let Some(scenario) = find(name) else {
         return Err(DemoError::UnknownScenario(name.to_string()));
     };
@@ -153,13 +182,26 @@ pub fn run(name: &str, json: bool, out: Box<dyn Write + Send>) -> Result<()> {
     let layer = TraceLayer::new(Box::new(Shared(out.clone())), json);
     {
         use tracing_subscriber::layer::SubscriberExt as _;
-        let subscriber = tracing_subscriber::registry().with(layer.clone());
+        let subscriber = tracing_subscriber::registry()
+            .with(observer.layers())
+            .with(layer.clone());
         tracing::subscriber::set_global_default(subscriber)?;
     }
+    let title = format!("shadowvm demo {name}: guest page states");
     if name == "cow" {
-        return cow::run(scenario, json, &out, &layer);
+        return cow::run(scenario, json, &out, &layer, observer, &title);
     }
-    let g = boot()?;
+    let g = boot(name == "thp")?;
+    if let Some(paging) = g.vm.shadow() {
+        observer.attach(paging, cold_after(None), &title)?;
+    }
+    // With a timeline, the picture shows the guest before and after.
+    let watch = if observer.wants_timeline() {
+        TIMELINE_WATCH
+    } else {
+        Duration::ZERO
+    };
+    std::thread::sleep(watch);
     if !json {
         writeln!(
             out.lock(),
@@ -179,9 +221,10 @@ pub fn run(name: &str, json: bool, out: Box<dyn Write + Send>) -> Result<()> {
     } else {
         released = true;
     }
+    std::thread::sleep(watch);
     let ksm = g.mm.ksm_stats();
     g.vm.stop();
-    let report = g.vm.wait(Some(Duration::from_secs(10)));
+    let (report, detached) = observe::end(g.vm, observer, None);
     if released {
         guest_saw!(
             "the guest is gone ({}); every spte was torn down before the frames were freed",
@@ -190,6 +233,7 @@ pub fn run(name: &str, json: bool, out: Box<dyn Write + Send>) -> Result<()> {
         layer.set_enabled(false);
     }
     result?;
+    detached?;
     if matches!(report.outcome, Outcome::Failed(_) | Outcome::VmmError(_)) {
         return Err(DemoError::GuestFailed(Box::new(report.outcome)));
     }

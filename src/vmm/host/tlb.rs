@@ -220,6 +220,45 @@ pub struct HostTlbFlush {
     bounce: Option<Arc<MemslotBounce>>,
     bounce_runs: AtomicUsize,
     stats: HostFlushStats,
+    /// Told of a flush that failed, before `flush_frames` returns it: the
+    /// VMM stops the VM and keeps every vCPU out of the guest (fail-stop).
+    on_failure: std::sync::OnceLock<FlushFailureHandler>,
+    #[cfg(feature = "test-hooks")]
+    fault: parking_lot::Mutex<Option<FlushFault>>,
+}
+
+/// See [`HostTlbFlush::on_failure`].
+pub type FlushFailureHandler = Box<dyn Fn(&TlbFlushError) + Send + Sync>;
+
+/// A fault the tests inject into the host flush (only with the
+/// `test-hooks` feature): what a host refusing `mprotect`, or a VMM that
+/// forgot a shootdown, would do.
+#[cfg(feature = "test-hooks")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlushFault {
+    /// Every flush after the first `n` fails with `EIO`, as if the host
+    /// refused the toggle and the memslot bounce.
+    FailAfter(u64),
+    /// Flushes of zapped or freed frames invalidate nothing: the missing
+    /// shootdown the stress run's negative control must catch.
+    SkipZapped,
+}
+
+#[cfg(feature = "test-hooks")]
+impl std::str::FromStr for FlushFault {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some(("fail-after", n)) => n
+                .parse()
+                .map(FlushFault::FailAfter)
+                .map_err(|e| format!("fail-after={n}: {e}")),
+            None if s == "skip-zapped" => Ok(FlushFault::SkipZapped),
+            _ => Err(format!(
+                "unknown flush fault '{s}' (fail-after=N or skip-zapped)"
+            )),
+        }
+    }
 }
 
 impl HostTlbFlush {
@@ -235,6 +274,9 @@ impl HostTlbFlush {
             bounce: None,
             bounce_runs: AtomicUsize::new(DEFAULT_BOUNCE_RUNS),
             stats: HostFlushStats::default(),
+            on_failure: std::sync::OnceLock::new(),
+            #[cfg(feature = "test-hooks")]
+            fault: parking_lot::Mutex::new(None),
         }
     }
 
@@ -271,6 +313,21 @@ impl HostTlbFlush {
             enabled: false,
             ..Self::new(base, nr_frames)
         }
+    }
+
+    /// Sets who is told of a failed flush before the error is returned
+    /// (once; later calls change nothing). The handler must leave no vCPU
+    /// able to run on a translation the flush was to remove.
+    pub fn on_failure(&self, handler: FlushFailureHandler) {
+        if self.on_failure.set(handler).is_err() {
+            tracing::warn!("the host flush's failure handler was already set");
+        }
+    }
+
+    /// Injects `fault` into every later flush (tests only).
+    #[cfg(feature = "test-hooks")]
+    pub fn set_fault(&self, fault: Option<FlushFault>) {
+        *self.fault.lock() = fault;
     }
 
     /// The counters.
@@ -367,6 +424,38 @@ impl HostTlbFlush {
     }
 
     fn flush_frames_timed(&self, frames: &[FlushFrame]) -> Result<(), TlbFlushError> {
+        // A changed shadow table: KVM must drop every shadow page it built
+        // from ours, which only the memslot bounce does (its MMU notifier
+        // zaps leaves only). Without a bouncer no KVM caches our tables.
+        if let Some(t) = frames
+            .iter()
+            .find(|f| f.reason == FlushReason::TableChanged)
+            && self.bounce.is_some()
+        {
+            if self.try_bounce(frames.len()) {
+                crate::trace::emit!(Shootdown {
+                    frames: frames.len(),
+                    runs: 0,
+                    method: ShootdownMethod::MemslotBounce,
+                });
+                return Ok(());
+            }
+            return Err(TlbFlushError {
+                method: "memslot_bounce",
+                first: t.pfn,
+                count: frames.len() as u64,
+                errno: libc::EIO,
+            });
+        }
+        let frames: Vec<FlushFrame> = frames
+            .iter()
+            .copied()
+            .filter(|f| f.reason != FlushReason::TableChanged)
+            .collect();
+        let frames = &frames[..];
+        if frames.is_empty() {
+            return Ok(());
+        }
         let runs = merge_toggles(coalesce(frames, self.discard_freed), MAX_TOGGLE_CALLS);
         if runs.len() > self.bounce_runs.load(Ordering::Relaxed)
             && runs.iter().all(|r| !r.discard)
@@ -384,7 +473,7 @@ impl HostTlbFlush {
         } else {
             ShootdownMethod::ProtectToggle
         };
-        crate::trace::emit!(Shootdown {
+        let _slice = crate::trace::slice!(Shootdown {
             frames: frames.len(),
             runs: runs.len(),
             method,
@@ -414,18 +503,51 @@ impl TlbFlush for HostTlbFlush {
             .frames
             .fetch_add(frames.len() as u64, Ordering::Relaxed);
         if !self.enabled {
-            crate::trace::emit!(Shootdown {
+            let _slice = crate::trace::slice!(Shootdown {
                 frames: frames.len(),
                 runs: 0,
                 method: ShootdownMethod::Disabled,
             });
             return Ok(());
         }
+        #[cfg(feature = "test-hooks")]
+        let kept: Vec<FlushFrame>;
+        #[cfg(feature = "test-hooks")]
+        let frames = match *self.fault.lock() {
+            Some(FlushFault::FailAfter(n)) if self.stats.flushes.load(Ordering::Relaxed) > n => {
+                let e = TlbFlushError {
+                    method: "injected",
+                    first: frames[0].pfn,
+                    count: frames.len() as u64,
+                    errno: libc::EIO,
+                };
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                if let Some(h) = self.on_failure.get() {
+                    h(&e);
+                }
+                return Err(e);
+            }
+            Some(FlushFault::SkipZapped) => {
+                kept = frames
+                    .iter()
+                    .copied()
+                    .filter(|f| !matches!(f.reason, FlushReason::Zapped | FlushReason::Freed))
+                    .collect();
+                if kept.is_empty() {
+                    return Ok(());
+                }
+                &kept[..]
+            }
+            _ => frames,
+        };
         let t = Instant::now();
         let result = self.flush_frames_timed(frames);
         self.stats
             .flush_ns
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if let (Err(e), Some(h)) = (&result, self.on_failure.get()) {
+            h(e);
+        }
         result
     }
 }

@@ -94,6 +94,7 @@ impl HypercallHandler {
         cpu: &mut dyn CpuAccess,
         nr: u64,
     ) -> Result<HypercallExit, HypercallError> {
+        let _slice = crate::trace::span::hypercall(nr, abi::hc::name(nr)).entered();
         let mut regs = cpu.regs()?;
         // Read from kvm_run's sync area: no ioctl.
         let sregs = cpu.sregs()?;
@@ -137,24 +138,20 @@ impl HypercallHandler {
         error_code: u64,
         rflags: u64,
     ) -> Result<Results, HypercallError> {
-        let (rax, rdx) = match self.paging.resolve_pf(cpu, cr2, error_code, rflags)? {
-            PfResolution::Retry => {
-                crate::trace::emit!(ResolvePf {
-                    gva: cr2,
-                    error_code,
-                    outcome: PfOutcome::Retry,
-                });
-                (abi::PF_RETRY, error_code)
-            }
+        let slice = crate::trace::span::resolve_pf(cr2, error_code);
+        let _in = slice.enter();
+        let (outcome, rax, rdx) = match self.paging.resolve_pf(cpu, cr2, error_code, rflags)? {
+            PfResolution::Retry => (PfOutcome::Retry, abi::PF_RETRY, error_code),
             PfResolution::GuestFault { error_code } => {
-                crate::trace::emit!(ResolvePf {
-                    gva: cr2,
-                    error_code,
-                    outcome: PfOutcome::GuestFault,
-                });
-                (abi::PF_GUEST_FAULT, error_code)
+                (PfOutcome::GuestFault, abi::PF_GUEST_FAULT, error_code)
             }
         };
+        crate::trace::span::record_outcome(&slice, outcome);
+        crate::trace::emit!(ResolvePf {
+            gva: cr2,
+            error_code: rdx,
+            outcome,
+        });
         Ok(Results {
             rax: rax as i64,
             rdx: Some(rdx),

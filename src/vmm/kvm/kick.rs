@@ -121,6 +121,21 @@ const OUTSIDE_GUEST_MODE: u8 = 0;
 const IN_GUEST_MODE: u8 = 1;
 const EXITED: u8 = 2;
 
+/// Where a vCPU is ([`VcpuKick::activity`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct VcpuActivity {
+    /// vCPU index.
+    pub id: u32,
+    /// Inside (or entering) KVM_RUN.
+    pub in_guest: bool,
+    /// Its thread left the run loop.
+    pub exited: bool,
+    /// The hypercall it is handling, if any.
+    pub hypercall: Option<u64>,
+    /// KVM_RUN returns so far.
+    pub exits: u64,
+}
+
 /// The part of a vCPU other threads may touch: its requests and mode, and
 /// its thread id for signalling.
 #[derive(Debug)]
@@ -132,6 +147,9 @@ pub struct VcpuKick {
     exits: AtomicU64,
     /// Requests handled so far, for tests and stats.
     handled: AtomicU64,
+    /// The hypercall being handled, plus one (0: none): where a stuck vCPU
+    /// is, for the stress run's overrun report.
+    hypercall: AtomicU64,
     /// The thread, while it runs; the lock orders pthread_kill against exit.
     thread: Mutex<Option<libc::pthread_t>>,
 }
@@ -145,6 +163,7 @@ impl VcpuKick {
             mode: AtomicU8::new(OUTSIDE_GUEST_MODE),
             exits: AtomicU64::new(0),
             handled: AtomicU64::new(0),
+            hypercall: AtomicU64::new(0),
             thread: Mutex::new(None),
         }
     }
@@ -184,6 +203,25 @@ impl VcpuKick {
     pub fn exit_guest_mode(&self) {
         self.mode.store(OUTSIDE_GUEST_MODE, Ordering::SeqCst);
         self.exits.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// vCPU side: hypercall `nr` is being handled (`None`: it is done).
+    pub fn set_hypercall(&self, nr: Option<u64>) {
+        self.hypercall
+            .store(nr.map_or(0, |n| n.wrapping_add(1)), Ordering::Relaxed);
+    }
+
+    /// Where the vCPU is now (a racy snapshot, for reports).
+    pub fn activity(&self) -> VcpuActivity {
+        let mode = self.mode.load(Ordering::SeqCst);
+        let hc = self.hypercall.load(Ordering::Relaxed);
+        VcpuActivity {
+            id: self.id,
+            in_guest: mode == IN_GUEST_MODE,
+            exited: mode == EXITED,
+            hypercall: hc.checked_sub(1),
+            exits: self.exits.load(Ordering::Relaxed),
+        }
     }
 
     /// Number of times the vCPU took requests.

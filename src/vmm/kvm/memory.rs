@@ -21,7 +21,21 @@ pub enum MemoryError {
         /// Requested size in bytes.
         size: u64,
         /// Why.
-        source: vm_memory::mmap::FromRangesError,
+        source: std::io::Error,
+    },
+    /// vm-memory refused the mapping as guest memory.
+    #[error("cannot use {} of guest RAM: {source}", format_size(*.size))]
+    Region {
+        /// Requested size in bytes.
+        size: u64,
+        /// Why.
+        source: vm_memory::GuestRegionCollectionError,
+    },
+    /// `madvise(MADV_HUGEPAGE)` failed.
+    #[error("madvise(MADV_HUGEPAGE) of guest RAM failed: {source}")]
+    Hugepage {
+        /// Why.
+        source: std::io::Error,
     },
     /// A range outside guest RAM.
     #[error("guest range {gpa:#x}..+{len:#x} lies outside the {size:#x} bytes of guest RAM")]
@@ -98,25 +112,141 @@ pub fn check_range(gpa: u64, len: u64, size: u64) -> Result<(), MemoryError> {
     }
 }
 
-/// Guest RAM backed by an anonymous private mapping.
+/// Guest RAM backed by an anonymous private mapping, 2 MiB aligned so that
+/// a huge page of the host can back a huge page of the guest (KVM maps a
+/// large page only where the gfn and the hva share their alignment).
 #[derive(Debug)]
 pub struct GuestRam {
+    // Declared first: dropped before the mapping it points into.
     mem: GuestMemoryMmap,
     size: u64,
+    _mapping: AlignedMapping,
+}
+
+/// `PMD_SIZE`: the alignment of guest RAM in the host.
+const RAM_ALIGN: usize = 2 << 20;
+
+/// An anonymous private mapping at an aligned address, unmapped when
+/// dropped (vm-memory does not own a region built from a raw pointer).
+#[derive(Debug)]
+struct AlignedMapping {
+    addr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this object; the pointer is
+// only an address (every access goes through vm-memory's volatile copies).
+unsafe impl Send for AlignedMapping {}
+// SAFETY: as above.
+unsafe impl Sync for AlignedMapping {}
+
+impl AlignedMapping {
+    /// `len` zeroed bytes at a multiple of `align` (MAP_NORESERVE: pages
+    /// are only allocated when touched).
+    fn new(len: usize, align: usize) -> std::io::Result<Self> {
+        let total = len
+            .checked_add(align)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
+        // SAFETY: a fresh anonymous mapping; no existing memory is affected.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let start = raw as usize;
+        let aligned = start.next_multiple_of(align);
+        let (head, tail) = (aligned - start, start + total - (aligned + len));
+        // SAFETY: both pieces lie inside the mapping just made and outside
+        // the part kept; unmapping them cannot fail for valid ranges.
+        unsafe {
+            if head > 0 {
+                libc::munmap(raw, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + len) as *mut libc::c_void, tail);
+            }
+        }
+        Ok(AlignedMapping {
+            addr: aligned as *mut u8,
+            len,
+        })
+    }
+}
+
+impl Drop for AlignedMapping {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, no longer used (the guest memory object
+        // pointing into it is dropped first).
+        unsafe { libc::munmap(self.addr.cast(), self.len) };
+    }
 }
 
 impl GuestRam {
-    /// Maps `size` bytes of zeroed RAM at gpa 0 (MAP_NORESERVE: pages are
-    /// only allocated when touched).
+    /// Maps `size` bytes of zeroed RAM at gpa 0, 2 MiB aligned.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
         let len = usize::try_from(size).map_err(|_| MemoryError::OutOfRange {
             gpa: 0,
             len: size,
             size: 0,
         })?;
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), len)])
+        let mapping = AlignedMapping::new(len, RAM_ALIGN)
             .map_err(|source| MemoryError::Allocate { size, source })?;
-        Ok(GuestRam { mem, size })
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        // SAFETY: `mapping` is a live mapping of exactly `len` bytes with
+        // these protection and flags, and outlives `mem` (field order).
+        let region = unsafe {
+            vm_memory::MmapRegion::build_raw(
+                mapping.addr,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+            )
+        }
+        .map_err(|e| MemoryError::Allocate {
+            size,
+            source: std::io::Error::other(e),
+        })?;
+        let region = vm_memory::GuestRegionMmap::new(region, GuestAddress(0)).ok_or_else(|| {
+            MemoryError::Allocate {
+                size,
+                source: std::io::Error::from_raw_os_error(libc::EINVAL),
+            }
+        })?;
+        let mem = GuestMemoryMmap::from_regions(vec![region])
+            .map_err(|source| MemoryError::Region { size, source })?;
+        Ok(GuestRam {
+            mem,
+            size,
+            _mapping: mapping,
+        })
+    }
+
+    /// `madvise(MADV_HUGEPAGE)` on all of guest RAM: the host kernel backs
+    /// it with transparent huge pages where its THP settings allow.
+    pub fn advise_hugepage(&self) -> Result<(), MemoryError> {
+        // SAFETY: the whole of our own mapping; MADV_HUGEPAGE only changes
+        // how the kernel backs it, never its contents.
+        let ret = unsafe {
+            libc::madvise(
+                self.host_base().cast(),
+                self.size as usize,
+                libc::MADV_HUGEPAGE,
+            )
+        };
+        if ret != 0 {
+            return Err(MemoryError::Hugepage {
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
     }
 
     /// The vm-memory object, for linux-loader.

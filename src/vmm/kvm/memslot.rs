@@ -78,6 +78,13 @@ impl MemslotBounce {
         self.gate.read()
     }
 
+    /// Returns once no vCPU is in or entering KVM_RUN. With a STOP posted
+    /// to every vCPU first, none enters again: the fail-stop of a flush
+    /// that could not be done.
+    pub fn wait_all_out(&self) {
+        drop(self.gate.write());
+    }
+
     /// Bounces the memslot with every vCPU out of the guest. `false` if it
     /// is not attached or KVM refused (the caller falls back).
     pub fn bounce(&self) -> bool {

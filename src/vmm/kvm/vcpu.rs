@@ -29,6 +29,7 @@ use super::cpu_state::CpuState;
 use super::exit::{HypercallExit, IoAction, VcpuError, VcpuExits, VmExit, le_value};
 use super::failure::{FailureKind, GuestFailure};
 use super::kick::{self, VcpuKick, VcpuRequest};
+use crate::trace;
 
 /// What the exit handler decided, before touching the vCPU fd again.
 enum Action<F> {
@@ -253,7 +254,10 @@ impl<X: VcpuExits> Vcpu<X> {
             }
 
             let t = Instant::now();
-            let result = self.fd.run();
+            let result = {
+                let _slice = trace::span::kvm_run(self.id).entered();
+                self.fd.run()
+            };
             self.kick.exit_guest_mode();
             drop(gate);
             ctx.stats.guest_time(t.elapsed().as_nanos() as u64);
@@ -263,6 +267,9 @@ impl<X: VcpuExits> Vcpu<X> {
                 op: "KVM_RUN",
                 source,
             })?;
+            // Until the end of the iteration: the hypercall, or the wait of
+            // a halted vCPU, is part of handling the exit.
+            let _slice = trace::span::vcpu_exit(self.id, exit.reason().name()).entered();
             let interrupted = matches!(exit, VmExit::Interrupted | VmExit::Again);
             let action = handle_exit(&ctx, self.id, exit)?;
             if interrupted {
@@ -291,7 +298,9 @@ impl<X: VcpuExits> Vcpu<X> {
                         .rax;
                     ctx.stats.hypercall(nr);
                     let t = Instant::now();
+                    self.kick.set_hypercall(Some(nr));
                     let result = ctx.exits.hypercall(&mut cpu, nr);
+                    self.kick.set_hypercall(None);
                     ctx.stats.hypercall_time(nr, t.elapsed().as_nanos() as u64);
                     match result.map_err(exit_err(self.id))? {
                         HypercallExit::Resume => {}

@@ -118,10 +118,21 @@ pub fn build(
         Err(MachineError::Memory(e)) => return Err(e.into()),
         Err(MachineError::Switcher(e)) => return Err(too_small(TooSmall::Switcher(e))),
     };
+    #[cfg(feature = "test-hooks")]
+    machine.flush.set_fault(config.flush_fault);
+    machine.set_thp(config.host_thp)?;
     let vm = Vm::new_machine(machine.machine.clone())?;
     if let Some(b) = vm.memslot_bouncer() {
         bounce.attach(b, kicks.to_vec());
     }
+    // Lock before anything is written: the locked ranges become VMAs of
+    // their own before their first fault, so no large folio can hold both
+    // a page exception delivery needs and one reclaim may split (a split
+    // invalidates the whole folio, and a vCPU in ring 3 whose IDT or stack
+    // is unmapped triple-faults).
+    machine
+        .lock_boot_pages(&layout)
+        .map_err(|e| too_small(TooSmall::Lock(e)))?;
     copy_image(image, &machine.ram, &layout).map_err(|e| too_small(TooSmall::Image(e)))?;
     let params = BootParams {
         nr_vcpus: config.vcpus,
@@ -135,9 +146,6 @@ pub fn build(
     };
     let boot_info = structures::write_boot_structures(&mut &*machine.ram, &params)
         .map_err(|e| too_small(TooSmall::Boot(e)))?;
-    machine
-        .lock_boot_pages(&layout)
-        .map_err(|e| too_small(TooSmall::Lock(e)))?;
     if let Some(script) = &config.host_ops {
         script.check_image(layout.start, layout.end)?;
     }
@@ -153,6 +161,7 @@ pub fn build(
         &layout,
         cpu,
         config.host_ops.clone(),
+        config.pte_prefetch,
     )
     .map_err(|e| match e {
         e @ PagingError::OutOfMachineMemory { .. } => too_small(TooSmall::Paging(e)),

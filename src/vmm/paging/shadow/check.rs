@@ -2,7 +2,7 @@
 //! after a run, at a quiescent point.
 
 use super::ShadowPaging;
-use crate::mm::MmCheckError;
+use crate::mm::{MmCheckError, MmapFlags, Pte};
 use crate::mmu::CoherenceError;
 use crate::vmm::abi::PAGE_SIZE;
 use crate::vmm::switcher::SwitcherError;
@@ -35,6 +35,21 @@ pub enum CheckError {
     /// The switcher is not what the VMM wrote (rule 5).
     #[error(transparent)]
     Switcher(#[from] SwitcherError),
+    /// A page exception delivery needs shares a host folio with memory
+    /// that is not locked: reclaim may split that folio, and the split
+    /// unmaps the whole folio under a running vCPU.
+    #[error(
+        "the page at gpa {gpa:#x} that exception delivery needs lies in a host folio \
+         {start:#x}..{end:#x} (hva) that is not all locked"
+    )]
+    CriticalFolioUnlocked {
+        /// The critical page.
+        gpa: u64,
+        /// The folio's first hva.
+        start: u64,
+        /// Its end hva.
+        end: u64,
+    },
 }
 
 impl ShadowPaging {
@@ -60,6 +75,46 @@ impl ShadowPaging {
             }
         }
         self.switcher.check()?;
+        self.check_critical_folios()?;
         Ok(self.mmu.check_coherence()?)
+    }
+
+    /// Every host folio holding a critical page lies inside locked VMAs
+    /// (`ShadowMachine::lock_boot_pages` locks before the first write).
+    fn check_critical_folios(&self) -> Result<(), CheckError> {
+        let mm = self.ram.mm();
+        let vmas = mm.vmas();
+        let locked = |start: u64, end: u64| {
+            let mut at = start;
+            for v in vmas.iter().filter(|v| v.end > start && v.start < end) {
+                if v.start > at || !v.flags.contains(MmapFlags::LOCKED) {
+                    return false;
+                }
+                at = v.end;
+            }
+            at >= end
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for p in self.critical.iter().flatten() {
+            let hva = self.ram.base() + p.gpa();
+            let Some(Pte::Present(pte)) = mm.pte(hva) else {
+                continue;
+            };
+            let Some((head, folio)) = mm.folio(pte.pfn) else {
+                continue;
+            };
+            if !folio.is_large() || !seen.insert(head) {
+                continue;
+            }
+            let (start, end) = (folio.hva, folio.hva + folio.nr() * PAGE_SIZE);
+            if !locked(start, end) {
+                return Err(CheckError::CriticalFolioUnlocked {
+                    gpa: p.gpa(),
+                    start,
+                    end,
+                });
+            }
+        }
+        Ok(())
     }
 }

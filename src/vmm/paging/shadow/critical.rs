@@ -43,6 +43,13 @@ pub(super) fn critical_pages(cpu: u32, image: &ImageLayout) -> Vec<CriticalPage>
     v
 }
 
+impl CriticalPage {
+    /// Its guest-physical address (the boot tables identity-map it).
+    pub(super) fn gpa(&self) -> u64 {
+        self.gva
+    }
+}
+
 impl ShadowPaging {
     /// Maps vCPU `vcpu`'s critical pages in its root; with `only_missing`,
     /// only those whose spte is gone.

@@ -23,7 +23,10 @@ pub(super) struct LastRetry {
     /// The access: W, U and I of the error code, and EFLAGS.AC where it
     /// waives SMAP.
     access: u64,
-    /// [`ShadowPaging::invalidation_gen`] right after the fix.
+    /// [`ShadowPaging::invalidation_gen`] sampled before the fix, as KVM
+    /// samples `mmu_invalidate_seq` before a fault: an invalidation racing
+    /// the fix (ksmd write-protecting the page just mapped) moves it, so
+    /// only a fault nothing touched since its fix can match.
     generation: (u64, u64),
 }
 
@@ -46,16 +49,17 @@ impl ShadowPaging {
     }
 
     /// Before resolving a fault: is it the one last answered RETRY, with
-    /// nothing changed since?
+    /// nothing changed since? Returns the generation the fix starts from.
     pub(super) fn check_livelock(
         &self,
         vcpu: u32,
         cr2: u64,
         error_code: u64,
         rflags: u64,
-    ) -> Result<(), PagingError> {
+    ) -> Result<(u64, u64), PagingError> {
+        let generation = self.invalidation_gen();
         let Some(slot) = self.last_retry.get(vcpu as usize) else {
-            return Ok(());
+            return Ok(generation);
         };
         let (page, access) = LastRetry::key(cr2, error_code, rflags);
         let same = *slot.lock()
@@ -63,10 +67,10 @@ impl ShadowPaging {
                 root: self.mmu.root(vcpu as usize).ok(),
                 page,
                 access,
-                generation: self.invalidation_gen(),
+                generation,
             });
         if !same {
-            return Ok(());
+            return Ok(generation);
         }
         let spte = self
             .mmu
@@ -81,26 +85,27 @@ impl ShadowPaging {
         })
     }
 
-    /// After resolving: `fixed` when the answer is RETRY because an spte
-    /// was installed (not a race that installed nothing).
+    /// After resolving: `fixed` holds the generation from
+    /// [`Self::check_livelock`] when the answer is RETRY because an spte was
+    /// installed (not a race that installed nothing).
     pub(super) fn note_resolution(
         &self,
         vcpu: u32,
         cr2: u64,
         error_code: u64,
         rflags: u64,
-        fixed: bool,
+        fixed: Option<(u64, u64)>,
     ) {
         let Some(slot) = self.last_retry.get(vcpu as usize) else {
             return;
         };
-        *slot.lock() = fixed.then(|| {
+        *slot.lock() = fixed.map(|generation| {
             let (page, access) = LastRetry::key(cr2, error_code, rflags);
             LastRetry {
                 root: self.mmu.root(vcpu as usize).ok(),
                 page,
                 access,
-                generation: self.invalidation_gen(),
+                generation,
             }
         });
     }

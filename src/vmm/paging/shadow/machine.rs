@@ -106,6 +106,23 @@ impl ShadowMachine {
         })
     }
 
+    /// Applies the host mm's THP settings; with any size on, guest RAM is
+    /// given `MADV_HUGEPAGE`, as a VMM asking for huge pages does (QEMU's
+    /// `hugepages` backing of guest RAM).
+    pub fn set_thp(&self, thp: crate::mm::ThpConfig) -> Result<(), MemoryError> {
+        self.mm.set_thp_config(thp);
+        if thp.any_enabled() {
+            self.mm
+                .madvise_hugepage(self.ram.base(), self.ram.size_bytes())
+                .map_err(|source| MemoryError::Host {
+                    gpa: 0,
+                    len: self.ram.size_bytes(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
     /// Locks the pages exception delivery needs (the VMM area below the
     /// image: GDT, boot info, TSSes, boot tables, per-vCPU stacks; and the
     /// image: IDT and handler code) so reclaim, KSM and `MADV_DONTNEED`

@@ -85,7 +85,8 @@ impl ShadowPaging {
     /// Builds the shadow MMU for `machine`'s guest RAM, registers it on the
     /// host mm, loads every vCPU's boot CR3 (`guest_cr3`) and prefaults the
     /// pages exception delivery needs. `host_ops` is the `--host-ops`
-    /// script, if any.
+    /// script, if any; `pte_prefetch` the guest PTEs prefetched around a
+    /// fault.
     pub fn new(
         machine: &ShadowMachine,
         nr_vcpus: u32,
@@ -93,6 +94,7 @@ impl ShadowPaging {
         image: &ImageLayout,
         cpu: GuestCpu,
         host_ops: Option<Arc<HostOpScript>>,
+        pte_prefetch: usize,
     ) -> Result<Self, PagingError> {
         let mut slots = Memslots::default();
         slots.add(Memslot {
@@ -107,6 +109,7 @@ impl ShadowPaging {
                 index: abi::SWITCHER_PML4_INDEX,
                 entry: machine.switcher.pml4e(),
             }),
+            pte_prefetch,
             ..ShadowMmuConfig::default()
         };
         let mmu = ShadowMmu::new(machine.mm.clone(), slots, machine.flush.clone(), cfg)?;

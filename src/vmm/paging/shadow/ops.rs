@@ -80,7 +80,7 @@ impl PagingOps for ShadowPaging {
         rflags: u64,
     ) -> Result<PfResolution, PagingError> {
         let vcpu = cpu.id();
-        self.check_livelock(vcpu, cr2, error_code, rflags)?;
+        let generation = self.check_livelock(vcpu, cr2, error_code, rflags)?;
         let ec = PfErrorCode::from_bits_truncate(error_code as u32);
         let mut access = Access::from_error_code(ec & !PfErrorCode::RSVD);
         // SMAP is waived for explicit supervisor accesses with EFLAGS.AC
@@ -110,7 +110,7 @@ impl PagingOps for ShadowPaging {
             }
         };
         self.ensure_critical()?;
-        self.note_resolution(vcpu, cr2, error_code, rflags, fixed);
+        self.note_resolution(vcpu, cr2, error_code, rflags, fixed.then_some(generation));
         Ok(res)
     }
 

@@ -32,6 +32,8 @@
 //! the shrunk operation sequence, which is the regression to add here as a
 //! deterministic test. `PROPTEST_CASES` overrides the number of cases.
 
+mod common;
+
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,7 +41,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 use proptest::prelude::*;
 use proptest::sample::Index;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 
 use shadowvm::mm::{
     Access, FrameAccess, FrameOwner, Hva, MMAP_BASE, Mm, MmError, MmapFlags, OrderEnabled,
@@ -1650,29 +1652,17 @@ fn assert_exited(mm: &Arc<Mm>, hva: Hva) -> Result<(), TestCaseError> {
 }
 
 fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(512)
+    common::proptest_cases()
 }
 
 fn run_cases(strategy: impl Strategy<Value = Scenario>, cases: u32) {
-    let config = Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    };
-    let mut runner = TestRunner::new(config);
-    let result = runner.run(&strategy, |s| {
+    common::proptest_run_cases(&strategy, cases, |s| {
         let mut h = Harness::new(&s)?;
         h.run(&s)?;
         h.finish(s.exit)?;
         cov!(cases, 1);
         Ok(())
     });
-    if let Err(e) = result {
-        panic!("{e}");
-    }
 }
 
 fn get(a: &AtomicU64) -> u64 {

@@ -68,7 +68,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 
 use common::mmu_guest::{A, ADDR, D, Guest, NX, P, PS, RW, US, spte_pfn};
 use shadowvm::mm::{
@@ -1927,29 +1927,17 @@ impl Harness {
 }
 
 fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(512)
+    common::proptest_cases()
 }
 
 fn run_cases(strategy: impl Strategy<Value = Scenario>, cases: u32) {
-    let config = Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    };
-    let mut runner = TestRunner::new(config);
-    let result = runner.run(&strategy, |s| {
+    common::proptest_run_cases(&strategy, cases, |s| {
         let mut h = Harness::new(&s)?;
         h.run(&s)?;
         h.finish(s.exit)?;
         cov!(cases, 1);
         Ok(())
     });
-    if let Err(e) = result {
-        panic!("{e}");
-    }
 }
 
 fn get(a: &AtomicU64) -> u64 {

@@ -207,7 +207,21 @@ pub fn proptest_run<S: proptest::strategy::Strategy>(
     strategy: &S,
     test: impl Fn(S::Value) -> Result<(), proptest::test_runner::TestCaseError>,
 ) {
-    let mut runner = proptest::test_runner::TestRunner::new(proptest_config());
+    proptest_run_cases(strategy, proptest_cases(), test);
+}
+
+/// [`proptest_run`] with `cases` cases (a test that scales
+/// [`proptest_cases`] for costlier scenarios).
+pub fn proptest_run_cases<S: proptest::strategy::Strategy>(
+    strategy: &S,
+    cases: u32,
+    test: impl Fn(S::Value) -> Result<(), proptest::test_runner::TestCaseError>,
+) {
+    let config = proptest::test_runner::Config {
+        cases,
+        ..proptest_config()
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(config);
     if let Err(e) = runner.run(strategy, test) {
         panic!("{e}");
     }

@@ -60,6 +60,7 @@ fn stress_two_seconds_no_corruption_every_op_kind_runs() {
         "dma_reads",
         "dma_invalidations",
         "dma_host_ops",
+        "dma_checks",
     ] {
         run.check(
             v["ops"][kind].as_u64().is_some_and(|n| n > 0),

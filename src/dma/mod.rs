@@ -86,4 +86,7 @@ pub enum DmaError {
     /// The engine thread is gone.
     #[error("the DMA engine has stopped")]
     EngineStopped,
+    /// The device's IOTLB disagrees with the host mm (a bug).
+    #[error("the device's IOTLB is not coherent with the host mm: {0}")]
+    Incoherent(#[from] DmaCheckError),
 }

@@ -605,6 +605,7 @@ pub fn stress(
     totals.insert("dma_reads", l(&dma.reads));
     totals.insert("dma_faults", l(&dma.faults));
     totals.insert("dma_invalidations", l(&dma.invalidations));
+    totals.insert("dma_checks", l(&dma.checks));
     totals.insert("dma_host_ops", l(&dma.host_ops));
     let dma_corrupted_bytes = l(&dma.corrupted_bytes);
     let dma_freed_frame_accesses = l(&dma.freed_frame_accesses);
@@ -648,6 +649,7 @@ pub fn stress(
         && corrupted_bytes == 0
         && dma_corrupted_bytes == 0
         && dma_freed_frame_accesses == 0
+        && dma_error.lock().is_none()
         && runs
             .iter()
             .all(|r| r.exit_code == Some(0) && r.corrupted_bytes == Some(0));

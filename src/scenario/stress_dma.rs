@@ -34,7 +34,12 @@ pub struct DmaCounters {
     pub refused: AtomicU64,
     pub faults: AtomicU64,
     pub invalidations: AtomicU64,
+    /// Coherence checks of the IOTLB against the host mm, all passed.
+    pub checks: AtomicU64,
 }
+
+/// DMAs between two coherence checks of the device.
+const CHECK_EVERY: u64 = 4096;
 
 /// A tagged pattern: no byte 0x6b (the free poison), never all zero.
 fn pattern(page: u64, seq: u64) -> [u8; CHUNK] {
@@ -66,7 +71,15 @@ pub fn run(
     };
     let mut seq = 0u64;
     let mut buf = [0u8; CHUNK];
+    let mut ops = 0u64;
     while !stop.load(Ordering::Relaxed) {
+        ops += 1;
+        if ops % CHECK_EVERY == 0 {
+            // Holds at any moment, under ksmd, kswapd and the host thread
+            // (`DmaDevice::check_coherence`): no need to stop them.
+            dev.check_coherence()?;
+            c.checks.fetch_add(1, Ordering::Relaxed);
+        }
         let page = next() % DMA_PAGES;
         let off = (next() % (PAGE / CHUNK as u64)) * CHUNK as u64;
         let iova = page * PAGE + off;
@@ -114,6 +127,8 @@ pub fn run(
             }
         }
     }
+    dev.check_coherence()?;
+    c.checks.fetch_add(1, Ordering::Relaxed);
     let s = dev.stats();
     c.freed_frame_accesses
         .fetch_add(s.freed_frame_accesses, Ordering::Relaxed);

@@ -74,7 +74,7 @@ pub fn run(
     let mut ops = 0u64;
     while !stop.load(Ordering::Relaxed) {
         ops += 1;
-        if ops % CHECK_EVERY == 0 {
+        if ops.is_multiple_of(CHECK_EVERY) {
             // Holds at any moment, under ksmd, kswapd and the host thread
             // (`DmaDevice::check_coherence`): no need to stop them.
             dev.check_coherence()?;

@@ -1651,10 +1651,6 @@ fn assert_exited(mm: &Arc<Mm>, hva: Hva) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-fn cases() -> u32 {
-    common::proptest_cases()
-}
-
 fn run_cases(strategy: impl Strategy<Value = Scenario>, cases: u32) {
     common::proptest_run_cases(&strategy, cases, |s| {
         let mut h = Harness::new(&s)?;
@@ -1711,13 +1707,13 @@ fn assert_reached(c: &Coverage, paths: &[(&str, &AtomicU64)]) {
 
 #[test]
 fn random_operation_sequences_keep_the_mm_consistent() {
-    run_cases(scenario_strategy(), cases());
+    run_cases(scenario_strategy(), common::proptest_cases());
     COVERAGE.with(|c| {
         report(c);
         // The sequences must reach the paths the properties are about
         // (counted over the successful cases only, so this holds for any
         // seed with enough cases).
-        if cases() >= 128 {
+        if common::proptest_cases() >= 128 {
             assert_reached(
                 c,
                 &[
@@ -1744,7 +1740,7 @@ fn random_operation_sequences_keep_the_mm_consistent() {
 #[test]
 fn random_operation_sequences_over_huge_pages_keep_the_mm_consistent() {
     // Each step checks ~540 pages: fewer cases than the small-region test.
-    let n = (cases() / 8).max(8);
+    let n = (common::proptest_cases() / 8).max(8);
     run_cases(thp_scenario_strategy(), n);
     COVERAGE.with(|c| {
         report(c);

@@ -1926,10 +1926,6 @@ impl Harness {
     }
 }
 
-fn cases() -> u32 {
-    common::proptest_cases()
-}
-
 fn run_cases(strategy: impl Strategy<Value = Scenario>, cases: u32) {
     common::proptest_run_cases(&strategy, cases, |s| {
         let mut h = Harness::new(&s)?;
@@ -1974,7 +1970,7 @@ fn counts(c: &Coverage) -> Vec<(&'static str, u64)> {
 
 #[test]
 fn random_guest_and_host_operations_keep_the_shadow_tables_coherent() {
-    run_cases(scenario_strategy(), cases());
+    run_cases(scenario_strategy(), common::proptest_cases());
     COVERAGE.with(|c| {
         let counts = counts(c);
         eprintln!("mmu_proptest coverage: {counts:?}");
@@ -1982,7 +1978,7 @@ fn random_guest_and_host_operations_keep_the_shadow_tables_coherent() {
         // stale TLB hit needs a store through the window, no invlpg, and a
         // reuse: a few per thousand cases, so it is only printed; huge
         // pages are the other test's.)
-        if cases() >= 128 {
+        if common::proptest_cases() >= 128 {
             let skip = ["stale TLB hits", "2 MiB sptes", "THP faults"];
             for (name, v) in counts.into_iter().filter(|(n, _)| !skip.contains(n)) {
                 assert!(
@@ -1998,7 +1994,7 @@ fn random_guest_and_host_operations_keep_the_shadow_tables_coherent() {
 #[test]
 fn random_operations_over_huge_pages_keep_the_shadow_tables_coherent() {
     RAM.with(|r| r.set(BIG_RAM));
-    let n = (cases() / 8).max(8);
+    let n = (common::proptest_cases() / 8).max(8);
     run_cases(big_scenario_strategy(), n);
     COVERAGE.with(|c| {
         let counts = counts(c);

@@ -386,20 +386,11 @@ impl Mm {
     pub fn read(&self, hva: Hva, buf: &mut [u8]) -> Result<(), MmError> {
         self.check_alive()?;
         let vmas = self.mmap_lock.read();
-        let mut done = 0usize;
-        while done < buf.len() {
-            let addr = hva
-                .checked_add(done as u64)
-                .ok_or(MmError::InvalidArgument("address overflows"))?;
-            let off = (addr & (PAGE_SIZE - 1)) as usize;
-            let n = (PAGE_SIZE as usize - off).min(buf.len() - done);
-            let chunk = &mut buf[done..done + n];
+        for_each_page_piece(hva, buf.len(), |addr, off, range| {
             self.with_page(&vmas, addr, Access::Read, |pfn| {
-                self.memory().read_frame(pfn, off, chunk)
-            })?;
-            done += n;
-        }
-        Ok(())
+                self.memory().read_frame(pfn, off, &mut buf[range])
+            })
+        })
     }
 
     /// Writes `buf` at `hva`, faulting pages in for writing (copy-on-write
@@ -407,20 +398,11 @@ impl Mm {
     pub fn write(&self, hva: Hva, buf: &[u8]) -> Result<(), MmError> {
         self.check_alive()?;
         let vmas = self.mmap_lock.read();
-        let mut done = 0usize;
-        while done < buf.len() {
-            let addr = hva
-                .checked_add(done as u64)
-                .ok_or(MmError::InvalidArgument("address overflows"))?;
-            let off = (addr & (PAGE_SIZE - 1)) as usize;
-            let n = (PAGE_SIZE as usize - off).min(buf.len() - done);
-            let chunk = &buf[done..done + n];
+        for_each_page_piece(hva, buf.len(), |addr, off, range| {
             self.with_page(&vmas, addr, Access::Write, |pfn| {
-                self.memory().write_frame(pfn, off, chunk)
-            })?;
-            done += n;
-        }
-        Ok(())
+                self.memory().write_frame(pfn, off, &buf[range])
+            })
+        })
     }
 
     /// Atomically replaces the 8-byte word at `hva` (8-byte aligned) with
@@ -458,4 +440,24 @@ impl Mm {
         self.read(hva, &mut b)?;
         Ok(u64::from_le_bytes(b))
     }
+}
+
+/// Calls `f(addr, offset in page, range of the buffer)` for each piece of
+/// a `len`-byte access at `hva` that stays within one page.
+fn for_each_page_piece(
+    hva: Hva,
+    len: usize,
+    mut f: impl FnMut(Hva, usize, std::ops::Range<usize>) -> Result<(), MmError>,
+) -> Result<(), MmError> {
+    let mut done = 0usize;
+    while done < len {
+        let addr = hva
+            .checked_add(done as u64)
+            .ok_or(MmError::InvalidArgument("address overflows"))?;
+        let off = (addr & (PAGE_SIZE - 1)) as usize;
+        let n = (PAGE_SIZE as usize - off).min(len - done);
+        f(addr, off, done..done + n)?;
+        done += n;
+    }
+    Ok(())
 }

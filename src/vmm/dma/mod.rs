@@ -366,6 +366,9 @@ mod tests {
         assert_eq!(dma.attach(BUF, 4 * PAGE_SIZE).unwrap(), 0);
         assert_eq!(dma.attach(BUF, PAGE_SIZE).unwrap(), EBUSY);
         assert_eq!(dma.attached(), Some((BUF, 4 * PAGE_SIZE)));
+        let intervals = || ram.mm().notifiers().intervals_overlapping(0, u64::MAX);
+        let at = ram.base() + BUF;
+        assert_eq!(intervals(), [(at, at + 4 * PAGE_SIZE)]);
 
         let pattern: Vec<u8> = (0..5000u32).map(|i| (i * 7 + 1) as u8).collect();
         write(&ram, BUF + 3, &pattern);
@@ -399,6 +402,7 @@ mod tests {
         dma.check().unwrap();
         assert_eq!(dma.detach(), 0);
         assert_eq!(dma.attached(), None);
+        assert_eq!(intervals(), [], "the interval notifier is removed");
         assert_eq!(dma.stats().detaches, 1);
     }
 
@@ -442,6 +446,7 @@ mod tests {
         assert_eq!(s.iotlb_after_exit, 0);
         assert_eq!(s.device.freed_frame_accesses, 0);
         assert_eq!(dma.attached(), None);
+        assert_eq!(mm.notifiers().intervals_overlapping(0, u64::MAX), []);
         assert_eq!(mm.frames().nr_free(), mm.frames().nr_frames());
     }
 

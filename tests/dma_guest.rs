@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{Run, both_modes, require_kvm, shadowvm};
+use common::{Run, both_modes, shadowvm};
 
 /// The lines both modes print: the header and the argument checks.
 const COMMON: &[&str] = &[
@@ -130,7 +130,7 @@ fn shadow(vcpus: &str, extra: &[&str], guest: &[&str]) -> Run {
 /// each mode its own (checked here).
 #[test]
 fn dma_guest_in_both_modes() {
-    if !require_kvm() {
+    if !common::require_kvm_and_guest("dma") {
         return;
     }
     let (kvm, s) = both_modes(&["run", "dma", "--mem", "32M"], &["--timeout", "30s"]);
@@ -170,7 +170,7 @@ fn dma_guest_in_both_modes() {
 /// stats show the device's faults and the mm's invalidations.
 #[test]
 fn dma_guest_with_host_operations_and_check() {
-    if !require_kvm() {
+    if !common::require_kvm_and_guest("dma") {
         return;
     }
     for (vcpus, lanes) in [("1", 1), ("2", 2)] {
@@ -184,7 +184,7 @@ fn dma_guest_with_host_operations_and_check() {
 /// invalidated and re-faulted throughout, coherent at the end.
 #[test]
 fn dma_guest_under_full_rate_ksmd_and_kswapd() {
-    if !require_kvm() {
+    if !common::require_kvm_and_guest("dma") {
         return;
     }
     let full_rate = [

@@ -159,6 +159,12 @@ struct RunArgs {
     #[cfg(feature = "test-hooks")]
     #[arg(long, hide = true, value_name = "FAULT")]
     test_flush_fault: Option<vmm::host::tlb::FlushFault>,
+
+    /// Tests only: the guest's first DMA ATTACH leaves a stale IOTLB entry
+    /// at iova 0 (a missed invalidation), which must stop the VM.
+    #[cfg(feature = "test-hooks")]
+    #[arg(long, hide = true)]
+    test_dma_stale_entry: bool,
 }
 
 fn main() -> ExitCode {
@@ -256,6 +262,7 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
     #[cfg(feature = "test-hooks")]
     {
         config.flush_fault = args.test_flush_fault;
+        config.dma_stale_entry = args.test_dma_stale_entry;
     }
     config.validate()?;
     if args.observe.timeline.is_some() && config.paging != Paging::Shadow {

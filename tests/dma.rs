@@ -316,6 +316,39 @@ fn the_engine_thread_runs_dma_requests() {
         len: 1,
     });
     assert!(matches!(r, Err(DmaError::OutOfRange { .. })));
+
+    // A copy across the page boundary, overlapping itself (memmove), and a
+    // fill; a copy whose destination leaves the buffer writes nothing.
+    mm.write(hva + PAGE_SIZE - 4, b"abcdefgh").unwrap();
+    let copy = DmaOp::Copy {
+        src: PAGE_SIZE - 4,
+        dst: PAGE_SIZE - 2,
+        len: 8,
+    };
+    assert_eq!(engine.run(copy).unwrap(), DmaDone::Written(8));
+    let mut b = [0u8; 10];
+    mm.read(hva + PAGE_SIZE - 4, &mut b).unwrap();
+    assert_eq!(&b, b"ababcdefgh");
+    let fill = DmaOp::Fill {
+        iova: PAGE_SIZE - 1,
+        len: 2,
+        byte: b'z',
+    };
+    assert_eq!(engine.run(fill).unwrap(), DmaDone::Written(2));
+    mm.read(hva + PAGE_SIZE - 4, &mut b).unwrap();
+    assert_eq!(&b, b"abazzdefgh");
+    let mut before = [0u8; 4];
+    mm.read(hva + 2 * PAGE_SIZE - 4, &mut before).unwrap();
+    let reads = dev.stats().dma_reads;
+    let r = engine.run(DmaOp::Copy {
+        src: 0,
+        dst: 2 * PAGE_SIZE - 4,
+        len: 8,
+    });
+    assert!(matches!(r, Err(DmaError::OutOfRange { .. })));
+    mm.read(hva + 2 * PAGE_SIZE - 4, &mut b[..4]).unwrap();
+    assert_eq!(b[..4], before);
+    assert_eq!(dev.stats().dma_reads, reads, "nothing read either");
     drop(engine);
     assert_eq!(
         Arc::strong_count(&dev),

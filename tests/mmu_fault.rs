@@ -322,6 +322,43 @@ fn root_cache_is_bounded_and_recycles_the_oldest() {
     g.check();
 }
 
+/// A write that bypasses the sptes (a device's DMA into a guest page
+/// table) is not caught by write protection: a flush keeps the synced shadow
+/// of the old entry until `track_write` drops it (`kvm_mmu_track_write`).
+#[test]
+fn a_device_write_to_a_guest_table_takes_effect_after_track_write() {
+    let mut g = Guest::new(64, 128);
+    g.map(GVA, GPA, P | RW | US | D);
+    assert_eq!(g.read_fault(GVA), FaultOutcome::Fixed);
+    let leaf_gpa = g.pte_gpa(g.cr3, GVA, 1);
+    // The device writes the PTE straight into the frame.
+    g.write_u64(leaf_gpa, (GPA + PAGE_SIZE) | P | RW | US | D);
+    g.mmu.flush_tlb(0).unwrap();
+    assert_eq!(
+        spte_pfn(g.spte(GVA).unwrap()),
+        g.host_pfn(GPA).unwrap(),
+        "write protection did not see the device's write"
+    );
+    // Other gfns (data, not tables) change nothing.
+    let zapped = g.mmu.stats().spte_zapped;
+    g.mmu
+        .track_write(GPA / PAGE_SIZE..GPA / PAGE_SIZE + 4)
+        .unwrap();
+    assert_eq!(g.mmu.stats().spte_zapped, zapped);
+    assert!(g.spte(GVA).is_some());
+    g.mmu
+        .track_write(leaf_gpa / PAGE_SIZE..leaf_gpa / PAGE_SIZE + 1)
+        .unwrap();
+    assert_eq!(g.spte(GVA), None, "the table's shadow page went");
+    g.check();
+    assert_eq!(g.read_fault(GVA), FaultOutcome::Fixed);
+    assert_eq!(
+        spte_pfn(g.spte(GVA).unwrap()),
+        g.host_pfn(GPA + PAGE_SIZE).unwrap()
+    );
+    g.check();
+}
+
 #[test]
 fn guest_pte_change_is_seen_after_invlpg_and_table_writes_unprotect() {
     let mut g = Guest::new(64, 128);

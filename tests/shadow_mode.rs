@@ -247,6 +247,10 @@ fn guest_ram_larger_than_machine_memory_runs_through_reclaim() {
 const BOTH_MODES: &[(&str, &str)] = &[
     ("access", "access.rs: access_shadow_output_equals_kvm"),
     ("balloon", "issue6_guests.rs: balloon_guest_in_both_modes"),
+    (
+        "dma",
+        "dma_guest.rs: dma_guest_in_both_modes (kvm mode: EOPNOTSUPP, checked)",
+    ),
     ("hello", "hello_in_both_modes"),
     (
         "hostops",

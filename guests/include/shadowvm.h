@@ -48,6 +48,7 @@
 #define SVM_HC_BALLOON      7 /* (gpa, nr_pages) -> pages given back */
 #define SVM_HC_HOST_OP      8 /* (op, arg0, arg1) -> op-specific */
 #define SVM_HC_SET_PAGING   9 /* (flags) -> 0: CR0.WP, EFER.NXE, CR4.SMEP, CR4.SMAP */
+#define SVM_HC_DMA          11 /* (op, arg0, arg1, arg2) -> 0: the DMA device, SVM_DMA_* */
 /* ABI v2, ring 1 (0x100..): */
 #define SVM_HC_SET_TRAP_TABLE 0x100 /* (gpa, count) -> 0: struct svm_trap_info[count] */
 #define SVM_HC_SET_STACK    0x101 /* (index, rsp) -> 0: 0 = kernel stack, 1..7 = IST */
@@ -71,12 +72,26 @@
 #define SVM_HOST_OP_CHECKPOINT 1 /* (n < 2^16) -> ops run; shadow mode, runs --host-ops ops */
 #define SVM_HOST_OP_MAX     1
 
+/* SVM_HC_DMA operations (shadow mode; kvm mode: SVM_EOPNOTSUPP).  The
+ * device addresses its buffer by iova = gpa - buffer gpa.  A transfer runs
+ * on the device's own thread; the hypercall returns when it is complete. */
+#define SVM_DMA_ATTACH      0 /* (gpa, len) -> 0; SVM_EBUSY if one is attached */
+#define SVM_DMA_COPY        1 /* (src iova, dst iova, len) -> 0: memmove by the device */
+#define SVM_DMA_FILL        2 /* (iova, len, byte) -> 0 */
+#define SVM_DMA_DETACH      3 /* () -> 0; SVM_ENODEV if none is attached */
+#define SVM_DMA_OP_MAX      3
+#define SVM_DMA_BUFFER_MAX  0x40000000 /* bytes: 1 GiB */
+#define SVM_DMA_XFER_MAX    0x100000   /* bytes per COPY or FILL: 1 MiB */
+
 /* Hypercall errors (negated Linux errno values). */
 #define SVM_EPERM           (-1)   /* a hypercall from ring 3 */
 #define SVM_EFAULT          (-14)
 #define SVM_EINVAL          (-22)
 #define SVM_ENOSYS          (-38)  /* unknown hypercall number */
 #define SVM_EOPNOTSUPP      (-95)  /* known, but not available in this paging mode or on this host */
+#define SVM_EAGAIN          (-11)  /* DMA: invalidations kept colliding with the transfer; try again */
+#define SVM_EBUSY           (-16)  /* DMA: a device is already attached */
+#define SVM_ENODEV          (-19)  /* DMA: no device is attached */
 
 /* Paging modes (svm_boot_info.paging_mode). */
 #define SVM_PAGING_KVM      0
@@ -292,6 +307,17 @@ long host_op(long op, long arg0, long arg1);
  * on tables that map the kernel's code supervisor-only: the boot tables
  * map the image user-accessible. */
 long set_paging(unsigned flags);
+
+/* The DMA device (SVM_HC_DMA; shadow mode, SVM_EOPNOTSUPP in kvm mode).
+ * Each returns 0 or a negative SVM_E* error: SVM_EINVAL for a bad range,
+ * SVM_EFAULT when the host refuses a page (unmapped or read-only: the
+ * transfer may have partly happened), SVM_EAGAIN when host invalidations
+ * kept colliding with it (try again).  The call returns once the device's
+ * thread has completed the transfer. */
+long dma_attach(uint64_t gpa, uint64_t len);
+long dma_copy(uint64_t src_iova, uint64_t dst_iova, uint64_t len);
+long dma_fill(uint64_t iova, uint64_t len, unsigned byte);
+long dma_detach(void);
 
 /* Exceptions: the runtime registers its handlers for vectors 0-31 at entry
  * (NMI, #DF, #MC on IST1).  set_trap replaces one (handler in the image,

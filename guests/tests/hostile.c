@@ -464,7 +464,8 @@ int main(const struct svm_boot_info *bi)
                                          0x7ffffffff000ull, 0x800000000000ull, 0xfffull };
         static const long nrs[] = { SVM_HC_NOP, SVM_HC_PRINT, SVM_HC_EXIT, SVM_HC_LOAD_CR3, SVM_HC_INVLPG,
                                     SVM_HC_FLUSH_TLB, SVM_HC_RESOLVE_PF, SVM_HC_BALLOON, SVM_HC_HOST_OP,
-                                    SVM_HC_SET_PAGING, SVM_HC_SET_TRAP_TABLE, SVM_HC_SET_STACK, SVM_HC_HALT };
+                                    SVM_HC_SET_PAGING, SVM_HC_SET_TRAP_TABLE, SVM_HC_SET_STACK, SVM_HC_HALT,
+                                    SVM_HC_DMA };
         const int nr_known = sizeof(nrs) / sizeof(nrs[0]);
         uint64_t r = rnd();
         long nr = (long)(r % 20), rc;

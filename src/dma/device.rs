@@ -138,6 +138,21 @@ impl DmaDevice {
         f()
     }
 
+    /// Tests only: points the IOTLB entry of `iova`'s page at `pfn` behind
+    /// the mm's back, the stale translation a missed invalidation would
+    /// leave, so a test can watch the freed-frame check stop it.
+    #[cfg(feature = "test-hooks")]
+    pub fn install_stale_entry(&self, iova: u64, pfn: Pfn) {
+        let page = (iova / PAGE_SIZE) as usize;
+        self.inner.iotlb.lock().install(
+            page,
+            IotlbEntry {
+                pfn,
+                writable: true,
+            },
+        );
+    }
+
     /// Installs (or removes) the fault path's race hook.
     pub fn set_race_hook(&self, hook: Option<RaceHook>) {
         *self.inner.race_hook.lock() = hook;

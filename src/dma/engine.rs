@@ -16,12 +16,18 @@ pub enum DmaOp {
     Read { iova: u64, len: usize },
     /// Write `data` at `iova` (device → memory).
     Write { iova: u64, data: Vec<u8> },
+    /// Read `len` bytes at `src`, then write them at `dst`: a copy inside
+    /// the buffer with memmove's semantics, in one request.
+    Copy { src: u64, dst: u64, len: usize },
+    /// Write `len` bytes of `byte` at `iova`.
+    Fill { iova: u64, len: usize, byte: u8 },
 }
 
 /// A completed request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DmaDone {
     Read(Vec<u8>),
+    /// Bytes written (by a write, a copy or a fill).
     Written(usize),
 }
 
@@ -82,6 +88,20 @@ fn run(device: &DmaDevice, op: DmaOp) -> Result<DmaDone, DmaError> {
         DmaOp::Write { iova, data } => {
             device.write(iova, &data)?;
             Ok(DmaDone::Written(data.len()))
+        }
+        DmaOp::Copy { src, dst, len } => {
+            // Both ranges first: nothing is read for a copy that cannot be
+            // written.
+            device.check_range(src, len as u64)?;
+            device.check_range(dst, len as u64)?;
+            let mut buf = vec![0u8; len];
+            device.read(src, &mut buf)?;
+            device.write(dst, &buf)?;
+            Ok(DmaDone::Written(len))
+        }
+        DmaOp::Fill { iova, len, byte } => {
+            device.write(iova, &vec![byte; len])?;
+            Ok(DmaDone::Written(len))
         }
     }
 }

@@ -489,6 +489,24 @@ impl ShadowMmu {
         Ok(())
     }
 
+    /// Guest RAM `gfns` was written other than by a vCPU through its sptes
+    /// (a device's DMA): drops the shadow pages derived from every guest
+    /// table there, as a vCPU's write to a write-protected table would
+    /// (`kvm_mmu_track_write`, `kvm_mmu_unprotect_page`). Synced pages are
+    /// coherent only by write protection, which a device write bypasses;
+    /// without this a flush would keep translations from the old entries.
+    pub fn track_write(&self, gfns: std::ops::Range<u64>) -> Result<(), MmuError> {
+        let mut st = self.inner.state.lock();
+        let mut ctx = self.inner.ctx(&mut st);
+        for gfn in gfns {
+            if ctx.is_protected(gfn) {
+                inc(&self.inner.stats.mmu_unsync);
+                ctx.unprotect_gfn(gfn, FlushReason::Zapped)?;
+            }
+        }
+        ctx.flush_now(self.inner.tlb.as_ref())
+    }
+
     /// The leaf spte mapping `gva` under the vCPU's root (a software walk of
     /// the shadow tables), for tests and tracing. A 2 MiB spte is returned
     /// as it is (`PS` set, the frame of the range's start).

@@ -47,6 +47,9 @@ pub mod hc {
     /// (`SET_PAGING_NX`), CR4.SMEP (`SET_PAGING_SMEP`) and CR4.SMAP
     /// (`SET_PAGING_SMAP`); any other bit is `EINVAL`.
     pub const SET_PAGING: u64 = 9;
+    /// `(op, arg0, arg1, arg2) -> op-specific`: the VM's DMA device
+    /// (`DMA_ATTACH`, `DMA_COPY`, `DMA_FILL`, `DMA_DETACH`; shadow mode).
+    pub const DMA: u64 = 11;
     /// `(gpa, count) -> 0`: register ring-1 exception handlers, `count`
     /// `TrapInfo` entries at `gpa` (Xen's `set_trap_table`).
     pub const SET_TRAP_TABLE: u64 = 0x100;
@@ -58,7 +61,7 @@ pub mod hc {
     pub const HALT: u64 = 0x102;
 
     /// Every hypercall, in `--stats` order.
-    pub const ALL: [u64; 13] = [
+    pub const ALL: [u64; 14] = [
         NOP,
         PRINT,
         EXIT,
@@ -69,6 +72,7 @@ pub mod hc {
         BALLOON,
         HOST_OP,
         SET_PAGING,
+        DMA,
         SET_TRAP_TABLE,
         SET_STACK,
         HALT,
@@ -92,6 +96,7 @@ pub mod hc {
             BALLOON => "balloon",
             HOST_OP => "host_op",
             SET_PAGING => "set_paging",
+            DMA => "dma",
             SET_TRAP_TABLE => "set_trap_table",
             SET_STACK => "set_stack",
             HALT => "halt",
@@ -125,6 +130,26 @@ pub const HOST_OP_CHECKPOINT: u64 = 1;
 /// The highest `HOST_OP` operation.
 pub const HOST_OP_MAX: u64 = 1;
 
+/// `DMA` operation `ATTACH(gpa, len)`: attach the VM's DMA device to guest
+/// RAM `[gpa, gpa + len)` (page aligned, at or above `IMAGE_MIN_GPA`, at
+/// most `DMA_BUFFER_MAX`); iova `i` is gpa `gpa + i`. One device per VM:
+/// `EBUSY` while one is attached.
+pub const DMA_ATTACH: u64 = 0;
+/// `DMA` operation `COPY(src, dst, len)`: the device reads `len` bytes at
+/// iova `src` and writes them at iova `dst` (overlap allowed: memmove).
+pub const DMA_COPY: u64 = 1;
+/// `DMA` operation `FILL(iova, len, byte)`: the device writes `len` bytes
+/// of `byte` at `iova`.
+pub const DMA_FILL: u64 = 2;
+/// `DMA` operation `DETACH()`: detach the device (`ENODEV` if none).
+pub const DMA_DETACH: u64 = 3;
+/// The highest `DMA` operation.
+pub const DMA_OP_MAX: u64 = 3;
+/// The largest DMA buffer (1 GiB).
+pub const DMA_BUFFER_MAX: u64 = 1 << 30;
+/// The largest transfer of one `COPY` or `FILL` (1 MiB).
+pub const DMA_XFER_MAX: u64 = 1 << 20;
+
 /// Hypercall error results: negated Linux errno values.
 pub mod errno {
     /// A hypercall from ring 3: only the guest kernel (ring 1) may make them.
@@ -138,6 +163,12 @@ pub mod errno {
     /// The hypercall exists but not in this paging mode, or the host's KVM
     /// refuses the mode it asks for.
     pub const EOPNOTSUPP: i64 = -95;
+    /// DMA: a transfer kept colliding with host invalidations; try again.
+    pub const EAGAIN: i64 = -11;
+    /// DMA: a device is already attached.
+    pub const EBUSY: i64 = -16;
+    /// DMA: no device is attached.
+    pub const ENODEV: i64 = -19;
 }
 
 /// `svm_boot_info.paging_mode`: KVM does the second level.
@@ -362,6 +393,14 @@ mod tests {
             ("SVM_HOST_OP_PING", HOST_OP_PING),
             ("SVM_HOST_OP_CHECKPOINT", HOST_OP_CHECKPOINT),
             ("SVM_HOST_OP_MAX", HOST_OP_MAX),
+            ("SVM_HC_DMA", hc::DMA),
+            ("SVM_DMA_ATTACH", DMA_ATTACH),
+            ("SVM_DMA_COPY", DMA_COPY),
+            ("SVM_DMA_FILL", DMA_FILL),
+            ("SVM_DMA_DETACH", DMA_DETACH),
+            ("SVM_DMA_OP_MAX", DMA_OP_MAX),
+            ("SVM_DMA_BUFFER_MAX", DMA_BUFFER_MAX),
+            ("SVM_DMA_XFER_MAX", DMA_XFER_MAX),
             ("SVM_BOOT_INFO_GPA", BOOT_INFO_GPA),
             ("SVM_CMDLINE_GPA", CMDLINE_GPA),
             ("SVM_SWITCHER_GVA", SWITCHER_GVA),
@@ -385,6 +424,9 @@ mod tests {
         expect("SVM_EINVAL", errno::EINVAL);
         expect("SVM_ENOSYS", errno::ENOSYS);
         expect("SVM_EOPNOTSUPP", errno::EOPNOTSUPP);
+        expect("SVM_EAGAIN", errno::EAGAIN);
+        expect("SVM_EBUSY", errno::EBUSY);
+        expect("SVM_ENODEV", errno::ENODEV);
         expect("SVM_PAGING_KVM", PAGING_MODE_KVM.into());
         expect("SVM_PAGING_SHADOW", PAGING_MODE_SHADOW.into());
         expect("SVM_KERNEL_CS", KERNEL_CS.into());

@@ -116,6 +116,10 @@ pub struct VmConfig {
     /// Shadow mode: a fault injected into the host TLB flush (tests only).
     #[cfg(feature = "test-hooks")]
     pub flush_fault: Option<crate::vmm::host::tlb::FlushFault>,
+    /// Shadow mode: the guest's first DMA ATTACH leaves a stale IOTLB entry
+    /// (tests only: the VMM-bug path, which must stop the VM).
+    #[cfg(feature = "test-hooks")]
+    pub dma_stale_entry: bool,
 }
 
 impl VmConfig {
@@ -139,6 +143,8 @@ impl VmConfig {
             pte_prefetch: crate::mmu::PTE_PREFETCH_NUM,
             #[cfg(feature = "test-hooks")]
             flush_fault: None,
+            #[cfg(feature = "test-hooks")]
+            dma_stale_entry: false,
         }
     }
 

@@ -11,11 +11,12 @@
 //!     ─> vCPU threads: kvm::vcpu (KVM_RUN ─> kvm::exit::VmExit)
 //!                      ─> exits::VmmExits ─> devices::PioBus (UART, exit port, hypercall port)
 //!                                         ─> hypercall ─> paging (PagingOps: kvm or shadow)
+//!                                                      ─> dma (the guest's DMA device, shadow mode)
 //!     ─> kvm::kick (signal + immediate_exit) for stops and TLB shootdowns
 //! ```
 //!
 //! Dependencies point down the list below (tests/layering.rs):
-//! `run`, `stats`, `error` ─> `exits` ─> `hypercall` ─> `paging` ─>
+//! `run`, `stats`, `error` ─> `exits` ─> `hypercall` ─> `dma` ─> `paging` ─>
 //! `config` ─> `host` ─> `devices`, `boot` ─> `switcher`, `kvm` ─> `abi`,
 //! `units`, `x86`. The guest ABI is in `docs/guest-abi.md` and [`abi`].
 //!
@@ -33,6 +34,7 @@ pub mod abi;
 pub mod boot;
 pub mod config;
 pub mod devices;
+pub mod dma;
 pub mod error;
 pub mod exits;
 pub mod guests;

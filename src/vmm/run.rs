@@ -13,6 +13,7 @@ use super::boot::{BootParams, ImageLayout, loader, regs, write_boot_structures};
 use super::config::{GuestSource, Paging, VmConfig};
 use super::devices::bus::BusOverlap;
 use super::devices::{ConsoleOut, ExitPort, PioBus, SerialDevice};
+use super::dma::GuestDma;
 use super::error::VmmError;
 use super::exits::{VmmExits, VmmFailure};
 use super::guests;
@@ -234,6 +235,8 @@ pub struct RunningVm {
     kswapd: Option<Kswapd>,
     /// `--host-ops`: the thread running the timed ops.
     host_ops: Option<TimedOps>,
+    /// Shadow mode: the guest's DMA device (hypercall DMA).
+    dma: Option<Arc<GuestDma>>,
     // Dropped last: the vCPU threads use its memslot.
     _vm: Vm,
 }
@@ -260,6 +263,7 @@ impl RunningVm {
         let mut ksmd = None;
         let mut kswapd = None;
         let mut rom = None;
+        let mut dma = None;
         let (vm, paging, ram, boot_info, layout, switcher) = match config.paging {
             Paging::Kvm => {
                 let (mut vm, ram) = Vm::new_ram(config.mem_size)?;
@@ -296,6 +300,16 @@ impl RunningVm {
                     kswapd = Some(Kswapd::start(ram, flush, reclaim)?);
                 }
                 shadow_paging = Some(v.paging.clone());
+                let tracker = v.paging.clone();
+                let device = GuestDma::new(
+                    ram.clone(),
+                    Arc::new(move |gpa, len| tracker.device_wrote(gpa, len)),
+                );
+                #[cfg(feature = "test-hooks")]
+                if config.dma_stale_entry {
+                    device.inject_stale_entry();
+                }
+                dma = Some(Arc::new(device));
                 let paging: Arc<dyn PagingOps> = v.paging;
                 (v.vm, paging, v.ram, v.boot_info, v.layout, v.switcher)
             }
@@ -307,7 +321,8 @@ impl RunningVm {
             image_start: boot_info.image_start & !(PAGE_SIZE - 1),
             image_end: boot_info.image_end,
         };
-        let hypercalls = HypercallHandler::new(paging.clone(), ram, serial, switcher, limits);
+        let hypercalls = HypercallHandler::new(paging.clone(), ram, serial, switcher, limits)
+            .with_dma(dma.clone());
         let exits = VmmExits::new(bus, hypercalls, rom);
         let ctx = Arc::new(VmContext::new(
             exits,
@@ -372,6 +387,7 @@ impl RunningVm {
             ksmd,
             kswapd,
             host_ops,
+            dma,
             _vm: vm,
         })
     }
@@ -430,8 +446,10 @@ impl RunningVm {
     /// vCPU threads and reports.
     ///
     /// Then, in shadow mode, the host memory threads are stopped and joined,
-    /// `--check` runs, the statistics are taken, and the guest's memory is
-    /// torn down (`exit_mmap`, [`ShadowPaging::exit_mmap`]): the report
+    /// `--check` runs (the DMA device's coherence too), the statistics are
+    /// taken, and the guest's memory is torn down (`exit_mmap`,
+    /// [`ShadowPaging::exit_mmap`], which also invalidates a DMA device the
+    /// guest left attached; the device is detached after it): the report
     /// says whether every frame came back.
     pub fn wait(mut self, timeout: Option<Duration>) -> RunReport {
         if !self.ctx.wait_for_stop(timeout) {
@@ -471,15 +489,25 @@ impl RunningVm {
             k.stats()
         });
         let check = match &self.shadow {
-            Some(s) if self.check => Some(s.check()),
+            Some(s) if self.check => Some(s.check().and_then(|()| {
+                self.dma
+                    .as_ref()
+                    .map_or(Ok(()), |d| d.check().map_err(CheckError::Dma))
+            })),
             _ => None,
         };
+        let vm = self.stats.snapshot(self.vcpus, self.paging.name());
+        let shadow = self.shadow.as_ref().map(|s| s.stats());
+        let exit = self.shadow.as_ref().map(|s| s.exit_mmap());
+        // After the mm's exit, which invalidated the device's interval.
+        let dma = self.dma.as_ref().map(|d| d.exit());
         let stats = StatsSnapshot {
-            vm: self.stats.snapshot(self.vcpus, self.paging.name()),
-            shadow: self.shadow.as_ref().map(|s| s.stats()),
+            vm,
+            shadow,
             ksm,
             reclaim,
-            exit: self.shadow.as_ref().map(|s| s.exit_mmap()),
+            dma,
+            exit,
         };
         RunReport {
             outcome,

@@ -1,9 +1,10 @@
 //! The statistics a run reports (`--stats`, `--json`): the VM's counters,
-//! and in shadow mode the shadow MMU's, ksmd's, kswapd's and the
-//! teardown's.
+//! and in shadow mode the shadow MMU's, ksmd's, kswapd's, the DMA device's
+//! and the teardown's.
 
 use std::fmt;
 
+use super::dma::GuestDmaStats;
 use super::host::ksmd::KsmdStats;
 use super::host::kswapd::KswapdStats;
 use super::kvm::stats::VmStatsSnapshot;
@@ -24,6 +25,9 @@ pub struct StatsSnapshot {
     /// `--reclaim`: aging, working set and reclaim.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reclaim: Option<KswapdStats>,
+    /// Shadow mode: the DMA device's counters (hypercall DMA).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dma: Option<GuestDmaStats>,
     /// Shadow mode: the teardown after the guest stopped.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit: Option<ExitReport>,
@@ -144,6 +148,10 @@ impl fmt::Display for StatsSnapshot {
             if let Some(e) = &r.error {
                 write!(f, "\n    kswapd stopped: {e}")?;
             }
+        }
+        if let Some(d) = &self.dma {
+            writeln!(f)?;
+            write!(f, "{d}")?;
         }
         if let Some(x) = &self.exit {
             writeln!(f)?;

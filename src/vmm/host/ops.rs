@@ -175,6 +175,14 @@ pub const BUILTINS: &[(&str, &str)] = &[
          at checkpoint 4 munmap 0x1002000 4K\n",
     ),
     (
+        "dma",
+        "# the dma guest's checkpoints (guests/dma.c): pages 56-58 of its buffer\n\
+         at checkpoint 1 mprotect 0x1038000 4K ro\n\
+         at checkpoint 2 mprotect 0x1038000 4K rw\n\
+         at checkpoint 3 dontneed 0x1039000 4K\n\
+         at checkpoint 4 munmap 0x103a000 4K\n",
+    ),
+    (
         "hostops-timed",
         "# hostops timed=1: page D is dropped while the guest polls it\n\
          at 200ms dontneed 0x1003000 4K\n",

@@ -3,6 +3,7 @@
 //! rdx, r10` (docs/guest-abi.md). Bad arguments become a negative errno for
 //! the guest; nothing a guest passes can make the VMM fail.
 
+use super::dma::DmaCall;
 use crate::vmm::abi::{self, PAGE_SIZE, TrapInfo, hc, percpu_gpa};
 use crate::vmm::host::ops::MAX_CHECKPOINT;
 use crate::vmm::kvm::memory::check_range;
@@ -66,6 +67,8 @@ pub enum Hypercall {
     },
     /// SET_PAGING.
     SetPaging(GuestPagingMode),
+    /// DMA: one operation of the VM's DMA device.
+    Dma(DmaCall),
     /// SET_TRAP_TABLE: `count` entries at `gpa` (each validated by
     /// [`validate_trap`] once read).
     SetTrapTable {
@@ -230,6 +233,7 @@ impl Hypercall {
                 Hypercall::SetStack { index: a0, rsp: a1 }
             }
             hc::HALT => Hypercall::Halt,
+            hc::DMA => Hypercall::Dma(DmaCall::decode(args, mem_size)?),
             _ => return Err(ENOSYS),
         })
     }

@@ -13,6 +13,7 @@ use crate::trace::PfOutcome;
 use crate::vmm::abi::{self, TrapInfo};
 use crate::vmm::devices::console::ConsoleError;
 use crate::vmm::devices::serial::SerialDevice;
+use crate::vmm::dma::{GuestDma, GuestDmaError};
 use crate::vmm::kvm::cpu::{CpuAccess, CpuError};
 use crate::vmm::kvm::exit::HypercallExit;
 use crate::vmm::kvm::memory::{MemoryError, SharedGuestMem};
@@ -38,6 +39,10 @@ pub enum HypercallError {
     /// Writing the switcher failed.
     #[error(transparent)]
     Switcher(#[from] SwitcherError),
+    /// The DMA device failed (never a transfer the host refused: that is
+    /// an errno for the guest).
+    #[error(transparent)]
+    Dma(#[from] GuestDmaError),
     /// The guest reached ring 0, which ABI v2 is built to make impossible
     /// (docs/design.md rule 5): the VM stops rather than run a guest that
     /// may bypass the shadow MMU.
@@ -60,6 +65,8 @@ pub struct HypercallHandler {
     console: Arc<SerialDevice>,
     switcher: Arc<Switcher>,
     limits: Limits,
+    /// Shadow mode: the VM's DMA device (kvm mode: none, `EOPNOTSUPP`).
+    dma: Option<Arc<GuestDma>>,
 }
 
 impl HypercallHandler {
@@ -83,7 +90,14 @@ impl HypercallHandler {
             console,
             switcher,
             limits,
+            dma: None,
         }
+    }
+
+    /// The same handler with the DMA hypercall going to `dma`.
+    pub fn with_dma(mut self, dma: Option<Arc<GuestDma>>) -> Self {
+        self.dma = dma;
+        self
     }
 
     /// Handles hypercall `nr` (the whole of `rax`) for `cpu`: checks the
@@ -204,6 +218,7 @@ impl HypercallHandler {
                 self.switcher.set_stack(cpu.id(), index, rsp)?;
                 0
             }
+            Hypercall::Dma(call) => call.run(self.dma.as_deref())?,
             // Handled by the caller.
             Hypercall::Exit { .. } | Hypercall::Halt | Hypercall::ResolvePf { .. } => 0,
         })
@@ -352,6 +367,14 @@ mod tests {
 
         call(&h, &mut cpu, hc::HOST_OP, [abi::HOST_OP_PING, 0x5eed, 0, 0]);
         assert_eq!(cpu.regs.rax, 0x5eed);
+
+        // DMA: bad values are EINVAL in every mode; kvm mode has no device.
+        call(&h, &mut cpu, hc::DMA, [abi::DMA_ATTACH, 0x40_0000, 4096, 0]);
+        assert_eq!(cpu.regs.rax as i64, EOPNOTSUPP);
+        call(&h, &mut cpu, hc::DMA, [abi::DMA_ATTACH, 0x40_0001, 4096, 0]);
+        assert_eq!(cpu.regs.rax as i64, EINVAL);
+        call(&h, &mut cpu, hc::DMA, [abi::DMA_OP_MAX + 1, 0, 0, 0]);
+        assert_eq!(cpu.regs.rax as i64, EINVAL);
 
         call(&h, &mut cpu, hc::BALLOON, [0x40_0000, 4, 0, 0]);
         assert_eq!(cpu.regs.rax, 4);

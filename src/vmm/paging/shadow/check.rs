@@ -2,6 +2,7 @@
 //! after a run, at a quiescent point.
 
 use super::ShadowPaging;
+use crate::dma::DmaCheckError;
 use crate::mm::{MmCheckError, MmapFlags, Pte};
 use crate::mmu::CoherenceError;
 use crate::vmm::abi::PAGE_SIZE;
@@ -35,6 +36,10 @@ pub enum CheckError {
     /// The switcher is not what the VMM wrote (rule 5).
     #[error(transparent)]
     Switcher(#[from] SwitcherError),
+    /// The guest's DMA device maps a frame the host does not map there
+    /// (rule 1, for the second secondary MMU).
+    #[error("DMA device: {0}")]
+    Dma(#[from] DmaCheckError),
     /// A page exception delivery needs shares a host folio with memory
     /// that is not locked: reclaim may split that folio, and the split
     /// unmaps the whole folio under a running vCPU.

@@ -21,6 +21,21 @@ fn set_root(cpu: &mut dyn CpuAccess, root: u64) -> Result<(), PagingError> {
     Ok(cpu.set_sregs(&sregs)?)
 }
 
+impl ShadowPaging {
+    /// Guest RAM `[gpa, gpa + len)` was written by a device: guest page
+    /// tables there lose their shadow pages (their write protection did not
+    /// see the write), and the pages exception delivery needs are mapped
+    /// again if that zapped them.
+    pub fn device_wrote(&self, gpa: u64, len: u64) -> Result<(), PagingError> {
+        let first = gpa / PAGE_SIZE;
+        let end = gpa.saturating_add(len).div_ceil(PAGE_SIZE);
+        self.mmu
+            .track_write(first..end)
+            .map_err(|e| self.mmu_err(e))?;
+        self.ensure_critical()
+    }
+}
+
 impl PagingOps for ShadowPaging {
     fn mode(&self) -> Paging {
         Paging::Shadow

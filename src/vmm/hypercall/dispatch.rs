@@ -16,7 +16,7 @@ use crate::vmm::devices::serial::SerialDevice;
 use crate::vmm::kvm::cpu::{CpuAccess, CpuError};
 use crate::vmm::kvm::exit::HypercallExit;
 use crate::vmm::kvm::memory::{MemoryError, SharedGuestMem};
-use crate::vmm::paging::{PagingError, PagingOps, PfResolution};
+use crate::vmm::paging::{PagingError, PagingOps, PfResolution, Populated};
 use crate::vmm::switcher::{Switcher, SwitcherError};
 
 /// Errors that stop the VM while handling a hypercall (never the guest's
@@ -116,6 +116,15 @@ impl HypercallHandler {
             Ok(Hypercall::ResolvePf { error_code, rflags }) => {
                 self.resolve_pf(cpu, sregs.cr2, error_code, rflags)?
             }
+            Ok(Hypercall::Populate { gva, len }) => match self.paging.populate(cpu, gva, len)? {
+                // rax: pages populated; rdx: pages skipped.
+                Populated::Pages(r) => Results {
+                    rax: r.mapped as i64,
+                    rdx: Some(r.skipped),
+                    rsi: None,
+                },
+                Populated::Errno(errno) => Results::rax(errno),
+            },
             Ok(call) => Results::rax(self.execute(cpu, call)?),
         };
         regs.rax = out.rax as u64;
@@ -205,7 +214,10 @@ impl HypercallHandler {
                 0
             }
             // Handled by the caller.
-            Hypercall::Exit { .. } | Hypercall::Halt | Hypercall::ResolvePf { .. } => 0,
+            Hypercall::Exit { .. }
+            | Hypercall::Halt
+            | Hypercall::ResolvePf { .. }
+            | Hypercall::Populate { .. } => 0,
         })
     }
 }
@@ -236,7 +248,7 @@ mod tests {
     use crate::vmm::boot::regs::{CR0_BOOT, CR4_BOOT, EFER_BOOT};
     use crate::vmm::kvm::memory::{GuestMemWriter, GuestRam};
     use crate::vmm::kvm::stats::VmStats;
-    use crate::vmm::paging::KvmPaging;
+    use crate::vmm::paging::{GuestCpu, KvmPaging};
     use crate::vmm::switcher::{self, descriptors::interrupt_gate};
     use crate::vmm::x86::{CR0_WP, CR4_PGE, CR4_SMAP, CR4_SMEP, EFER_NXE};
     use kvm_bindings::{kvm_regs, kvm_sregs};
@@ -247,6 +259,11 @@ mod tests {
         mem_size: MEM,
         image_start: 0x20_0000,
         image_end: 0x20_8000,
+    };
+    const CPU: GuestCpu = GuestCpu {
+        maxphyaddr: 40,
+        gbpages: true,
+        amd: false,
     };
 
     /// A vCPU made of two structs.
@@ -288,7 +305,7 @@ mod tests {
         let ram = Arc::new(GuestRam::new(MEM).unwrap());
         let stats = Arc::new(VmStats::new(Instant::now()));
         let console = Arc::new(SerialDevice::new(Box::new(std::io::sink()), stats).unwrap());
-        let paging = Arc::new(KvmPaging::new(ram.clone()));
+        let paging = Arc::new(KvmPaging::new(ram.clone(), CPU));
         let mem = Arc::new(AnonMemory::new(switcher::pages(1)).unwrap());
         let sw = Arc::new(Switcher::new(mem.clone(), 0, MEM, 1).unwrap());
         let mut sregs = kvm_sregs {
@@ -361,7 +378,7 @@ mod tests {
         call(&h, &mut cpu, hc::PRINT, [0x20_0000, 3, 0, 0]);
         assert_eq!(cpu.regs.rax, 3);
         assert_eq!(
-            KvmPaging::new(Arc::new(GuestRam::new(MEM).unwrap()))
+            KvmPaging::new(Arc::new(GuestRam::new(MEM).unwrap()), CPU)
                 .host_op(&mut cpu, 1, 0, 0)
                 .unwrap(),
             EOPNOTSUPP

@@ -11,7 +11,7 @@ use crate::vmm::host::ram::host_err;
 use crate::vmm::kvm::cpu::CpuAccess;
 use crate::vmm::kvm::kick::VcpuRequest;
 use crate::vmm::paging::kvm::{refused, with_mode};
-use crate::vmm::paging::{GuestPagingMode, PagingError, PagingOps, PfResolution};
+use crate::vmm::paging::{GuestPagingMode, PagingError, PagingOps, PfResolution, Populated};
 use crate::vmm::x86::RFLAGS_AC;
 
 /// Sets the vCPU's real CR3 to the shadow root `root`.
@@ -170,6 +170,52 @@ impl PagingOps for ShadowPaging {
         }
         self.ensure_critical()?;
         Ok(ran)
+    }
+
+    fn populate(
+        &self,
+        cpu: &mut dyn CpuAccess,
+        gva: u64,
+        len: u64,
+    ) -> Result<Populated, PagingError> {
+        // What a VMM does on a real host: madvise(MADV_POPULATE_WRITE) on
+        // the hva range, then KVM_PRE_FAULT_MEMORY. The gpa range comes
+        // from the guest's tables (`accessed_runs`, advice only); the
+        // pre-fault re-walks them under the invalidation protocol, finds
+        // the host pages present, and installs the sptes, Accessed (and
+        // Dirty where writable) as after the access the guest announced by
+        // setting A (and D) in its PTEs (`ShadowMmu::populate`). Host pages a
+        // concurrent invalidation (ksmd, kswapd, a host op) takes back in
+        // between are faulted in again by the pre-fault itself.
+        let vcpu = cpu.id() as usize;
+        let runs = self
+            .mmu
+            .accessed_runs(vcpu, gva, len)
+            .map_err(|e| self.mmu_err(e))?;
+        let mm = self.ram.mm();
+        for run in &runs.runs {
+            match mm.madvise_populate_write(self.ram.base() + run.gpa, run.len) {
+                Ok(()) => {}
+                // Machine memory is full and reclaim found nothing cold: a
+                // populate is advice, so it stops here (the pre-fault maps
+                // what is present and skips the rest); the fault path
+                // reports running out if the guest really needs the page.
+                Err(MmError::OutOfFrames) => break,
+                // The host made part of guest RAM read-only or unmapped it
+                // (a host op): the pre-fault maps what the host allows and
+                // skips the rest, as the fault path would refuse it.
+                Err(MmError::InvalidArgument(_) | MmError::NoMemory) => {}
+                Err(source) => {
+                    return Err(PagingError::Memory(host_err(run.gpa, run.len)(source)));
+                }
+            }
+        }
+        let res = self
+            .mmu
+            .populate(vcpu, gva, len)
+            .map_err(|e| self.mmu_err(e))?;
+        self.ensure_critical()?;
+        Ok(Populated::Pages(res))
     }
 
     fn set_paging(

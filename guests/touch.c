@@ -1,4 +1,4 @@
-/* guest: touch - in ring 3, times the first touch and a re-touch of pages=N (default 1024) with rdtsc; pt4k=1 through 4 KiB guest pages, populate=1 populates first, stride=S touches every S-th page, chunk=K balloons them back K pages per call */
+/* guest: touch - in ring 3, times the first touch and a re-touch of pages=N (default 1024) with rdtsc; pt4k=1 through 4 KiB guest pages, populate=1 populates first, stride=S touches every S-th page, align=A aligns the buffer, chunk=K balloons them back K pages per call */
 #include <shadowvm.h>
 
 /*
@@ -19,9 +19,13 @@
  *               default sets them, as Linux's kernel mappings do, so that
  *               the shadow MMU may prefetch and POPULATE may map them)
  *   populate=1  POPULATE the buffer before the first touch, timed on its
- *               own in cycles per page (identity map: the runtime's
- *               alloc_pages_populated, which marks the boot tables' entries
- *               A|D first; pt4k: populate() of the alias)
+ *               own in cycles per page (identity map: what the runtime's
+ *               alloc_pages_populated does, pt_mark_accessed, a no-op on
+ *               the boot map, then populate(); pt4k: populate() of the
+ *               alias)
+ *   align=A     start the buffer at a multiple of A bytes (default 4K; 2M
+ *               keeps it out of the image's 2 MiB, which shadow mode mlocks
+ *               and so never backs with a huge page)
  *   chunk=K     then balloon the pages back K at a time from ring 1, so
  *               every call makes the VMM flush K frames (the TLB-shootdown
  *               cost, read from --json)
@@ -134,31 +138,41 @@ int main(const struct svm_boot_info *bi)
     bool pt4k = cmdline_u64("pt4k", 0) != 0;
     bool ad = cmdline_u64("ad", 1) != 0;
     bool pop = cmdline_u64("populate", 0) != 0;
+    uint64_t align = cmdline_u64("align", PAGE_SIZE);
     uint64_t span, t0;
     long pop_rc = 0;
     uint64_t skipped = 0;
-    void *base;
+    uint8_t *base;
 
     if (pages == 0 || stride == 0 || pages * stride / stride != pages) {
         puts("touch: pages and stride must be at least 1");
         return 2;
     }
+    if (align < PAGE_SIZE || (align & (align - 1)) || align > (1ull << 30)) {
+        puts("touch: align must be a power of two from 4K to 1G");
+        return 2;
+    }
     span = pages * stride;
-    t0 = rdtsc();
-    base = pop && !pt4k ? alloc_pages_populated(span, &pop_rc) : alloc_pages(span);
-    t0 = rdtsc() - t0;
+    base = alloc_pages(span + align / PAGE_SIZE - 1);
     if (!base) {
         printf("touch: cannot allocate %lu pages (free RAM: %lu KiB)\n", span,
                (bi->free_end - bi->free_start) >> 10);
         return 2;
     }
+    base = (uint8_t *)(((uint64_t)base + align - 1) & ~(align - 1));
     job.base = base;
     job.pages = pages;
     job.stride = stride;
     printf("touch: %u vCPUs, %lu pages at %p, stride %lu, %s guest pages%s\n", nr_cpus(), pages, base,
            stride, pt4k ? "4 KiB" : "2 MiB", pt4k && !ad ? " without A/D" : "");
-    if (pop && !pt4k)
-        report_populate(t0, pop_rc, span - (pop_rc > 0 ? (uint64_t)pop_rc : 0));
+    if (pop && !pt4k) {
+        /* What alloc_pages_populated does (the boot map has A|D already,
+         * so the marking writes nothing). */
+        t0 = rdtsc();
+        pt_mark_accessed((uint64_t *)read_cr3(), (uint64_t)base, span * PAGE_SIZE, true);
+        pop_rc = populate((uint64_t)base, span * PAGE_SIZE, &skipped);
+        report_populate(rdtsc() - t0, pop_rc, skipped);
+    }
     if (pt4k) {
         job.pml4 = pt_new_root();
         job.base_pa = (uint64_t)base;

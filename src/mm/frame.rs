@@ -45,10 +45,10 @@ struct Inner {
     owner: Vec<FrameOwner>,
     /// Frames never handed out since machine memory was mapped: still the
     /// zeros of a fresh anonymous mapping, so allocating them needs no
-    /// zeroing (the real kernel zeroes each on its first touch, a huge
-    /// page at a time where the memory is THP-backed; zeroing it again
-    /// would touch every byte twice). Cleared for good at the first
-    /// allocation.
+    /// zeroing pass, only the real host's populate (the real kernel zeroes
+    /// them, a huge page at a time where the memory is THP-backed; a
+    /// zeroing pass of ours would touch every byte twice). Cleared for
+    /// good at the first allocation.
     pristine: Vec<bool>,
     /// The free frames, by power-of-two aligned blocks.
     buddy: buddy_system_allocator::FrameAllocator,
@@ -136,9 +136,16 @@ impl FrameAllocator {
             inner.nr_free -= nr;
             (head, zeroed)
         };
-        for (pfn, zero) in (head..head + nr).zip(zeroed) {
-            if !zero {
-                self.mem.fill_frame(pfn, 0)?;
+        // Fresh frames are made present in the real host in one call (the
+        // frames a caller gets are always backed, as zeroing them would
+        // leave them); the others, and fresh ones the host cannot
+        // populate, are zeroed.
+        let fresh = zeroed.iter().all(|&z| z) && self.mem.populate_fresh(head, nr)?;
+        if !fresh {
+            for (pfn, zero) in (head..head + nr).zip(zeroed) {
+                if !zero || !self.mem.populate_fresh(pfn, 1)? {
+                    self.mem.fill_frame(pfn, 0)?;
+                }
             }
         }
         Ok(head)

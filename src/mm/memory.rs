@@ -24,6 +24,16 @@ pub unsafe trait MachineMemory: Send + Sync {
     fn host_base(&self) -> *mut u8;
     /// Number of 4 KiB frames.
     fn nr_frames(&self) -> u64;
+
+    /// Makes frames `[pfn, pfn + n)`, which have never been written since
+    /// the memory was mapped (so they read zero), present for writing in
+    /// the real host (`MADV_POPULATE_WRITE`): the real kernel zeroes them
+    /// once, a huge page at a time where the memory is THP-backed, and no
+    /// second pass writes them again. `Ok(false)` when the host cannot
+    /// (the caller zeroes them instead, which faults them in too).
+    fn populate_fresh(&self, _pfn: Pfn, _n: u64) -> Result<bool, MmError> {
+        Ok(false)
+    }
 }
 
 /// Byte-level access to frames, provided for every [`MachineMemory`].
@@ -236,5 +246,22 @@ unsafe impl MachineMemory for AnonMemory {
     }
     fn nr_frames(&self) -> u64 {
         self.nr_frames
+    }
+    fn populate_fresh(&self, pfn: Pfn, n: u64) -> Result<bool, MmError> {
+        if n == 0 || pfn.checked_add(n).is_none_or(|end| end > self.nr_frames) {
+            return Err(MmError::BadFrame(pfn));
+        }
+        let len = (n * PAGE_SIZE) as usize;
+        // SAFETY: the `n` frames from `pfn` lie inside our own mapping
+        // (checked above); MADV_POPULATE_WRITE only faults the pages in
+        // (they are fresh, so zero-filled), changing no byte anyone reads.
+        let ret = unsafe {
+            libc::madvise(
+                self.base.add(pfn as usize * PAGE_SIZE as usize).cast(),
+                len,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        Ok(ret == 0)
     }
 }

@@ -385,6 +385,60 @@ mod tests {
         );
     }
 
+    /// kvm mode's POPULATE walks the guest's tables in software (the
+    /// shadow MMU's rule: accessed at every level, in RAM) and populates
+    /// the host memory of what they map; rax and rdx count the pages.
+    #[test]
+    fn kvm_mode_populate_counts_the_accessed_mappings() {
+        use crate::vmm::x86::pte::{A, D, P, PS, U, W};
+        let Setup {
+            h, mut cpu, ram, ..
+        } = setup();
+        let mut ram_w = &*ram;
+        let table = P | W | U | A;
+        // PML4 0x8000 -> PDPT 0x9000 -> PD 0xa000: 2 MiB at 4 MiB accessed
+        // and dirty, 2 MiB at 6 MiB not accessed, a PT at 8 MiB mapping
+        // one page of RAM and one beyond it.
+        ram_w.write_u64(0x8000, 0x9000 | table).unwrap();
+        ram_w.write_u64(0x9000, 0xa000 | table).unwrap();
+        ram_w
+            .write_u64(0xa000 + 8 * 2, 0x40_0000 | P | W | U | A | D | PS)
+            .unwrap();
+        ram_w
+            .write_u64(0xa000 + 8 * 3, 0x60_0000 | P | W | U | PS)
+            .unwrap();
+        ram_w.write_u64(0xa000 + 8 * 4, 0xb000 | table).unwrap();
+        ram_w.write_u64(0xb000, 0x30_0000 | P | W | A | D).unwrap();
+        ram_w.write_u64(0xb008, MEM | P | W | A | D).unwrap();
+        cpu.sregs.cr3 = 0x8000;
+        let populate = |h: &HypercallHandler, cpu: &mut FakeCpu, gva: u64, len: u64| {
+            call(h, cpu, hc::POPULATE, [gva, len, 0, 0]);
+            (cpu.regs.rax as i64, cpu.regs.rdx)
+        };
+        assert_eq!(populate(&h, &mut cpu, 0x40_0000, 0x3000), (3, 0));
+        assert_eq!(
+            populate(&h, &mut cpu, 0x60_0000, 0x2000),
+            (0, 2),
+            "not accessed"
+        );
+        assert_eq!(
+            populate(&h, &mut cpu, 0x80_0000, 0x3000),
+            (1, 2),
+            "beyond RAM, not present"
+        );
+        assert_eq!(populate(&h, &mut cpu, 0, MEM), (513, 4096 - 513));
+        assert_eq!(populate(&h, &mut cpu, 1 << 39, 0x1000), (0, 1), "no PDPT");
+        call(&h, &mut cpu, hc::POPULATE, [0x40_0000, 0x1000, 1, 0]);
+        assert_eq!(cpu.regs.rax as i64, EINVAL, "a flag");
+        call(
+            &h,
+            &mut cpu,
+            hc::POPULATE,
+            [abi::SWITCHER_GVA, 0x1000, 0, 0],
+        );
+        assert_eq!(cpu.regs.rax as i64, EINVAL, "the switcher");
+    }
+
     #[test]
     fn set_paging_sets_cr0_cr4_and_efer() {
         let Setup { h, mut cpu, .. } = setup();

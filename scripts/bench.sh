@@ -233,11 +233,11 @@ def targets(tag):
         pop = {m: med(p.get("populate", 0) for _, p in runs[m]) for m in ("shadowpop", "kvmpop")}
         st, _ = sorted(runs["shadowpop"], key=lambda r: r[1]["first"])[reps // 2]
         mm = st["mmu"]
-        after = mm["pf_fixed"] - base_pf
         verdicts.append(f"      POPULATE: {pop['shadowpop']:.0f} / {pop['kvmpop']:.0f} cyc/page (shadow / kvm), "
                         f"then first touch {c['shadowpop']['first']:.0f} / {c['kvmpop']['first']:.0f} cyc/page "
-                        f"({c['shadowpop']['first'] / c['kvmpop']['first']:.2f}x), "
-                        f"{mm['prefault_pages']} pages pre-faulted, {after} shadow faults after; "
+                        f"({c['shadowpop']['first'] / c['kvmpop']['first']:.2f}x); "
+                        f"{mm['prefault_pages']} pages pre-faulted, pf_fixed {mm['pf_fixed']} "
+                        f"({base_pf:.0f} in the 1-page run); "
                         f"host populate_fault {st['host_mm']['populate_fault']}, populate_present {st['host_mm']['populate_present']}")
         fig[f"({name}) POPULATE, shadow (us/page)"] = us(pop["shadowpop"])
         fig[f"({name}) POPULATE, kvm (us/page)"] = us(pop["kvmpop"])

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use common::mmu_guest::{A, D, Guest, P, PS, RW, US, spte_pfn};
 use shadowvm::mm::{MmapFlags, PAGE_SIZE, Prot, Pte, ThpConfig, ThpEnabled};
 use shadowvm::mmu::spte_bits;
-use shadowvm::mmu::{FaultOutcome, PfErrorCode, PrefaultResult, ShadowMmuConfig};
+use shadowvm::mmu::{FaultOutcome, GpaRun, PfErrorCode, PrefaultResult, ShadowMmuConfig};
 
 const GVA: u64 = 0x40_0000_0000;
 const M2: u64 = 2 << 20;
@@ -448,6 +448,96 @@ fn pre_fault_maps_what_the_guest_has_accessed_and_counts_apart() {
     let again = g.mmu.pre_fault(0, GVA, 20 * PAGE_SIZE).unwrap();
     assert_eq!(again, r);
     assert!(g.mmu.pre_fault(0, u64::MAX - 5, 10).is_err());
+}
+
+/// The guest RAM a range maps, as the VMM reads it to populate the host
+/// memory before a POPULATE: the same pages `pre_fault` maps, in runs
+/// merged where the gva and gpa both continue; the guest's tables are not
+/// changed.
+#[test]
+fn accessed_runs_are_the_pages_pre_fault_maps() {
+    let mut g = guest(256, 512, 0, ThpConfig::off());
+    for i in 0..16 {
+        let f = if i < 8 {
+            P | RW | US | A | D
+        } else {
+            P | RW | US
+        };
+        g.map(GVA + i * PAGE_SIZE, (32 + i) * PAGE_SIZE, f);
+    }
+    g.map(GVA + 16 * PAGE_SIZE, 40 * PAGE_SIZE, P | US | A);
+    // Beyond RAM: never a run.
+    g.map(GVA + 17 * PAGE_SIZE, 4096 * PAGE_SIZE, P | RW | US | A | D);
+    accessed_path(&mut g, GVA, 1);
+    let before = guest_ptes(&mut g, 18);
+    let t = g.mmu.accessed_runs(0, GVA, 20 * PAGE_SIZE).unwrap();
+    assert_eq!(
+        t.runs,
+        vec![
+            GpaRun {
+                gva: GVA,
+                gpa: 32 * PAGE_SIZE,
+                len: 8 * PAGE_SIZE
+            },
+            GpaRun {
+                gva: GVA + 16 * PAGE_SIZE,
+                gpa: 40 * PAGE_SIZE,
+                len: PAGE_SIZE
+            },
+        ]
+    );
+    assert_eq!((t.mapped(), t.skipped), (9, 11));
+    assert_eq!(guest_ptes(&mut g, 18), before, "guest PTEs changed");
+    assert_eq!(g.mmu.nr_sptes(), 0, "a translation maps nothing");
+    let r = g.mmu.pre_fault(0, GVA, 20 * PAGE_SIZE).unwrap();
+    assert_eq!((r.mapped, r.skipped), (t.mapped(), t.skipped));
+    // A 2 MiB guest page is one run, however many 4 KiB pages.
+    map_2m(&mut g, GVA + M2, 0, P | RW | US | A | D);
+    let t = g.mmu.accessed_runs(0, GVA + M2, M2).unwrap();
+    assert_eq!(
+        t.runs,
+        vec![GpaRun {
+            gva: GVA + M2,
+            gpa: 0,
+            len: M2
+        }]
+    );
+    assert!(g.mmu.accessed_runs(0, u64::MAX - 5, 10).is_err());
+}
+
+/// `populate` (the POPULATE hypercall) maps the same pages as `pre_fault`
+/// but as the access the guest announced: Accessed, and Dirty where
+/// writable (over a dirty guest PTE only). No fault counted.
+#[test]
+fn populate_makes_the_sptes_as_an_access_would() {
+    let mut g = guest(256, 512, 0, ThpConfig::off());
+    g.map(GVA, 32 * PAGE_SIZE, P | RW | US | A | D);
+    g.map(GVA + PAGE_SIZE, 33 * PAGE_SIZE, P | RW | US | A);
+    g.map(GVA + 2 * PAGE_SIZE, 34 * PAGE_SIZE, P | US | A | D);
+    g.map(GVA + 3 * PAGE_SIZE, 35 * PAGE_SIZE, P | RW | US);
+    accessed_path(&mut g, GVA, 1);
+    let before = guest_ptes(&mut g, 4);
+    let r = g.mmu.populate(0, GVA, 4 * PAGE_SIZE).unwrap();
+    assert_eq!((r.mapped, r.skipped), (3, 1));
+    let bits = |i: u64| {
+        let s = g.spte(GVA + i * PAGE_SIZE).expect("populated");
+        (
+            spte_bits::is_accessed(s),
+            spte_bits::is_writable(s),
+            s & D != 0,
+        )
+    };
+    assert_eq!(bits(0), (true, true, true), "dirty guest PTE");
+    assert_eq!(bits(1), (true, false, false), "clean guest PTE: read-only");
+    assert_eq!(bits(2), (true, false, false), "read-only guest PTE");
+    assert_eq!(g.spte(GVA + 3 * PAGE_SIZE), None, "not accessed");
+    assert_eq!(guest_ptes(&mut g, 4), before, "guest PTEs changed");
+    let st = g.mmu.stats();
+    assert_eq!(
+        (st.pf_fixed, st.prefault_calls, st.prefault_pages),
+        (0, 1, 3)
+    );
+    g.check();
 }
 
 #[test]

@@ -139,3 +139,37 @@ fn the_checker_catches_a_changed_reserved_entry() {
     word.store(0, Ordering::Release);
     assert!(g.mmu.check_coherence().is_err(), "a missing entry too");
 }
+
+/// A pre-fault or a populate (the POPULATE hypercall) never maps under the
+/// slot either, whatever the guest's tables say there, Accessed and Dirty
+/// at every level; the translation the VMM populates host memory from
+/// skips it too.
+#[test]
+fn pre_fault_and_populate_skip_the_reserved_slot() {
+    let mut g = guest(8);
+    let cr3 = g.cr3;
+    for i in 0..4 {
+        let gva = SLOT_GVA + i * PAGE_SIZE;
+        g.map(gva, GPA + i * PAGE_SIZE, P | RW | US | A | D);
+        for level in 2..=4 {
+            let e = g.pte_gpa(cr3, gva, level);
+            let v = g.read_u64(e);
+            g.write_u64(e, v | A);
+        }
+    }
+    let len = 4 * PAGE_SIZE;
+    let r = g.mmu.pre_fault(0, SLOT_GVA, len).unwrap();
+    assert_eq!((r.mapped, r.skipped), (0, 4));
+    let r = g.mmu.populate(0, SLOT_GVA, len).unwrap();
+    assert_eq!((r.mapped, r.skipped), (0, 4));
+    let t = g.mmu.accessed_runs(0, SLOT_GVA, len).unwrap();
+    assert!(t.runs.is_empty(), "{t:?}");
+    assert_eq!(t.skipped, 4);
+    // The last pages of the address space: no overflow at 2^64.
+    let top = u64::MAX - PAGE_SIZE + 1;
+    let r = g.mmu.populate(0, top - PAGE_SIZE, PAGE_SIZE).unwrap();
+    assert_eq!((r.mapped, r.skipped), (0, 1));
+    assert_eq!(root_entry(&g), ENTRY);
+    assert_eq!(g.mmu.nr_sptes(), 0, "nothing mapped");
+    g.check();
+}

@@ -197,6 +197,224 @@ fn touch_guest_and_timing_counters() {
     assert!(n(&h["mprotect_ns"]) > 0, "{v}");
 }
 
+/// The numbers of `touch: <what> ...` lines with the cycle counts left
+/// out: what both modes must print alike.
+fn touch_shape(r: &Run) -> Vec<String> {
+    r.stdout
+        .lines()
+        .filter(|l| l.starts_with("touch: "))
+        .map(|l| {
+            let mut words: Vec<&str> = l.split_whitespace().collect();
+            for i in 0..words.len() {
+                if words.get(i + 1).is_some_and(|w| w.starts_with("cycles")) {
+                    words[i] = "N";
+                }
+            }
+            words.join(" ")
+        })
+        .collect()
+}
+
+/// `touch` with `populate=1` and `pt4k=1` (scripts/bench.sh's issue-12
+/// targets) in both modes: the same lines, the same POPULATE counts; and
+/// in shadow mode a populated buffer's first touch takes no shadow fault:
+/// 240 more pages populated, not one more `pf_fixed`.
+#[test]
+fn touch_populate_and_pt4k_in_both_modes() {
+    if !require_kvm() {
+        return;
+    }
+    for extra in [&["populate=1"][..], &["pt4k=1"], &["pt4k=1", "populate=1"]] {
+        let mut args = vec!["run", "touch", "--mem", "16M", "--", "pages=64"];
+        args.extend_from_slice(extra);
+        let (kvm, s) = both_modes(&args, &[]);
+        kvm.check(kvm.code == Some(0), "touch exits 0 in kvm mode");
+        s.check(s.code == Some(0), "touch exits 0 in shadow mode");
+        s.check(
+            touch_shape(&kvm) == touch_shape(&s),
+            &format!("the same lines as kvm mode:\n{}", kvm.stdout),
+        );
+        for want in ["touch: first 64 pages ", "touch: retouch 64 pages "] {
+            s.check(s.stdout.contains(want), want);
+        }
+        if extra.contains(&"populate=1") {
+            let want = "(64 populated, 0 skipped)";
+            kvm.check(kvm.stdout.contains(want), want);
+            s.check(s.stdout.contains(want), want);
+        }
+        if extra.contains(&"pt4k=1") {
+            s.check(s.stdout.contains("4 KiB guest pages"), "pt4k");
+        }
+    }
+
+    let n = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
+    for pt4k in ["pt4k=0", "pt4k=1"] {
+        let run = |pages: &str| {
+            let r = shadowvm(&[
+                "run",
+                "touch",
+                "--paging",
+                "shadow",
+                "--prefetch",
+                "0",
+                "--mem",
+                "16M",
+                "--json",
+                "--",
+                pages,
+                pt4k,
+                "populate=1",
+            ]);
+            r.check(r.code == Some(0), "touch exits 0");
+            r.json()
+        };
+        let (small, big) = (run("pages=16"), run("pages=256"));
+        let (ms, mb) = (&small["mmu"], &big["mmu"]);
+        assert_eq!(n(&mb["prefault_calls"]), 1, "{big}");
+        assert_eq!(n(&mb["prefault_pages"]), 256, "{big}");
+        assert_eq!(n(&mb["prefault_pages"]) - n(&ms["prefault_pages"]), 240);
+        assert_eq!(
+            n(&mb["pf_fixed"]),
+            n(&ms["pf_fixed"]),
+            "{pt4k}: the populated pages took shadow faults: {small} {big}"
+        );
+        // The host pages behind them were populated by the hypercall, which
+        // is counted apart from the fault path.
+        let hm = &big["host_mm"];
+        assert_eq!(
+            n(&hm["populate_fault"]) + n(&hm["populate_present"]),
+            256,
+            "{big}"
+        );
+        assert_eq!(n(&big["hypercalls"]["populate"]), 1, "{big}");
+    }
+}
+
+/// POPULATE while ksmd merges, kswapd evicts (machine memory below what
+/// the guest touches) and host folios come and go: the populate ends early
+/// rather than push the host into reclaim, pages may be taken back before
+/// the touch (and faulted again), but the run and `--check` pass, with
+/// every host setting. (Populating all of a buffer that does not fit used
+/// to leave reclaim nothing cold to evict at the guest's next fault: out
+/// of machine memory, exit 125, in 3 of 6 runs.)
+#[test]
+fn populate_under_ksmd_and_kswapd_passes_check() {
+    if !require_kvm() {
+        return;
+    }
+    // 4 KiB guest tables only without large folios: with them the run
+    // trips a bug that is not POPULATE's (the next test).
+    for (folios, guest) in [
+        (&[][..], &["pages=2048", "populate=1"][..]),
+        (&[], &["pages=2048", "populate=1", "pt4k=1"]),
+        (&["--host-thp", "always"], &["pages=2048", "populate=1"]),
+        (
+            &["--host-mthp", "64K", "--prefetch", "16"],
+            &["pages=2048", "populate=1"],
+        ),
+    ] {
+        {
+            let mut args = vec![
+                "run",
+                "touch",
+                "--paging",
+                "shadow",
+                "--vcpus",
+                "2",
+                "--mem",
+                "16M",
+                "--machine-mem",
+                "10M",
+                "--ksm",
+                "--ksm-sleep-ms",
+                "1",
+                "--reclaim",
+                "--reclaim-interval-ms",
+                "1",
+                "--check",
+                "--json",
+                "--timeout",
+                "120s",
+            ];
+            args.extend_from_slice(folios);
+            args.push("--");
+            args.extend_from_slice(guest);
+            let r = shadowvm(&args);
+            r.check(r.code == Some(0), &format!("{folios:?} {guest:?}: exits 0"));
+            r.check(
+                r.stderr.lines().any(|l| l == "coherence check: ok"),
+                "coherence check passes",
+            );
+            // Under pressure the populate may end early (it never makes
+            // the host reclaim), but it accounts for every page.
+            let counts: Option<(u64, u64)> = r
+                .stdout
+                .lines()
+                .find_map(|l| l.strip_prefix("touch: populate 2048 pages "))
+                .and_then(|l| l.split_once('('))
+                .and_then(|(_, c)| {
+                    let w: Vec<&str> = c.split_whitespace().collect();
+                    Some((w.first()?.parse().ok()?, w.get(2)?.parse().ok()?))
+                });
+            r.check(
+                counts.is_some_and(|(p, s)| p + s == 2048),
+                "populated + skipped = 2048",
+            );
+            let v = r.json();
+            assert_eq!(v["mmu"]["prefault_calls"], 1, "{v}");
+        }
+    }
+}
+
+/// A bug found with `touch pt4k=1`, there before POPULATE (the branch's
+/// base VMM with this guest fails the same way, with or without
+/// `populate=1`): with large folios on, under ksmd and kswapd, a guest
+/// touching through 4 KiB tables of its own sometimes triple-faults in
+/// ring 1 on its kernel stack (CR2 in the per-vCPU area, which should be
+/// mapped in every root: exception delivery needs it), or stops on a
+/// RESOLVE_PF livelock (a user write the VMM says no spte allows, yet the
+/// fault repeats). 2-4 runs in 5 fail. Ignored until it is fixed:
+/// `cargo test --release --test shadow_mode -- --ignored`.
+#[test]
+#[ignore = "known bug: large folios + reclaim + guest-built 4 KiB tables lose a critical mapping"]
+fn large_folios_under_reclaim_keep_a_guest_built_address_space_alive() {
+    if !require_kvm() {
+        return;
+    }
+    for folios in [
+        &["--host-thp", "always"][..],
+        &["--host-mthp", "64K", "--prefetch", "16"],
+    ] {
+        for _ in 0..5 {
+            let mut args = vec![
+                "run",
+                "touch",
+                "--paging",
+                "shadow",
+                "--vcpus",
+                "2",
+                "--mem",
+                "16M",
+                "--machine-mem",
+                "10M",
+                "--ksm",
+                "--ksm-sleep-ms",
+                "1",
+                "--reclaim",
+                "--reclaim-interval-ms",
+                "1",
+                "--check",
+                "--timeout",
+                "120s",
+            ];
+            args.extend_from_slice(folios);
+            args.extend_from_slice(&["--", "pages=2048", "pt4k=1"]);
+            let r = shadowvm(&args);
+            r.check(r.code == Some(0), &format!("{folios:?}: exits 0"));
+        }
+    }
+}
+
 #[test]
 fn running_out_of_machine_memory_is_an_error() {
     if !require_kvm() {
@@ -259,7 +477,10 @@ const BOTH_MODES: &[(&str, &str)] = &[
     ("ksm", "issue6_guests.rs: ksm_guest_in_both_modes"),
     ("memtest", "memtest_in_both_modes"),
     ("pagetable", "pagetable_in_both_modes"),
-    ("touch", "touch_guest_and_timing_counters"),
+    (
+        "touch",
+        "touch_guest_and_timing_counters, touch_populate_and_pt4k_in_both_modes",
+    ),
     ("verify", "issue6_guests.rs: verify_guest_in_both_modes"),
     ("wss", "issue6_guests.rs: wss_guest_in_both_modes"),
     ("test-badport", "test_guests_in_both_modes"),

@@ -48,6 +48,7 @@
 #define SVM_HC_BALLOON      7 /* (gpa, nr_pages) -> pages given back */
 #define SVM_HC_HOST_OP      8 /* (op, arg0, arg1) -> op-specific */
 #define SVM_HC_SET_PAGING   9 /* (flags) -> 0: CR0.WP, EFER.NXE, CR4.SMEP, CR4.SMAP */
+#define SVM_HC_POPULATE     10 /* (gva, len, flags = 0) -> pages populated, rdx = pages skipped (v2) */
 #define SVM_HC_DMA          11 /* (op, arg0, arg1, arg2) -> 0: the DMA device, SVM_DMA_* */
 /* ABI v2, ring 1 (0x100..): */
 #define SVM_HC_SET_TRAP_TABLE 0x100 /* (gpa, count) -> 0: struct svm_trap_info[count] */
@@ -292,6 +293,13 @@ static inline bool in_user_mode(void)
  * user-accessible in the boot tables.  Returns NULL when RAM runs out.
  * Safe on any vCPU, ring 1 or 3. */
 void *alloc_pages(size_t nr_pages);
+/* alloc_pages(), then ask the VMM to populate the pages (ring 1 only): sets
+ * Accessed and Dirty on the current tables' entries that map them
+ * (pt_mark_accessed) and makes the POPULATE hypercall, so the first touch
+ * of each page takes no fault.  *populated (if not NULL) gets POPULATE's
+ * result (pages populated, or a negative SVM_E*).  Populating is advice:
+ * the pages are usable whatever it did. */
+void *alloc_pages_populated(size_t nr_pages, long *populated);
 
 /* Paging: always through these wrappers (hypercalls), never the native
  * instructions, so the same guest runs in kvm and shadow mode. */
@@ -300,6 +308,12 @@ uint64_t read_cr3(void);
 void invlpg(uint64_t va);
 void flush_tlb(unsigned flags);
 long balloon(uint64_t gpa, uint64_t nr_pages);
+/* POPULATE [gva, gva + len) (page aligned, at most mem_size bytes, clear of
+ * the switcher) on the current tables: the pages mapped to RAM through
+ * entries that all have Accessed set get their host memory, and in shadow
+ * mode the VMM's mapping, now.  Returns the pages populated or a negative
+ * SVM_E*; *skipped (if not NULL) gets the range's other pages. */
+long populate(uint64_t gva, uint64_t len, uint64_t *skipped);
 long host_op(long op, long arg0, long arg1);
 /* CR0.WP, EFER.NXE, CR4.SMEP, CR4.SMAP (SVM_SET_PAGING_* flags); the
  * native instructions fault in ring 1.  Returns 0 or a negative SVM_E*
@@ -341,6 +355,13 @@ int pt_map(uint64_t *pml4, uint64_t va, uint64_t pa, uint64_t flags);
 uint64_t *pt_lookup(uint64_t *pml4, uint64_t va);
 /* Clear the PTE; returns the old value (0 if none).  Flush with invlpg(). */
 uint64_t pt_unmap(uint64_t *pml4, uint64_t va);
+/* Set Accessed on every entry that maps [va, va + len) and, with `dirty`,
+ * Dirty on the leaves (atomically: the CPU and the VMM set them too), as
+ * the CPU would on a touch: what POPULATE asks of a mapping before it maps
+ * it (Linux's kernel mappings have A|D preset for the same reason).  Works
+ * on tables the caller may write: ring 3 for its own tables in free RAM,
+ * ring 1 for the boot tables. */
+void pt_mark_accessed(uint64_t *pml4, uint64_t va, uint64_t len, bool dirty);
 
 /* Fault probes: one access that may fault.  Return 0 on success or -1 if it
  * faulted, with *fault (if not NULL) filled in.  They work in ring 1 and

@@ -40,6 +40,15 @@ long balloon(uint64_t gpa, uint64_t nr_pages)
     return svm_hypercall(SVM_HC_BALLOON, (long)gpa, (long)nr_pages, 0, 0).rax;
 }
 
+long populate(uint64_t gva, uint64_t len, uint64_t *skipped)
+{
+    struct svm_hc_result r = svm_hypercall(SVM_HC_POPULATE, (long)gva, (long)len, 0, 0);
+
+    if (skipped)
+        *skipped = r.rax >= 0 ? (uint64_t)r.rdx : 0;
+    return r.rax;
+}
+
 long host_op(long op, long arg0, long arg1)
 {
     return svm_hypercall(SVM_HC_HOST_OP, op, arg0, arg1, 0).rax;
@@ -123,4 +132,56 @@ uint64_t pt_unmap(uint64_t *pml4, uint64_t va)
     old = *pte;
     *pte = 0;
     return old;
+}
+
+/* Sets `bits` in *e unless they are all there already: a store into a
+ * table the VMM shadows costs a fault (and in shadow mode, for an upper
+ * level, a zap of its shadow pages), so only a change is written. */
+static void set_bits(uint64_t *e, uint64_t bits)
+{
+    if ((*e & bits) != bits)
+        __atomic_fetch_or(e, bits, __ATOMIC_SEQ_CST);
+}
+
+void pt_mark_accessed(uint64_t *pml4, uint64_t va, uint64_t len, bool dirty)
+{
+    uint64_t end = va + len, leaf_bits = PTE_A | (dirty ? PTE_D : 0);
+
+    if (end < va)
+        end = ~0ull;
+    while (va < end) {
+        uint64_t *table = pml4, size = 0;
+        int level;
+
+        for (level = 3; level >= 0; level--) {
+            uint64_t *e = &table[pt_index(va, level)];
+            bool leaf = level == 0 || (*e & PTE_PS);
+
+            size = 1ull << (12 + 9 * level);
+            if (!(*e & PTE_P))
+                break; /* nothing mapped below: skip what it covers */
+            if (leaf) {
+                set_bits(e, leaf_bits);
+                break;
+            }
+            set_bits(e, PTE_A);
+            table = (uint64_t *)(*e & PTE_ADDR_MASK);
+            if (level == 1) {
+                /* A page table: mark its entries in one pass, not one walk
+                 * each (ring 1 is emulated instruction by instruction). */
+                for (unsigned i = pt_index(va, 0); i < 512 && va < end; i++, va += PAGE_SIZE)
+                    if (table[i] & PTE_P)
+                        set_bits(&table[i], leaf_bits);
+                size = 0;
+                break;
+            }
+        }
+        if (size) {
+            uint64_t next = (va | (size - 1)) + 1;
+
+            if (next == 0)
+                break;
+            va = next;
+        }
+    }
 }

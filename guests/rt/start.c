@@ -81,3 +81,19 @@ void *alloc_pages(size_t nr_pages)
         return NULL;
     return (void *)p;
 }
+
+void *alloc_pages_populated(size_t nr_pages, long *populated)
+{
+    void *p = alloc_pages(nr_pages);
+    long r = SVM_ENOSYS;
+
+    if (p) {
+        uint64_t len = (uint64_t)nr_pages * PAGE_SIZE;
+
+        pt_mark_accessed((uint64_t *)read_cr3(), (uint64_t)p, len, true);
+        r = populate((uint64_t)p, len, NULL);
+    }
+    if (populated)
+        *populated = r;
+    return p;
+}

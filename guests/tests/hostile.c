@@ -288,6 +288,38 @@ int main(const struct svm_boot_info *bi)
 
     load_cr3((uint64_t)pml4);
 
+    /* POPULATE over the hostile tables: only RAM the tables really map,
+     * through entries that all have Accessed set, may be populated.  The
+     * window's PT maps frames beyond RAM, reserved bits, garbage and one
+     * RAM page, the PML4 itself (user-writable): exactly one page, in both
+     * modes.  Every probe below must still fault, and ring 3's writes to
+     * the PML4 through that alias must still reach the VMM. */
+    pt_mark_accessed(pml4, WIN, 8 * MIB, true);
+    pt_mark_accessed(pml4, WIN + (1ull << 30), 2 * MIB, true);
+    {
+        static const uint64_t ranges[][2] = {
+            { WIN, 1 },                  /* the hostile PT: the PML4 alias only */
+            { SLOT(2), 0 },              /* PDPT beyond RAM */
+            { SLOT(4), 0 },              /* reserved bit in the PML4E */
+            { SLOT(6), 0 },              /* PDPT below 2^MAXPHYADDR */
+            { SLOT(7), 0 },              /* PDPT at 1 TiB */
+            { WIN + 2 * MIB, 0 },        /* 2M page beyond RAM */
+            { WIN + 4 * MIB, 0 },        /* 2M page with a reserved bit */
+            { WIN + 6 * MIB, 0 },        /* 2M page below 2^MAXPHYADDR */
+            { WIN + (1ull << 30), 0 },   /* 1G page with a reserved bit */
+        };
+
+        for (size_t i = 0; i < sizeof(ranges) / sizeof(ranges[0]); i++) {
+            uint64_t skipped = 0;
+            long rc = populate(ranges[i][0], 2 * MIB, &skipped);
+
+            hypercalls++;
+            CHECK(rc == (long)ranges[i][1] && skipped == 512 - ranges[i][1],
+                  "POPULATE(0x%lx, 2 MiB): %ld populated, %lu skipped, want %lu", ranges[i][0], rc,
+                  skipped, ranges[i][1]);
+        }
+    }
+
     /* Reading through the self-references is architecturally fine. */
     CHECK(probe_read64((const volatile void *)va_of(3, 3, 3, 3), &v, &f) == 0 && v == pml4[0],
           "ring 0 read of the PML4 through itself: 0x%lx (vector %lu error 0x%lx)", v, f.vector,
@@ -442,6 +474,15 @@ int main(const struct svm_boot_info *bi)
             { SVM_HC_SET_PAGING, 16, 0, SVM_EINVAL },
             { SVM_HC_SET_PAGING, ~0ull, 0, SVM_EINVAL },
             { SVM_HC_SET_PAGING, 1ull << 63 | SVM_SET_PAGING_WP | SVM_SET_PAGING_NX, 0, SVM_EINVAL },
+            { SVM_HC_POPULATE, SVM_SWITCHER_GVA, PAGE_SIZE, SVM_EINVAL },
+            { SVM_HC_POPULATE, SVM_SWITCHER_GVA - PAGE_SIZE, 2 * PAGE_SIZE, SVM_EINVAL },
+            { SVM_HC_POPULATE, -PAGE_SIZE, PAGE_SIZE, SVM_EINVAL },
+            { SVM_HC_POPULATE, -PAGE_SIZE, 2 * PAGE_SIZE, SVM_EINVAL },
+            { SVM_HC_POPULATE, 0x7ffffffff000ull, 2 * PAGE_SIZE, SVM_EINVAL },
+            { SVM_HC_POPULATE, 1ull << 47, PAGE_SIZE, SVM_EINVAL },
+            { SVM_HC_POPULATE, 0x200000, ~0ull & ~0xfffull, SVM_EINVAL },
+            { SVM_HC_POPULATE, 0x200000, 1ull << 52, SVM_EINVAL },
+            { SVM_HC_POPULATE, 0x200001, PAGE_SIZE, SVM_EINVAL },
         };
 
         for (size_t i = 0; i < sizeof(e) / sizeof(e[0]); i++) {
@@ -464,8 +505,8 @@ int main(const struct svm_boot_info *bi)
                                          0x7ffffffff000ull, 0x800000000000ull, 0xfffull };
         static const long nrs[] = { SVM_HC_NOP, SVM_HC_PRINT, SVM_HC_EXIT, SVM_HC_LOAD_CR3, SVM_HC_INVLPG,
                                     SVM_HC_FLUSH_TLB, SVM_HC_RESOLVE_PF, SVM_HC_BALLOON, SVM_HC_HOST_OP,
-                                    SVM_HC_SET_PAGING, SVM_HC_SET_TRAP_TABLE, SVM_HC_SET_STACK, SVM_HC_HALT,
-                                    SVM_HC_DMA };
+                                    SVM_HC_SET_PAGING, SVM_HC_POPULATE, SVM_HC_DMA, SVM_HC_SET_TRAP_TABLE,
+                                    SVM_HC_SET_STACK, SVM_HC_HALT };
         const int nr_known = sizeof(nrs) / sizeof(nrs[0]);
         uint64_t r = rnd();
         long nr = (long)(r % 20), rc;
@@ -505,6 +546,8 @@ int main(const struct svm_boot_info *bi)
             a[0] &= 0x7fffffffffffull;                   /* canonical */
         if (nr == SVM_HC_SET_PAGING)
             a[0] |= 1ull << (4 + (r >> 8) % 60);         /* never a mode change */
+        if (nr == SVM_HC_POPULATE)
+            a[2] |= 1ull << ((r >> 8) % 64);             /* never a valid flag */
         rc = hc(nr, (long)a[0], (long)a[1], (long)a[2]);
         rejected += rc < 0;
         known = false;

@@ -90,6 +90,36 @@ int main(const struct svm_boot_info *bi)
     expect(hc(SVM_HC_HOST_OP, SVM_HOST_OP_PING, 0x5eed, 0), 0x5eed, "HOST_OP ping");
     expect(hc(SVM_HC_HOST_OP, SVM_HOST_OP_MAX + 1, 0, 0), SVM_EINVAL, "HOST_OP unknown op");
 
+    /* POPULATE (ABI v2): page-aligned gva and len, len <= mem_size, no flags,
+     * canonical, no wrap, clear of the switcher; what the range does not map
+     * through accessed entries is skipped (rdx), not refused. */
+    {
+        long populated;
+        uint64_t *p = alloc_pages_populated(4, &populated), skipped = 99;
+
+        expect(populated, 4, "POPULATE of 4 fresh pages marked A|D");
+        p[0] = 1;
+        p[3 * 512] = 2;
+        expect((long)(p[0] + p[3 * 512] + p[1]), 3, "populated pages work");
+        expect(populate((uint64_t)p, 4 * PAGE_SIZE, &skipped), 4, "POPULATE again");
+        expect((long)skipped, 0, "POPULATE again: nothing skipped");
+        expect(populate(0, PAGE_SIZE, &skipped), 0, "POPULATE of the null page");
+        expect((long)skipped, 1, "POPULATE of the null page: skipped");
+        expect(populate(1ull << 39, 16 * PAGE_SIZE, &skipped), 0, "POPULATE of unmapped memory");
+        expect((long)skipped, 16, "POPULATE of unmapped memory: skipped");
+        expect(populate((uint64_t)p, 0, &skipped), 0, "POPULATE of nothing");
+        expect(hc(SVM_HC_POPULATE, (long)p + 8, PAGE_SIZE, 0), SVM_EINVAL, "POPULATE unaligned gva");
+        expect(hc(SVM_HC_POPULATE, (long)p, 100, 0), SVM_EINVAL, "POPULATE unaligned len");
+        expect(hc(SVM_HC_POPULATE, (long)p, PAGE_SIZE, 1), SVM_EINVAL, "POPULATE flags");
+        expect(hc(SVM_HC_POPULATE, 0, (long)mem + PAGE_SIZE, 0), SVM_EINVAL, "POPULATE longer than RAM");
+        expect(hc(SVM_HC_POPULATE, -2 * PAGE_SIZE, 4 * PAGE_SIZE, 0), SVM_EINVAL, "POPULATE wrapping");
+        expect(hc(SVM_HC_POPULATE, 0x7ffffffff000l, 2 * PAGE_SIZE, 0), SVM_EINVAL,
+               "POPULATE into the non-canonical hole");
+        expect(hc(SVM_HC_POPULATE, (long)SVM_SWITCHER_GVA, PAGE_SIZE, 0), SVM_EINVAL, "POPULATE the switcher");
+        expect(hc(SVM_HC_POPULATE, (long)SVM_SWITCHER_GVA - PAGE_SIZE, 2 * PAGE_SIZE, 0), SVM_EINVAL,
+               "POPULATE into the switcher");
+    }
+
     expect(hc(SVM_HC_SET_PAGING, SVM_SET_PAGING_WP | SVM_SET_PAGING_NX, 0, 0), 0, "SET_PAGING boot mode");
     expect(hc(SVM_HC_SET_PAGING, 16, 0, 0), SVM_EINVAL, "SET_PAGING unknown bit");
 

@@ -43,6 +43,13 @@ pub const MAX_ORDER: u8 = 9;
 
 struct Inner {
     owner: Vec<FrameOwner>,
+    /// Frames never handed out since machine memory was mapped: still the
+    /// zeros of a fresh anonymous mapping, so allocating them needs no
+    /// zeroing pass, only the real host's populate (the real kernel zeroes
+    /// them, a huge page at a time where the memory is THP-backed; a
+    /// zeroing pass of ours would touch every byte twice). Cleared for
+    /// good at the first allocation.
+    pristine: Vec<bool>,
     /// The free frames, by power-of-two aligned blocks.
     buddy: buddy_system_allocator::FrameAllocator,
     nr_free: u64,
@@ -72,10 +79,13 @@ impl FrameAllocator {
         }
         let mut buddy = buddy_system_allocator::FrameAllocator::new();
         buddy.add_frame(reserved as usize, n as usize);
+        let mut pristine = vec![true; n as usize];
+        pristine[..reserved as usize].fill(false);
         Arc::new(Self {
             mem,
             inner: Mutex::new(Inner {
                 owner,
+                pristine,
                 buddy,
                 nr_free: n - reserved,
             }),
@@ -110,19 +120,33 @@ impl FrameAllocator {
             return Err(MmError::InvalidArgument("folio order too large"));
         }
         let nr = 1u64 << order;
-        let head = {
+        let (head, zeroed) = {
             let mut inner = self.inner.lock();
             let head = inner.buddy.alloc(nr as usize).ok_or(MmError::OutOfFrames)? as Pfn;
             debug_assert!(head.is_multiple_of(nr));
-            for o in &mut inner.owner[head as usize..(head + nr) as usize] {
+            let range = head as usize..(head + nr) as usize;
+            for o in &mut inner.owner[range.clone()] {
                 debug_assert_eq!(*o, FrameOwner::Free);
                 *o = owner;
             }
+            // A block is pristine whole or not at all only by chance:
+            // remember each frame.
+            let zeroed: Vec<bool> = inner.pristine[range.clone()].to_vec();
+            inner.pristine[range].fill(false);
             inner.nr_free -= nr;
-            head
+            (head, zeroed)
         };
-        for pfn in head..head + nr {
-            self.mem.fill_frame(pfn, 0)?;
+        // Fresh frames are made present in the real host in one call (the
+        // frames a caller gets are always backed, as zeroing them would
+        // leave them); the others, and fresh ones the host cannot
+        // populate, are zeroed.
+        let fresh = zeroed.iter().all(|&z| z) && self.mem.populate_fresh(head, nr)?;
+        if !fresh {
+            for (pfn, zero) in (head..head + nr).zip(zeroed) {
+                if !zero || !self.mem.populate_fresh(pfn, 1)? {
+                    self.mem.fill_frame(pfn, 0)?;
+                }
+            }
         }
         Ok(head)
     }
@@ -228,5 +252,34 @@ mod tests {
         }
         assert_eq!(fa.nr_free(), 61);
         assert_eq!(fa.count(FrameOwner::Free), 61);
+    }
+
+    /// Every frame handed out reads zero: a pristine one (never handed out
+    /// before, not zeroed again) as a reused one (poisoned when freed,
+    /// zeroed when handed out again), with or without poisoning.
+    #[test]
+    fn every_frame_comes_out_zero_pristine_or_reused() {
+        for poison in [true, false] {
+            let mem: Arc<dyn MachineMemory> = Arc::new(AnonMemory::new(64).unwrap());
+            let fa = FrameAllocator::with_reserved(mem.clone(), 3, poison);
+            let o = FrameOwner::External;
+            let zero = |p: Pfn| {
+                mem.frames_identical(p, 0).unwrap()
+                    && mem.frame_checksum(p).unwrap() == mem.frame_checksum(0).unwrap()
+            };
+            // Frame 0 is reserved and never written here: all zeros.
+            let first: Vec<Pfn> = (0..61).map(|_| fa.alloc(o).unwrap()).collect();
+            assert!(first.iter().all(|&p| zero(p)), "pristine frames");
+            for &p in &first {
+                mem.fill_frame(p, 0x5a).unwrap();
+                fa.free(p, o).unwrap();
+            }
+            let again = fa.alloc_contig(4, o).unwrap();
+            let more: Vec<Pfn> = (0..8).map(|_| fa.alloc(o).unwrap()).collect();
+            assert!(
+                (again..again + 16).chain(more).all(zero),
+                "reused frames, poison {poison}"
+            );
+        }
     }
 }

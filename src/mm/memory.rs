@@ -24,6 +24,16 @@ pub unsafe trait MachineMemory: Send + Sync {
     fn host_base(&self) -> *mut u8;
     /// Number of 4 KiB frames.
     fn nr_frames(&self) -> u64;
+
+    /// Makes frames `[pfn, pfn + n)`, which have never been written since
+    /// the memory was mapped (so they read zero), present for writing in
+    /// the real host (`MADV_POPULATE_WRITE`): the real kernel zeroes them
+    /// once, a huge page at a time where the memory is THP-backed, and no
+    /// second pass writes them again. `Ok(false)` when the host cannot
+    /// (the caller zeroes them instead, which faults them in too).
+    fn populate_fresh(&self, _pfn: Pfn, _n: u64) -> Result<bool, MmError> {
+        Ok(false)
+    }
 }
 
 /// Byte-level access to frames, provided for every [`MachineMemory`].
@@ -194,6 +204,38 @@ impl AnonMemory {
     pub fn guest_memory(&self) -> &GuestMemoryMmap {
         &self.mem
     }
+
+    /// Asks the real host kernel to back machine memory with huge pages
+    /// (`madvise(MADV_HUGEPAGE)`), as a VMM does for the memory its guests
+    /// run on: a 2 MiB spte over a 2 MiB-aligned run of frames can then be
+    /// one large mapping in the host's KVM too. Only worth it, and only
+    /// done, when the mapping starts on a 2 MiB boundary (KVM maps a large
+    /// page only where hva and gpa share their alignment; Linux aligns
+    /// anonymous mappings of 2 MiB multiples so, since 6.7): returns
+    /// whether it did.
+    pub fn advise_hugepage(&self) -> Result<bool, MmError> {
+        const PMD: usize = 2 << 20;
+        if !(self.base as usize).is_multiple_of(PMD) {
+            return Ok(false);
+        }
+        // SAFETY: the whole of our own mapping; MADV_HUGEPAGE only changes
+        // how the kernel backs it, never its contents.
+        let ret = unsafe {
+            libc::madvise(
+                self.base.cast(),
+                (self.nr_frames * PAGE_SIZE) as usize,
+                libc::MADV_HUGEPAGE,
+            )
+        };
+        if ret != 0 {
+            return Err(MachineError {
+                what: "madvise(MADV_HUGEPAGE)",
+                source: Arc::new(std::io::Error::last_os_error()),
+            }
+            .into());
+        }
+        Ok(true)
+    }
 }
 
 // SAFETY: `base` is the start of a `nr_frames * PAGE_SIZE` mapping owned by
@@ -204,5 +246,22 @@ unsafe impl MachineMemory for AnonMemory {
     }
     fn nr_frames(&self) -> u64 {
         self.nr_frames
+    }
+    fn populate_fresh(&self, pfn: Pfn, n: u64) -> Result<bool, MmError> {
+        if n == 0 || pfn.checked_add(n).is_none_or(|end| end > self.nr_frames) {
+            return Err(MmError::BadFrame(pfn));
+        }
+        let len = (n * PAGE_SIZE) as usize;
+        // SAFETY: the `n` frames from `pfn` lie inside our own mapping
+        // (checked above); MADV_POPULATE_WRITE only faults the pages in
+        // (they are fresh, so zero-filled), changing no byte anyone reads.
+        let ret = unsafe {
+            libc::madvise(
+                self.base.add(pfn as usize * PAGE_SIZE as usize).cast(),
+                len,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        Ok(ret == 0)
     }
 }

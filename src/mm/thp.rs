@@ -137,6 +137,16 @@ impl ThpConfig {
             .collect()
     }
 
+    /// Whether PMD-size (2 MiB) folios are enabled, always or on
+    /// `MADV_HUGEPAGE`.
+    pub fn pmd_enabled(&self) -> bool {
+        match self.orders[HPAGE_PMD_ORDER as usize] {
+            OrderEnabled::Always | OrderEnabled::Madvise => true,
+            OrderEnabled::Inherit => self.enabled != ThpEnabled::Never,
+            OrderEnabled::Never => false,
+        }
+    }
+
     /// Whether any order is enabled at all (cheap fast path).
     pub fn any_enabled(&self) -> bool {
         self.orders

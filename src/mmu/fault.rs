@@ -343,6 +343,9 @@ impl ShadowMmu {
             Origin::Fault => spte::make_leaf(pfn, acc, writable, paging.efer_nx, access.write),
             // Not an access: no Accessed bit, as KVM's prefetched sptes.
             Origin::PreFault => spte::make_spte(pfn, acc, writable, paging.efer_nx, false),
+            // The guest declared the access (its PTE is A, and D where the
+            // spte is writable): made as a write fault would make it.
+            Origin::Populate => spte::make_leaf(pfn, acc, writable, paging.efer_nx, writable),
         };
         if large.is_some() {
             new = spte::make_large(new);
@@ -354,7 +357,7 @@ impl ShadowMmu {
             .is_some_and(|p| p.leaf_gfns.get(idx) == Some(&gfn));
         let old = ctx.word(sp, idx)?.swap(new, Ordering::AcqRel);
         let same = same && spte::pfn(old) == pfn && spte::is_large(old) == spte::is_large(new);
-        if origin == Origin::PreFault && spte::is_present(old) && same {
+        if origin != Origin::Fault && spte::is_present(old) && same {
             // Already mapped: keep the spte, with the A/D bits the CPU set.
             ctx.word(sp, idx)?.store(old, Ordering::Release);
         } else if spte::is_present(old) && !same {
@@ -398,6 +401,10 @@ pub(super) enum Origin {
     Fault,
     /// `pre_fault`: no access happened; the spte starts with neither.
     PreFault,
+    /// `populate`: an access the guest asked for in advance; the spte
+    /// starts Accessed, and Dirty where it is writable (which needs a dirty
+    /// guest PTE, rule 1).
+    Populate,
 }
 
 /// A 2 MiB mapping the host allows for a fault (before the MMU lock).

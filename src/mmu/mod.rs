@@ -11,7 +11,8 @@
 //!   2 MiB sptes over host huge PMDs (`kvm_mmu_hugepage_adjust`).
 //! * `prefetch.rs`: sptes for a fault's neighbours (`FNAME(pte_prefetch)`).
 //! * `prefault.rs`: populating a guest range on request
-//!   (`KVM_PRE_FAULT_MEMORY`).
+//!   (`KVM_PRE_FAULT_MEMORY`); `translate.rs`: the guest RAM such a range
+//!   maps, for populating the host memory first.
 //! * `notifier.rs`: the `MmuNotifierOps` implementation.
 //! * [`tlb`]: the flush the MMU requests, by frame.
 //! * `check.rs`: the coherence checker (docs/design.md rules 1 and 5).
@@ -33,6 +34,7 @@ mod snapshot;
 mod spte;
 pub mod stats;
 pub mod tlb;
+pub mod translate;
 pub mod walk;
 
 use std::sync::Arc;
@@ -50,6 +52,7 @@ pub use prefault::PrefaultResult;
 pub use prefetch::PTE_PREFETCH_NUM;
 pub use stats::{MmuStats, MmuStatsSnapshot};
 pub use tlb::{FlushFrame, FlushReason, NoFlush, RecordingFlush, TlbFlush, TlbFlushError};
+pub use translate::{GpaRun, Translated, accessed_runs};
 pub use walk::{Access, PagingState, PfErrorCode};
 
 use invalidate::Invalidations;

@@ -13,6 +13,10 @@
 //! dirty guest PTE and carries no Accessed bit. A guest that wants its
 //! memory pre-faulted sets A (and D) when it builds the mappings.
 //!
+//! [`ShadowMmu::populate`] is the same for a guest that asked for the
+//! range (the POPULATE hypercall): its sptes start Accessed (and Dirty
+//! where writable), as after the access the guest announced.
+//!
 //! Counted apart from the fault path (`prefault_*`, never `pf_fixed`).
 
 use crate::mm::{Access as HostAccess, MmError, PAGE_SIZE};
@@ -51,9 +55,33 @@ enum Step {
 impl ShadowMmu {
     /// Pre-faults the guest-virtual range `[gva, gva + len)` on `vcpu`'s
     /// current page tables (see the module comment). Fails only for the
-    /// VMM's own problems (no root, no frame left, a stopped MMU); what the
-    /// guest does not map is skipped and counted.
+    /// VMM's own problems (no root, a stopped MMU); what the guest does not
+    /// map, addresses under the reserved slot, a page whose host memory
+    /// invalidations keep taking away, and, once machine memory runs out,
+    /// the rest of the range are skipped and counted.
     pub fn pre_fault(&self, vcpu: usize, gva: u64, len: u64) -> Result<PrefaultResult, MmuError> {
+        self.pre_fault_as(vcpu, gva, len, Origin::PreFault)
+    }
+
+    /// [`ShadowMmu::pre_fault`] for a guest that asked for the range
+    /// (the POPULATE hypercall): the same pages, but each spte starts
+    /// Accessed, and Dirty where writable, as after the access the guest
+    /// announced. `MADV_POPULATE_WRITE` leaves the host PTE young and dirty
+    /// the same way. Where the CPU's A/D updates of sptes are expensive (a
+    /// host KVM that shadows our tables must emulate each one), this is
+    /// what makes the first touch after a populate cheap; the price is that
+    /// page aging sees the range young once before the guest touches it.
+    pub fn populate(&self, vcpu: usize, gva: u64, len: u64) -> Result<PrefaultResult, MmuError> {
+        self.pre_fault_as(vcpu, gva, len, Origin::Populate)
+    }
+
+    fn pre_fault_as(
+        &self,
+        vcpu: usize,
+        gva: u64,
+        len: u64,
+        origin: Origin,
+    ) -> Result<PrefaultResult, MmuError> {
         self.check_vcpu(vcpu)?;
         inc(&self.inner.stats.prefault_calls);
         let mut res = PrefaultResult::default();
@@ -64,9 +92,33 @@ impl ShadowMmu {
         while at < end {
             let mut tries = 0;
             let step = loop {
-                match self.prefault_one(vcpu, at)? {
+                if self.inner.cfg.reserved.is_some_and(|r| r.contains(at)) {
+                    // The VMM's slot: never a guest mapping, whatever the
+                    // guest's tables say (as in the fault path).
+                    break Step::Skipped {
+                        until: (at | (level_size(4) - 1)).wrapping_add(1),
+                    };
+                }
+                let one = match self.prefault_one(vcpu, at, origin) {
+                    Ok(one) => one,
+                    // Out of memory: a pre-fault is advice, so it ends here
+                    // and the rest of the range counts as skipped (a fault
+                    // that needs the frame reports it itself), as
+                    // `MADV_POPULATE_WRITE` would stop with ENOMEM.
+                    Err(MmuError::Memory(MmError::OutOfFrames) | MmuError::OutOfShadowPages) => {
+                        break Step::Skipped { until: end };
+                    }
+                    Err(e) => return Err(e),
+                };
+                match one {
                     Step::Retry if tries < MAX_PREFAULT_RETRIES => tries += 1,
-                    Step::Retry => return Err(MmuError::TooManyRetries(tries)),
+                    // Invalidations of this page kept racing: a pre-fault is
+                    // advice, so leave the page to the fault path.
+                    Step::Retry => {
+                        break Step::Skipped {
+                            until: at + PAGE_SIZE,
+                        };
+                    }
                     s => break s,
                 }
             };
@@ -75,6 +127,8 @@ impl ShadowMmu {
                 Step::Skipped { until } => (until, false),
                 Step::Retry => unreachable!("handled above"),
             };
+            // `until` may wrap to 0 at the top of the address space.
+            let until = if until == 0 { end } else { until };
             let until = until.clamp(at + PAGE_SIZE, end.next_multiple_of(PAGE_SIZE));
             let pages = (until - at) / PAGE_SIZE;
             if mapped {
@@ -89,7 +143,7 @@ impl ShadowMmu {
         Ok(res)
     }
 
-    fn prefault_one(&self, vcpu: usize, gva: u64) -> Result<Step, MmuError> {
+    fn prefault_one(&self, vcpu: usize, gva: u64, origin: Origin) -> Result<Step, MmuError> {
         let inner = &self.inner;
         inner.fatal.check()?;
         let seq = inner.inv.begin_read();
@@ -153,7 +207,7 @@ impl ShadowMmu {
             hva,
             host,
             paging,
-            origin: Origin::PreFault,
+            origin,
         })?;
         Ok(match outcome {
             None | Some(FaultOutcome::Retry) => Step::Retry,

@@ -47,6 +47,11 @@ pub mod hc {
     /// (`SET_PAGING_NX`), CR4.SMEP (`SET_PAGING_SMEP`) and CR4.SMAP
     /// (`SET_PAGING_SMAP`); any other bit is `EINVAL`.
     pub const SET_PAGING: u64 = 9;
+    /// `(gva, len, flags) -> pages`, `rdx` = pages skipped (ABI v2):
+    /// populate the host memory behind the guest's accessed mappings of the
+    /// range and (shadow mode) install their sptes, `MADV_POPULATE_WRITE`
+    /// plus `KVM_PRE_FAULT_MEMORY`.
+    pub const POPULATE: u64 = 10;
     /// `(op, arg0, arg1, arg2) -> op-specific`: the VM's DMA device
     /// (`DMA_ATTACH`, `DMA_COPY`, `DMA_FILL`, `DMA_DETACH`; shadow mode).
     pub const DMA: u64 = 11;
@@ -61,7 +66,7 @@ pub mod hc {
     pub const HALT: u64 = 0x102;
 
     /// Every hypercall, in `--stats` order.
-    pub const ALL: [u64; 14] = [
+    pub const ALL: [u64; 15] = [
         NOP,
         PRINT,
         EXIT,
@@ -72,6 +77,7 @@ pub mod hc {
         BALLOON,
         HOST_OP,
         SET_PAGING,
+        POPULATE,
         DMA,
         SET_TRAP_TABLE,
         SET_STACK,
@@ -96,6 +102,7 @@ pub mod hc {
             BALLOON => "balloon",
             HOST_OP => "host_op",
             SET_PAGING => "set_paging",
+            POPULATE => "populate",
             DMA => "dma",
             SET_TRAP_TABLE => "set_trap_table",
             SET_STACK => "set_stack",
@@ -118,6 +125,9 @@ pub const SET_PAGING_SMEP: u64 = 1 << 2;
 pub const SET_PAGING_SMAP: u64 = 1 << 3;
 /// Every `SET_PAGING` flag.
 pub const SET_PAGING_ALL: u64 = SET_PAGING_WP | SET_PAGING_NX | SET_PAGING_SMEP | SET_PAGING_SMAP;
+/// `POPULATE` flags the guest may pass: none is defined yet (any bit set
+/// is `EINVAL`, so that bits can be given a meaning later).
+pub const POPULATE_FLAGS: u64 = 0;
 /// `RESOLVE_PF` result: the VMM fixed its tables; retry the access.
 pub const PF_RETRY: u64 = 0;
 /// `RESOLVE_PF` result: the guest's own fault; `rdx` holds the error code.
@@ -381,6 +391,7 @@ mod tests {
             ("SVM_HC_BALLOON", hc::BALLOON),
             ("SVM_HC_HOST_OP", hc::HOST_OP),
             ("SVM_HC_SET_PAGING", hc::SET_PAGING),
+            ("SVM_HC_POPULATE", hc::POPULATE),
             ("SVM_HC_SET_TRAP_TABLE", hc::SET_TRAP_TABLE),
             ("SVM_HC_SET_STACK", hc::SET_STACK),
             ("SVM_HC_HALT", hc::HALT),

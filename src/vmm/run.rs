@@ -25,7 +25,7 @@ use super::kvm::kick::{self, KickError, VcpuActivity, VcpuKick, VcpuRequest};
 use super::kvm::memory::{GuestRam, SharedGuestMem};
 use super::kvm::{GuestFailure, Vcpu, VcpuReport, Vm, VmContext, VmStats, VmStop};
 use super::paging::shadow::{self, CheckError, ShadowPaging};
-use super::paging::{KvmPaging, PagingOps};
+use super::paging::{GuestCpu, KvmPaging, PagingOps};
 use super::stats::StatsSnapshot;
 use super::switcher::{self, Switcher};
 use crate::mm::AnonMemory;
@@ -281,7 +281,12 @@ impl RunningVm {
                     switcher_pml4e: switcher.pml4e(),
                 };
                 let boot_info = write_boot_structures(&mut &*ram, &params)?;
-                let paging: Arc<dyn PagingOps> = Arc::new(KvmPaging::new(ram.clone()));
+                let cpu = GuestCpu {
+                    maxphyaddr: vm.maxphyaddr(),
+                    gbpages: vm.gbpages(),
+                    amd: vm.is_amd(),
+                };
+                let paging: Arc<dyn PagingOps> = Arc::new(KvmPaging::new(ram.clone(), cpu));
                 let ram: SharedGuestMem = ram;
                 (vm, paging, ram, boot_info, layout, switcher)
             }

@@ -65,6 +65,19 @@ impl fmt::Display for StatsSnapshot {
             ] {
                 writeln!(f, "    mmu {name:<23} {n:>8}")?;
             }
+            // POPULATE, apart from the fault path (KVM_PRE_FAULT_MEMORY and
+            // MADV_POPULATE_WRITE): sptes installed, host pages faulted in.
+            let hm = &s.host_mm;
+            writeln!(
+                f,
+                "  populate             {:>12} calls: {} pages mapped, {} skipped; host \
+                 populate_fault {}, populate_present {}",
+                m.prefault_calls,
+                m.prefault_pages,
+                m.prefault_skipped,
+                hm.populate_fault,
+                hm.populate_present
+            )?;
             let h = &s.host_invalidate;
             writeln!(
                 f,

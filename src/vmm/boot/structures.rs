@@ -62,6 +62,14 @@ pub struct BootParams<'a> {
 /// user-readable and read-only. The rest of RAM is mapped with writable,
 /// user-accessible 2 MiB pages. PML4 slot `abi::SWITCHER_PML4_INDEX` holds
 /// `switcher_pml4e`.
+///
+/// Every entry is Accessed and every writable leaf Dirty from the start,
+/// as Linux's kernel mappings (`PAGE_KERNEL`): nothing ever has to write
+/// the boot tables to mark them, and POPULATE, which maps only accessed
+/// guest entries, works on the boot map as it is. In shadow mode a guest
+/// store into a shadowed upper-level table zaps its shadow pages and
+/// bounces the memslot (milliseconds), so a runtime that set the bits
+/// itself before a POPULATE would pay that once per table.
 pub fn build_boot_page_tables<M: GuestMemWriter>(
     mem: &mut M,
     mem_size: u64,
@@ -80,13 +88,16 @@ pub fn build_boot_page_tables<M: GuestMemWriter>(
         |entries: &[u64]| -> Vec<u8> { entries.iter().flat_map(|e| e.to_le_bytes()).collect() };
 
     let mut pml4 = [0u64; 512];
-    pml4[0] = BOOT_PDPT_GPA | pte::P | pte::W | pte::U;
+    // Non-leaf entries: Accessed; leaves: Accessed, and Dirty if writable.
+    const TABLE: u64 = pte::P | pte::W | pte::U | pte::A;
+    const RW: u64 = pte::P | pte::W | pte::A | pte::D;
+    pml4[0] = BOOT_PDPT_GPA | TABLE;
     pml4[abi::SWITCHER_PML4_INDEX] = switcher_pml4e;
     mem.write_bytes(abi::BOOT_PML4_GPA, &table(&pml4))?;
 
     let mut pdpt = [0u64; 512];
     for (i, e) in pdpt.iter_mut().enumerate().take(nr_pds as usize) {
-        *e = (BOOT_PD_GPA + i as u64 * PAGE_SIZE) | pte::P | pte::W | pte::U;
+        *e = (BOOT_PD_GPA + i as u64 * PAGE_SIZE) | TABLE;
     }
     mem.write_bytes(BOOT_PDPT_GPA, &table(&pdpt))?;
 
@@ -94,9 +105,9 @@ pub fn build_boot_page_tables<M: GuestMemWriter>(
     for (i, e) in pt0.iter_mut().enumerate().skip(1) {
         let gpa = i as u64 * PAGE_SIZE;
         *e = if gpa == abi::BOOT_INFO_GPA {
-            gpa | pte::P | pte::U
+            gpa | pte::P | pte::U | pte::A
         } else {
-            gpa | pte::P | pte::W
+            gpa | RW
         };
     }
     mem.write_bytes(BOOT_PT0_GPA, &table(&pt0))?;
@@ -109,9 +120,9 @@ pub fn build_boot_page_tables<M: GuestMemWriter>(
                 break;
             }
             *e = if gpa == 0 {
-                BOOT_PT0_GPA | pte::P | pte::W | pte::U
+                BOOT_PT0_GPA | TABLE
             } else {
-                gpa | pte::P | pte::W | pte::U | pte::PS
+                gpa | RW | pte::U | pte::PS
             };
         }
         mem.write_bytes(BOOT_PD_GPA + pd_index * PAGE_SIZE, &table(&pd))?;
@@ -234,6 +245,25 @@ mod tests {
         }
         assert_eq!(walk(&mem, cr3, size as u64), None);
         assert_eq!(walk(&mem, cr3, 1 << 39), None);
+        // Every present entry of the boot tables is Accessed, every
+        // writable leaf Dirty (the switcher's entry is the VMM's).
+        let tables = [abi::BOOT_PML4_GPA, BOOT_PDPT_GPA, BOOT_PT0_GPA, BOOT_PD_GPA];
+        for (t, table) in tables.into_iter().enumerate() {
+            for i in 0..512u64 {
+                let e = mem.read_u64(table + 8 * i).unwrap();
+                if e & pte::P == 0 || (t == 0 && i == abi::SWITCHER_PML4_INDEX as u64) {
+                    continue;
+                }
+                assert_ne!(e & pte::A, 0, "table {table:#x} entry {i}: {e:#x}");
+                let leaf = t == 2 || (t == 3 && e & pte::PS != 0);
+                let want_d = leaf && e & pte::W != 0;
+                assert_eq!(
+                    e & pte::D != 0,
+                    want_d,
+                    "table {table:#x} entry {i}: {e:#x}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -67,6 +67,13 @@ pub enum Hypercall {
     },
     /// SET_PAGING.
     SetPaging(GuestPagingMode),
+    /// POPULATE of `[gva, gva + len)` (checked by [`check_populate`]).
+    Populate {
+        /// First byte, page aligned.
+        gva: u64,
+        /// Bytes, a multiple of the page size.
+        len: u64,
+    },
     /// DMA: one operation of the VM's DMA device.
     Dma(DmaCall),
     /// SET_TRAP_TABLE: `count` entries at `gpa` (each validated by
@@ -126,6 +133,40 @@ pub fn validate_trap(t: &TrapInfo, limits: &Limits) -> Result<Option<(u64, u8)>,
         return Err(abi::errno::EINVAL);
     }
     Ok(Some((t.handler, t.ist)))
+}
+
+/// POPULATE's arguments: `gva` and `len` page aligned, `len` at most the
+/// size of guest RAM (the work stays in proportion to the VM), no flag
+/// set, and the range canonical, not wrapping, and clear of the switcher
+/// (`[SWITCHER_GVA, 2^64)`: the VMM's, never the guest's to map). Every
+/// refusal is `EINVAL`; the range itself may map anything (what it does
+/// not map to RAM is skipped, not refused).
+pub fn check_populate(gva: u64, len: u64, flags: u64, mem_size: u64) -> Result<(), i64> {
+    use abi::errno::EINVAL;
+    if flags & !abi::POPULATE_FLAGS != 0
+        || !gva.is_multiple_of(PAGE_SIZE)
+        || !len.is_multiple_of(PAGE_SIZE)
+        || len > mem_size
+    {
+        return Err(EINVAL);
+    }
+    if len == 0 {
+        return if is_canonical(gva) {
+            Ok(())
+        } else {
+            Err(EINVAL)
+        };
+    }
+    let last = gva.checked_add(len - 1).ok_or(EINVAL)?;
+    // Both ends canonical and in the same half: the range does not cross
+    // the non-canonical hole.
+    if !is_canonical(gva) || !is_canonical(last) || (gva >> 63) != (last >> 63) {
+        return Err(EINVAL);
+    }
+    if last >= abi::SWITCHER_GVA {
+        return Err(EINVAL);
+    }
+    Ok(())
 }
 
 impl Hypercall {
@@ -213,6 +254,10 @@ impl Hypercall {
                     smap: a0 & abi::SET_PAGING_SMAP != 0,
                 })
             }
+            hc::POPULATE => {
+                check_populate(a0, a1, a2, mem_size)?;
+                Hypercall::Populate { gva: a0, len: a1 }
+            }
             hc::SET_TRAP_TABLE => {
                 let entry = std::mem::size_of::<TrapInfo>() as u64;
                 if a1 > abi::IDT_ENTRIES {
@@ -266,7 +311,6 @@ mod tests {
         assert_eq!(decode(hc::NOP, &[]), Ok(Hypercall::Nop));
         assert_eq!(decode(hc::HALT, &[]), Ok(Hypercall::Halt));
         for nr in [
-            10,
             0xff,
             0x103,
             1 << 32,
@@ -362,6 +406,45 @@ mod tests {
             Err(EINVAL)
         );
         assert!(decode(hc::HOST_OP, &[abi::HOST_OP_CHECKPOINT, (1 << 16) - 1]).is_ok());
+    }
+
+    #[test]
+    fn populate_ranges_are_checked() {
+        let ok = |gva: u64, len: u64| {
+            assert_eq!(
+                decode(hc::POPULATE, &[gva, len, 0]),
+                Ok(Hypercall::Populate { gva, len }),
+                "{gva:#x} + {len:#x}"
+            );
+        };
+        ok(0x20_0000, 0x1000);
+        ok(0, MEM);
+        ok(0x40_0000, 0);
+        ok(0x7fff_ffff_f000, 0x1000);
+        ok(0xffff_8000_0000_0000, MEM);
+        ok(abi::SWITCHER_GVA - MEM, MEM);
+        for (gva, len, flags) in [
+            (0x20_0001, 0x1000, 0),                  // unaligned start
+            (0x20_0000, 0x1001, 0),                  // unaligned length
+            (0x20_0000, 0x1000, 1),                  // a flag
+            (0x20_0000, 0x1000, 1 << 63),            // a high flag
+            (0x20_0000, MEM + PAGE_SIZE, 0),         // longer than RAM
+            (0x20_0000, !0xfff, 0),                  // longer than RAM, wraps
+            (0x7fff_ffff_f000, 0x2000, 0),           // into the hole
+            (0x8000_0000_0000, 0x1000, 0),           // non-canonical
+            (0xffff_7fff_ffff_f000, 0x2000, 0),      // from the hole
+            (abi::SWITCHER_GVA, 0x1000, 0),          // the switcher
+            (abi::SWITCHER_GVA - 0x1000, 0x2000, 0), // into it
+            (0xffff_ffff_ffff_f000, 0x1000, 0),      // its last page
+            (0xffff_ffff_ffff_f000, 0x2000, 0),      // wraps
+            (0x8000_0000_0000, 0, 0),                // empty, non-canonical
+        ] {
+            assert_eq!(
+                decode(hc::POPULATE, &[gva, len, flags]),
+                Err(EINVAL),
+                "{gva:#x} + {len:#x} flags {flags:#x}"
+            );
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::vmm::dma::{GuestDma, GuestDmaError};
 use crate::vmm::kvm::cpu::{CpuAccess, CpuError};
 use crate::vmm::kvm::exit::HypercallExit;
 use crate::vmm::kvm::memory::{MemoryError, SharedGuestMem};
-use crate::vmm::paging::{PagingError, PagingOps, PfResolution};
+use crate::vmm::paging::{PagingError, PagingOps, PfResolution, Populated};
 use crate::vmm::switcher::{Switcher, SwitcherError};
 
 /// Errors that stop the VM while handling a hypercall (never the guest's
@@ -130,6 +130,15 @@ impl HypercallHandler {
             Ok(Hypercall::ResolvePf { error_code, rflags }) => {
                 self.resolve_pf(cpu, sregs.cr2, error_code, rflags)?
             }
+            Ok(Hypercall::Populate { gva, len }) => match self.paging.populate(cpu, gva, len)? {
+                // rax: pages populated; rdx: pages skipped.
+                Populated::Pages(r) => Results {
+                    rax: r.mapped as i64,
+                    rdx: Some(r.skipped),
+                    rsi: None,
+                },
+                Populated::Errno(errno) => Results::rax(errno),
+            },
             Ok(call) => Results::rax(self.execute(cpu, call)?),
         };
         regs.rax = out.rax as u64;
@@ -220,7 +229,10 @@ impl HypercallHandler {
             }
             Hypercall::Dma(call) => call.run(self.dma.as_deref())?,
             // Handled by the caller.
-            Hypercall::Exit { .. } | Hypercall::Halt | Hypercall::ResolvePf { .. } => 0,
+            Hypercall::Exit { .. }
+            | Hypercall::Halt
+            | Hypercall::ResolvePf { .. }
+            | Hypercall::Populate { .. } => 0,
         })
     }
 }
@@ -251,7 +263,7 @@ mod tests {
     use crate::vmm::boot::regs::{CR0_BOOT, CR4_BOOT, EFER_BOOT};
     use crate::vmm::kvm::memory::{GuestMemWriter, GuestRam};
     use crate::vmm::kvm::stats::VmStats;
-    use crate::vmm::paging::KvmPaging;
+    use crate::vmm::paging::{GuestCpu, KvmPaging};
     use crate::vmm::switcher::{self, descriptors::interrupt_gate};
     use crate::vmm::x86::{CR0_WP, CR4_PGE, CR4_SMAP, CR4_SMEP, EFER_NXE};
     use kvm_bindings::{kvm_regs, kvm_sregs};
@@ -262,6 +274,11 @@ mod tests {
         mem_size: MEM,
         image_start: 0x20_0000,
         image_end: 0x20_8000,
+    };
+    const CPU: GuestCpu = GuestCpu {
+        maxphyaddr: 40,
+        gbpages: true,
+        amd: false,
     };
 
     /// A vCPU made of two structs.
@@ -303,7 +320,7 @@ mod tests {
         let ram = Arc::new(GuestRam::new(MEM).unwrap());
         let stats = Arc::new(VmStats::new(Instant::now()));
         let console = Arc::new(SerialDevice::new(Box::new(std::io::sink()), stats).unwrap());
-        let paging = Arc::new(KvmPaging::new(ram.clone()));
+        let paging = Arc::new(KvmPaging::new(ram.clone(), CPU));
         let mem = Arc::new(AnonMemory::new(switcher::pages(1)).unwrap());
         let sw = Arc::new(Switcher::new(mem.clone(), 0, MEM, 1).unwrap());
         let mut sregs = kvm_sregs {
@@ -384,11 +401,65 @@ mod tests {
         call(&h, &mut cpu, hc::PRINT, [0x20_0000, 3, 0, 0]);
         assert_eq!(cpu.regs.rax, 3);
         assert_eq!(
-            KvmPaging::new(Arc::new(GuestRam::new(MEM).unwrap()))
+            KvmPaging::new(Arc::new(GuestRam::new(MEM).unwrap()), CPU)
                 .host_op(&mut cpu, 1, 0, 0)
                 .unwrap(),
             EOPNOTSUPP
         );
+    }
+
+    /// kvm mode's POPULATE walks the guest's tables in software (the
+    /// shadow MMU's rule: accessed at every level, in RAM) and populates
+    /// the host memory of what they map; rax and rdx count the pages.
+    #[test]
+    fn kvm_mode_populate_counts_the_accessed_mappings() {
+        use crate::vmm::x86::pte::{A, D, P, PS, U, W};
+        let Setup {
+            h, mut cpu, ram, ..
+        } = setup();
+        let mut ram_w = &*ram;
+        let table = P | W | U | A;
+        // PML4 0x8000 -> PDPT 0x9000 -> PD 0xa000: 2 MiB at 4 MiB accessed
+        // and dirty, 2 MiB at 6 MiB not accessed, a PT at 8 MiB mapping
+        // one page of RAM and one beyond it.
+        ram_w.write_u64(0x8000, 0x9000 | table).unwrap();
+        ram_w.write_u64(0x9000, 0xa000 | table).unwrap();
+        ram_w
+            .write_u64(0xa000 + 8 * 2, 0x40_0000 | P | W | U | A | D | PS)
+            .unwrap();
+        ram_w
+            .write_u64(0xa000 + 8 * 3, 0x60_0000 | P | W | U | PS)
+            .unwrap();
+        ram_w.write_u64(0xa000 + 8 * 4, 0xb000 | table).unwrap();
+        ram_w.write_u64(0xb000, 0x30_0000 | P | W | A | D).unwrap();
+        ram_w.write_u64(0xb008, MEM | P | W | A | D).unwrap();
+        cpu.sregs.cr3 = 0x8000;
+        let populate = |h: &HypercallHandler, cpu: &mut FakeCpu, gva: u64, len: u64| {
+            call(h, cpu, hc::POPULATE, [gva, len, 0, 0]);
+            (cpu.regs.rax as i64, cpu.regs.rdx)
+        };
+        assert_eq!(populate(&h, &mut cpu, 0x40_0000, 0x3000), (3, 0));
+        assert_eq!(
+            populate(&h, &mut cpu, 0x60_0000, 0x2000),
+            (0, 2),
+            "not accessed"
+        );
+        assert_eq!(
+            populate(&h, &mut cpu, 0x80_0000, 0x3000),
+            (1, 2),
+            "beyond RAM, not present"
+        );
+        assert_eq!(populate(&h, &mut cpu, 0, MEM), (513, 4096 - 513));
+        assert_eq!(populate(&h, &mut cpu, 1 << 39, 0x1000), (0, 1), "no PDPT");
+        call(&h, &mut cpu, hc::POPULATE, [0x40_0000, 0x1000, 1, 0]);
+        assert_eq!(cpu.regs.rax as i64, EINVAL, "a flag");
+        call(
+            &h,
+            &mut cpu,
+            hc::POPULATE,
+            [abi::SWITCHER_GVA, 0x1000, 0, 0],
+        );
+        assert_eq!(cpu.regs.rax as i64, EINVAL, "the switcher");
     }
 
     #[test]

@@ -1,16 +1,27 @@
 //! kvm mode's paging operations: the guest's page tables are real, KVM
 //! does the second level, and the paging hypercalls do what the native
 //! instructions would.
+//!
+//! POPULATE here is the host half only: the VMM walks the guest's tables
+//! in software with the shadow MMU's walker (the same rule as shadow mode:
+//! mappings accessed at every level, so both modes count the same pages)
+//! and populates the real host memory behind them with
+//! `madvise(MADV_POPULATE_WRITE)`. KVM's own second level is left to the
+//! first touch: `KVM_PRE_FAULT_MEMORY` (Linux 6.10) works only with TDP,
+//! which the `kvm_pvm` backend does not have (its KVM shadows the guest's
+//! tables, keyed by gva, which no gpa-range ioctl can prebuild).
 
 use std::sync::Arc;
 
 use kvm_bindings::kvm_sregs;
 
-use super::{GuestPagingMode, PagingError, PagingOps, PfResolution};
+use super::{GuestCpu, GuestPagingMode, PagingError, PagingOps, PfResolution, Populated};
+use crate::mmu::walk::GuestPtMemory;
+use crate::mmu::{PagingState, PrefaultResult, accessed_runs};
 use crate::vmm::abi::{self, PAGE_SIZE};
 use crate::vmm::config::Paging;
 use crate::vmm::kvm::cpu::{CpuAccess, CpuError};
-use crate::vmm::kvm::memory::GuestRam;
+use crate::vmm::kvm::memory::{GuestMemWriter, GuestRam};
 use crate::vmm::x86::{CR0_WP, CR4_PGE, CR4_SMAP, CR4_SMEP, EFER_NXE};
 
 /// `sregs` with the mode bits of `mode` set in CR0, CR4 and EFER (`real`:
@@ -32,16 +43,52 @@ pub(super) fn refused(e: &CpuError) -> bool {
     e.source.errno() == libc::EINVAL
 }
 
+/// The guest's page tables in kvm mode's guest RAM, read for a software
+/// walk that never writes them (no Accessed or Dirty bit is set).
+struct RamTables<'a>(&'a GuestRam);
+
+impl GuestPtMemory for RamTables<'_> {
+    fn read_gpte(&self, gpa: u64) -> Option<u64> {
+        if !gpa.is_multiple_of(8) {
+            return None;
+        }
+        // vm-memory's copy is volatile: the vCPUs may write the tables.
+        self.0.read_u64(gpa).ok()
+    }
+    fn cmpxchg_gpte(&self, _gpa: u64, _old: u64, _new: u64) -> Option<Result<(), u64>> {
+        None
+    }
+    fn is_ram(&self, gpa: u64) -> bool {
+        gpa < self.0.size()
+    }
+}
+
 /// kvm mode: the guest's page tables are real, KVM does the second level;
 /// the paging hypercalls do what the native instructions would.
 pub struct KvmPaging {
     ram: Arc<GuestRam>,
+    cpu: GuestCpu,
 }
 
 impl KvmPaging {
-    /// Paging operations over `ram`.
-    pub fn new(ram: Arc<GuestRam>) -> Self {
-        KvmPaging { ram }
+    /// Paging operations over `ram` for a guest CPU `cpu` (its CPUID, for
+    /// POPULATE's walk).
+    pub fn new(ram: Arc<GuestRam>, cpu: GuestCpu) -> Self {
+        KvmPaging { ram, cpu }
+    }
+
+    /// The walker's view of the vCPU's paging registers.
+    fn paging_state(&self, sregs: &kvm_sregs) -> PagingState {
+        PagingState {
+            cr3: sregs.cr3,
+            cr0_wp: sregs.cr0 & CR0_WP != 0,
+            cr4_smep: sregs.cr4 & CR4_SMEP != 0,
+            cr4_smap: sregs.cr4 & CR4_SMAP != 0,
+            efer_nx: sregs.efer & EFER_NXE != 0,
+            maxphyaddr: self.cpu.maxphyaddr,
+            gbpages: self.cpu.gbpages,
+            amd: self.cpu.amd,
+        }
     }
 
     /// A full TLB flush, global entries included: toggling CR4.PGE makes
@@ -115,6 +162,26 @@ impl PagingOps for KvmPaging {
         _arg1: u64,
     ) -> Result<i64, PagingError> {
         Ok(abi::errno::EOPNOTSUPP)
+    }
+
+    fn populate(
+        &self,
+        cpu: &mut dyn CpuAccess,
+        gva: u64,
+        len: u64,
+    ) -> Result<Populated, PagingError> {
+        let mode = self.paging_state(&cpu.sregs()?);
+        // The switcher's memslot lies above RAM: `is_ram` leaves it out.
+        let t = accessed_runs(&mode, || RamTables(&self.ram), gva, len, None);
+        for run in &t.runs {
+            if !self.ram.populate_write(run.gpa, run.len)? {
+                return Ok(Populated::Errno(abi::errno::EOPNOTSUPP));
+            }
+        }
+        Ok(Populated::Pages(PrefaultResult {
+            mapped: t.mapped(),
+            skipped: t.skipped,
+        }))
     }
 
     fn set_paging(

@@ -5,7 +5,7 @@
 pub mod kvm;
 pub mod shadow;
 
-use crate::mmu::{MemslotError, MmuError, PfErrorCode};
+use crate::mmu::{MemslotError, MmuError, PfErrorCode, PrefaultResult};
 use crate::vmm::abi::PAGE_SIZE;
 use crate::vmm::config::Paging;
 use crate::vmm::kvm::cpu::{CpuAccess, CpuError};
@@ -134,6 +134,27 @@ pub struct GuestPagingMode {
     pub smap: bool,
 }
 
+/// What the VMM needs to know about the guest's CPU to walk its tables.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestCpu {
+    /// CPUID's physical-address width.
+    pub maxphyaddr: u8,
+    /// 1 GiB pages.
+    pub gbpages: bool,
+    /// AMD-compatible vendor.
+    pub amd: bool,
+}
+
+/// POPULATE's answer: 4 KiB pages of the range populated (`rax`) and
+/// skipped (`rdx`), or an errno the guest gets instead (`rax`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Populated {
+    /// Done: `mapped + skipped` is the range's length in pages.
+    Pages(PrefaultResult),
+    /// Refused, nothing done.
+    Errno(i64),
+}
+
 /// RESOLVE_PF's answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PfResolution {
@@ -193,6 +214,16 @@ pub trait PagingOps: Send + Sync {
         cpu: &mut dyn CpuAccess,
         mode: GuestPagingMode,
     ) -> Result<i64, PagingError>;
+    /// POPULATE (validated) of `[gva, gva + len)` on `cpu`'s current
+    /// tables: the pages whose guest mapping is accessed at every level get
+    /// their host memory populated for writing (`MADV_POPULATE_WRITE`) and,
+    /// in shadow mode, their sptes (`KVM_PRE_FAULT_MEMORY`).
+    fn populate(
+        &self,
+        cpu: &mut dyn CpuAccess,
+        gva: u64,
+        len: u64,
+    ) -> Result<Populated, PagingError>;
     /// HOST_OP operations other than PING.
     fn host_op(
         &self,

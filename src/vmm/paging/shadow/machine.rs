@@ -108,9 +108,23 @@ impl ShadowMachine {
 
     /// Applies the host mm's THP settings; with any size on, guest RAM is
     /// given `MADV_HUGEPAGE`, as a VMM asking for huge pages does (QEMU's
-    /// `hugepages` backing of guest RAM).
+    /// `hugepages` backing of guest RAM). With 2 MiB folios on, machine
+    /// memory gets `MADV_HUGEPAGE` from the real host too, as kvm mode's
+    /// guest RAM does: a 2 MiB spte over a PMD-size folio (a 2 MiB-aligned
+    /// run of frames) can then be one large mapping in the host's KVM
+    /// instead of 512 small ones it builds touch by touch.
     pub fn set_thp(&self, thp: crate::mm::ThpConfig) -> Result<(), MemoryError> {
         self.mm.set_thp_config(thp);
+        if thp.pmd_enabled() {
+            let len = self.machine.nr_frames() * PAGE_SIZE;
+            self.machine
+                .advise_hugepage()
+                .map_err(|source| MemoryError::Host {
+                    gpa: 0,
+                    len,
+                    source,
+                })?;
+        }
         if thp.any_enabled() {
             self.mm
                 .madvise_hugepage(self.ram.base(), self.ram.size_bytes())

@@ -47,16 +47,7 @@ pub use stats::ShadowStats;
 use critical::{CriticalPage, critical_pages};
 use livelock::LastRetry;
 
-/// What the VMM needs to know about the guest's CPU for the walker.
-#[derive(Clone, Copy, Debug)]
-pub struct GuestCpu {
-    /// CPUID's physical-address width.
-    pub maxphyaddr: u8,
-    /// 1 GiB pages.
-    pub gbpages: bool,
-    /// AMD-compatible vendor.
-    pub amd: bool,
-}
+pub use super::GuestCpu;
 
 /// shadow mode's paging operations: the paging hypercalls drive the shadow
 /// MMU.

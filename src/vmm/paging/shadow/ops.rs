@@ -11,8 +11,12 @@ use crate::vmm::host::ram::host_err;
 use crate::vmm::kvm::cpu::CpuAccess;
 use crate::vmm::kvm::kick::VcpuRequest;
 use crate::vmm::paging::kvm::{refused, with_mode};
-use crate::vmm::paging::{GuestPagingMode, PagingError, PagingOps, PfResolution};
+use crate::vmm::paging::{GuestPagingMode, PagingError, PagingOps, PfResolution, Populated};
 use crate::vmm::x86::RFLAGS_AC;
+
+/// How much of a POPULATE's host memory is faulted in between two looks
+/// at the free frames: a PMD-size folio.
+const POPULATE_CHUNK: u64 = 2 << 20;
 
 /// Sets the vCPU's real CR3 to the shadow root `root`.
 fn set_root(cpu: &mut dyn CpuAccess, root: u64) -> Result<(), PagingError> {
@@ -185,6 +189,72 @@ impl PagingOps for ShadowPaging {
         }
         self.ensure_critical()?;
         Ok(ran)
+    }
+
+    fn populate(
+        &self,
+        cpu: &mut dyn CpuAccess,
+        gva: u64,
+        len: u64,
+    ) -> Result<Populated, PagingError> {
+        // What a VMM does on a real host: madvise(MADV_POPULATE_WRITE) on
+        // the hva range, then KVM_PRE_FAULT_MEMORY. The gpa range comes
+        // from the guest's tables (`accessed_runs`, advice only); the
+        // pre-fault re-walks them under the invalidation protocol, finds
+        // the host pages present, and installs the sptes, Accessed (and
+        // Dirty where writable) as after the access the guest announced by
+        // setting A (and D) in its PTEs (`ShadowMmu::populate`). Host pages a
+        // concurrent invalidation (ksmd, kswapd, a host op) takes back in
+        // between are faulted in again by the pre-fault itself.
+        let vcpu = cpu.id() as usize;
+        let runs = self
+            .mmu
+            .accessed_runs(vcpu, gva, len)
+            .map_err(|e| self.mmu_err(e))?;
+        let mm = self.ram.mm();
+        // Populating is advice and must not push the host into reclaim: a
+        // burst of young pages leaves direct reclaim nothing to evict when
+        // the guest's next fault needs a frame, and running out there stops
+        // the VM. So the populate ends where free machine memory would fall
+        // below an eighth (the guest's faults and the shadow tables keep
+        // that much), 2 MiB at a time, and the rest of the range is skipped.
+        let reserve = self.nr_frames / 8 + POPULATE_CHUNK / PAGE_SIZE;
+        let mut end = gva + len;
+        'runs: for run in &runs.runs {
+            let mut off = 0;
+            while off < run.len {
+                if mm.frames().nr_free() < reserve {
+                    end = run.gva + off;
+                    break 'runs;
+                }
+                let n = (run.len - off).min(POPULATE_CHUNK);
+                match mm.madvise_populate_write(self.ram.base() + run.gpa + off, n) {
+                    Ok(()) => {}
+                    // Reclaim found nothing cold: stop here, as above.
+                    Err(MmError::OutOfFrames) => {
+                        end = run.gva + off;
+                        break 'runs;
+                    }
+                    // The host made part of guest RAM read-only or unmapped
+                    // it (a host op): the pre-fault maps what the host
+                    // allows and skips the rest, as the fault path would
+                    // refuse it.
+                    Err(MmError::InvalidArgument(_) | MmError::NoMemory) => {}
+                    Err(source) => {
+                        return Err(PagingError::Memory(host_err(run.gpa + off, n)(source)));
+                    }
+                }
+                off += n;
+            }
+        }
+        let done = end - gva;
+        let mut res = self
+            .mmu
+            .populate(vcpu, gva, done)
+            .map_err(|e| self.mmu_err(e))?;
+        res.skipped += (len - done) / PAGE_SIZE;
+        self.ensure_critical()?;
+        Ok(Populated::Pages(res))
     }
 
     fn set_paging(

@@ -366,17 +366,15 @@ fn populate_under_ksmd_and_kswapd_passes_check() {
     }
 }
 
-/// A bug found with `touch pt4k=1`, there before POPULATE (the branch's
-/// base VMM with this guest fails the same way, with or without
-/// `populate=1`): with large folios on, under ksmd and kswapd, a guest
-/// touching through 4 KiB tables of its own sometimes triple-faults in
-/// ring 1 on its kernel stack (CR2 in the per-vCPU area, which should be
-/// mapped in every root: exception delivery needs it), or stops on a
-/// RESOLVE_PF livelock (a user write the VMM says no spte allows, yet the
-/// fault repeats). 2-4 runs in 5 fail. Ignored until it is fixed:
-/// `cargo test --release --test shadow_mode -- --ignored`.
+/// With large folios on, under ksmd and kswapd at full rate, a guest
+/// touching through 4 KiB tables of its own (its root in free RAM, so the
+/// host invalidates it) must neither triple-fault nor be stopped. It did,
+/// 2-4 runs in 5: a root in use was emptied asynchronously and a vCPU in
+/// ring 3 took an exception through it before anything put back the pages
+/// exception delivery needs (`kick_root_users` now kicks every vCPU out
+/// first, and each puts them back before re-entering); and the livelock
+/// check called a fault whose fix had vanished (no spte at all) a livelock.
 #[test]
-#[ignore = "known bug: large folios + reclaim + guest-built 4 KiB tables lose a critical mapping"]
 fn large_folios_under_reclaim_keep_a_guest_built_address_space_alive() {
     if !require_kvm() {
         return;

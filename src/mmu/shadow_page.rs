@@ -473,9 +473,24 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// Before root `sp`, which a vCPU runs on, is emptied: counts the zap,
+    /// then flushes it as a changed table at once, which kicks every vCPU
+    /// out of guest mode (`kvm_reload_remote_mmus`). A vCPU's path back
+    /// into the guest first puts back what exception delivery needs, and
+    /// that waits for the MMU lock held here, so no vCPU can run on the
+    /// emptied root before it is usable: a vCPU in ring 3 that took an
+    /// exception through an empty root would triple-fault.
+    fn kick_root_users(&mut self, sp: Pfn) -> Result<(), MmuError> {
+        inc(&self.stats.mmu_shadow_zapped);
+        self.table_changed(sp);
+        let tlb = self.tlb;
+        self.flush_now(tlb)
+    }
+
     /// Names shadow table `sp` in the flush: a link in it was cleared or it
     /// was freed (`FlushReason::TableChanged`).
     fn table_changed(&mut self, sp: Pfn) {
+        inc(&self.stats.mmu_table_changed);
         self.flush.push(FlushFrame {
             pfn: sp,
             reason: FlushReason::TableChanged,
@@ -541,6 +556,12 @@ impl Ctx<'_> {
                 sp: p,
                 level: page.role.level,
             });
+            if page.root_count > 0 {
+                self.kick_root_users(p)?;
+            }
+            let Some(page) = self.st.pages.get_mut(&p) else {
+                continue;
+            };
             let parents = std::mem::take(&mut page.parents);
             let level = page.role.level;
             for (pp, idx) in parents {
@@ -583,9 +604,12 @@ impl Ctx<'_> {
             self.unhash(p);
             let keep = self.st.pages.get(&p).is_some_and(|pg| pg.root_count > 0);
             if keep {
+                // A root in use stays, emptied (KVM marks it invalid and
+                // counts it zapped too); see `kick_root_users`.
                 if let Some(pg) = self.st.pages.get_mut(&p) {
                     pg.unsync = true;
                 }
+                self.table_changed(p);
                 continue;
             }
             self.st.pages.remove(&p);

@@ -70,6 +70,10 @@ mmu_counters!(
     mmu_cache_miss,
     /// Roots recycled because the root cache was full.
     mmu_recycled,
+    /// Shadow tables a link was cleared in, or that were freed or emptied
+    /// (each named in a `TableChanged` flush): what can cut a vCPU's path
+    /// to a page without zapping that page's spte.
+    mmu_table_changed,
     /// Guest page-table pages unprotected because the guest wrote them.
     mmu_unsync,
     /// Leaf sptes zapped (by the notifier, invlpg, flushes).

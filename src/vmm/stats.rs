@@ -60,6 +60,7 @@ impl fmt::Display for StatsSnapshot {
                 ("mmu_shadow_zapped", m.mmu_shadow_zapped),
                 ("mmu_cache_miss", m.mmu_cache_miss),
                 ("mmu_recycled", m.mmu_recycled),
+                ("mmu_table_changed", m.mmu_table_changed),
                 ("mmu_unsync", m.mmu_unsync),
                 ("spte_zapped", m.spte_zapped),
             ] {

@@ -12,6 +12,10 @@ use crate::vmm::abi::{self, PAGE_SIZE, percpu_gpa};
 use crate::vmm::boot::loader::ImageLayout;
 use crate::vmm::paging::PagingError;
 
+/// Walks of one critical page whose guest tables changed under them
+/// before it is left for the next call.
+const PREFAULT_RETRIES: u32 = 100;
+
 /// One page exception delivery may touch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct CriticalPage {
@@ -52,8 +56,11 @@ impl CriticalPage {
 
 impl ShadowPaging {
     /// Maps vCPU `vcpu`'s critical pages in its root; with `only_missing`,
-    /// only those whose spte is gone.
-    pub(super) fn prefault(&self, vcpu: usize, only_missing: bool) -> Result<(), PagingError> {
+    /// only those whose spte is gone. Returns false if a page was left
+    /// unmapped because its guest tables kept changing under the walk
+    /// (`FaultOutcome::Retry`): the caller tries again later.
+    pub(super) fn prefault(&self, vcpu: usize, only_missing: bool) -> Result<bool, PagingError> {
+        let mut complete = true;
         for p in &self.critical[vcpu] {
             if only_missing
                 && self
@@ -70,22 +77,30 @@ impl ShadowPaging {
             if p.write {
                 tries.insert(0, PfErrorCode::WRITE);
             }
-            for ec in tries {
-                match self
-                    .mmu
-                    .page_fault(vcpu, p.gva, ec)
-                    .map_err(|e| self.mmu_err(e))?
-                {
-                    FaultOutcome::Fixed | FaultOutcome::Retry => break,
-                    // Not mapped by the guest's tables, or not RAM: nothing
-                    // to prefault (kvm mode would fault the same way).
-                    FaultOutcome::Guest(_)
-                    | FaultOutcome::Mmio { .. }
-                    | FaultOutcome::HostFault { .. } => {}
+            'page: for ec in tries {
+                for _ in 0..PREFAULT_RETRIES {
+                    match self
+                        .mmu
+                        .page_fault(vcpu, p.gva, ec)
+                        .map_err(|e| self.mmu_err(e))?
+                    {
+                        FaultOutcome::Fixed => break 'page,
+                        // Nothing installed: a guest table changed under
+                        // the walk. Walk again.
+                        FaultOutcome::Retry => continue,
+                        // Not mapped by the guest's tables, or not RAM:
+                        // nothing to prefault (kvm mode would fault the
+                        // same way).
+                        FaultOutcome::Guest(_)
+                        | FaultOutcome::Mmio { .. }
+                        | FaultOutcome::HostFault { .. } => continue 'page,
+                    }
                 }
+                complete = false;
+                break;
             }
         }
-        Ok(())
+        Ok(complete)
     }
 
     /// After anything that may have zapped sptes: puts back every vCPU's
@@ -98,12 +113,15 @@ impl ShadowPaging {
         if self.zaps_seen.load(Ordering::Acquire) == now {
             return Ok(());
         }
+        let mut complete = true;
         for vcpu in 0..self.critical.len() {
-            self.prefault(vcpu, true)?;
+            complete &= self.prefault(vcpu, true)?;
         }
         // Zaps made by the prefaults themselves (replacing a stale entry)
         // are covered: everything was re-checked after `now` was read.
-        self.zaps_seen.fetch_max(now, Ordering::AcqRel);
+        if complete {
+            self.zaps_seen.fetch_max(now, Ordering::AcqRel);
+        }
         Ok(())
     }
 }

@@ -76,6 +76,12 @@ impl ShadowPaging {
             .mmu
             .lookup_spte(vcpu as usize, cr2)
             .map_err(|e| self.mmu_err(e))?;
+        if spte.is_none() {
+            // Both views agree the page is not mapped: the fix did not
+            // stick (something dropped it without a flush this generation
+            // can see), and fixing it again is progress, not a loop.
+            return Ok(generation);
+        }
         Err(PagingError::Livelock {
             vcpu,
             gva: cr2,

@@ -167,9 +167,10 @@ impl ShadowPaging {
         }
     }
 
-    /// Leaf sptes and shadow pages zapped so far.
+    /// Leaf sptes zapped, shadow pages zapped and tables changed so far:
+    /// moves whenever a vCPU may have lost a path to a critical page.
     fn zaps(&self) -> u64 {
         let s = self.mmu.stats();
-        s.spte_zapped + s.mmu_shadow_zapped
+        s.spte_zapped + s.mmu_shadow_zapped + s.mmu_table_changed
     }
 }

@@ -463,6 +463,30 @@ impl Tally {
         }
     }
 
+    /// Writes `entries`, then checks every access kind from CPL0 and CPL3
+    /// at `GVA` (entries written again before each: a walk sets A/D).
+    fn every_access(
+        &mut self,
+        ram: &TestRam,
+        cpu: &Cpu,
+        entries: &[(u64, u64)],
+        what: impl Fn() -> String,
+    ) {
+        for kind in ACCESSES {
+            for cpl3 in [false, true] {
+                for &(gpa, e) in entries {
+                    ram.set(gpa, e);
+                }
+                let acc = RefAccess {
+                    kind,
+                    cpl3,
+                    implicit: false,
+                };
+                self.record(check(ram, cpu, GVA, acc), &what);
+            }
+        }
+    }
+
     fn assert_clean(&self, name: &str, expected_cases: u64) {
         assert_eq!(self.cases, expected_cases, "{name}: case count");
         assert!(
@@ -541,21 +565,9 @@ fn generator_4k_every_combination() {
                         ac: flags & 16 != 0,
                         ..base_cpu()
                     };
-                    for kind in ACCESSES {
-                        for cpl3 in [false, true] {
-                            for &(gpa, e) in &entries {
-                                ram.set(gpa, e);
-                            }
-                            let acc = RefAccess {
-                                kind,
-                                cpl3,
-                                implicit: false,
-                            };
-                            tally.record(check(&ram, &cpu, GVA, acc), || {
-                                format!("leaf {leaf:#b} pde {pde:#b} upper_a {upper_a}")
-                            });
-                        }
-                    }
+                    tally.every_access(&ram, &cpu, &entries, || {
+                        format!("leaf {leaf:#b} pde {pde:#b} upper_a {upper_a}")
+                    });
                 }
             }
         }
@@ -597,21 +609,9 @@ fn generator_2m_pages() {
                     smep: flags & 4 != 0,
                     ..cpu0
                 };
-                for kind in ACCESSES {
-                    for cpl3 in [false, true] {
-                        for &(gpa, e) in &entries {
-                            ram.set(gpa, e);
-                        }
-                        let acc = RefAccess {
-                            kind,
-                            cpl3,
-                            implicit: false,
-                        };
-                        tally.record(check(&ram, &cpu, GVA, acc), || {
-                            format!("pde {pde:#b} extra {extra:#x}")
-                        });
-                    }
-                }
+                tally.every_access(&ram, &cpu, &entries, || {
+                    format!("pde {pde:#b} extra {extra:#x}")
+                });
             }
         }
     }
@@ -655,21 +655,9 @@ fn generator_1g_pages() {
                     nxe: flags & 4 != 0,
                     ..base_cpu()
                 };
-                for kind in ACCESSES {
-                    for cpl3 in [false, true] {
-                        for &(gpa, e) in &entries {
-                            ram.set(gpa, e);
-                        }
-                        let acc = RefAccess {
-                            kind,
-                            cpl3,
-                            implicit: false,
-                        };
-                        tally.record(check(&ram, &cpu, GVA, acc), || {
-                            format!("pdpte {pdpte:#b} extra {extra:#x}")
-                        });
-                    }
-                }
+                tally.every_access(&ram, &cpu, &entries, || {
+                    format!("pdpte {pdpte:#b} extra {extra:#x}")
+                });
             }
         }
     }

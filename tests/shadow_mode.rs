@@ -290,6 +290,38 @@ fn touch_populate_and_pt4k_in_both_modes() {
     }
 }
 
+/// `touch` on 2 vCPUs with ksmd and kswapd at full rate, machine memory
+/// below what it touches, `--check`, `--json`, and the host settings
+/// `host` and guest arguments `guest` added.
+fn touch_under_pressure(host: &[&str], guest: &[&str]) -> common::Run {
+    let mut args = vec![
+        "run",
+        "touch",
+        "--paging",
+        "shadow",
+        "--vcpus",
+        "2",
+        "--mem",
+        "16M",
+        "--machine-mem",
+        "10M",
+        "--ksm",
+        "--ksm-sleep-ms",
+        "1",
+        "--reclaim",
+        "--reclaim-interval-ms",
+        "1",
+        "--check",
+        "--json",
+        "--timeout",
+        "120s",
+    ];
+    args.extend_from_slice(host);
+    args.push("--");
+    args.extend_from_slice(guest);
+    shadowvm(&args)
+}
+
 /// POPULATE while ksmd merges, kswapd evicts (machine memory below what
 /// the guest touches) and host folios come and go: the populate ends early
 /// rather than push the host into reclaim, pages may be taken back before
@@ -302,67 +334,42 @@ fn populate_under_ksmd_and_kswapd_passes_check() {
     if !require_kvm() {
         return;
     }
-    // 4 KiB guest tables only without large folios: with them the run
-    // trips a bug that is not POPULATE's (the next test).
     for (folios, guest) in [
         (&[][..], &["pages=2048", "populate=1"][..]),
         (&[], &["pages=2048", "populate=1", "pt4k=1"]),
         (&["--host-thp", "always"], &["pages=2048", "populate=1"]),
         (
+            &["--host-thp", "always"],
+            &["pages=2048", "populate=1", "pt4k=1"],
+        ),
+        (
             &["--host-mthp", "64K", "--prefetch", "16"],
             &["pages=2048", "populate=1"],
         ),
     ] {
-        {
-            let mut args = vec![
-                "run",
-                "touch",
-                "--paging",
-                "shadow",
-                "--vcpus",
-                "2",
-                "--mem",
-                "16M",
-                "--machine-mem",
-                "10M",
-                "--ksm",
-                "--ksm-sleep-ms",
-                "1",
-                "--reclaim",
-                "--reclaim-interval-ms",
-                "1",
-                "--check",
-                "--json",
-                "--timeout",
-                "120s",
-            ];
-            args.extend_from_slice(folios);
-            args.push("--");
-            args.extend_from_slice(guest);
-            let r = shadowvm(&args);
-            r.check(r.code == Some(0), &format!("{folios:?} {guest:?}: exits 0"));
-            r.check(
-                r.stderr.lines().any(|l| l == "coherence check: ok"),
-                "coherence check passes",
-            );
-            // Under pressure the populate may end early (it never makes
-            // the host reclaim), but it accounts for every page.
-            let counts: Option<(u64, u64)> = r
-                .stdout
-                .lines()
-                .find_map(|l| l.strip_prefix("touch: populate 2048 pages "))
-                .and_then(|l| l.split_once('('))
-                .and_then(|(_, c)| {
-                    let w: Vec<&str> = c.split_whitespace().collect();
-                    Some((w.first()?.parse().ok()?, w.get(2)?.parse().ok()?))
-                });
-            r.check(
-                counts.is_some_and(|(p, s)| p + s == 2048),
-                "populated + skipped = 2048",
-            );
-            let v = r.json();
-            assert_eq!(v["mmu"]["prefault_calls"], 1, "{v}");
-        }
+        let r = touch_under_pressure(folios, guest);
+        r.check(r.code == Some(0), &format!("{folios:?} {guest:?}: exits 0"));
+        r.check(
+            r.stderr.lines().any(|l| l == "coherence check: ok"),
+            "coherence check passes",
+        );
+        // Under pressure the populate may end early (it never makes
+        // the host reclaim), but it accounts for every page.
+        let counts: Option<(u64, u64)> = r
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("touch: populate 2048 pages "))
+            .and_then(|l| l.split_once('('))
+            .and_then(|(_, c)| {
+                let w: Vec<&str> = c.split_whitespace().collect();
+                Some((w.first()?.parse().ok()?, w.get(2)?.parse().ok()?))
+            });
+        r.check(
+            counts.is_some_and(|(p, s)| p + s == 2048),
+            "populated + skipped = 2048",
+        );
+        let v = r.json();
+        assert_eq!(v["mmu"]["prefault_calls"], 1, "{v}");
     }
 }
 
@@ -384,30 +391,7 @@ fn large_folios_under_reclaim_keep_a_guest_built_address_space_alive() {
         &["--host-mthp", "64K", "--prefetch", "16"],
     ] {
         for _ in 0..5 {
-            let mut args = vec![
-                "run",
-                "touch",
-                "--paging",
-                "shadow",
-                "--vcpus",
-                "2",
-                "--mem",
-                "16M",
-                "--machine-mem",
-                "10M",
-                "--ksm",
-                "--ksm-sleep-ms",
-                "1",
-                "--reclaim",
-                "--reclaim-interval-ms",
-                "1",
-                "--check",
-                "--timeout",
-                "120s",
-            ];
-            args.extend_from_slice(folios);
-            args.extend_from_slice(&["--", "pages=2048", "pt4k=1"]);
-            let r = shadowvm(&args);
+            let r = touch_under_pressure(folios, &["pages=2048", "pt4k=1"]);
             r.check(r.code == Some(0), &format!("{folios:?}: exits 0"));
         }
     }

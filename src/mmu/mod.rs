@@ -282,6 +282,22 @@ impl ShadowMmu {
         self.inner.stats.snapshot()
     }
 
+    /// `remote_tlb_flush` alone: what the VMM's per-fault checks read, without
+    /// copying every counter.
+    pub fn remote_tlb_flushes(&self) -> u64 {
+        self.inner.stats.remote_tlb_flush.load(Ordering::Relaxed)
+    }
+
+    /// Leaf sptes zapped, shadow pages zapped and tables changed so far:
+    /// moves whenever a vCPU may have lost a path to a page.
+    pub fn zap_generation(&self) -> u64 {
+        let s = &self.inner.stats;
+        [&s.spte_zapped, &s.mmu_shadow_zapped, &s.mmu_table_changed]
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// `mmu_invalidate_seq` now.
     pub fn invalidate_seq(&self) -> u64 {
         self.inner.inv.read_seq()

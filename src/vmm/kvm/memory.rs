@@ -275,36 +275,12 @@ impl GuestRam {
     /// Gives `[gpa, gpa + len)` back to the host (MADV_DONTNEED): the next
     /// access reads zeros. Both must be page aligned.
     pub fn discard(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
-        check_range(gpa, len, self.size)?;
-        if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
-            return Err(MemoryError::OutOfRange {
-                gpa,
-                len,
-                size: self.size,
-            });
-        }
-        let host = self.host_base();
-        // SAFETY: the range was checked to lie inside our own mapping of
-        // `self.size` bytes at `host`, and both ends are page aligned.
         // MADV_DONTNEED on private anonymous memory only replaces the pages
         // with zero pages; no Rust reference into guest memory exists (all
         // accesses go through vm-memory's volatile copies). KVM sees the
         // change through the host's MMU notifier.
-        let ret = unsafe {
-            libc::madvise(
-                host.add(gpa as usize).cast(),
-                len as usize,
-                libc::MADV_DONTNEED,
-            )
-        };
-        if ret != 0 {
-            return Err(MemoryError::Discard {
-                gpa,
-                len,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(())
+        self.madvise(gpa, len, libc::MADV_DONTNEED)?
+            .map_err(|source| MemoryError::Discard { gpa, len, source })
     }
 
     /// Populates `[gpa, gpa + len)` for writing (`MADV_POPULATE_WRITE`,
@@ -312,6 +288,24 @@ impl GuestRam {
     /// would, without writing. Both must be page aligned. `Ok(false)` when
     /// the host kernel does not know the advice (`EINVAL`), nothing done.
     pub fn populate_write(&self, gpa: u64, len: u64) -> Result<bool, MemoryError> {
+        // It changes no byte (pages absent are zero-filled), so no access to
+        // guest memory races it.
+        match self.madvise(gpa, len, libc::MADV_POPULATE_WRITE)? {
+            Ok(()) => Ok(true),
+            Err(source) if source.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+            Err(source) => Err(MemoryError::Populate { gpa, len, source }),
+        }
+    }
+
+    /// `madvise(advice)` over `[gpa, gpa + len)`, checked to lie in RAM and
+    /// be page aligned; the outer error is the range's, the inner the
+    /// host's.
+    fn madvise(
+        &self,
+        gpa: u64,
+        len: u64,
+        advice: libc::c_int,
+    ) -> Result<std::io::Result<()>, MemoryError> {
         check_range(gpa, len, self.size)?;
         if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::OutOfRange {
@@ -322,25 +316,14 @@ impl GuestRam {
         }
         let host = self.host_base();
         // SAFETY: the range was checked to lie inside our own mapping of
-        // `self.size` bytes at `host`, page aligned at both ends.
-        // MADV_POPULATE_WRITE only faults pages in (zero-filled where
-        // absent); it changes no byte, so no access to guest memory races
-        // it.
-        let ret = unsafe {
-            libc::madvise(
-                host.add(gpa as usize).cast(),
-                len as usize,
-                libc::MADV_POPULATE_WRITE,
-            )
-        };
-        if ret != 0 {
-            let source = std::io::Error::last_os_error();
-            if source.raw_os_error() == Some(libc::EINVAL) {
-                return Ok(false);
-            }
-            return Err(MemoryError::Populate { gpa, len, source });
-        }
-        Ok(true)
+        // `self.size` bytes at `host`, page aligned at both ends; the callers
+        // say why their advice cannot race a guest-memory access.
+        let ret = unsafe { libc::madvise(host.add(gpa as usize).cast(), len as usize, advice) };
+        Ok(if ret == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        })
     }
 }
 

@@ -109,7 +109,7 @@ impl ShadowPaging {
     /// exception the other vCPU takes before this runs is not covered, see
     /// docs/shadow-mmu.md).
     pub(super) fn ensure_critical(&self) -> Result<(), PagingError> {
-        let now = self.zaps();
+        let now = self.mmu.zap_generation();
         if self.zaps_seen.load(Ordering::Acquire) == now {
             return Ok(());
         }

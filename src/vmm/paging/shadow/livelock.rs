@@ -45,7 +45,7 @@ impl ShadowPaging {
     /// Moves whenever an spte loses a right (every zap, write protection or
     /// repointing is flushed) or the host invalidates guest memory.
     fn invalidation_gen(&self) -> (u64, u64) {
-        (self.mmu.stats().remote_tlb_flush, self.mmu.invalidate_seq())
+        (self.mmu.remote_tlb_flushes(), self.mmu.invalidate_seq())
     }
 
     /// Before resolving a fault: is it the one last answered RETRY, with

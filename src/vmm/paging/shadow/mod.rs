@@ -132,7 +132,8 @@ impl ShadowPaging {
                 .map_err(|e| me.mmu_err(e))?;
             me.boot_cr3.push(root << 12);
         }
-        me.zaps_seen.store(me.zaps(), Ordering::Release);
+        me.zaps_seen
+            .store(me.mmu.zap_generation(), Ordering::Release);
         for vcpu in 0..nr_vcpus as usize {
             me.prefault(vcpu, false)?;
         }
@@ -165,12 +166,5 @@ impl ShadowPaging {
             }
             e => PagingError::Mmu(e),
         }
-    }
-
-    /// Leaf sptes zapped, shadow pages zapped and tables changed so far:
-    /// moves whenever a vCPU may have lost a path to a critical page.
-    fn zaps(&self) -> u64 {
-        let s = self.mmu.stats();
-        s.spte_zapped + s.mmu_shadow_zapped + s.mmu_table_changed
     }
 }

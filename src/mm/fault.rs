@@ -229,12 +229,7 @@ impl Mm {
             return Ok(Step::Retry);
         }
         pt.new_page(pfn, page);
-        let p = PresentPte {
-            pfn,
-            writable: write,
-            young: true,
-            dirty: write,
-        };
+        let p = PresentPte::fresh(pfn, write);
         pt.map(page, p);
         inc(&self.stats.pgfault_zero);
         Ok(Step::Done(p))
@@ -270,12 +265,7 @@ impl Mm {
         } else if let Some(m) = pt.folio_mut(pfn) {
             m.swap = Some(slot); // the PTE's reference moves to the swap cache
         }
-        let p = PresentPte {
-            pfn,
-            writable: write,
-            young: true,
-            dirty: write,
-        };
+        let p = PresentPte::fresh(pfn, write);
         pt.map(page, p);
         if locked {
             self.unlock_page(&mut pt, pfn);
@@ -302,12 +292,7 @@ impl Mm {
                 pt.unmap(page);
                 self.mn_invalidate_range(page, page + PAGE_SIZE);
                 pt.new_page(new_pfn, page);
-                let p = PresentPte {
-                    pfn: new_pfn,
-                    writable: true,
-                    young: true,
-                    dirty: true,
-                };
+                let p = PresentPte::fresh(new_pfn, true);
                 if self.notifiers.has_notifiers() {
                     self.notifiers.change_pte(
                         page,

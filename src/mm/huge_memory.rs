@@ -96,12 +96,7 @@ impl Mm {
             return Ok(Some(Step::Retry));
         }
         pt.new_folio(head, order, start);
-        let entry = PresentPte {
-            pfn: head,
-            writable: true,
-            young: true,
-            dirty: true,
-        };
+        let entry = PresentPte::fresh(head, true);
         if order == HPAGE_PMD_ORDER {
             pt.map_pmd(start, entry);
             inc(&self.stats.thp_fault_alloc);

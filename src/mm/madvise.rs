@@ -2,6 +2,7 @@
 //! MADV_NOHUGEPAGE), madvise(MADV_POPULATE_WRITE) and mlock.
 
 use crate::notifier::MmuNotifyEvent;
+use crate::trace::HostOp;
 
 use super::vma::{MmapFlags, Prot, Vma};
 use super::{Access, Hva, Mm, MmError, PAGE_SIZE, is_page_aligned};
@@ -23,7 +24,60 @@ pub(super) fn clipped(vmas: &[Vma], start: Hva, end: Hva) -> (Vec<(Vma, Hva, Hva
     (pieces, hole)
 }
 
+/// What `madvise` is asked to do (the `behavior` of 4.19's `do_madvise`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Advice {
+    /// `MADV_DONTNEED`.
+    DontNeed,
+    /// `MADV_MERGEABLE`.
+    Mergeable,
+    /// `MADV_HUGEPAGE`.
+    HugePage,
+    /// `MADV_NOHUGEPAGE`.
+    NoHugePage,
+    /// `MADV_POPULATE_WRITE` (Linux 5.14).
+    PopulateWrite,
+}
+
+impl Advice {
+    /// The host operation a trace shows for it (none for `MADV_NOHUGEPAGE`).
+    fn host_op(self, start: Hva, len: u64) -> Option<HostOp<'static>> {
+        Some(match self {
+            Advice::DontNeed => HostOp::MadviseDontneed { start, len },
+            Advice::Mergeable => HostOp::MadviseMergeable { start, len },
+            Advice::HugePage => HostOp::MadviseHugepage { start, len },
+            Advice::PopulateWrite => HostOp::MadvisePopulateWrite { start, len },
+            Advice::NoHugePage => return None,
+        })
+    }
+}
+
 impl Mm {
+    /// `do_madvise` (4.19 `mm/madvise.c`): the range checks every advice
+    /// shares, then the advice over the checked range.
+    pub fn madvise(&self, addr: Hva, len: u64, advice: Advice) -> Result<(), MmError> {
+        let _slice = advice
+            .host_op(addr, len)
+            .and_then(|op| crate::trace::slice!(HostOp(op)));
+        self.check_alive()?;
+        let Some((start, end)) = madvise_range(addr, len)? else {
+            return Ok(());
+        };
+        match advice {
+            Advice::DontNeed => self.dontneed_range(start, end),
+            Advice::Mergeable => {
+                self.madvise_update_vma(start, end, MmapFlags::MERGEABLE, MmapFlags::empty())
+            }
+            Advice::HugePage => {
+                self.madvise_update_vma(start, end, MmapFlags::HUGEPAGE, MmapFlags::NOHUGEPAGE)
+            }
+            Advice::NoHugePage => {
+                self.madvise_update_vma(start, end, MmapFlags::NOHUGEPAGE, MmapFlags::HUGEPAGE)
+            }
+            Advice::PopulateWrite => self.populate_write_range(start, end),
+        }
+    }
+
     /// `madvise(addr, len, MADV_DONTNEED)` (4.19 `mm/madvise.c`): drops the
     /// pages of each VMA in the range in address order, one
     /// `zap_page_range` (one notifier range) per VMA, clipped to it; private
@@ -34,14 +88,11 @@ impl Mm {
     /// mapped parts. A huge PMD the range covers in part is split (inside
     /// the zap), and a large folio left partly mapped is split after.
     pub fn madvise_dontneed(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        let _slice = crate::trace::slice!(HostOp(crate::trace::HostOp::MadviseDontneed {
-            start: addr,
-            len
-        }));
-        self.check_alive()?;
-        let Some((start, end)) = madvise_range(addr, len)? else {
-            return Ok(());
-        };
+        self.madvise(addr, len, Advice::DontNeed)
+    }
+
+    /// `madvise_dontneed_free` over the checked, non-empty `[start, end)`.
+    fn dontneed_range(&self, start: Hva, end: Hva) -> Result<(), MmError> {
         let vmas = self.mmap_lock.read();
         let all: Vec<Vma> = vmas.iter().copied().collect();
         let (pieces, hole) = clipped(&all, start, end);
@@ -66,28 +117,20 @@ impl Mm {
 
     /// `madvise(addr, len, MADV_MERGEABLE)`: lets KSM merge the range.
     pub fn madvise_mergeable(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        let _slice = crate::trace::slice!(HostOp(crate::trace::HostOp::MadviseMergeable {
-            start: addr,
-            len
-        }));
-        self.madvise_update_vma(addr, len, MmapFlags::MERGEABLE, MmapFlags::empty())
+        self.madvise(addr, len, Advice::Mergeable)
     }
 
     /// `madvise(addr, len, MADV_HUGEPAGE)` (`hugepage_madvise`): THP
     /// policies set to `madvise` apply to the range from now on; clears
     /// `MADV_NOHUGEPAGE`. Errors as `madvise_mergeable`.
     pub fn madvise_hugepage(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        let _slice = crate::trace::slice!(HostOp(crate::trace::HostOp::MadviseHugepage {
-            start: addr,
-            len
-        }));
-        self.madvise_update_vma(addr, len, MmapFlags::HUGEPAGE, MmapFlags::NOHUGEPAGE)
+        self.madvise(addr, len, Advice::HugePage)
     }
 
     /// `madvise(addr, len, MADV_NOHUGEPAGE)`: no new large folio in the
     /// range; folios already there stay.
     pub fn madvise_nohugepage(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        self.madvise_update_vma(addr, len, MmapFlags::NOHUGEPAGE, MmapFlags::HUGEPAGE)
+        self.madvise(addr, len, Advice::NoHugePage)
     }
 
     /// `madvise_update_vma`: sets `set` and clears `clear` on every VMA of
@@ -96,15 +139,11 @@ impl Mm {
     /// split), and a huge PMD across such a split first.
     fn madvise_update_vma(
         &self,
-        addr: Hva,
-        len: u64,
+        start: Hva,
+        end: Hva,
         set: MmapFlags,
         clear: MmapFlags,
     ) -> Result<(), MmError> {
-        self.check_alive()?;
-        let Some((start, end)) = madvise_range(addr, len)? else {
-            return Ok(());
-        };
         let mut vmas = self.mmap_lock.write();
         let all: Vec<Vma> = vmas.iter().copied().collect();
         let (pieces, hole) = clipped(&all, start, end);
@@ -137,14 +176,11 @@ impl Mm {
     /// left. Nothing here raises Linux's `EFAULT` (no SIGBUS or SIGSEGV
     /// source in anonymous memory).
     pub fn madvise_populate_write(&self, addr: Hva, len: u64) -> Result<(), MmError> {
-        let _slice = crate::trace::slice!(HostOp(crate::trace::HostOp::MadvisePopulateWrite {
-            start: addr,
-            len
-        }));
-        self.check_alive()?;
-        let Some((start, end)) = madvise_range(addr, len)? else {
-            return Ok(());
-        };
+        self.madvise(addr, len, Advice::PopulateWrite)
+    }
+
+    /// `madvise_populate` over the checked, non-empty `[start, end)`.
+    fn populate_write_range(&self, start: Hva, end: Hva) -> Result<(), MmError> {
         let vmas = self.mmap_lock.read();
         let mut at = start;
         while at < end {

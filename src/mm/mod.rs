@@ -69,6 +69,7 @@ pub use frame::{FrameAllocator, FrameOwner, MAX_ORDER, POISON_FREE};
 pub use hooks::{MmHook, MmHookPoint};
 pub use huge_memory::HugePmd;
 pub use ksm::{KsmConfig, KsmScanResult, KsmStats};
+pub use madvise::Advice;
 pub use memory::{AnonMemory, FrameAccess, MachineMemory};
 pub use pgtable::{
     Folio, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PageMeta, PresentPte, Pte,

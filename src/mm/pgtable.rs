@@ -27,6 +27,19 @@ pub struct PresentPte {
     pub dirty: bool,
 }
 
+impl PresentPte {
+    /// The entry of a page a fault just put in: `mk_pte` + `pte_mkyoung`,
+    /// and on a write fault `pte_mkwrite(pte_mkdirty())`.
+    pub fn fresh(pfn: Pfn, write: bool) -> Self {
+        PresentPte {
+            pfn,
+            writable: write,
+            young: true,
+            dirty: write,
+        }
+    }
+}
+
 /// `HPAGE_PMD_ORDER`: a huge PMD maps a folio of 2^9 pages (2 MiB).
 pub const HPAGE_PMD_ORDER: u8 = 9;
 /// Pages a huge PMD maps.

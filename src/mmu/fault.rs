@@ -133,24 +133,17 @@ impl ShadowMmu {
         access: Access,
     ) -> Result<Option<FaultOutcome>, MmuError> {
         let inner = &self.inner;
-        inner.fatal.check()?;
-        if inner.state.lock().released {
-            return Err(MmuError::Released);
-        }
-        // smp_rmb() in KVM: the sequence is read before anything it guards.
-        let seq = inner.inv.begin_read();
-        let paging = inner.paging.lock()[vcpu];
-        let gm = GuestMem::new(&inner.mm, &inner.slots);
+        let a = self.begin_attempt(vcpu)?;
         let t = Instant::now();
-        let walked = GuestMmu::new(paging).walk_addr(&gm, gva, access);
+        let walked = GuestMmu::new(a.paging).walk_addr(&a.gm, gva, access);
         add_ns(&inner.stats.pf_walk_ns, t);
         let walk = match walked {
             Ok(w) => w,
             Err(WalkError::PageFault(pf)) => {
-                if let Some(e) = gm.host_error.borrow_mut().take() {
+                if let Some(e) = a.gm.host_error.borrow_mut().take() {
                     return Err(MmuError::Memory(e));
                 }
-                if self.invalidation_raced(&seq, &gm.touched.borrow())? {
+                if self.attempt_raced(&a)? {
                     return Ok(None);
                 }
                 inc(&inner.stats.pf_guest);
@@ -160,13 +153,13 @@ impl ShadowMmu {
         };
         let gpa = walk.gpa();
         let Some(hva) = inner.slots.gfn_to_hva(walk.gfn) else {
-            if self.invalidation_raced(&seq, &gm.touched.borrow())? {
+            if self.attempt_raced(&a)? {
                 return Ok(None);
             }
             inc(&inner.stats.pf_mmio);
             return Ok(Some(FaultOutcome::Mmio { gpa }));
         };
-        gm.touched.borrow_mut().push(page_range(hva));
+        a.gm.touched.borrow_mut().push(page_range(hva));
         let host_access = if access.write {
             HostAccess::Write
         } else {
@@ -179,23 +172,39 @@ impl ShadowMmu {
             Ok(h) => h,
             Err(MmError::OutOfFrames) => return Err(MmuError::Memory(MmError::OutOfFrames)),
             Err(error) => {
-                if self.invalidation_raced(&seq, &gm.touched.borrow())? {
+                if self.attempt_raced(&a)? {
                     return Ok(None);
                 }
                 inc(&inner.stats.pf_host_error);
                 return Ok(Some(FaultOutcome::HostFault { gpa, error }));
             }
         };
-        self.install(Install {
+        self.install(a.install(&walk, hva, host, Origin::Fault))
+    }
+
+    /// What a fault or pre-fault attempt reads before its walk, in KVM's
+    /// order: the invalidation sequence first (`smp_rmb()`: it is read
+    /// before anything it guards), then the vCPU's paging mode.
+    pub(super) fn begin_attempt(&self, vcpu: usize) -> Result<Attempt<'_>, MmuError> {
+        let inner = &self.inner;
+        inner.fatal.check()?;
+        if inner.state.lock().released {
+            return Err(MmuError::Released);
+        }
+        let seq = inner.inv.begin_read();
+        let paging = inner.paging.lock()[vcpu];
+        Ok(Attempt {
             vcpu,
-            seq: &seq,
-            walk: &walk,
-            gm: &gm,
-            hva,
-            host,
+            seq,
             paging,
-            origin: Origin::Fault,
+            gm: GuestMem::new(&inner.mm, &inner.slots),
         })
+    }
+
+    /// [`Self::invalidation_raced`] over every page the attempt's walk
+    /// relied on so far.
+    pub(super) fn attempt_raced(&self, a: &Attempt<'_>) -> Result<bool, MmuError> {
+        self.invalidation_raced(&a.seq, &a.gm.touched.borrow())
     }
 
     /// `kvm_mmu_hugepage_adjust` before the MMU lock: a 2 MiB spte is
@@ -420,6 +429,38 @@ pub(super) struct LargeMap {
 }
 
 /// Everything the install needs from the translation.
+/// One fault or pre-fault attempt ([`ShadowMmu::begin_attempt`]).
+pub(super) struct Attempt<'a> {
+    pub vcpu: usize,
+    pub seq: SeqRead<'a>,
+    pub paging: PagingState,
+    /// Every guest entry the walk reads and every host range the
+    /// translation relies on.
+    pub gm: GuestMem<'a>,
+}
+
+impl<'a> Attempt<'a> {
+    /// The install of `walk`'s leaf at `hva`, backed by `host`.
+    pub fn install<'w>(
+        &'w self,
+        walk: &'w GuestWalk,
+        hva: Hva,
+        host: HostPfn,
+        origin: Origin,
+    ) -> Install<'w, 'a> {
+        Install {
+            vcpu: self.vcpu,
+            seq: &self.seq,
+            walk,
+            gm: &self.gm,
+            hva,
+            host,
+            paging: self.paging,
+            origin,
+        }
+    }
+}
+
 pub(super) struct Install<'w, 's> {
     pub vcpu: usize,
     pub seq: &'w SeqRead<'s>,

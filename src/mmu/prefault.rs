@@ -21,12 +21,11 @@
 
 use crate::mm::{Access as HostAccess, MmError, PAGE_SIZE};
 
-use super::fault::{FaultOutcome, Install, Origin};
-use super::guest_mem::{GuestMem, NoAdMem};
+use super::fault::{FaultOutcome, Origin};
 use super::invalidate::page_range;
 use super::pte::{PteAccess, level_size};
 use super::stats::{add, inc};
-use super::walk::{Access, FaultKind, GuestMmu, WalkError};
+use super::walk::{Access, FaultKind, GuestMmu, NoAdMem, WalkError};
 use super::{MmuError, ShadowMmu};
 
 /// Bound on the retries of one page against concurrent invalidations.
@@ -145,10 +144,7 @@ impl ShadowMmu {
 
     fn prefault_one(&self, vcpu: usize, gva: u64, origin: Origin) -> Result<Step, MmuError> {
         let inner = &self.inner;
-        inner.fatal.check()?;
-        let seq = inner.inv.begin_read();
-        let paging = inner.paging.lock()[vcpu];
-        let gm = GuestMem::new(&inner.mm, &inner.slots);
+        let a = self.begin_attempt(vcpu)?;
         // A supervisor read with EFLAGS.AC: no permission check can refuse
         // it, so the walk answers "mapped or not" only.
         let probe = Access {
@@ -156,13 +152,13 @@ impl ShadowMmu {
             ..Access::read(false)
         };
         let next = |level: u8| (gva | (level_size(level) - 1)).wrapping_add(1);
-        let walk = match GuestMmu::new(paging).walk_addr(&NoAdMem(&gm), gva, probe) {
+        let walk = match GuestMmu::new(a.paging).walk_addr(&NoAdMem(&a.gm), gva, probe) {
             Ok(w) => w,
             Err(WalkError::PageFault(pf)) => {
-                if let Some(e) = gm.host_error.borrow_mut().take() {
+                if let Some(e) = a.gm.host_error.borrow_mut().take() {
                     return Err(MmuError::Memory(e));
                 }
-                if self.invalidation_raced(&seq, &gm.touched.borrow())? {
+                if self.attempt_raced(&a)? {
                     return Ok(Step::Retry);
                 }
                 // Nothing mapped below a not-present upper entry: skip all
@@ -178,7 +174,7 @@ impl ShadowMmu {
         let Some(hva) = inner.slots.gfn_to_hva(walk.gfn) else {
             return Ok(Step::Skipped { until: next(1) });
         };
-        gm.touched.borrow_mut().push(page_range(hva));
+        a.gm.touched.borrow_mut().push(page_range(hva));
         // MADV_POPULATE_WRITE where the guest may write; a read fault where
         // the host refuses writes.
         let host = if walk.pte_access.contains(PteAccess::WRITE) {
@@ -193,22 +189,13 @@ impl ShadowMmu {
             Ok(h) => h,
             Err(MmError::OutOfFrames) => return Err(MmuError::Memory(MmError::OutOfFrames)),
             Err(_) => {
-                if self.invalidation_raced(&seq, &gm.touched.borrow())? {
+                if self.attempt_raced(&a)? {
                     return Ok(Step::Retry);
                 }
                 return Ok(Step::Skipped { until: next(1) });
             }
         };
-        let outcome = self.install(Install {
-            vcpu,
-            seq: &seq,
-            walk: &walk,
-            gm: &gm,
-            hva,
-            host,
-            paging,
-            origin,
-        })?;
+        let outcome = self.install(a.install(&walk, hva, host, origin))?;
         Ok(match outcome {
             None | Some(FaultOutcome::Retry) => Step::Retry,
             Some(_) if self.leaf_at(vcpu, gva)?.is_some_and(|l| l.1 == 2) => {

@@ -15,7 +15,7 @@ use crate::mm::PAGE_SIZE;
 
 use super::guest_mem::GuestMem;
 use super::pte::level_size;
-use super::walk::{Access, FaultKind, GuestMmu, GuestPtMemory, PagingState, WalkError};
+use super::walk::{Access, FaultKind, GuestMmu, GuestPtMemory, NoAdMem, PagingState, WalkError};
 use super::{MmuError, ReservedSlot, ShadowMmu};
 
 /// One stretch of a guest-virtual range that maps contiguous guest RAM.
@@ -57,22 +57,6 @@ impl Translated {
     }
 }
 
-/// Guest memory whose tables a walk may read but never write: a missing
-/// Accessed bit fails the walk (`AdUpdateFailed`) instead of being set.
-struct ReadOnly<M>(M);
-
-impl<M: GuestPtMemory> GuestPtMemory for ReadOnly<M> {
-    fn read_gpte(&self, gpa: u64) -> Option<u64> {
-        self.0.read_gpte(gpa)
-    }
-    fn cmpxchg_gpte(&self, _gpa: u64, _old: u64, _new: u64) -> Option<Result<(), u64>> {
-        None
-    }
-    fn is_ram(&self, gpa: u64) -> bool {
-        self.0.is_ram(gpa)
-    }
-}
-
 /// The pages of `[gva, gva + len)` (4 KiB aligned; `gva + len` must not
 /// wrap) that `mode`'s tables in `mem` map to guest RAM through entries
 /// that all have Accessed set, outside `reserved`. `mem_for` gives the
@@ -105,7 +89,7 @@ pub fn accessed_runs<M: GuestPtMemory>(
             out.skipped += (until - at) / PAGE_SIZE;
             until
         } else {
-            match mmu.walk_addr(&ReadOnly(mem_for()), at, probe) {
+            match mmu.walk_addr(&NoAdMem(mem_for()), at, probe) {
                 Ok(w) if w.leaf_in_ram => {
                     let until = next(w.level);
                     out.push(at, w.gfn * PAGE_SIZE, until - at);

@@ -82,6 +82,25 @@ impl<T: GuestPtMemory + ?Sized> GuestPtMemory for &T {
     }
 }
 
+/// Guest memory for a walk that must not change the guest's tables (the
+/// pre-fault path, the DMA translation): reads as `M` does; an Accessed or
+/// Dirty bit the walk would have to set makes it fail instead (a
+/// not-present fault, `AdUpdateFailed`), so only translations the guest
+/// has already used are mapped, as KVM prefetches only accessed guest PTEs.
+pub struct NoAdMem<M>(pub M);
+
+impl<M: GuestPtMemory> GuestPtMemory for NoAdMem<M> {
+    fn read_gpte(&self, gpa: u64) -> Option<u64> {
+        self.0.read_gpte(gpa)
+    }
+    fn cmpxchg_gpte(&self, _gpa: u64, _old: u64, _new: u64) -> Option<Result<(), u64>> {
+        None
+    }
+    fn is_ram(&self, gpa: u64) -> bool {
+        self.0.is_ram(gpa)
+    }
+}
+
 bitflags! {
     /// The architectural #PF error code (KVM's `PFERR_*_MASK`).
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]

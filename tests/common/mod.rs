@@ -163,19 +163,7 @@ pub fn both_modes(args: &[&str], options: &[&str]) -> (Run, Run) {
     )
 }
 
-/// Polls `f` every 2 ms until it returns `Some`, for at most `timeout`.
-pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
+pub use shadowvm::scenario::poll;
 
 /// Polls `f` until it returns `Some`; fails the test after 10 s, naming
 /// `what` it waited for.

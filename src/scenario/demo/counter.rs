@@ -3,25 +3,12 @@
 //! page.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{DemoError, Result};
 use crate::mm::{FrameAccess, Mm, Pte};
+use crate::scenario::poll;
 use crate::vmm::{ConsoleBuffer, GuestSource, Paging, RunningVm, VmConfig, guests};
-
-/// Polls `f` every millisecond for at most `timeout`.
-pub(super) fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
 
 /// The running guest and its counter page.
 pub(super) struct Guest {
@@ -38,7 +25,7 @@ impl Guest {
     /// Waits until the counter on frame `pfn` moved by `n` (the guest ran).
     pub(super) fn progress_on(&self, pfn: u64, n: u64) -> bool {
         let v = self.read(pfn);
-        wait_for(Duration::from_secs(5), || {
+        poll(Duration::from_secs(5), || {
             (self.read(pfn).wrapping_sub(v) >= n).then_some(())
         })
         .is_some()
@@ -86,7 +73,7 @@ pub(super) fn boot(thp: bool) -> Result<Guest> {
     config.validate()?;
     let console = ConsoleBuffer::new();
     let vm = RunningVm::start(&config, Box::new(console.clone()))?;
-    let gpa = wait_for(Duration::from_secs(5), || {
+    let gpa = poll(Duration::from_secs(5), || {
         let text = console.text();
         let line = text.lines().find(|l| l.starts_with("counter 0 at "))?;
         u64::from_str_radix(line.trim_start_matches("counter 0 at ").trim(), 16).ok()
@@ -109,10 +96,10 @@ pub(super) fn boot(thp: bool) -> Result<Guest> {
         gpa,
         hva: base + gpa,
     };
-    let counting = wait_for(Duration::from_secs(5), || {
+    let counting = poll(Duration::from_secs(5), || {
         let pfn = g.pfn()?;
         let v = g.read(pfn);
-        wait_for(Duration::from_millis(200), || {
+        poll(Duration::from_millis(200), || {
             (g.read(pfn) != v).then_some(())
         })
     });

@@ -3,9 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use super::counter::{Guest, wait_for};
+use super::counter::Guest;
 use super::{DemoError, Result};
 use crate::mm::{PAGE_SIZE, Prot, Pte};
+use crate::scenario::poll;
 
 /// Runs scenario `name`'s host operation on `g` and narrates the outcome.
 pub(super) fn run(name: &str, g: &Guest) -> Result<()> {
@@ -15,7 +16,7 @@ pub(super) fn run(name: &str, g: &Guest) -> Result<()> {
             let old_pfn = g.pfn().unwrap_or_default();
             let before = g.read(old_pfn);
             g.mm.madvise_dontneed(g.hva, page)?;
-            let new = wait_for(Duration::from_secs(5), || g.pfn());
+            let new = poll(Duration::from_secs(5), || g.pfn());
             match new {
                 Some(pfn) => {
                     let now = g.read(pfn);
@@ -37,7 +38,7 @@ pub(super) fn run(name: &str, g: &Guest) -> Result<()> {
             } else {
                 g.mm.mprotect(g.hva, page, Prot::READ)?;
             }
-            match wait_for(Duration::from_secs(5), || g.fault_line()) {
+            match poll(Duration::from_secs(5), || g.fault_line()) {
                 Some(line) => guest_saw!("the guest's next write faulted; it reported: {line}"),
                 None => return Err(DemoError::NoFaultReported),
             }
@@ -69,7 +70,7 @@ pub(super) fn run(name: &str, g: &Guest) -> Result<()> {
                 }
             }
             if swapped {
-                let pfn = wait_for(Duration::from_secs(5), || g.pfn());
+                let pfn = poll(Duration::from_secs(5), || g.pfn());
                 guest_saw!(
                     "the guest touched its page again: swapped back in on frame {:#x}, counter {}",
                     pfn.unwrap_or_default(),
@@ -146,7 +147,7 @@ fn thp(g: &Guest) -> Result<()> {
         (g.hva & !(HUGE - 1)) + PAGE_SIZE
     };
     g.mm.madvise_dontneed(victim, PAGE_SIZE)?;
-    let pfn = wait_for(Duration::from_secs(5), || g.pfn()).ok_or(DemoError::NoRefault)?;
+    let pfn = poll(Duration::from_secs(5), || g.pfn()).ok_or(DemoError::NoRefault)?;
     g.progress_on(pfn, 100_000);
     guest_saw!(
         "the guest kept counting: its page is now mapped {} (the host maps the range with 512 PTEs: {}), counter {}",
@@ -178,7 +179,7 @@ fn dma(g: &Guest) -> Result<()> {
         "the device read the guest's counter by DMA: {first}, then {second} (the guest's writes are visible to it)"
     );
     g.mm.madvise_dontneed(g.hva, PAGE_SIZE)?;
-    let new = wait_for(Duration::from_secs(5), || g.pfn()).ok_or(DemoError::NoRefault)?;
+    let new = poll(Duration::from_secs(5), || g.pfn()).ok_or(DemoError::NoRefault)?;
     g.progress_on(new, 1_000);
     let after = dev.read_u64(0)?;
     guest_saw!(

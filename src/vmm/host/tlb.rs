@@ -560,6 +560,14 @@ mod tests {
         FlushFrame { pfn, reason }
     }
 
+    fn run(first: u64, count: u64, discard: bool) -> FrameRun {
+        FrameRun {
+            first,
+            count,
+            discard,
+        }
+    }
+
     #[test]
     fn coalesces_contiguous_runs_by_kind() {
         use FlushReason::*;
@@ -576,55 +584,18 @@ mod tests {
         let runs = coalesce(&all, true);
         assert_eq!(
             runs,
-            vec![
-                FrameRun {
-                    first: 5,
-                    count: 3,
-                    discard: false
-                },
-                FrameRun {
-                    first: 9,
-                    count: 2,
-                    discard: true
-                },
-                FrameRun {
-                    first: 12,
-                    count: 1,
-                    discard: false
-                },
-            ]
+            vec![run(5, 3, false), run(9, 2, true), run(12, 1, false)]
         );
         assert!(coalesce(&[], true).is_empty());
         // Without discarding, one run of protect-toggles per contiguous range.
         assert_eq!(
             coalesce(&all, false),
-            vec![
-                FrameRun {
-                    first: 5,
-                    count: 3,
-                    discard: false
-                },
-                FrameRun {
-                    first: 9,
-                    count: 2,
-                    discard: false
-                },
-                FrameRun {
-                    first: 12,
-                    count: 1,
-                    discard: false
-                },
-            ]
+            vec![run(5, 3, false), run(9, 2, false), run(12, 1, false)]
         );
     }
 
     #[test]
     fn many_runs_merge_over_the_smallest_gaps_and_discards_stay() {
-        let run = |first, count, discard| FrameRun {
-            first,
-            count,
-            discard,
-        };
         let runs = vec![
             run(0, 1, false),
             run(2, 1, false),   // gap 1

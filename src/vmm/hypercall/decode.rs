@@ -285,12 +285,13 @@ impl Hypercall {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::vmm::abi::errno::{EFAULT, EINVAL, ENOSYS};
 
-    const MEM: u64 = 16 << 20;
-    const LIMITS: Limits = Limits {
+    /// The guest RAM and image of the hypercall tests.
+    pub(in crate::vmm::hypercall) const MEM: u64 = 16 << 20;
+    pub(in crate::vmm::hypercall) const LIMITS: Limits = Limits {
         mem_size: MEM,
         image_start: 0x20_0000,
         image_end: 0x20_8000,

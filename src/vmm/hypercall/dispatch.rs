@@ -17,7 +17,7 @@ use crate::vmm::dma::{GuestDma, GuestDmaError};
 use crate::vmm::kvm::cpu::{CpuAccess, CpuError};
 use crate::vmm::kvm::exit::HypercallExit;
 use crate::vmm::kvm::memory::{MemoryError, SharedGuestMem};
-use crate::vmm::paging::{PagingError, PagingOps, PfResolution, Populated};
+use crate::vmm::paging::{GuestPf, PagingError, PagingOps, PfResolution, Populated};
 use crate::vmm::switcher::{Switcher, SwitcherError};
 
 /// Errors that stop the VM while handling a hypercall (never the guest's
@@ -128,7 +128,12 @@ impl HypercallHandler {
             Ok(Hypercall::Exit { code }) => return Ok(HypercallExit::Exit(code)),
             Ok(Hypercall::Halt) => return Ok(HypercallExit::Halt),
             Ok(Hypercall::ResolvePf { error_code, rflags }) => {
-                self.resolve_pf(cpu, sregs.cr2, error_code, rflags)?
+                let pf = GuestPf {
+                    cr2: sregs.cr2,
+                    error_code,
+                    rflags,
+                };
+                self.resolve_pf(cpu, pf)?
             }
             Ok(Hypercall::Populate { gva, len }) => match self.paging.populate(cpu, gva, len)? {
                 // rax: pages populated; rdx: pages skipped.
@@ -154,16 +159,13 @@ impl HypercallHandler {
 
     /// RESOLVE_PF for the fault at `cr2`: `rax` the answer, `rdx` the
     /// error code, `rsi` CR2 (which ring 1 cannot read itself).
-    fn resolve_pf(
-        &self,
-        cpu: &mut dyn CpuAccess,
-        cr2: u64,
-        error_code: u64,
-        rflags: u64,
-    ) -> Result<Results, HypercallError> {
+    fn resolve_pf(&self, cpu: &mut dyn CpuAccess, pf: GuestPf) -> Result<Results, HypercallError> {
+        let GuestPf {
+            cr2, error_code, ..
+        } = pf;
         let slice = crate::trace::span::resolve_pf(cr2, error_code);
         let _in = slice.enter();
-        let (outcome, rax, rdx) = match self.paging.resolve_pf(cpu, cr2, error_code, rflags)? {
+        let (outcome, rax, rdx) = match self.paging.resolve_pf(cpu, pf)? {
             PfResolution::Retry => (PfOutcome::Retry, abi::PF_RETRY, error_code),
             PfResolution::GuestFault { error_code } => {
                 (PfOutcome::GuestFault, abi::PF_GUEST_FAULT, error_code)
@@ -261,6 +263,7 @@ mod tests {
     use crate::vmm::abi::errno::{EINVAL, ENOSYS, EOPNOTSUPP, EPERM};
     use crate::vmm::abi::{hc, percpu_gpa};
     use crate::vmm::boot::regs::{CR0_BOOT, CR4_BOOT, EFER_BOOT};
+    use crate::vmm::hypercall::decode::tests::{LIMITS, MEM};
     use crate::vmm::kvm::memory::{GuestMemWriter, GuestRam};
     use crate::vmm::kvm::stats::VmStats;
     use crate::vmm::paging::{GuestCpu, KvmPaging};
@@ -269,12 +272,6 @@ mod tests {
     use kvm_bindings::{kvm_regs, kvm_sregs};
     use std::time::Instant;
 
-    const MEM: u64 = 16 << 20;
-    const LIMITS: Limits = Limits {
-        mem_size: MEM,
-        image_start: 0x20_0000,
-        image_end: 0x20_8000,
-    };
     const CPU: GuestCpu = GuestCpu {
         maxphyaddr: 40,
         gbpages: true,

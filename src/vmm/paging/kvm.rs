@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use kvm_bindings::kvm_sregs;
 
-use super::{GuestCpu, GuestPagingMode, PagingError, PagingOps, PfResolution, Populated};
+use super::{GuestCpu, GuestPagingMode, GuestPf, PagingError, PagingOps, PfResolution, Populated};
 use crate::mmu::walk::GuestPtMemory;
 use crate::mmu::{PagingState, PrefaultResult, accessed_runs};
 use crate::vmm::abi::{self, PAGE_SIZE};
@@ -136,12 +136,12 @@ impl PagingOps for KvmPaging {
     fn resolve_pf(
         &self,
         _cpu: &mut dyn CpuAccess,
-        _cr2: u64,
-        error_code: u64,
-        _rflags: u64,
+        pf: GuestPf,
     ) -> Result<PfResolution, PagingError> {
         // The hardware walked the guest's own tables: the fault is the guest's.
-        Ok(PfResolution::GuestFault { error_code })
+        Ok(PfResolution::GuestFault {
+            error_code: pf.error_code,
+        })
     }
 
     fn balloon(

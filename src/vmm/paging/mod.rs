@@ -155,6 +155,19 @@ pub enum Populated {
     Errno(i64),
 }
 
+/// A guest page fault as RESOLVE_PF reports it: CR2 (which ring 1 cannot
+/// read, so the VMM does), and the error code and RFLAGS (EFLAGS.AC: SMAP)
+/// of the faulting access from the guest's trap frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestPf {
+    /// The faulting address.
+    pub cr2: u64,
+    /// The #PF error code the hardware pushed.
+    pub error_code: u64,
+    /// RFLAGS of the faulting access.
+    pub rflags: u64,
+}
+
 /// RESOLVE_PF's answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PfResolution {
@@ -195,15 +208,9 @@ pub trait PagingOps: Send + Sync {
     fn invlpg(&self, cpu: &mut dyn CpuAccess, gva: u64) -> Result<i64, PagingError>;
     /// FLUSH_TLB.
     fn flush_tlb(&self, cpu: &mut dyn CpuAccess, global: bool) -> Result<i64, PagingError>;
-    /// RESOLVE_PF for the fault at `cr2` (the vCPU's CR2) with the
-    /// error code and RFLAGS (EFLAGS.AC: SMAP) of the faulting access.
-    fn resolve_pf(
-        &self,
-        cpu: &mut dyn CpuAccess,
-        cr2: u64,
-        error_code: u64,
-        rflags: u64,
-    ) -> Result<PfResolution, PagingError>;
+    /// RESOLVE_PF for the fault `pf`.
+    fn resolve_pf(&self, cpu: &mut dyn CpuAccess, pf: GuestPf)
+    -> Result<PfResolution, PagingError>;
     /// BALLOON (validated): give the pages back to the host.
     fn balloon(&self, cpu: &mut dyn CpuAccess, gpa: u64, nr_pages: u64)
     -> Result<i64, PagingError>;

@@ -9,7 +9,7 @@
 
 use super::ShadowPaging;
 use crate::mmu::PfErrorCode;
-use crate::vmm::paging::PagingError;
+use crate::vmm::paging::{GuestPf, PagingError};
 use crate::vmm::x86::RFLAGS_AC;
 
 /// The fault RESOLVE_PF last answered RETRY for, after fixing it.
@@ -31,13 +31,13 @@ pub(super) struct LastRetry {
 }
 
 impl LastRetry {
-    fn key(cr2: u64, error_code: u64, rflags: u64) -> (u64, u64) {
+    fn key(pf: GuestPf) -> (u64, u64) {
         let bits = (PfErrorCode::WRITE | PfErrorCode::USER | PfErrorCode::FETCH).bits();
-        let mut access = error_code & u64::from(bits);
+        let mut access = pf.error_code & u64::from(bits);
         if access & u64::from(PfErrorCode::USER.bits()) == 0 {
-            access |= rflags & RFLAGS_AC;
+            access |= pf.rflags & RFLAGS_AC;
         }
-        (cr2 >> 12, access)
+        (pf.cr2 >> 12, access)
     }
 }
 
@@ -50,18 +50,12 @@ impl ShadowPaging {
 
     /// Before resolving a fault: is it the one last answered RETRY, with
     /// nothing changed since? Returns the generation the fix starts from.
-    pub(super) fn check_livelock(
-        &self,
-        vcpu: u32,
-        cr2: u64,
-        error_code: u64,
-        rflags: u64,
-    ) -> Result<(u64, u64), PagingError> {
+    pub(super) fn check_livelock(&self, vcpu: u32, pf: GuestPf) -> Result<(u64, u64), PagingError> {
         let generation = self.invalidation_gen();
         let Some(slot) = self.last_retry.get(vcpu as usize) else {
             return Ok(generation);
         };
-        let (page, access) = LastRetry::key(cr2, error_code, rflags);
+        let (page, access) = LastRetry::key(pf);
         let same = *slot.lock()
             == Some(LastRetry {
                 root: self.mmu.root(vcpu as usize).ok(),
@@ -74,7 +68,7 @@ impl ShadowPaging {
         }
         let spte = self
             .mmu
-            .lookup_spte(vcpu as usize, cr2)
+            .lookup_spte(vcpu as usize, pf.cr2)
             .map_err(|e| self.mmu_err(e))?;
         if spte.is_none() {
             // Both views agree the page is not mapped: the fix did not
@@ -84,9 +78,9 @@ impl ShadowPaging {
         }
         Err(PagingError::Livelock {
             vcpu,
-            gva: cr2,
-            error_code,
-            rflags,
+            gva: pf.cr2,
+            error_code: pf.error_code,
+            rflags: pf.rflags,
             spte,
         })
     }
@@ -94,19 +88,12 @@ impl ShadowPaging {
     /// After resolving: `fixed` holds the generation from
     /// [`Self::check_livelock`] when the answer is RETRY because an spte was
     /// installed (not a race that installed nothing).
-    pub(super) fn note_resolution(
-        &self,
-        vcpu: u32,
-        cr2: u64,
-        error_code: u64,
-        rflags: u64,
-        fixed: Option<(u64, u64)>,
-    ) {
+    pub(super) fn note_resolution(&self, vcpu: u32, pf: GuestPf, fixed: Option<(u64, u64)>) {
         let Some(slot) = self.last_retry.get(vcpu as usize) else {
             return;
         };
         *slot.lock() = fixed.map(|generation| {
-            let (page, access) = LastRetry::key(cr2, error_code, rflags);
+            let (page, access) = LastRetry::key(pf);
             LastRetry {
                 root: self.mmu.root(vcpu as usize).ok(),
                 page,
@@ -123,7 +110,13 @@ mod tests {
 
     #[test]
     fn the_key_ignores_p_and_rsvd_and_ac_in_user_mode() {
-        let k = |ec, rflags| LastRetry::key(0x1234_5678, ec, rflags);
+        let k = |error_code, rflags| {
+            LastRetry::key(GuestPf {
+                cr2: 0x1234_5678,
+                error_code,
+                rflags,
+            })
+        };
         assert_eq!(k(0b00010, 0), k(0b00011, 0), "P does not matter");
         assert_eq!(k(0b01010, 0), k(0b00010, 0), "RSVD does not matter");
         assert_ne!(k(0b00010, 0), k(0b00000, 0), "W does");

@@ -123,13 +123,7 @@ impl ShadowPaging {
             let mut mode = PagingState::new(0, cpu.maxphyaddr);
             mode.gbpages = cpu.gbpages;
             mode.amd = cpu.amd;
-            me.mmu
-                .set_paging_mode(vcpu, mode)
-                .map_err(|e| me.mmu_err(e))?;
-            let root = me
-                .mmu
-                .load_cr3(vcpu, guest_cr3)
-                .map_err(|e| me.mmu_err(e))?;
+            let root = me.enter_mode(vcpu, mode, guest_cr3)?;
             me.boot_cr3.push(root << 12);
         }
         me.zaps_seen
@@ -138,6 +132,15 @@ impl ShadowPaging {
             me.prefault(vcpu, false)?;
         }
         Ok(me)
+    }
+
+    /// Puts `vcpu` in paging mode `mode` (`kvm_mmu_reset_context`: it
+    /// leaves its root) and on the root for `cr3`; returns the root's frame.
+    fn enter_mode(&self, vcpu: usize, mode: PagingState, cr3: u64) -> Result<u64, PagingError> {
+        self.mmu
+            .set_paging_mode(vcpu, mode)
+            .map_err(|e| self.mmu_err(e))?;
+        self.mmu.load_cr3(vcpu, cr3).map_err(|e| self.mmu_err(e))
     }
 
     /// The shadow MMU.

@@ -11,7 +11,9 @@ use crate::vmm::host::ram::host_err;
 use crate::vmm::kvm::cpu::CpuAccess;
 use crate::vmm::kvm::kick::VcpuRequest;
 use crate::vmm::paging::kvm::{refused, with_mode};
-use crate::vmm::paging::{GuestPagingMode, PagingError, PagingOps, PfResolution, Populated};
+use crate::vmm::paging::{
+    GuestPagingMode, GuestPf, PagingError, PagingOps, PfResolution, Populated,
+};
 use crate::vmm::x86::RFLAGS_AC;
 
 /// How much of a POPULATE's host memory is faulted in between two looks
@@ -94,12 +96,15 @@ impl PagingOps for ShadowPaging {
     fn resolve_pf(
         &self,
         cpu: &mut dyn CpuAccess,
-        cr2: u64,
-        error_code: u64,
-        rflags: u64,
+        pf: GuestPf,
     ) -> Result<PfResolution, PagingError> {
+        let GuestPf {
+            cr2,
+            error_code,
+            rflags,
+        } = pf;
         let vcpu = cpu.id();
-        let generation = self.check_livelock(vcpu, cr2, error_code, rflags)?;
+        let generation = self.check_livelock(vcpu, pf)?;
         let ec = PfErrorCode::from_bits_truncate(error_code as u32);
         let mut access = Access::from_error_code(ec & !PfErrorCode::RSVD);
         // SMAP is waived for explicit supervisor accesses with EFLAGS.AC
@@ -129,7 +134,7 @@ impl PagingOps for ShadowPaging {
             }
         };
         self.ensure_critical()?;
-        self.note_resolution(vcpu, cr2, error_code, rflags, fixed.then_some(generation));
+        self.note_resolution(vcpu, pf, fixed.then_some(generation));
         Ok(res)
     }
 
@@ -300,16 +305,10 @@ impl PagingOps for ShadowPaging {
         state.efer_nx = mode.nx;
         state.cr4_smep = mode.smep;
         state.cr4_smap = mode.smap;
-        self.mmu
-            .set_paging_mode(vcpu, state)
-            .map_err(|e| self.mmu_err(e))?;
         // Then what LOAD_CR3 does: back on the (now empty) root for the
         // guest's CR3, with the exception-delivery pages prefaulted, on this
         // vCPU and any other whose root the reset emptied.
-        let root = self
-            .mmu
-            .load_cr3(vcpu, state.cr3)
-            .map_err(|e| self.mmu_err(e))?;
+        let root = self.enter_mode(vcpu, state, state.cr3)?;
         real.cr3 = root << 12;
         cpu.set_sregs(&real)?;
         self.prefault(vcpu, true)?;

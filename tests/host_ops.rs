@@ -36,20 +36,24 @@ fn check_steps(run: &common::Run) {
     );
 }
 
+/// The hostops guest under `--host-ops script` and the coherence check,
+/// `timeout` a bound on a hang, `guest_args` after `--`.
+fn run_script(script: &str, timeout: &str, guest_args: &[&str]) -> common::Run {
+    let mut args = vec!["run", "hostops", "--host-ops", script];
+    args.extend(["--timeout", timeout, "--check"]);
+    if !guest_args.is_empty() {
+        args.push("--");
+        args.extend_from_slice(guest_args);
+    }
+    common::shadowvm(&args)
+}
+
 #[test]
 fn builtin_scenario_gives_the_architectural_outcomes() {
     if !common::require_kvm() {
         return;
     }
-    let run = common::shadowvm(&[
-        "run",
-        "hostops",
-        "--host-ops",
-        "builtin:hostops",
-        "--timeout",
-        "5s",
-        "--check",
-    ]);
+    let run = run_script("builtin:hostops", "5s", &[]);
     check_steps(&run);
 }
 
@@ -67,15 +71,7 @@ fn script_file_works_like_the_builtin() {
           at checkpoint 3 mprotect 0x1001000 4096 rw\n\
           at checkpoint 4 munmap 0x1002000 4K\n",
     );
-    let run = common::shadowvm(&[
-        "run",
-        "hostops",
-        "--host-ops",
-        script.to_str().unwrap(),
-        "--timeout",
-        "5s",
-        "--check",
-    ]);
+    let run = run_script(script.to_str().unwrap(), "5s", &[]);
     check_steps(&run);
 }
 
@@ -128,19 +124,9 @@ fn timed_dontneed_reaches_a_polling_guest() {
     if !common::require_kvm() {
         return;
     }
-    let run = common::shadowvm(&[
-        "run",
-        "hostops",
-        "--host-ops",
-        "builtin:hostops-timed",
-        // A bound on a hang, not a measurement: the guest polls until the
-        // dontneed lands.
-        "--timeout",
-        "60s",
-        "--check",
-        "--",
-        "timed=1",
-    ]);
+    // The timeout bounds a hang, it is no measurement: the guest polls
+    // until the dontneed lands.
+    let run = run_script("builtin:hostops-timed", "60s", &["timed=1"]);
     run.check(run.code == Some(0), "exit 0");
     run.check(
         run.stdout

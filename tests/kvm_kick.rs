@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use shadowvm::vmm::{GuestSource, Outcome, RunningVm, VcpuRequest, VmConfig};
+use shadowvm::vmm::{GuestSource, RunningVm, VcpuRequest, VmConfig};
 
 #[test]
 fn kick_and_wait_reaches_a_spinning_vcpu() {
@@ -48,13 +48,7 @@ fn kick_and_wait_reaches_a_spinning_vcpu() {
         "no vCPU 7"
     );
 
-    vm.stop();
-    let report = vm.wait(Some(Duration::from_secs(10)));
-    assert!(
-        matches!(report.outcome, Outcome::Stopped),
-        "{}",
-        report.outcome
-    );
+    let report = common::vm::stop_vm(vm);
     assert!(
         report.stats.vm.exits["intr"] >= u64::from(KICKS),
         "{:?}",

@@ -8,12 +8,10 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::{CounterGuest, wait_for};
 use serde_json::Value;
 use shadowvm::mmu::TlbFlush;
-use shadowvm::vmm::Outcome;
 use shadowvm::vmm::host::aging::{AGING_HISTORY, Aging};
 
 /// The `--json` object (the last stderr line).
@@ -48,6 +46,48 @@ fn frames_returned(run: &common::Run, v: &Value) {
     );
 }
 
+/// `shadowvm run guest --mem mem`, then `options`, `--json` and a
+/// `--timeout` (a bound on a hang), and `guest_args` after `--`. The guest
+/// must exit 0; gives the run and its `--json` object.
+fn run_ok(
+    guest: &str,
+    mem: &str,
+    options: &[&str],
+    timeout: &str,
+    guest_args: &[&str],
+) -> (common::Run, Value) {
+    let mut args = vec!["run", guest, "--mem", mem];
+    args.extend_from_slice(options);
+    args.extend(["--json", "--timeout", timeout]);
+    if !guest_args.is_empty() {
+        args.push("--");
+        args.extend_from_slice(guest_args);
+    }
+    let run = common::shadowvm(&args);
+    run.check(
+        run.code == Some(0),
+        &format!("{guest} exits 0 with `{}`", options.join(" ")),
+    );
+    let v = json(&run);
+    (run, v)
+}
+
+/// memtest over 16M of 32M of guest RAM under `options`: it must exit 0 and
+/// find every byte it wrote.
+fn memtest_16m(options: &[&str], timeout: &str) -> (common::Run, Value) {
+    let (run, v) = run_ok("memtest", "32M", options, timeout, &["size=16M"]);
+    run.check(
+        run.stdout.contains("16384 KiB, 4 patterns, 0 errors"),
+        &format!("memtest reports 0 errors with `{}`", options.join(" ")),
+    );
+    (run, v)
+}
+
+/// ksmd with `pages` pages a pass, 1 ms apart: it merges while the guest runs.
+fn ksm(pages: &str) -> [&str; 5] {
+    ["--ksm", "--ksm-pages-to-scan", pages, "--ksm-sleep-ms", "1"]
+}
+
 #[test]
 fn ksm_merges_duplicate_pages_and_memtest_sees_no_errors() {
     if !common::require_kvm() {
@@ -55,28 +95,7 @@ fn ksm_merges_duplicate_pages_and_memtest_sees_no_errors() {
     }
     // memtest balloons its 16M back, then reads it all: 4096 identical zero
     // pages for ksmd to merge while the guest verifies them.
-    let run = common::shadowvm(&[
-        "run",
-        "memtest",
-        "--mem",
-        "32M",
-        "--ksm",
-        "--ksm-pages-to-scan",
-        "2000",
-        "--ksm-sleep-ms",
-        "1",
-        "--json",
-        "--timeout",
-        "60s",
-        "--",
-        "size=16M",
-    ]);
-    run.check(run.code == Some(0), "memtest exits 0 under ksmd");
-    run.check(
-        run.stdout.contains("16384 KiB, 4 patterns, 0 errors"),
-        "memtest reports 0 errors",
-    );
-    let v = json(&run);
+    let (run, v) = memtest_16m(&ksm("2000"), "60s");
     let k = &v["ksm"];
     run.check(num(k, &["pages_sharing"]) > 0, "pages_sharing > 0");
     run.check(num(k, &["pages_shared"]) > 0, "pages_shared > 0");
@@ -100,26 +119,11 @@ fn ksm_sharing_is_broken_by_guest_writes() {
     if !common::require_kvm_and_guest("ksm") {
         return;
     }
-    let run = common::shadowvm(&[
-        "run",
-        "ksm",
-        "--mem",
-        "16M",
-        "--ksm",
-        "--ksm-pages-to-scan",
-        "1000",
-        "--ksm-sleep-ms",
-        "1",
-        "--json",
-        "--timeout",
-        "60s",
-    ]);
-    run.check(run.code == Some(0), "the ksm guest exits 0 under ksmd");
+    let (run, v) = run_ok("ksm", "16M", &ksm("1000"), "60s", &[]);
     run.check(
         run.stdout.contains("verify after writes: 0 errors") && run.stdout.contains(", 0 errors"),
         "the ksm guest reports 0 errors",
     );
-    let v = json(&run);
     let k = &v["ksm"];
     run.check(
         num(k, &["max_pages_sharing"]) >= 512,
@@ -139,28 +143,14 @@ fn reclaim_swaps_out_under_small_machine_mem() {
         return;
     }
     // 16M touched on 8M of machine memory: pages must go to swap and come back.
-    let run = common::shadowvm(&[
-        "run",
-        "memtest",
-        "--mem",
-        "32M",
+    let small = [
         "--machine-mem",
         "8M",
         "--reclaim",
         "--reclaim-interval-ms",
         "20",
-        "--json",
-        "--timeout",
-        "120s",
-        "--",
-        "size=16M",
-    ]);
-    run.check(run.code == Some(0), "memtest exits 0 under reclaim");
-    run.check(
-        run.stdout.contains("16384 KiB, 4 patterns, 0 errors"),
-        "memtest reports 0 errors",
-    );
-    let v = json(&run);
+    ];
+    let (run, v) = memtest_16m(&small, "120s");
     let r = &v["reclaim"];
     run.check(num(r, &["pswpout"]) > 0, "pswpout > 0");
     run.check(num(r, &["pswpin"]) > 0, "pswpin > 0 (pages faulted back)");
@@ -179,32 +169,8 @@ fn ksm_and_reclaim_together_stay_coherent() {
     if !common::require_kvm() {
         return;
     }
-    let run = common::shadowvm(&[
-        "run",
-        "memtest",
-        "--mem",
-        "32M",
-        "--machine-mem",
-        "8M",
-        "--ksm",
-        "--ksm-pages-to-scan",
-        "1000",
-        "--ksm-sleep-ms",
-        "1",
-        "--reclaim",
-        "--check",
-        "--json",
-        "--timeout",
-        "120s",
-        "--",
-        "size=16M",
-    ]);
-    run.check(run.code == Some(0), "memtest exits 0");
-    run.check(
-        run.stdout.contains("16384 KiB, 4 patterns, 0 errors"),
-        "memtest reports 0 errors",
-    );
-    let v = json(&run);
+    let both = ["--machine-mem", "8M", "--reclaim", "--check"];
+    let (run, v) = memtest_16m(&[&both[..], &ksm("1000")].concat(), "120s");
     run.check(v["check"] == "ok", "the coherence check passes");
     run.check(num(&v, &["ksm", "max_pages_sharing"]) > 0, "ksmd merged");
     run.check(num(&v, &["reclaim", "pswpout"]) > 0, "pages were swapped");
@@ -217,11 +183,7 @@ fn exit_report_every_frame_comes_back() {
         return;
     }
     for extra in [&[][..], &["--ksm", "--reclaim"][..]] {
-        let mut args = vec!["run", "hello", "--mem", "16M", "--json", "--timeout", "30s"];
-        args.extend_from_slice(extra);
-        let run = common::shadowvm(&args);
-        run.check(run.code == Some(0), "hello exits 0");
-        let v = json(&run);
+        let (run, v) = run_ok("hello", "16M", extra, "30s", &[]);
         frames_returned(&run, &v);
         run.check(
             num(&v, &["exit", "shadow_pages_left"]) == 0,
@@ -281,14 +243,7 @@ fn aging_keeps_the_hot_page_young_and_the_idle_page_goes_cold() {
             aging.pass(&mm, &no_flush).expect("aging pass")
         })
         .collect();
-    let vm = g.vm;
-    vm.stop();
-    let report = vm.wait(Some(Duration::from_secs(10)));
-    assert!(
-        matches!(report.outcome, Outcome::Stopped),
-        "{}",
-        report.outcome
-    );
+    let report = common::vm::stop_vm(g.vm);
 
     for (i, p) in passes.iter().enumerate() {
         assert!(

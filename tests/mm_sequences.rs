@@ -38,6 +38,36 @@ fn page_range(event: MmuNotifyEvent, hva: u64) -> MmuNotifierRange {
     MmuNotifierRange::new(event, hva, hva + PAGE_SIZE)
 }
 
+/// `invalidate_range_start` of event `e` over `[s, end)`.
+fn start(e: MmuNotifyEvent, s: u64, end: u64) -> Recorded {
+    Recorded::InvalidateRangeStart(MmuNotifierRange::new(e, s, end))
+}
+
+/// `invalidate_range_end` of event `e` over `[s, end)`.
+fn end(e: MmuNotifyEvent, s: u64, end: u64) -> Recorded {
+    Recorded::InvalidateRangeEnd(MmuNotifierRange::new(e, s, end))
+}
+
+/// `invalidate_range` (a TLB flush) over `[start, end)`.
+fn ir(start: u64, end: u64) -> Recorded {
+    Recorded::InvalidateRange { start, end }
+}
+
+/// One range notified around PTE changes: start, then the end, which calls
+/// `invalidate_range` first (`mmu_notifier_invalidate_range_end`).
+fn notified(r: MmuNotifierRange) -> Vec<Recorded> {
+    vec![
+        Recorded::InvalidateRangeStart(r),
+        ir(r.start, r.end),
+        Recorded::InvalidateRangeEnd(r),
+    ]
+}
+
+/// `clear_flush_young` over `[start, end)`.
+fn flush_young(start: u64, end: u64) -> Recorded {
+    Recorded::ClearFlushYoung { start, end }
+}
+
 fn pfn(mm: &Mm, hva: u64) -> u64 {
     match mm.pte(hva) {
         Some(Pte::Present(p)) => p.pfn,
@@ -66,35 +96,13 @@ fn madvise_dontneed_clears_inside_start_end() {
     f.mm.write(f.base + PAGE_SIZE, b"x").unwrap();
     f.mm.madvise_dontneed(f.base, 4 * PAGE_SIZE).unwrap();
     let r = MmuNotifierRange::new(MmuNotifyEvent::Clear, f.base, f.base + 4 * PAGE_SIZE);
-    assert_eq!(
-        f.rec.take(),
-        vec![
-            Recorded::InvalidateRangeStart(r),
-            Recorded::InvalidateRange {
-                start: r.start,
-                end: r.end
-            },
-            Recorded::InvalidateRangeEnd(r),
-            Recorded::InvalidateRange {
-                start: f.base + PAGE_SIZE,
-                end: f.base + 2 * PAGE_SIZE
-            },
-        ]
-    );
+    let mut want = notified(r);
+    want.push(ir(f.base + PAGE_SIZE, f.base + 2 * PAGE_SIZE));
+    assert_eq!(f.rec.take(), want);
     assert_eq!(f.mm.pte(f.base + PAGE_SIZE), None);
     // Nothing populated: the range is still notified, but no flush follows.
     f.mm.madvise_dontneed(f.base, 4 * PAGE_SIZE).unwrap();
-    assert_eq!(
-        f.rec.take(),
-        vec![
-            Recorded::InvalidateRangeStart(r),
-            Recorded::InvalidateRange {
-                start: r.start,
-                end: r.end
-            },
-            Recorded::InvalidateRangeEnd(r),
-        ]
-    );
+    assert_eq!(f.rec.take(), notified(r));
     f.mm.check_consistency().unwrap();
 }
 
@@ -158,22 +166,9 @@ fn munmap_unmaps_inside_start_end() {
     f.mm.write(f.base, b"x").unwrap();
     f.mm.munmap(f.base, 2 * PAGE_SIZE).unwrap();
     let r = MmuNotifierRange::new(MmuNotifyEvent::Unmap, f.base, f.base + 2 * PAGE_SIZE);
-    let flush_first = Recorded::InvalidateRange {
-        start: f.base,
-        end: f.base + PAGE_SIZE,
-    };
-    assert_eq!(
-        f.rec.take(),
-        vec![
-            Recorded::InvalidateRangeStart(r),
-            Recorded::InvalidateRange {
-                start: r.start,
-                end: r.end
-            },
-            Recorded::InvalidateRangeEnd(r),
-            flush_first,
-        ]
-    );
+    let mut want = notified(r);
+    want.push(ir(f.base, f.base + PAGE_SIZE));
+    assert_eq!(f.rec.take(), want);
     assert!(matches!(
         f.mm.read(f.base, &mut [0]),
         Err(MmError::NoVma(_))
@@ -181,17 +176,7 @@ fn munmap_unmaps_inside_start_end() {
     // Over a hole and past the end of the mapping: the range is not clipped.
     let wide = MmuNotifierRange::new(MmuNotifyEvent::Unmap, f.base, f.base + 8 * PAGE_SIZE);
     f.mm.munmap(f.base, 8 * PAGE_SIZE).unwrap();
-    assert_eq!(
-        f.rec.take(),
-        vec![
-            Recorded::InvalidateRangeStart(wide),
-            Recorded::InvalidateRange {
-                start: wide.start,
-                end: wide.end
-            },
-            Recorded::InvalidateRangeEnd(wide),
-        ]
-    );
+    assert_eq!(f.rec.take(), notified(wide));
     // Nothing mapped at all: no callback.
     f.mm.munmap(f.base, 8 * PAGE_SIZE).unwrap();
     assert!(f.rec.take().is_empty());
@@ -212,14 +197,7 @@ fn mprotect_notifies_only_over_populated_page_tables() {
         f.base,
         f.base + 2 * PAGE_SIZE,
     );
-    let pair = vec![
-        Recorded::InvalidateRangeStart(r),
-        Recorded::InvalidateRange {
-            start: r.start,
-            end: r.end,
-        },
-        Recorded::InvalidateRangeEnd(r),
-    ];
+    let pair = notified(r);
     assert_eq!(f.rec.take(), pair);
     assert!(matches!(f.mm.pte(f.base), Some(Pte::Present(p)) if !p.writable));
     assert!(matches!(
@@ -320,10 +298,7 @@ fn ksm_merge_write_protects_then_change_ptes_and_cow_breaks() {
     // replace_page points it at b's frame (start, set_pte_at_notify, end).
     let wp = |h| page_range(MmuNotifyEvent::ProtectionPage, h);
     let merge = page_range(MmuNotifyEvent::KsmMerge, a);
-    let flush = |h: u64| Recorded::InvalidateRange {
-        start: h,
-        end: h + PAGE_SIZE,
-    };
+    let flush = |h: u64| ir(h, h + PAGE_SIZE);
     let ro = |address: u64, frame: u64| Recorded::ChangePte {
         address,
         pte: NotifierPte {
@@ -390,13 +365,7 @@ fn aging_asks_secondary_mmus_and_combines_with_the_host_bit() {
     let h = f.base;
     f.mm.write(h, b"x").unwrap(); // host young
     assert!(f.mm.clear_flush_young(h).unwrap());
-    assert_eq!(
-        f.rec.take(),
-        vec![Recorded::ClearFlushYoung {
-            start: h,
-            end: h + PAGE_SIZE
-        }]
-    );
+    assert_eq!(f.rec.take(), vec![flush_young(h, h + PAGE_SIZE)]);
     // Host bit now clear; only the secondary MMU can make the page young.
     assert!(!f.mm.clear_young(h).unwrap());
     assert_eq!(
@@ -423,13 +392,7 @@ fn reclaim_keeps_young_pages_and_swaps_cold_dirty_ones() {
     f.rec.take();
     let r = f.mm.reclaim(1).unwrap();
     assert_eq!((r.evicted, r.kept_young), (0, 1));
-    assert_eq!(
-        f.rec.take(),
-        vec![Recorded::ClearFlushYoung {
-            start: h,
-            end: h + PAGE_SIZE
-        }]
-    );
+    assert_eq!(f.rec.take(), vec![flush_young(h, h + PAGE_SIZE)]);
 
     f.rec.set_young(false);
     let r = f.mm.reclaim(1).unwrap();
@@ -438,14 +401,8 @@ fn reclaim_keeps_young_pages_and_swaps_cold_dirty_ones() {
     // (CLEAR), the young recheck inside the range, the swap PTE and its
     // invalidate_range, the end (with invalidate_range again).
     let unmap = page_range(MmuNotifyEvent::Clear, h);
-    let young = Recorded::ClearFlushYoung {
-        start: h,
-        end: h + PAGE_SIZE,
-    };
-    let flush = Recorded::InvalidateRange {
-        start: h,
-        end: h + PAGE_SIZE,
-    };
+    let young = flush_young(h, h + PAGE_SIZE);
+    let flush = ir(h, h + PAGE_SIZE);
     assert_eq!(
         f.rec.take(),
         vec![
@@ -612,18 +569,6 @@ fn thp_always(bytes: u64) -> Fixture {
     )
 }
 
-fn start(e: MmuNotifyEvent, s: u64, end: u64) -> Recorded {
-    Recorded::InvalidateRangeStart(MmuNotifierRange::new(e, s, end))
-}
-
-fn end(e: MmuNotifyEvent, s: u64, end: u64) -> Recorded {
-    Recorded::InvalidateRangeEnd(MmuNotifierRange::new(e, s, end))
-}
-
-fn ir(start: u64, end: u64) -> Recorded {
-    Recorded::InvalidateRange { start, end }
-}
-
 /// `__split_huge_pmd`: start and `invalidate_range_only_end` over the PMD.
 fn split_pmd(haddr: u64) -> Vec<Recorded> {
     vec![
@@ -634,11 +579,7 @@ fn split_pmd(haddr: u64) -> Vec<Recorded> {
 
 /// `unmap_folio` of one VMA part `[s, e)`: start, end (with its flush).
 fn unmap_folio(s: u64, e: u64) -> Vec<Recorded> {
-    vec![
-        start(MmuNotifyEvent::Clear, s, e),
-        ir(s, e),
-        end(MmuNotifyEvent::Clear, s, e),
-    ]
+    notified(MmuNotifierRange::new(MmuNotifyEvent::Clear, s, e))
 }
 
 #[test]
@@ -748,12 +689,8 @@ fn munmap_of_part_of_a_thp_splits_the_pmd_at_the_vma_split() {
     let (s, e) = (b + 510 * p, b + 514 * p);
     f.mm.munmap(s, e - s).unwrap();
     let mut want = split_pmd(b);
-    want.extend([
-        start(MmuNotifyEvent::Unmap, s, e),
-        ir(s, e),
-        end(MmuNotifyEvent::Unmap, s, e),
-        ir(s, b + THP),
-    ]);
+    want.extend(notified(MmuNotifierRange::new(MmuNotifyEvent::Unmap, s, e)));
+    want.push(ir(s, b + THP));
     want.extend(unmap_folio(b, s));
     assert_eq!(f.rec.take(), want);
     assert_eq!(f.mm.stats().thp_split_page, 1);
@@ -770,11 +707,11 @@ fn mprotect_of_part_of_a_thp_splits_the_pmd_not_the_folio() {
     f.rec.take();
     f.mm.mprotect(b + 2 * p, p, Prot::READ).unwrap();
     let mut want = split_pmd(b);
-    want.extend([
-        start(MmuNotifyEvent::ProtectionVma, b + 2 * p, b + 3 * p),
-        ir(b + 2 * p, b + 3 * p),
-        end(MmuNotifyEvent::ProtectionVma, b + 2 * p, b + 3 * p),
-    ]);
+    want.extend(notified(MmuNotifierRange::new(
+        MmuNotifyEvent::ProtectionVma,
+        b + 2 * p,
+        b + 3 * p,
+    )));
     assert_eq!(f.rec.take(), want);
     assert!(matches!(f.mm.pte(b + 2 * p), Some(Pte::Present(x)) if !x.writable));
     assert!(matches!(f.mm.pte(b + 3 * p), Some(Pte::Present(x)) if x.writable));
@@ -792,11 +729,8 @@ fn mprotect_of_a_whole_thp_keeps_the_huge_pmd() {
     f.mm.write(f.base, b"x").unwrap();
     f.rec.take();
     f.mm.mprotect(f.base, THP, Prot::READ).unwrap();
-    let r = (MmuNotifyEvent::ProtectionVma, f.base, f.base + THP);
-    assert_eq!(
-        f.rec.take(),
-        vec![start(r.0, r.1, r.2), ir(r.1, r.2), end(r.0, r.1, r.2)]
-    );
+    let r = MmuNotifierRange::new(MmuNotifyEvent::ProtectionVma, f.base, f.base + THP);
+    assert_eq!(f.rec.take(), notified(r));
     let pmd = f.mm.huge_pmd(f.base).expect("still huge");
     assert!(!pmd.writable);
     f.mm.mprotect(f.base, THP, RW).unwrap();
@@ -823,12 +757,8 @@ fn mthp_partial_dontneed_splits_the_folio_after_the_zap() {
     assert_eq!(f.mm.pte(b + 4 * p), None);
     f.rec.take();
     f.mm.madvise_dontneed(b + p, p).unwrap();
-    let mut want = vec![
-        start(MmuNotifyEvent::Clear, b + p, b + 2 * p),
-        ir(b + p, b + 2 * p),
-        end(MmuNotifyEvent::Clear, b + p, b + 2 * p),
-        ir(b + p, b + 2 * p),
-    ];
+    let mut want = notified(page_range(MmuNotifyEvent::Clear, b + p));
+    want.push(ir(b + p, b + 2 * p));
     want.extend(unmap_folio(b, b + 4 * p));
     assert_eq!(f.rec.take(), want);
     let s16 = f.mm.mthp_stats()[1];
@@ -895,29 +825,17 @@ fn reclaim_splits_a_cold_thp_before_swapping_a_page_of_it() {
     // and the hand moves past the folio.
     let r = f.mm.reclaim(1).unwrap();
     assert_eq!(r.kept_young, 1);
-    assert_eq!(
-        f.rec.take(),
-        vec![Recorded::ClearFlushYoung {
-            start: b,
-            end: b + THP
-        }]
-    );
+    assert_eq!(f.rec.take(), vec![flush_young(b, b + THP)]);
     // Second look: cold: split (PMD, then folio), then the page goes.
     let r = f.mm.reclaim(1).unwrap();
     assert_eq!(r.swapped_out, 1, "{r:?}");
-    let mut want = vec![Recorded::ClearFlushYoung {
-        start: b,
-        end: b + THP,
-    }];
+    let mut want = vec![flush_young(b, b + THP)];
     want.extend(split_pmd(b));
     want.extend(unmap_folio(b, b + THP));
     // try_to_unmap_one: inside its range, the young bits once more.
     want.extend([
         start(MmuNotifyEvent::Clear, b, b + PAGE_SIZE),
-        Recorded::ClearFlushYoung {
-            start: b,
-            end: b + PAGE_SIZE,
-        },
+        flush_young(b, b + PAGE_SIZE),
         ir(b, b + PAGE_SIZE),
         ir(b, b + PAGE_SIZE),
         end(MmuNotifyEvent::Clear, b, b + PAGE_SIZE),

@@ -18,6 +18,35 @@ use shadowvm::notifier::{MmuNotifierOps, MmuNotifierRange, NotifierError};
 const GVA: u64 = 0x40_0000;
 const GPA: u64 = 0x10_000;
 
+/// A guest whose `n` pages from GVA on map the `n` pages from GPA on,
+/// present, writable, user and dirty.
+fn mapped(n: u64) -> Guest {
+    let mut g = Guest::new(64, 128);
+    for i in 0..n {
+        g.map(GVA + i * PAGE_SIZE, GPA + i * PAGE_SIZE, P | RW | US | D);
+    }
+    g
+}
+
+/// Asserts that the spte of `gva` maps the host frame behind `gpa`.
+#[track_caller]
+fn assert_spte_maps(g: &Guest, gva: u64, gpa: u64, what: &str) {
+    let spte = g
+        .spte(gva)
+        .unwrap_or_else(|| panic!("no spte at {gva:#x}: {what}"));
+    assert_eq!(spte_pfn(spte), g.host_pfn(gpa).unwrap(), "{what}");
+}
+
+/// A read fault on `gva` is fixed with an spte to `gpa`'s frame, and the
+/// shadow tables stay coherent.
+#[track_caller]
+fn read_fault_maps(g: &Guest, gva: u64, gpa: u64) {
+    assert_eq!(g.read_fault(gva), FaultOutcome::Fixed);
+    let what = format!("the read fault at {gva:#x} maps gpa {gpa:#x}");
+    assert_spte_maps(g, gva, gpa, &what);
+    g.check();
+}
+
 #[test]
 fn read_then_write_fault_sets_guest_a_then_d() {
     let mut g = Guest::new(64, 128);
@@ -82,8 +111,7 @@ fn a_gpa_outside_the_memslots_is_mmio_never_a_mapping() {
 
 #[test]
 fn dontneed_zaps_the_spte_and_flushes_before_returning() {
-    let mut g = Guest::new(64, 128);
-    g.map(GVA, GPA, P | RW | US | D);
+    let g = mapped(1);
     assert_eq!(g.write_fault(GVA), FaultOutcome::Fixed);
     g.mm.write(g.hva(GPA), b"old").unwrap();
     let old = g.host_pfn(GPA).unwrap();
@@ -94,8 +122,7 @@ fn dontneed_zaps_the_spte_and_flushes_before_returning() {
     assert_eq!(g.mm.frames().owner(old).unwrap(), FrameOwner::Free);
     g.check();
     // The refault maps the new zero page.
-    assert_eq!(g.read_fault(GVA), FaultOutcome::Fixed);
-    assert_eq!(spte_pfn(g.spte(GVA).unwrap()), g.host_pfn(GPA).unwrap());
+    read_fault_maps(&g, GVA, GPA);
     let mut b = [1u8; 3];
     g.mm.read(g.hva(GPA), &mut b).unwrap();
     assert_eq!(b, [0; 3]);
@@ -120,8 +147,7 @@ impl MmuNotifierOps for FlushedBefore {
 
 #[test]
 fn flush_is_done_before_invalidate_range_start_returns() {
-    let mut g = Guest::new(64, 128);
-    g.map(GVA, GPA, P | RW | US | D);
+    let mut g = mapped(1);
     // Unregister and register again so the checker notifier is older.
     let checker = Arc::new(FlushedBefore {
         flush: g.flush.clone(),
@@ -156,8 +182,7 @@ fn flush_is_done_before_invalidate_range_start_returns() {
 
 #[test]
 fn mprotect_read_only_host_page_gives_read_only_spte_and_host_fault_on_write() {
-    let mut g = Guest::new(64, 128);
-    g.map(GVA, GPA, P | RW | US | D);
+    let g = mapped(1);
     assert_eq!(g.write_fault(GVA), FaultOutcome::Fixed);
     g.mm.mprotect(g.hva(GPA), PAGE_SIZE, Prot::READ).unwrap();
     assert_eq!(g.spte(GVA), None);
@@ -180,10 +205,8 @@ fn mprotect_read_only_host_page_gives_read_only_spte_and_host_fault_on_write() {
 
 #[test]
 fn ksm_merge_repoints_or_zaps_and_cow_gives_a_private_frame() {
-    let mut g = Guest::new(64, 128);
+    let g = mapped(2);
     let (g1, g2) = (GPA, GPA + PAGE_SIZE);
-    g.map(GVA, g1, P | RW | US | D);
-    g.map(GVA + PAGE_SIZE, g2, P | RW | US | D);
     let content = vec![0x77u8; PAGE_SIZE as usize];
     g.mm.write(g.hva(g1), &content).unwrap();
     g.mm.write(g.hva(g2), &content).unwrap();
@@ -214,8 +237,7 @@ fn ksm_merge_repoints_or_zaps_and_cow_gives_a_private_frame() {
 
 #[test]
 fn aging_reads_and_clears_spte_accessed_bits() {
-    let mut g = Guest::new(64, 128);
-    g.map(GVA, GPA, P | RW | US | D);
+    let g = mapped(1);
     assert_eq!(g.read_fault(GVA), FaultOutcome::Fixed);
     let h = g.hva(GPA);
     g.mm.clear_flush_young(h).unwrap(); // clears host and spte A
@@ -249,8 +271,7 @@ fn aging_reads_and_clears_spte_accessed_bits() {
 
 #[test]
 fn reclaim_zaps_and_swap_in_refaults_the_same_bytes() {
-    let mut g = Guest::new(64, 128);
-    g.map(GVA, GPA, P | RW | US | D);
+    let g = mapped(1);
     g.mm.write(g.hva(GPA), b"precious").unwrap();
     assert_eq!(g.read_fault(GVA), FaultOutcome::Fixed);
     // Two clock turns: the first clears young bits, the second evicts.
@@ -272,9 +293,8 @@ fn reclaim_zaps_and_swap_in_refaults_the_same_bytes() {
 
 #[test]
 fn exit_releases_every_shadow_page_and_frame() {
-    let mut g = Guest::new(64, 128);
+    let g = mapped(8);
     for i in 0..8 {
-        g.map(GVA + i * PAGE_SIZE, GPA + i * PAGE_SIZE, P | RW | US | D);
         assert_eq!(g.write_fault(GVA + i * PAGE_SIZE), FaultOutcome::Fixed);
     }
     assert!(g.mmu.nr_shadow_pages() >= 4);
@@ -327,17 +347,17 @@ fn root_cache_is_bounded_and_recycles_the_oldest() {
 /// of the old entry until `track_write` drops it (`kvm_mmu_track_write`).
 #[test]
 fn a_device_write_to_a_guest_table_takes_effect_after_track_write() {
-    let mut g = Guest::new(64, 128);
-    g.map(GVA, GPA, P | RW | US | D);
+    let mut g = mapped(1);
     assert_eq!(g.read_fault(GVA), FaultOutcome::Fixed);
     let leaf_gpa = g.pte_gpa(g.cr3, GVA, 1);
     // The device writes the PTE straight into the frame.
     g.write_u64(leaf_gpa, (GPA + PAGE_SIZE) | P | RW | US | D);
     g.mmu.flush_tlb(0).unwrap();
-    assert_eq!(
-        spte_pfn(g.spte(GVA).unwrap()),
-        g.host_pfn(GPA).unwrap(),
-        "write protection did not see the device's write"
+    assert_spte_maps(
+        &g,
+        GVA,
+        GPA,
+        "write protection did not see the device's write",
     );
     // Other gfns (data, not tables) change nothing.
     let zapped = g.mmu.stats().spte_zapped;
@@ -351,18 +371,12 @@ fn a_device_write_to_a_guest_table_takes_effect_after_track_write() {
         .unwrap();
     assert_eq!(g.spte(GVA), None, "the table's shadow page went");
     g.check();
-    assert_eq!(g.read_fault(GVA), FaultOutcome::Fixed);
-    assert_eq!(
-        spte_pfn(g.spte(GVA).unwrap()),
-        g.host_pfn(GPA + PAGE_SIZE).unwrap()
-    );
-    g.check();
+    read_fault_maps(&g, GVA, GPA + PAGE_SIZE);
 }
 
 #[test]
 fn guest_pte_change_is_seen_after_invlpg_and_table_writes_unprotect() {
-    let mut g = Guest::new(64, 128);
-    g.map(GVA, GPA, P | RW | US | D);
+    let mut g = mapped(1);
     assert_eq!(g.read_fault(GVA), FaultOutcome::Fixed);
     // The leaf table's page is write-protected: a guest mapping of it is
     // read-only, and a write through it unprotects.
@@ -386,12 +400,7 @@ fn guest_pte_change_is_seen_after_invlpg_and_table_writes_unprotect() {
     // Remap the gva (as the guest would through the window) and invlpg.
     g.write_u64(leaf_gpa, (GPA + PAGE_SIZE) | P | RW | US | D);
     g.mmu.invlpg(0, GVA).unwrap();
-    assert_eq!(g.read_fault(GVA), FaultOutcome::Fixed);
-    assert_eq!(
-        spte_pfn(g.spte(GVA).unwrap()),
-        g.host_pfn(GPA + PAGE_SIZE).unwrap()
-    );
-    g.check();
+    read_fault_maps(&g, GVA, GPA + PAGE_SIZE);
 }
 
 #[test]
@@ -400,16 +409,12 @@ fn large_guest_pages_are_shadowed_by_4k_sptes() {
     // A 2 MiB guest page at gva 0x20_0000 → gpa 0 (RAM is 4 MiB).
     let pde = g.pte_gpa(g.cr3, 0x20_0000, 2);
     g.write_u64(pde, PS | P | RW | US | D);
-    assert_eq!(g.read_fault(0x20_0000 + 5 * PAGE_SIZE), FaultOutcome::Fixed);
-    let s = g.spte(0x20_0000 + 5 * PAGE_SIZE).unwrap();
-    assert_eq!(spte_pfn(s), g.host_pfn(5 * PAGE_SIZE).unwrap());
-    g.check();
+    read_fault_maps(&g, 0x20_0000 + 5 * PAGE_SIZE, 5 * PAGE_SIZE);
 }
 
 #[test]
 fn the_fault_invalidate_race_is_detected_and_retried() {
-    let mut g = Guest::new(64, 128);
-    g.map(GVA, GPA, P | RW | US | D);
+    let g = mapped(1);
     let mm = g.mm.clone();
     let fired = Arc::new(AtomicBool::new(false));
     let f2 = fired.clone();
@@ -428,8 +433,12 @@ fn the_fault_invalidate_race_is_detected_and_retried() {
         before + 1,
         "the racing attempt must be dropped"
     );
-    // The spte maps the live frame, not the freed one.
-    assert_eq!(spte_pfn(g.spte(GVA).unwrap()), g.host_pfn(GPA).unwrap());
+    assert_spte_maps(
+        &g,
+        GVA,
+        GPA,
+        "the spte maps the live frame, not the freed one",
+    );
     g.mmu.set_race_hook(None);
     g.check();
 }
@@ -438,9 +447,7 @@ fn the_fault_invalidate_race_is_detected_and_retried() {
 /// in machine memory (as a bug would) and it must say so.
 #[test]
 fn the_checker_catches_sptes_to_shadow_pages_free_frames_and_wrong_frames() {
-    let mut g = Guest::new(64, 128);
-    g.map(GVA, GPA, P | RW | US | D);
-    g.map(GVA + PAGE_SIZE, GPA + PAGE_SIZE, P | RW | US | D);
+    let g = mapped(2);
     assert_eq!(g.write_fault(GVA), FaultOutcome::Fixed);
     assert_eq!(g.write_fault(GVA + PAGE_SIZE), FaultOutcome::Fixed);
     g.check();
@@ -484,9 +491,7 @@ fn the_checker_catches_sptes_to_shadow_pages_free_frames_and_wrong_frames() {
 #[test]
 fn change_pte_repoints_read_only_or_zaps_and_flushes_before_returning() {
     use shadowvm::notifier::NotifierPte;
-    let mut g = Guest::new(64, 128);
-    g.map(GVA, GPA, P | RW | US | D);
-    g.map(GVA + PAGE_SIZE, GPA + PAGE_SIZE, P | RW | US | D);
+    let g = mapped(2);
     assert_eq!(g.write_fault(GVA), FaultOutcome::Fixed);
     assert_eq!(g.read_fault(GVA + PAGE_SIZE), FaultOutcome::Fixed);
     let old = g.host_pfn(GPA).unwrap();

@@ -12,6 +12,7 @@
 pub mod counter;
 pub mod elf;
 pub mod mmu_guest;
+pub mod scenario;
 
 use std::fs::OpenOptions;
 use std::process::{Command, Output};

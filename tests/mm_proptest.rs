@@ -36,13 +36,14 @@ mod common;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
 use parking_lot::Mutex;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::TestCaseError;
 
+use common::scenario::{ScenarioHarness, cov, get, run_scenarios};
 use shadowvm::mm::{
     Access, FrameAccess, FrameOwner, Hva, MMAP_BASE, Mm, MmError, MmapFlags, OrderEnabled,
     PAGE_SIZE, PagePin, Prot, Pte, ThpConfig, ThpEnabled,
@@ -709,17 +710,6 @@ thread_local! {
 } };
 }
 
-fn bump(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
-}
-
-macro_rules! cov {
-    ($f:ident, $n:expr $(,)?) => {{
-        let n = $n;
-        COVERAGE.with(|c| bump(&c.$f, n))
-    }};
-}
-
 struct Harness {
     mm: Arc<Mm>,
     mirror: Arc<Mirror>,
@@ -732,35 +722,6 @@ struct Harness {
 }
 
 impl Harness {
-    fn new(s: &Scenario) -> Result<Self, TestCaseError> {
-        let mm = Mm::new_anonymous(s.frames).map_err(|e| fail(e.to_string()))?;
-        mm.set_thp_config(s.thp);
-        let rw = Prot::READ | Prot::WRITE;
-        let base = mm
-            .mmap(None, s.pages as u64 * PAGE_SIZE, rw, MmapFlags::empty())
-            .map_err(|e| fail(e.to_string()))?;
-        if s.mergeable > 0 {
-            mm.madvise_mergeable(base, s.mergeable as u64 * PAGE_SIZE)
-                .map_err(|e| fail(e.to_string()))?;
-        }
-        let mirror = Arc::new(Mirror::default());
-        let reg = mm
-            .mmu_notifier_register(mirror.clone())
-            .map_err(|e| fail(e.to_string()))?;
-        let model = (0..s.pages)
-            .map(|i| PageModel::fresh(rw, i < s.mergeable))
-            .collect();
-        Ok(Self {
-            mm,
-            mirror,
-            reg: Some(reg),
-            base,
-            model,
-            pins: VecDeque::new(),
-            step: 0,
-        })
-    }
-
     fn n(&self) -> usize {
         self.model.len()
     }
@@ -1504,22 +1465,6 @@ impl Harness {
         Ok(())
     }
 
-    fn run(&mut self, s: &Scenario) -> Result<(), TestCaseError> {
-        self.check(false)?;
-        for (step, op) in s.ops.iter().enumerate() {
-            self.step = step;
-            while self.pins.front().is_some_and(|(_, until)| *until <= step) {
-                self.pins.pop_front();
-            }
-            self.apply(op)
-                .map_err(|e| fail(format!("step {step} {op:?}: {e}")))?;
-            self.check(s.readback_each_step)
-                .map_err(|e| fail(format!("after step {step} {op:?}: {e}")))?;
-        }
-        cov!(steps, s.ops.len() as u64);
-        Ok(())
-    }
-
     fn record_coverage(&self) {
         let st = self.mm.stats();
         cov!(pgcow, st.pgcow);
@@ -1601,6 +1546,61 @@ impl Harness {
     }
 }
 
+impl ScenarioHarness for Harness {
+    type Scenario = Scenario;
+
+    fn new(s: &Scenario) -> Result<Self, TestCaseError> {
+        let mm = Mm::new_anonymous(s.frames).map_err(|e| fail(e.to_string()))?;
+        mm.set_thp_config(s.thp);
+        let rw = Prot::READ | Prot::WRITE;
+        let base = mm
+            .mmap(None, s.pages as u64 * PAGE_SIZE, rw, MmapFlags::empty())
+            .map_err(|e| fail(e.to_string()))?;
+        if s.mergeable > 0 {
+            mm.madvise_mergeable(base, s.mergeable as u64 * PAGE_SIZE)
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        let mirror = Arc::new(Mirror::default());
+        let reg = mm
+            .mmu_notifier_register(mirror.clone())
+            .map_err(|e| fail(e.to_string()))?;
+        let model = (0..s.pages)
+            .map(|i| PageModel::fresh(rw, i < s.mergeable))
+            .collect();
+        Ok(Self {
+            mm,
+            mirror,
+            reg: Some(reg),
+            base,
+            model,
+            pins: VecDeque::new(),
+            step: 0,
+        })
+    }
+
+    fn run(&mut self, s: &Scenario) -> Result<(), TestCaseError> {
+        self.check(false)?;
+        for (step, op) in s.ops.iter().enumerate() {
+            self.step = step;
+            while self.pins.front().is_some_and(|(_, until)| *until <= step) {
+                self.pins.pop_front();
+            }
+            self.apply(op)
+                .map_err(|e| fail(format!("step {step} {op:?}: {e}")))?;
+            self.check(s.readback_each_step)
+                .map_err(|e| fail(format!("after step {step} {op:?}: {e}")))?;
+        }
+        cov!(steps, s.ops.len() as u64);
+        Ok(())
+    }
+
+    fn end(self, s: &Scenario) -> Result<(), TestCaseError> {
+        self.finish(s.exit)?;
+        cov!(cases, 1);
+        Ok(())
+    }
+}
+
 /// After exit_mmap every operation fails with `Exited`.
 fn assert_exited(mm: &Arc<Mm>, hva: Hva) -> Result<(), TestCaseError> {
     let ex = Err(MmError::Exited);
@@ -1651,20 +1651,6 @@ fn assert_exited(mm: &Arc<Mm>, hva: Hva) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-fn run_cases(strategy: impl Strategy<Value = Scenario>, cases: u32) {
-    common::proptest_run_cases(&strategy, cases, |s| {
-        let mut h = Harness::new(&s)?;
-        h.run(&s)?;
-        h.finish(s.exit)?;
-        cov!(cases, 1);
-        Ok(())
-    });
-}
-
-fn get(a: &AtomicU64) -> u64 {
-    a.load(Ordering::Relaxed)
-}
-
 fn report(c: &Coverage) {
     eprintln!(
         "mm_proptest coverage: {} cases, {} steps, {} exits; KSM merges {}, COW breaks {}, \
@@ -1707,7 +1693,7 @@ fn assert_reached(c: &Coverage, paths: &[(&str, &AtomicU64)]) {
 
 #[test]
 fn random_operation_sequences_keep_the_mm_consistent() {
-    run_cases(scenario_strategy(), common::proptest_cases());
+    run_scenarios::<Harness>(scenario_strategy(), common::proptest_cases());
     COVERAGE.with(|c| {
         report(c);
         // The sequences must reach the paths the properties are about
@@ -1741,7 +1727,7 @@ fn random_operation_sequences_keep_the_mm_consistent() {
 fn random_operation_sequences_over_huge_pages_keep_the_mm_consistent() {
     // Each step checks ~540 pages: fewer cases than the small-region test.
     let n = (common::proptest_cases() / 8).max(8);
-    run_cases(thp_scenario_strategy(), n);
+    run_scenarios::<Harness>(thp_scenario_strategy(), n);
     COVERAGE.with(|c| {
         report(c);
         if n >= 48 {

@@ -404,8 +404,10 @@ fn a_split_racing_a_large_install_makes_the_fault_retry() {
 // Pre-fault
 // ---------------------------------------------------------------------------
 
-#[test]
-fn pre_fault_maps_what_the_guest_has_accessed_and_counts_apart() {
+/// A guest whose pages 0 to 7 at `GVA` are accessed and dirty (gfns 32 to
+/// 39), 8 to 15 not accessed, and 16 accessed but read-only (gfn 40); the
+/// entries above them accessed, as for a pre-fault.
+fn half_accessed_guest() -> Guest {
     let mut g = guest(256, 512, 0, ThpConfig::off());
     for i in 0..16 {
         let f = if i < 8 {
@@ -417,6 +419,26 @@ fn pre_fault_maps_what_the_guest_has_accessed_and_counts_apart() {
     }
     g.map(GVA + 16 * PAGE_SIZE, 40 * PAGE_SIZE, P | US | A);
     accessed_path(&mut g, GVA, 1);
+    g
+}
+
+/// What a pre-fault of `pages` pages leaves besides its sptes: the guest's
+/// PTEs of the first `before.len()` pages unchanged, no fault counted, and
+/// coherent tables.
+fn check_prefaulted(g: &mut Guest, before: &[u64], pages: u64) {
+    assert_eq!(
+        guest_ptes(g, before.len() as u64),
+        before,
+        "guest PTEs changed"
+    );
+    let st = g.mmu.stats();
+    assert_eq!((st.pf_fixed, st.prefault_pages), (0, pages));
+    g.check();
+}
+
+#[test]
+fn pre_fault_maps_what_the_guest_has_accessed_and_counts_apart() {
+    let mut g = half_accessed_guest();
     let before = guest_ptes(&mut g, 17);
     let r = g.mmu.pre_fault(0, GVA, 20 * PAGE_SIZE).unwrap();
     assert_eq!(
@@ -437,13 +459,8 @@ fn pre_fault_maps_what_the_guest_has_accessed_and_counts_apart() {
         g.spte(GVA + 16 * PAGE_SIZE).unwrap()
     ));
     assert_eq!(g.spte(GVA + 8 * PAGE_SIZE), None);
-    assert_eq!(guest_ptes(&mut g, 17), before, "guest PTEs changed");
-    let st = g.mmu.stats();
-    assert_eq!(
-        (st.pf_fixed, st.prefault_pages, st.prefault_skipped),
-        (0, 9, 11)
-    );
-    g.check();
+    assert_eq!(g.mmu.stats().prefault_skipped, 11);
+    check_prefaulted(&mut g, &before, 9);
     // Again: nothing new, the same count.
     let again = g.mmu.pre_fault(0, GVA, 20 * PAGE_SIZE).unwrap();
     assert_eq!(again, r);
@@ -456,19 +473,9 @@ fn pre_fault_maps_what_the_guest_has_accessed_and_counts_apart() {
 /// changed.
 #[test]
 fn accessed_runs_are_the_pages_pre_fault_maps() {
-    let mut g = guest(256, 512, 0, ThpConfig::off());
-    for i in 0..16 {
-        let f = if i < 8 {
-            P | RW | US | A | D
-        } else {
-            P | RW | US
-        };
-        g.map(GVA + i * PAGE_SIZE, (32 + i) * PAGE_SIZE, f);
-    }
-    g.map(GVA + 16 * PAGE_SIZE, 40 * PAGE_SIZE, P | US | A);
+    let mut g = half_accessed_guest();
     // Beyond RAM: never a run.
     g.map(GVA + 17 * PAGE_SIZE, 4096 * PAGE_SIZE, P | RW | US | A | D);
-    accessed_path(&mut g, GVA, 1);
     let before = guest_ptes(&mut g, 18);
     let t = g.mmu.accessed_runs(0, GVA, 20 * PAGE_SIZE).unwrap();
     assert_eq!(
@@ -531,13 +538,8 @@ fn populate_makes_the_sptes_as_an_access_would() {
     assert_eq!(bits(1), (true, false, false), "clean guest PTE: read-only");
     assert_eq!(bits(2), (true, false, false), "read-only guest PTE");
     assert_eq!(g.spte(GVA + 3 * PAGE_SIZE), None, "not accessed");
-    assert_eq!(guest_ptes(&mut g, 4), before, "guest PTEs changed");
-    let st = g.mmu.stats();
-    assert_eq!(
-        (st.pf_fixed, st.prefault_calls, st.prefault_pages),
-        (0, 1, 3)
-    );
-    g.check();
+    assert_eq!(g.mmu.stats().prefault_calls, 1);
+    check_prefaulted(&mut g, &before, 3);
 }
 
 #[test]

@@ -71,6 +71,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
 use common::mmu_guest::{A, ADDR, D, Guest, NX, P, PS, RW, US, spte_pfn};
+use common::scenario::{ScenarioHarness, cov, get, run_scenarios};
 use shadowvm::mm::{
     FrameAccess, FrameOwner, MmError, MmapFlags, PAGE_SIZE, Pfn, Prot, Pte, ThpConfig, ThpEnabled,
 };
@@ -582,6 +583,13 @@ struct TlbModel {
     entries: Mutex<HashMap<(Pfn, u64), u64>>,
 }
 
+impl TlbModel {
+    /// The cached translations, copied out of the lock.
+    fn snapshot(&self) -> Vec<((Pfn, u64), u64)> {
+        self.entries.lock().iter().map(|(k, e)| (*k, *e)).collect()
+    }
+}
+
 impl TlbFlush for TlbModel {
     fn flush_frames(&self, frames: &[FlushFrame]) -> Result<(), TlbFlushError> {
         // A changed shadow table is flushed with the memslot bounce: every
@@ -661,17 +669,6 @@ thread_local! {
 } };
 }
 
-macro_rules! cov {
-    ($f:ident, $n:expr $(,)?) => {{
-        let n = $n;
-        COVERAGE.with(|c| bump(&c.$f, n))
-    }};
-}
-
-fn bump(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
-}
-
 // ---------------------------------------------------------------------------
 // The harness
 // ---------------------------------------------------------------------------
@@ -715,6 +712,15 @@ enum Outcome {
 
 /// What a host page is now: (frame, writable, young).
 type HostPte = Option<(Pfn, bool, bool)>;
+
+/// A present spte of a tracked gva, as a vCPU reaches it.
+#[derive(Clone, Copy, Debug)]
+struct Reached {
+    vcpu: usize,
+    root: Pfn,
+    addr: u64,
+    spte: u64,
+}
 
 struct Harness {
     g: Guest,
@@ -770,87 +776,6 @@ fn leaf_addr(page: u64) -> u64 {
 }
 
 impl Harness {
-    fn new(s: &Scenario) -> Result<Self, TestCaseError> {
-        let tlb = Arc::new(TlbModel::default());
-        let cfg = ShadowMmuConfig {
-            nr_vcpus: NR_VCPUS,
-            max_roots: s.max_roots,
-            pte_prefetch: s.prefetch,
-            ..Default::default()
-        };
-        let mut g = Guest::with_tlb(ram(), s.frames, cfg, MmapFlags::MERGEABLE, tlb.clone());
-        g.mm.set_thp_config(s.thp);
-        let pml4_0 = g.cr3;
-        let (pdpt_s, pd_s, pt_s, pdpt_d, pd_d) = (
-            g.alloc_table(),
-            g.alloc_table(),
-            g.alloc_table(),
-            g.alloc_table(),
-            g.alloc_table(),
-        );
-        let mut lay = Layout {
-            pml4: [pml4_0; NR_CR3],
-            pdpt_p: [0; NR_CR3],
-            pd_p: [0; NR_CR3],
-            pt_p: [0; NR_CR3],
-            pdpt_s,
-            pd_s,
-            pt_s,
-            pdpt_d,
-            pd_d,
-        };
-        for k in 0..NR_CR3 {
-            if k > 0 {
-                lay.pml4[k] = g.alloc_table();
-            }
-            lay.pdpt_p[k] = g.alloc_table();
-            lay.pd_p[k] = g.alloc_table();
-            lay.pt_p[k] = g.alloc_table();
-        }
-        prop_assert_eq!(g.first_table_page(), first_table());
-        for k in 0..NR_CR3 {
-            for (e, v) in lay.links(k) {
-                g.write_u64(e, v);
-            }
-            for i in 1..=NR_PRIV {
-                let page = 4 + 4 * k as u64 + i - 1;
-                g.write_u64(lay.pt_p[k] + 8 * i, (page * PAGE_SIZE) | P | RW | US);
-            }
-            g.write_u64(lay.pt_p[k] + 8 * MMIO_IDX, MMIO_GPA | P | RW | US);
-        }
-        for i in 1..=NR_SHARED {
-            g.write_u64(lay.pt_s + 8 * i, (i * PAGE_SIZE) | P | RW | US);
-        }
-        // Nothing was shadowed from these tables yet (the roots are empty),
-        // so writing them behind the MMU's back is safe.
-        for v in 0..NR_VCPUS {
-            g.mmu
-                .load_cr3(v, lay.pml4[v])
-                .map_err(fail("initial load_cr3"))?;
-        }
-        let mut h = Harness {
-            g,
-            tlb,
-            lay,
-            gvas: tracked_gvas(),
-            mem: vec![vec![0; WORDS]; ram() as usize],
-            mapped: vec![true; ram() as usize],
-            ad_unknown: vec![false; ram() as usize],
-            prot: vec![Prot::READ | Prot::WRITE; ram() as usize],
-            vcpu_cr3: [0, 1],
-            rootless: [false; NR_VCPUS],
-            seen: HashMap::new(),
-            step: 0,
-        };
-        for p in 0..ram() {
-            if let Some((pfn, _, _)) = h.host(p) {
-                h.mem[p as usize] = h.frame_words(pfn)?;
-            }
-        }
-        h.check_all("setup")?;
-        Ok(h)
-    }
-
     fn hva(&self, page: u64) -> u64 {
         self.g.ram_hva + page * PAGE_SIZE
     }
@@ -926,13 +851,20 @@ impl Harness {
     }
 
     /// Present sptes of the tracked gvas under every vCPU's root.
-    fn reachable(&self) -> Result<Vec<(usize, u64, u64)>, TestCaseError> {
+    fn reachable(&self) -> Result<Vec<Reached>, TestCaseError> {
         let mut out = Vec::new();
-        for v in 0..NR_VCPUS {
-            let Some(r) = self.root(v) else { continue };
+        for vcpu in 0..NR_VCPUS {
+            let Some(root) = self.root(vcpu) else {
+                continue;
+            };
             for g in &self.gvas {
-                if let Some(e) = self.spte(r, g.addr())? {
-                    out.push((v, g.addr(), e));
+                if let Some(spte) = self.spte(root, g.addr())? {
+                    out.push(Reached {
+                        vcpu,
+                        root,
+                        addr: g.addr(),
+                        spte,
+                    });
                 }
             }
         }
@@ -1303,34 +1235,10 @@ impl Harness {
         Ok(())
     }
 
-    fn run(&mut self, s: &Scenario) -> Result<(), TestCaseError> {
-        for op in &s.ops {
-            self.step(op)?;
-            if let Op::EditPte {
-                vcpu,
-                target,
-                invlpg: true,
-                ..
-            } = *op
-            {
-                self.step(&Op::Invlpg { vcpu, gva: target })?;
-            }
-        }
-        Ok(())
-    }
-
     fn step(&mut self, op: &Op) -> Result<(), TestCaseError> {
         self.step += 1;
         cov!(steps, 1);
-        let mut before = Vec::new();
-        for v in 0..NR_VCPUS {
-            let Some(r) = self.root(v) else { continue };
-            for g in &self.gvas {
-                if let Some(e) = self.spte(r, g.addr())? {
-                    before.push((r, g.addr(), e));
-                }
-            }
-        }
+        let before = self.reachable()?;
         self.g.flush.take();
         self.apply(op)?;
         let flushed: HashSet<Pfn> = self
@@ -1353,13 +1261,14 @@ impl Harness {
     /// flushed before the operation returned.
     fn check_flushes(
         &self,
-        before: &[(Pfn, u64, u64)],
+        before: &[Reached],
         flushed: &HashSet<Pfn>,
         no_flush_aging: bool,
         op: &Op,
     ) -> Result<(), TestCaseError> {
         let roots: Vec<Pfn> = (0..NR_VCPUS).filter_map(|v| self.root(v)).collect();
-        for &(r, addr, e1) in before {
+        for b in before {
+            let (r, addr, e1) = (b.root, b.addr, b.spte);
             let e2 = if roots.contains(&r) {
                 self.spte(r, addr)?.unwrap_or(0)
             } else if self.g.mm.frames().owner(r).ok() != Some(FrameOwner::External) {
@@ -1464,14 +1373,7 @@ impl Harness {
                 }
             }
         }
-        let entries: Vec<((Pfn, u64), u64)> = self
-            .tlb
-            .entries
-            .lock()
-            .iter()
-            .map(|(k, e)| (*k, *e))
-            .collect();
-        for ((r, addr), e) in entries {
+        for ((r, addr), e) in self.tlb.snapshot() {
             for v in 0..NR_VCPUS {
                 if self.root(v) == Some(r) {
                     self.check_entry(ctx, v, addr, e, &host, "TLB entry")?;
@@ -1559,7 +1461,7 @@ impl Harness {
             || self
                 .reachable()?
                 .iter()
-                .any(|&(_, _, e)| spte_pfn(e) == pfn && e & A != 0))
+                .any(|s| spte_pfn(s.spte) == pfn && s.spte & A != 0))
     }
 
     /// After a clear of `page`, whose frame was `pfn` and not shared: the
@@ -1575,7 +1477,8 @@ impl Harness {
                 page
             );
         }
-        for (v, addr, e) in self.reachable()? {
+        for s in self.reachable()? {
+            let (v, addr, e) = (s.vcpu, s.addr, s.spte);
             prop_assert!(
                 spte_pfn(e) != pfn || e & A == 0,
                 "step {}: spte of vCPU {} for {:#x} still young after aging page {:#x}",
@@ -1885,13 +1788,7 @@ impl Harness {
             mm.frames().nr_frames(),
             "frames left after exit"
         );
-        let left: Vec<_> = self
-            .tlb
-            .entries
-            .lock()
-            .iter()
-            .map(|(k, e)| (*k, *e))
-            .collect();
+        let left: Vec<_> = self.tlb.snapshot();
         prop_assert!(left.is_empty(), "TLB entries survive exit: {:x?}", left);
         mm.check_consistency().map_err(fail("after exit"))?;
         self.g.mmu.check_coherence().map_err(fail("after exit"))?;
@@ -1926,18 +1823,111 @@ impl Harness {
     }
 }
 
-fn run_cases(strategy: impl Strategy<Value = Scenario>, cases: u32) {
-    common::proptest_run_cases(&strategy, cases, |s| {
-        let mut h = Harness::new(&s)?;
-        h.run(&s)?;
-        h.finish(s.exit)?;
+impl ScenarioHarness for Harness {
+    type Scenario = Scenario;
+
+    fn new(s: &Scenario) -> Result<Self, TestCaseError> {
+        let tlb = Arc::new(TlbModel::default());
+        let cfg = ShadowMmuConfig {
+            nr_vcpus: NR_VCPUS,
+            max_roots: s.max_roots,
+            pte_prefetch: s.prefetch,
+            ..Default::default()
+        };
+        let mut g = Guest::with_tlb(ram(), s.frames, cfg, MmapFlags::MERGEABLE, tlb.clone());
+        g.mm.set_thp_config(s.thp);
+        let pml4_0 = g.cr3;
+        let (pdpt_s, pd_s, pt_s, pdpt_d, pd_d) = (
+            g.alloc_table(),
+            g.alloc_table(),
+            g.alloc_table(),
+            g.alloc_table(),
+            g.alloc_table(),
+        );
+        let mut lay = Layout {
+            pml4: [pml4_0; NR_CR3],
+            pdpt_p: [0; NR_CR3],
+            pd_p: [0; NR_CR3],
+            pt_p: [0; NR_CR3],
+            pdpt_s,
+            pd_s,
+            pt_s,
+            pdpt_d,
+            pd_d,
+        };
+        for k in 0..NR_CR3 {
+            if k > 0 {
+                lay.pml4[k] = g.alloc_table();
+            }
+            lay.pdpt_p[k] = g.alloc_table();
+            lay.pd_p[k] = g.alloc_table();
+            lay.pt_p[k] = g.alloc_table();
+        }
+        prop_assert_eq!(g.first_table_page(), first_table());
+        for k in 0..NR_CR3 {
+            for (e, v) in lay.links(k) {
+                g.write_u64(e, v);
+            }
+            for i in 1..=NR_PRIV {
+                let page = 4 + 4 * k as u64 + i - 1;
+                g.write_u64(lay.pt_p[k] + 8 * i, (page * PAGE_SIZE) | P | RW | US);
+            }
+            g.write_u64(lay.pt_p[k] + 8 * MMIO_IDX, MMIO_GPA | P | RW | US);
+        }
+        for i in 1..=NR_SHARED {
+            g.write_u64(lay.pt_s + 8 * i, (i * PAGE_SIZE) | P | RW | US);
+        }
+        // Nothing was shadowed from these tables yet (the roots are empty),
+        // so writing them behind the MMU's back is safe.
+        for v in 0..NR_VCPUS {
+            g.mmu
+                .load_cr3(v, lay.pml4[v])
+                .map_err(fail("initial load_cr3"))?;
+        }
+        let mut h = Harness {
+            g,
+            tlb,
+            lay,
+            gvas: tracked_gvas(),
+            mem: vec![vec![0; WORDS]; ram() as usize],
+            mapped: vec![true; ram() as usize],
+            ad_unknown: vec![false; ram() as usize],
+            prot: vec![Prot::READ | Prot::WRITE; ram() as usize],
+            vcpu_cr3: [0, 1],
+            rootless: [false; NR_VCPUS],
+            seen: HashMap::new(),
+            step: 0,
+        };
+        for p in 0..ram() {
+            if let Some((pfn, _, _)) = h.host(p) {
+                h.mem[p as usize] = h.frame_words(pfn)?;
+            }
+        }
+        h.check_all("setup")?;
+        Ok(h)
+    }
+
+    fn run(&mut self, s: &Scenario) -> Result<(), TestCaseError> {
+        for op in &s.ops {
+            self.step(op)?;
+            if let Op::EditPte {
+                vcpu,
+                target,
+                invlpg: true,
+                ..
+            } = *op
+            {
+                self.step(&Op::Invlpg { vcpu, gva: target })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn end(self, s: &Scenario) -> Result<(), TestCaseError> {
+        self.finish(s.exit)?;
         cov!(cases, 1);
         Ok(())
-    });
-}
-
-fn get(a: &AtomicU64) -> u64 {
-    a.load(Ordering::Relaxed)
+    }
 }
 
 fn counts(c: &Coverage) -> Vec<(&'static str, u64)> {
@@ -1970,7 +1960,7 @@ fn counts(c: &Coverage) -> Vec<(&'static str, u64)> {
 
 #[test]
 fn random_guest_and_host_operations_keep_the_shadow_tables_coherent() {
-    run_cases(scenario_strategy(), common::proptest_cases());
+    run_scenarios::<Harness>(scenario_strategy(), common::proptest_cases());
     COVERAGE.with(|c| {
         let counts = counts(c);
         eprintln!("mmu_proptest coverage: {counts:?}");
@@ -1995,7 +1985,7 @@ fn random_guest_and_host_operations_keep_the_shadow_tables_coherent() {
 fn random_operations_over_huge_pages_keep_the_shadow_tables_coherent() {
     RAM.with(|r| r.set(BIG_RAM));
     let n = (common::proptest_cases() / 8).max(8);
-    run_cases(big_scenario_strategy(), n);
+    run_scenarios::<Harness>(big_scenario_strategy(), n);
     COVERAGE.with(|c| {
         let counts = counts(c);
         eprintln!("mmu_proptest (huge pages) coverage: {counts:?}");

@@ -18,6 +18,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::mmu_guest::{ADDR, D, Guest, P, RW, US, spte_pfn};
+use proptest::prelude::RngExt;
+use proptest::test_runner::{RngAlgorithm, TestRng};
 use shadowvm::mm::{FrameOwner, MmError, MmapFlags, PAGE_SIZE, Prot, Pte, ThpConfig, ThpEnabled};
 use shadowvm::mmu::{FaultOutcome, MmuError, PfErrorCode, RaceHook, ShadowMmu, ShadowMmuConfig};
 use shadowvm::notifier::{MmuNotifierOps, MmuNotifierRange, NotifierError};
@@ -25,22 +27,14 @@ use shadowvm::notifier::{MmuNotifierOps, MmuNotifierRange, NotifierError};
 /// A quiescent point must be reached within this, or something deadlocked.
 const WATCHDOG: Duration = Duration::from_secs(10);
 
-/// xorshift64*: a small deterministic generator per thread.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
+/// A small deterministic generator per thread: proptest's xorshift (the
+/// crate is here already), seeded from `seed`.
+fn seeded_rng(seed: u64) -> TestRng {
+    let mixed = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&mixed.to_le_bytes());
+    bytes[8..].copy_from_slice(&(!mixed).to_le_bytes());
+    TestRng::from_seed(RngAlgorithm::XorShift, &bytes)
 }
 
 // ---------------------------------------------------------------------------
@@ -167,19 +161,19 @@ fn vcpu_thread(
     counts: Arc<Counts>,
     vcpu: usize,
 ) -> Result<(), String> {
-    let mut rng = Rng::new(0x5eed + vcpu as u64);
+    let mut rng = seeded_rng(0x5eed + vcpu as u64);
     let mmu = &s.g.mmu;
     while gate.checkpoint() {
-        let page = rng.below(NR_DATA + NR_VICTIM);
+        let page = rng.random_range(0..NR_DATA + NR_VICTIM);
         let gva = gva_of(page);
-        match rng.below(1000) {
+        match rng.random_range(0..1000u64) {
             0..10 => {
                 mmu.invlpg(vcpu, gva).map_err(|e| format!("invlpg: {e}"))?;
                 bump(&counts.invlpg);
             }
             10..12 => mmu.flush_tlb(vcpu).map_err(|e| format!("flush_tlb: {e}"))?,
             12..15 => {
-                match mmu.load_cr3(vcpu, s.cr3s[rng.below(2) as usize]) {
+                match mmu.load_cr3(vcpu, s.cr3s[rng.random_range(0..2u64) as usize]) {
                     Ok(_) => {}
                     Err(MmuError::OutOfShadowPages | MmuError::Memory(MmError::OutOfFrames)) => {
                         bump(&counts.out_of_memory)
@@ -190,8 +184,8 @@ fn vcpu_thread(
             }
             _ => {
                 let mut ec = PfErrorCode::empty();
-                ec.set(PfErrorCode::WRITE, rng.below(2) == 0);
-                ec.set(PfErrorCode::USER, rng.below(2) == 0);
+                ec.set(PfErrorCode::WRITE, rng.random_range(0..2u64) == 0);
+                ec.set(PfErrorCode::USER, rng.random_range(0..2u64) == 0);
                 bump(&counts.faults);
                 match mmu.page_fault(vcpu, gva, ec) {
                     Ok(FaultOutcome::Fixed) => bump(&counts.fixed),
@@ -235,12 +229,12 @@ fn invalidator_thread(
     counts: Arc<Counts>,
     id: u64,
 ) -> Result<(), String> {
-    let mut rng = Rng::new(0xabcd + id);
+    let mut rng = seeded_rng(0xabcd + id);
     let mm = &s.g.mm;
     let hva = |page: u64| s.g.hva(page * PAGE_SIZE);
     while gate.checkpoint() {
-        let page = rng.below(NR_DATA + NR_VICTIM);
-        let n = (1 + rng.below(3)).min(NR_DATA + NR_VICTIM - page);
+        let page = rng.random_range(0..NR_DATA + NR_VICTIM);
+        let n = (1 + rng.random_range(0..3u64)).min(NR_DATA + NR_VICTIM - page);
         let len = n * PAGE_SIZE;
         bump(&counts.mm_ops);
         // Errors another invalidator can cause: a hole from its munmap
@@ -258,10 +252,10 @@ fn invalidator_thread(
             }
             Err(e) => Err(format!("invalidator {id}: {e}")),
         };
-        match rng.below(100) {
+        match rng.random_range(0..100u64) {
             0..25 => ok(mm.madvise_dontneed(hva(page), len))?,
             25..40 => {
-                let prot = if rng.below(2) == 0 {
+                let prot = if rng.random_range(0..2u64) == 0 {
                     Prot::READ
                 } else {
                     Prot::NONE
@@ -269,11 +263,13 @@ fn invalidator_thread(
                 ok(mm.mprotect(hva(page), len, prot))?;
                 ok(mm.mprotect(hva(page), len, Prot::READ | Prot::WRITE))?;
             }
-            40..50 => ok(mm.ksm_scan(8 + rng.below(56)).map(|_| ()))?,
-            50..60 => ok(mm.reclaim(8 + rng.below(24)).map(|_| ()))?,
-            60..75 => ok(mm.clear_flush_young(hva(rng.below(RAM_PAGES))).map(|_| ()))?,
+            40..50 => ok(mm.ksm_scan(8 + rng.random_range(0..56u64)).map(|_| ()))?,
+            50..60 => ok(mm.reclaim(8 + rng.random_range(0..24u64)).map(|_| ()))?,
+            60..75 => ok(mm
+                .clear_flush_young(hva(rng.random_range(0..RAM_PAGES)))
+                .map(|_| ()))?,
             75..90 => {
-                let stamp = STAMPS[rng.below(4) as usize];
+                let stamp = STAMPS[rng.random_range(0..4u64) as usize];
                 ok(mm.write(hva(page), &[stamp; 64]))?;
             }
             90..95 => {
@@ -580,16 +576,16 @@ fn huge_gva(i: u64) -> u64 {
 
 /// A vCPU: faults everywhere, pre-faults now and then.
 fn huge_vcpu(s: Arc<HugeSetup>, gate: Arc<Gate>, vcpu: usize) -> Result<(), String> {
-    let mut rng = Rng::new(0xf01 + vcpu as u64);
+    let mut rng = seeded_rng(0xf01 + vcpu as u64);
     let mmu = &s.g.mmu;
     while gate.checkpoint() {
-        let gva = huge_gva(rng.below(512 + NR_SMALL));
-        let r = if rng.below(20) == 0 {
-            mmu.pre_fault(vcpu, gva, (1 + rng.below(64)) * PAGE_SIZE)
+        let gva = huge_gva(rng.random_range(0..512 + NR_SMALL));
+        let r = if rng.random_range(0..20u64) == 0 {
+            mmu.pre_fault(vcpu, gva, (1 + rng.random_range(0..64u64)) * PAGE_SIZE)
                 .map(|_| FaultOutcome::Fixed)
         } else {
             let mut ec = PfErrorCode::empty();
-            ec.set(PfErrorCode::WRITE, rng.below(2) == 0);
+            ec.set(PfErrorCode::WRITE, rng.random_range(0..2u64) == 0);
             mmu.page_fault(vcpu, gva, ec)
         };
         match r {
@@ -612,7 +608,7 @@ fn huge_vcpu(s: Arc<HugeSetup>, gate: Arc<Gate>, vcpu: usize) -> Result<(), Stri
 /// MADV_POPULATE_WRITE to make a new THP, deferred splits, VMM writes
 /// that give KSM duplicates).
 fn huge_host(s: Arc<HugeSetup>, gate: Arc<Gate>, role: u64) -> Result<(), String> {
-    let mut rng = Rng::new(0xb16 + role);
+    let mut rng = seeded_rng(0xb16 + role);
     let mm = &s.g.mm;
     let hva = |page: u64| s.g.hva(page * PAGE_SIZE);
     let ok = |r: Result<(), MmError>| match r {
@@ -625,12 +621,12 @@ fn huge_host(s: Arc<HugeSetup>, gate: Arc<Gate>, role: u64) -> Result<(), String
             1 => {
                 ok(mm.reclaim(64).map(|_| ()))?;
                 ok(mm
-                    .age_range(hva(0), hva(HUGE_RAM), rng.below(2) == 0)
+                    .age_range(hva(0), hva(HUGE_RAM), rng.random_range(0..2u64) == 0)
                     .map(|_| ()))?;
             }
             _ => {
-                let page = rng.below(512 + NR_SMALL);
-                match rng.below(100) {
+                let page = rng.random_range(0..512 + NR_SMALL);
+                match rng.random_range(0..100u64) {
                     0..30 => ok(mm.madvise_dontneed(hva(page), PAGE_SIZE))?,
                     30..45 => {
                         ok(mm.mprotect(hva(page), PAGE_SIZE, Prot::READ))?;
@@ -642,7 +638,9 @@ fn huge_host(s: Arc<HugeSetup>, gate: Arc<Gate>, role: u64) -> Result<(), String
                     }
                     55..65 => ok(mm.deferred_split_scan().map(|_| ()))?,
                     65..85 => ok(mm.madvise_populate_write(hva(page), 16 * PAGE_SIZE))?,
-                    _ => ok(mm.write(hva(page), &[STAMPS[rng.below(4) as usize]; 64]))?,
+                    _ => {
+                        ok(mm.write(hva(page), &[STAMPS[rng.random_range(0..4u64) as usize]; 64]))?
+                    }
                 }
             }
         }

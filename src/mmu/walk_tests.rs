@@ -121,6 +121,25 @@ impl GuestPtMemory for RacyRam<'_> {
     }
 }
 
+/// Walks `GVA` (4 KiB layout, every entry P|RW|US) for `access` while
+/// another vCPU applies `mutate` to the entry before each of the walker's
+/// next `races` cmpxchgs; returns guest RAM afterwards and the result.
+fn racy_walk(
+    races: u32,
+    mutate: fn(u64) -> u64,
+    access: Access,
+) -> (TestRam, Result<GuestWalk, WalkError>) {
+    let ram = TestRam::new();
+    setup_4k(&ram, DATA | P | RW | US);
+    let racy = RacyRam {
+        ram: &ram,
+        races: Cell::new(races),
+        mutate,
+    };
+    let r = walk_addr(&racy, &base_cpu().paging_state(), GVA, access);
+    (ram, r)
+}
+
 /// Memory whose entries read fine but vanish before A/D can be written.
 struct VanishingRam<'a>(&'a TestRam);
 
@@ -182,6 +201,15 @@ struct RefAccess {
 }
 
 impl RefAccess {
+    /// An explicit access of `kind` from CPL3 or CPL0.
+    fn explicit(kind: Kind, cpl3: bool) -> Self {
+        RefAccess {
+            kind,
+            cpl3,
+            implicit: false,
+        }
+    }
+
     fn to_access(self, ac: bool) -> Access {
         Access {
             write: self.kind == Kind::Write,
@@ -444,6 +472,14 @@ fn check(ram: &TestRam, cpu: &Cpu, gva: u64, acc: RefAccess) -> Result<(), Strin
     }
 }
 
+/// Checks every access kind, explicit and from CPL3 or CPL0 (`cpl3`), at
+/// `gva`; panics with the first mismatch.
+fn check_every_kind(ram: &TestRam, cpu: &Cpu, gva: u64, cpl3: bool) {
+    for kind in ACCESSES {
+        check(ram, cpu, gva, RefAccess::explicit(kind, cpl3)).unwrap();
+    }
+}
+
 /// Collects mismatches across a generator and fails with the first few.
 #[derive(Default)]
 struct Tally {
@@ -477,11 +513,7 @@ impl Tally {
                 for &(gpa, e) in entries {
                     ram.set(gpa, e);
                 }
-                let acc = RefAccess {
-                    kind,
-                    cpl3,
-                    implicit: false,
-                };
+                let acc = RefAccess::explicit(kind, cpl3);
                 self.record(check(ram, cpu, GVA, acc), &what);
             }
         }
@@ -528,6 +560,19 @@ fn base_cpu() -> Cpu {
     }
 }
 
+/// [`base_cpu`] in the mode combination `flags`: bit 0 CR0.WP, 1 EFER.NXE,
+/// 2 CR4.SMEP, 3 CR4.SMAP, 4 EFLAGS.AC.
+fn mode_cpu(flags: u32) -> Cpu {
+    Cpu {
+        wp: flags & 1 != 0,
+        nxe: flags & 2 != 0,
+        smep: flags & 4 != 0,
+        smap: flags & 8 != 0,
+        ac: flags & 16 != 0,
+        ..base_cpu()
+    }
+}
+
 /// Picks the entry bits selected by `combo` out of `bits`, in order.
 fn pick(combo: u64, bits: &[u64]) -> u64 {
     bits.iter()
@@ -557,14 +602,7 @@ fn generator_4k_every_combination() {
                     (slot(PT, 1), DATA | pick(leaf, &leaf_bits)),
                 ];
                 for flags in 0..1u32 << 5 {
-                    let cpu = Cpu {
-                        wp: flags & 1 != 0,
-                        nxe: flags & 2 != 0,
-                        smep: flags & 4 != 0,
-                        smap: flags & 8 != 0,
-                        ac: flags & 16 != 0,
-                        ..base_cpu()
-                    };
+                    let cpu = mode_cpu(flags);
                     tally.every_access(&ram, &cpu, &entries, || {
                         format!("leaf {leaf:#b} pde {pde:#b} upper_a {upper_a}")
                     });
@@ -602,13 +640,9 @@ fn generator_2m_pages() {
                 (slot(PDPT, 3), PD | P | RW | US),
                 (slot(PD, 2), 0x60_0000 | PS | pick(pde, &pde_bits) | extra),
             ];
+            // CR0.WP × EFER.NX × CR4.SMEP.
             for flags in 0..1u32 << 3 {
-                let cpu = Cpu {
-                    wp: flags & 1 != 0,
-                    nxe: flags & 2 != 0,
-                    smep: flags & 4 != 0,
-                    ..cpu0
-                };
+                let cpu = mode_cpu(flags);
                 tally.every_access(&ram, &cpu, &entries, || {
                     format!("pde {pde:#b} extra {extra:#x}")
                 });
@@ -649,11 +683,10 @@ fn generator_1g_pages() {
                 ),
             ];
             for flags in 0..1u32 << 3 {
+                // Bit 0: 1 GiB pages; bits 1 and 2: CR0.WP × EFER.NX.
                 let cpu = Cpu {
                     gbpages: flags & 1 != 0,
-                    wp: flags & 2 != 0,
-                    nxe: flags & 4 != 0,
-                    ..base_cpu()
+                    ..mode_cpu(flags >> 1)
                 };
                 tally.every_access(&ram, &cpu, &entries, || {
                     format!("pdpte {pdpte:#b} extra {extra:#x}")
@@ -735,6 +768,16 @@ fn page_fault(r: Result<GuestWalk, WalkError>) -> PageFault {
     }
 }
 
+/// The page fault a walk of `gva` must end in.
+fn walk_fault<M: GuestPtMemory + ?Sized>(
+    mem: &M,
+    state: &PagingState,
+    gva: u64,
+    access: Access,
+) -> PageFault {
+    page_fault(walk_addr(mem, state, gva, access))
+}
+
 /// Bits 51:MAXPHYADDR are reserved at every level; the bit just below
 /// MAXPHYADDR is an ordinary address bit.
 #[test]
@@ -751,22 +794,10 @@ fn reserved_bits_above_maxphyaddr_at_every_level() {
                 let ram = TestRam::new();
                 setup_4k(&ram, DATA | P | RW | US);
                 ram.set(entry, ram.get(entry) | 1 << b);
-                for kind in ACCESSES {
-                    let acc = RefAccess {
-                        kind,
-                        cpl3: true,
-                        implicit: false,
-                    };
-                    check(&ram, &cpu, GVA, acc).unwrap();
-                }
+                check_every_kind(&ram, &cpu, GVA, true);
                 if (maxphyaddr..=51).contains(&b) {
                     ram.reset_log();
-                    let f = page_fault(walk_addr(
-                        &ram,
-                        &cpu.paging_state(),
-                        GVA,
-                        Access::write(true),
-                    ));
+                    let f = walk_fault(&ram, &cpu.paging_state(), GVA, Access::write(true));
                     assert_eq!(
                         f.kind,
                         FaultKind::ReservedBits,
@@ -796,12 +827,7 @@ fn pml4_ps_and_amd_bit8_are_reserved() {
         let ram = TestRam::new();
         setup_4k(&ram, DATA | P | RW | US | G);
         ram.set(slot(PML4, 4), PDPT | P | RW | US | PS);
-        let f = page_fault(walk_addr(
-            &ram,
-            &cpu.paging_state(),
-            GVA,
-            Access::read(false),
-        ));
+        let f = walk_fault(&ram, &cpu.paging_state(), GVA, Access::read(false));
         assert_eq!((f.kind, f.level), (FaultKind::ReservedBits, 4));
         assert_eq!(f.error_code, PfErrorCode::PRESENT | PfErrorCode::RSVD);
 
@@ -817,19 +843,7 @@ fn pml4_ps_and_amd_bit8_are_reserved() {
         } else {
             assert_eq!(r.unwrap().gpa(), DATA | 0xabc);
         }
-        for kind in ACCESSES {
-            check(
-                &ram,
-                &cpu,
-                GVA,
-                RefAccess {
-                    kind,
-                    cpl3: false,
-                    implicit: false,
-                },
-            )
-            .unwrap();
-        }
+        check_every_kind(&ram, &cpu, GVA, false);
     }
 }
 
@@ -852,12 +866,7 @@ fn table_pointer_outside_ram_is_a_not_present_fault() {
             None => cpu.cr3 = outside,
             Some(e) => ram.set(e, outside | P | RW | US),
         }
-        let f = page_fault(walk_addr(
-            &ram,
-            &cpu.paging_state(),
-            GVA,
-            Access::write(true),
-        ));
+        let f = walk_fault(&ram, &cpu.paging_state(), GVA, Access::write(true));
         let level_shift = 12 + 9 * (u32::from(faulting_level) - 1);
         let gpa = outside + ((GVA >> level_shift) & 511) * 8;
         assert_eq!(f.kind, FaultKind::TableNotRam { gpa });
@@ -865,19 +874,7 @@ fn table_pointer_outside_ram_is_a_not_present_fault() {
         assert_eq!(f.error_code, PfErrorCode::WRITE | PfErrorCode::USER);
         assert_eq!(f.address, GVA);
         assert!(ram.written.borrow().is_empty(), "A/D set on a failed walk");
-        for kind in ACCESSES {
-            check(
-                &ram,
-                &cpu,
-                GVA,
-                RefAccess {
-                    kind,
-                    cpl3: true,
-                    implicit: false,
-                },
-            )
-            .unwrap();
-        }
+        check_every_kind(&ram, &cpu, GVA, true);
     }
 }
 
@@ -915,17 +912,7 @@ fn self_referencing_tables_terminate() {
         let ram = TestRam::new();
         ram.set(PML4 + idx * 8, PML4 | P | RW | US);
         let cpu = base_cpu();
-        check(
-            &ram,
-            &cpu,
-            gva,
-            RefAccess {
-                kind,
-                cpl3: true,
-                implicit: false,
-            },
-        )
-        .unwrap();
+        check(&ram, &cpu, gva, RefAccess::explicit(kind, true)).unwrap();
         let w = walk_addr(&ram, &cpu.paging_state(), gva, Access::read(true)).unwrap();
         assert_eq!((w.level, w.gpa()), (1, PML4 | 0x10));
         assert!(w.pte_gpa.iter().all(|&g| g == PML4 + idx * 8));
@@ -940,12 +927,7 @@ fn self_referencing_tables_terminate() {
 
     // A PS bit on the recursive entry is reserved at the PML4.
     ram.set(PML4 + idx * 8, PML4 | P | RW | US | PS);
-    let f = page_fault(walk_addr(
-        &ram,
-        &base_cpu().paging_state(),
-        gva,
-        Access::read(true),
-    ));
+    let f = walk_fault(&ram, &base_cpu().paging_state(), gva, Access::read(true));
     assert_eq!((f.kind, f.level), (FaultKind::ReservedBits, 4));
 
     // PDPT and PD pointing at each other.
@@ -954,33 +936,15 @@ fn self_referencing_tables_terminate() {
     ram.set(slot(PDPT, 3), PD | P | RW | US);
     ram.set(slot(PD, 2), PDPT | P | RW | US);
     ram.set(PDPT + 4 * 8, PD | P | RW | US);
-    for kind in ACCESSES {
-        check(
-            &ram,
-            &base_cpu(),
-            GVA,
-            RefAccess {
-                kind,
-                cpl3: false,
-                implicit: false,
-            },
-        )
-        .unwrap();
-    }
+    check_every_kind(&ram, &base_cpu(), GVA, false);
 }
 
 /// A vCPU changes the entry between the walker's read and its cmpxchg once:
 /// the walker restarts and succeeds, keeping the other writer's change.
 #[test]
 fn ad_race_once_restarts_and_succeeds() {
-    let ram = TestRam::new();
-    setup_4k(&ram, DATA | P | RW | US);
-    let racy = RacyRam {
-        ram: &ram,
-        races: Cell::new(1),
-        mutate: |e| e | AVL9,
-    };
-    let w = walk_addr(&racy, &base_cpu().paging_state(), GVA, Access::write(true)).unwrap();
+    let (ram, r) = racy_walk(1, |e| e | AVL9, Access::write(true));
+    let w = r.unwrap();
     assert_eq!(w.retries, 1);
     assert_eq!(w.gpa(), DATA | 0xabc);
     // The first cmpxchg was on the PML4E, which the other writer changed.
@@ -992,19 +956,8 @@ fn ad_race_once_restarts_and_succeeds() {
 /// A race that clears P: the restarted walk sees the entry gone and faults.
 #[test]
 fn ad_race_that_clears_present_faults_on_restart() {
-    let ram = TestRam::new();
-    setup_4k(&ram, DATA | P | RW | US);
-    let racy = RacyRam {
-        ram: &ram,
-        races: Cell::new(1),
-        mutate: |e| e & !P,
-    };
-    let f = page_fault(walk_addr(
-        &racy,
-        &base_cpu().paging_state(),
-        GVA,
-        Access::read(true),
-    ));
+    let (_, r) = racy_walk(1, |e| e & !P, Access::read(true));
+    let f = page_fault(r);
     assert_eq!((f.kind, f.level), (FaultKind::NotPresent, 4));
     assert_eq!(f.error_code, PfErrorCode::USER);
 }
@@ -1013,14 +966,8 @@ fn ad_race_that_clears_present_faults_on_restart() {
 /// after a bounded number of walks instead of spinning.
 #[test]
 fn ad_race_forever_is_bounded() {
-    let ram = TestRam::new();
-    setup_4k(&ram, DATA | P | RW | US);
-    let racy = RacyRam {
-        ram: &ram,
-        races: Cell::new(u32::MAX),
-        mutate: |e| e ^ AVL9,
-    };
-    let err = walk_addr(&racy, &base_cpu().paging_state(), GVA, Access::write(false)).unwrap_err();
+    let (ram, r) = racy_walk(u32::MAX, |e| e ^ AVL9, Access::write(false));
+    let err = r.unwrap_err();
     assert_eq!(
         err,
         WalkError::AdRetriesExhausted {
@@ -1038,12 +985,12 @@ fn ad_race_forever_is_bounded() {
 fn ad_update_on_vanished_memory_faults() {
     let ram = TestRam::new();
     setup_4k(&ram, DATA | P | RW | US);
-    let f = page_fault(walk_addr(
+    let f = walk_fault(
         &VanishingRam(&ram),
         &base_cpu().paging_state(),
         GVA,
         Access::fetch(true),
-    ));
+    );
     assert_eq!(f.kind, FaultKind::AdUpdateFailed { gpa: slot(PML4, 4) });
     assert_eq!(f.error_code, PfErrorCode::USER | PfErrorCode::FETCH);
 }
@@ -1131,25 +1078,15 @@ fn shadow_pte_access_mirrors_kvm() {
 fn error_code_round_trip() {
     for kind in ACCESSES {
         for user in [false, true] {
-            let acc = RefAccess {
-                kind,
-                cpl3: user,
-                implicit: false,
-            }
-            .to_access(false);
+            let acc = RefAccess::explicit(kind, user).to_access(false);
             assert_eq!(Access::from_error_code(acc.pfec()), acc);
         }
     }
     let ram = TestRam::new();
     setup_4k(&ram, DATA | P | US | NX);
     let state = base_cpu().paging_state();
-    let f = page_fault(walk_addr(&ram, &state, GVA, Access::fetch(true)));
-    let again = page_fault(walk_addr(
-        &ram,
-        &state,
-        GVA,
-        Access::from_error_code(f.error_code),
-    ));
+    let f = walk_fault(&ram, &state, GVA, Access::fetch(true));
+    let again = walk_fault(&ram, &state, GVA, Access::from_error_code(f.error_code));
     assert_eq!(f, again);
     assert_eq!(
         f.error_code,
@@ -1249,14 +1186,7 @@ fn random_tables_agree_with_reference() {
 #[test]
 fn permission_bitmap_matches_sdm_rules() {
     for flags in 0..1u32 << 5 {
-        let cpu = Cpu {
-            wp: flags & 1 != 0,
-            nxe: flags & 2 != 0,
-            smep: flags & 4 != 0,
-            smap: flags & 8 != 0,
-            ac: flags & 16 != 0,
-            ..base_cpu()
-        };
+        let cpu = mode_cpu(flags);
         let mmu = GuestMmu::new(cpu.paging_state());
         for rights in 0..8u8 {
             let pte_access = PteAccess::from_bits_truncate(rights);

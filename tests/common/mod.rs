@@ -12,6 +12,7 @@
 pub mod counter;
 pub mod elf;
 pub mod mmu_guest;
+pub mod scenario;
 pub mod vm;
 
 use std::fs::OpenOptions;

@@ -98,9 +98,11 @@ static long u_touch(void *arg)
     return 0;
 }
 
-/* Runs fn on this vCPU's job over [iova, iova + len) of the buffer;
- * returns its value, or -1 if ring 3 faulted. */
-static long user(long (*fn)(void *), uint64_t iova, uint64_t len, uint64_t seed, uint8_t byte)
+/* Runs fn on this vCPU's job over [iova, iova + len) of the buffer (a
+ * pattern checked at p[shift + i]); returns its value, or -1 if ring 3
+ * faulted. */
+static long user_shifted(long (*fn)(void *), uint64_t iova, uint64_t len, uint64_t seed,
+                         uint64_t shift, uint8_t byte)
 {
     struct job *j = &jobs[cpu_id() % MAX_LANES];
     struct svm_fault f;
@@ -109,7 +111,7 @@ static long user(long (*fn)(void *), uint64_t iova, uint64_t len, uint64_t seed,
     j->p = (volatile uint8_t *)(BUF + iova);
     j->len = len;
     j->seed = seed;
-    j->shift = 0;
+    j->shift = shift;
     j->byte = byte;
     if (run_user(fn, j, &ret, &f) != RUN_USER_OK) {
         printf("dma: ring 3 faulted at 0x%lx: vector %lu error 0x%lx\n", f.cr2, f.vector, f.error_code);
@@ -118,20 +120,15 @@ static long user(long (*fn)(void *), uint64_t iova, uint64_t len, uint64_t seed,
     return ret;
 }
 
+static long user(long (*fn)(void *), uint64_t iova, uint64_t len, uint64_t seed, uint8_t byte)
+{
+    return user_shifted(fn, iova, len, seed, 0, byte);
+}
+
 /* Bad bytes in [iova + shift, iova + shift + len) against pattern(seed). */
 static long check_shifted(uint64_t iova, uint64_t len, uint64_t seed, uint64_t shift)
 {
-    struct job *j = &jobs[cpu_id() % MAX_LANES];
-    struct svm_fault f;
-    long bad;
-
-    j->p = (volatile uint8_t *)(BUF + iova);
-    j->len = len;
-    j->seed = seed;
-    j->shift = shift;
-    if (run_user(u_check_pattern, j, &bad, &f) != RUN_USER_OK)
-        return -1;
-    return bad;
+    return user_shifted(u_check_pattern, iova, len, seed, shift, 0);
 }
 
 static void step(const char *what, bool ok)

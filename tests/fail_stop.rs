@@ -49,15 +49,9 @@ fn a_refused_aging_flush_stops_the_vm_too() {
     if !common::require_kvm_and_guest("wss") {
         return;
     }
-    let r = fail_stop(&[
-        "run",
-        "wss",
-        "--reclaim",
-        "--reclaim-interval-ms",
-        "5",
-        "--test-flush-fault",
-        "fail-after=2",
-    ]);
+    let r = common::shadowvm_line(
+        "run wss --reclaim --reclaim-interval-ms 5 --test-flush-fault fail-after=2",
+    );
     r.check(r.code == Some(125), "exit 125");
     r.check(
         r.stderr.contains("fail-stop: host invalidation (injected)"),

@@ -426,16 +426,7 @@ fn guest_ram_larger_than_machine_memory_runs_through_reclaim() {
     // 8 MiB touched and verified with 4 patterns in 4 MiB of machine
     // memory: direct reclaim evicts cold guest pages to swap (zapping their
     // sptes through the notifier) and the guest faults them back.
-    let r = shadowvm(&[
-        "run",
-        "memtest",
-        "--paging",
-        "shadow",
-        "--machine-mem",
-        "4M",
-        "--",
-        "size=8M",
-    ]);
+    let r = common::shadowvm_line("run memtest --paging shadow --machine-mem 4M -- size=8M");
     r.check(r.code == Some(0), "exit status 0");
     r.check(
         r.stdout.contains("8192 KiB, 4 patterns, 0 errors"),

@@ -260,6 +260,7 @@ void rt_write(const char *buf, size_t len);
 void serial_write(const char *buf, size_t len);
 void puts(const char *s); /* appends a newline */
 int printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+int vprintf(const char *fmt, va_list ap);
 int vsnprintf(char *buf, size_t size, const char *fmt, va_list ap);
 int snprintf(char *buf, size_t size, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 

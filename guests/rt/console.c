@@ -45,16 +45,23 @@ void puts(const char *s)
     rt_write("\n", 1);
 }
 
-int printf(const char *fmt, ...)
+int vprintf(const char *fmt, va_list ap)
 {
     char buf[512];
+    int n = vsnprintf(buf, sizeof(buf), fmt, ap);
+
+    rt_write(buf, (size_t)n < sizeof(buf) ? (size_t)n : sizeof(buf) - 1);
+    return n;
+}
+
+int printf(const char *fmt, ...)
+{
     va_list ap;
     int n;
 
     va_start(ap, fmt);
-    n = vsnprintf(buf, sizeof(buf), fmt, ap);
+    n = vprintf(fmt, ap);
     va_end(ap);
-    rt_write(buf, (size_t)n < sizeof(buf) ? (size_t)n : sizeof(buf) - 1);
     return n;
 }
 

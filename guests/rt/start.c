@@ -46,15 +46,12 @@ void exit(int code)
 
 void panic(const char *fmt, ...)
 {
-    char buf[256];
     va_list ap;
-    int n;
 
-    va_start(ap, fmt);
-    n = vsnprintf(buf, sizeof(buf), fmt, ap);
-    va_end(ap);
     rt_write("panic: ", 7);
-    rt_write(buf, (size_t)n < sizeof(buf) ? (size_t)n : sizeof(buf) - 1);
+    va_start(ap, fmt);
+    vprintf(fmt, ap);
+    va_end(ap);
     rt_write("\n", 1);
     exit(SVM_EXIT_PANIC);
 }

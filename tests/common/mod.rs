@@ -147,6 +147,12 @@ pub fn shadowvm(args: &[&str]) -> Run {
     shadowvm_env(args, &[])
 }
 
+/// Runs the command line `line` (`shadowvm` left out; words split at
+/// whitespace, no quoting): a test reads as the command a user would type.
+pub fn shadowvm_line(line: &str) -> Run {
+    shadowvm(&line.split_whitespace().collect::<Vec<_>>())
+}
+
 /// Runs `args` with `--paging mode` and `options` inserted before any
 /// `--` (options go before the guest's command line).
 pub fn shadowvm_in(mode: &str, args: &[&str], options: &[&str]) -> Run {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use kvm_bindings::kvm_sregs;
 
-use super::{GuestCpu, GuestPagingMode, GuestPf, PagingError, PagingOps, PfResolution, Populated};
+use super::{GuestCpu, GuestPagingMode, GuestPf, PagingOps, PagingResult, PfResolution, Populated};
 use crate::mmu::walk::GuestPtMemory;
 use crate::mmu::{PagingState, PrefaultResult, accessed_runs};
 use crate::vmm::abi::{self, PAGE_SIZE};
@@ -93,7 +93,7 @@ impl KvmPaging {
 
     /// A full TLB flush, global entries included: toggling CR4.PGE makes
     /// KVM reset the vCPU's MMU context (SET_SREGS with a changed CR4).
-    fn flush(cpu: &mut dyn CpuAccess, mut sregs: kvm_sregs) -> Result<(), PagingError> {
+    fn flush(cpu: &mut dyn CpuAccess, mut sregs: kvm_sregs) -> PagingResult<()> {
         sregs.cr4 ^= CR4_PGE;
         cpu.set_sregs(&sregs)?;
         sregs.cr4 ^= CR4_PGE;
@@ -106,7 +106,7 @@ impl PagingOps for KvmPaging {
         Paging::Kvm
     }
 
-    fn load_cr3(&self, cpu: &mut dyn CpuAccess, cr3: u64) -> Result<i64, PagingError> {
+    fn load_cr3(&self, cpu: &mut dyn CpuAccess, cr3: u64) -> PagingResult<i64> {
         let mut sregs = cpu.sregs()?;
         if sregs.cr3 == cr3 {
             // `mov %cr3` with the same value still flushes; SET_SREGS with an
@@ -120,36 +120,27 @@ impl PagingOps for KvmPaging {
         Ok(0)
     }
 
-    fn invlpg(&self, cpu: &mut dyn CpuAccess, _gva: u64) -> Result<i64, PagingError> {
+    fn invlpg(&self, cpu: &mut dyn CpuAccess, _gva: u64) -> PagingResult<i64> {
         // No ioctl drops one translation; flushing more is always allowed.
         let sregs = cpu.sregs()?;
         Self::flush(cpu, sregs)?;
         Ok(0)
     }
 
-    fn flush_tlb(&self, cpu: &mut dyn CpuAccess, _global: bool) -> Result<i64, PagingError> {
+    fn flush_tlb(&self, cpu: &mut dyn CpuAccess, _global: bool) -> PagingResult<i64> {
         let sregs = cpu.sregs()?;
         Self::flush(cpu, sregs)?;
         Ok(0)
     }
 
-    fn resolve_pf(
-        &self,
-        _cpu: &mut dyn CpuAccess,
-        pf: GuestPf,
-    ) -> Result<PfResolution, PagingError> {
+    fn resolve_pf(&self, _cpu: &mut dyn CpuAccess, pf: GuestPf) -> PagingResult<PfResolution> {
         // The hardware walked the guest's own tables: the fault is the guest's.
         Ok(PfResolution::GuestFault {
             error_code: pf.error_code,
         })
     }
 
-    fn balloon(
-        &self,
-        _cpu: &mut dyn CpuAccess,
-        gpa: u64,
-        nr_pages: u64,
-    ) -> Result<i64, PagingError> {
+    fn balloon(&self, _cpu: &mut dyn CpuAccess, gpa: u64, nr_pages: u64) -> PagingResult<i64> {
         self.ram.discard(gpa, nr_pages * PAGE_SIZE)?;
         Ok(nr_pages as i64)
     }
@@ -160,16 +151,11 @@ impl PagingOps for KvmPaging {
         _op: u64,
         _arg0: u64,
         _arg1: u64,
-    ) -> Result<i64, PagingError> {
+    ) -> PagingResult<i64> {
         Ok(abi::errno::EOPNOTSUPP)
     }
 
-    fn populate(
-        &self,
-        cpu: &mut dyn CpuAccess,
-        gva: u64,
-        len: u64,
-    ) -> Result<Populated, PagingError> {
+    fn populate(&self, cpu: &mut dyn CpuAccess, gva: u64, len: u64) -> PagingResult<Populated> {
         let mode = self.paging_state(&cpu.sregs()?);
         // The switcher's memslot lies above RAM: `is_ram` leaves it out.
         let t = accessed_runs(&mode, || RamTables(&self.ram), gva, len, None);
@@ -184,11 +170,7 @@ impl PagingOps for KvmPaging {
         }))
     }
 
-    fn set_paging(
-        &self,
-        cpu: &mut dyn CpuAccess,
-        mode: GuestPagingMode,
-    ) -> Result<i64, PagingError> {
+    fn set_paging(&self, cpu: &mut dyn CpuAccess, mode: GuestPagingMode) -> PagingResult<i64> {
         // What `mov %cr0` / `mov %cr4` / `wrmsr EFER` would do: KVM resets
         // the vCPU's MMU context when a paging bit changes
         // (`kvm_post_set_cr0`, `kvm_post_set_cr4`, `set_efer`).

@@ -17,6 +17,9 @@ use crate::vmm::x86::{RFLAGS_AC, pte};
 pub use kvm::KvmPaging;
 pub use shadow::ShadowPaging;
 
+/// What a paging operation returns.
+pub type PagingResult<T> = Result<T, PagingError>;
+
 /// Errors that stop the VM in a paging operation (never the guest's
 /// arguments: those become errno results).
 #[derive(Debug, thiserror::Error)]
@@ -199,44 +202,27 @@ pub trait PagingOps: Send + Sync {
         &self,
         _cpu: &mut dyn CpuAccess,
         _requests: VcpuRequest,
-    ) -> Result<(), PagingError> {
+    ) -> PagingResult<()> {
         Ok(())
     }
     /// LOAD_CR3 (validated).
-    fn load_cr3(&self, cpu: &mut dyn CpuAccess, cr3: u64) -> Result<i64, PagingError>;
+    fn load_cr3(&self, cpu: &mut dyn CpuAccess, cr3: u64) -> PagingResult<i64>;
     /// INVLPG (validated).
-    fn invlpg(&self, cpu: &mut dyn CpuAccess, gva: u64) -> Result<i64, PagingError>;
+    fn invlpg(&self, cpu: &mut dyn CpuAccess, gva: u64) -> PagingResult<i64>;
     /// FLUSH_TLB.
-    fn flush_tlb(&self, cpu: &mut dyn CpuAccess, global: bool) -> Result<i64, PagingError>;
+    fn flush_tlb(&self, cpu: &mut dyn CpuAccess, global: bool) -> PagingResult<i64>;
     /// RESOLVE_PF for the fault `pf`.
-    fn resolve_pf(&self, cpu: &mut dyn CpuAccess, pf: GuestPf)
-    -> Result<PfResolution, PagingError>;
+    fn resolve_pf(&self, cpu: &mut dyn CpuAccess, pf: GuestPf) -> PagingResult<PfResolution>;
     /// BALLOON (validated): give the pages back to the host.
-    fn balloon(&self, cpu: &mut dyn CpuAccess, gpa: u64, nr_pages: u64)
-    -> Result<i64, PagingError>;
+    fn balloon(&self, cpu: &mut dyn CpuAccess, gpa: u64, nr_pages: u64) -> PagingResult<i64>;
     /// SET_PAGING (validated): the guest's CR0.WP, EFER.NXE, CR4.SMEP and
     /// CR4.SMAP. `EOPNOTSUPP` if the host's KVM refuses the CR4 bits.
-    fn set_paging(
-        &self,
-        cpu: &mut dyn CpuAccess,
-        mode: GuestPagingMode,
-    ) -> Result<i64, PagingError>;
+    fn set_paging(&self, cpu: &mut dyn CpuAccess, mode: GuestPagingMode) -> PagingResult<i64>;
     /// POPULATE (validated) of `[gva, gva + len)` on `cpu`'s current
     /// tables: the pages whose guest mapping is accessed at every level get
     /// their host memory populated for writing (`MADV_POPULATE_WRITE`) and,
     /// in shadow mode, their sptes (`KVM_PRE_FAULT_MEMORY`).
-    fn populate(
-        &self,
-        cpu: &mut dyn CpuAccess,
-        gva: u64,
-        len: u64,
-    ) -> Result<Populated, PagingError>;
+    fn populate(&self, cpu: &mut dyn CpuAccess, gva: u64, len: u64) -> PagingResult<Populated>;
     /// HOST_OP operations other than PING.
-    fn host_op(
-        &self,
-        cpu: &mut dyn CpuAccess,
-        op: u64,
-        arg0: u64,
-        arg1: u64,
-    ) -> Result<i64, PagingError>;
+    fn host_op(&self, cpu: &mut dyn CpuAccess, op: u64, arg0: u64, arg1: u64) -> PagingResult<i64>;
 }

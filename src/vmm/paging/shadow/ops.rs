@@ -12,7 +12,7 @@ use crate::vmm::kvm::cpu::CpuAccess;
 use crate::vmm::kvm::kick::VcpuRequest;
 use crate::vmm::paging::kvm::{refused, with_mode};
 use crate::vmm::paging::{
-    GuestPagingMode, GuestPf, PagingError, PagingOps, PfResolution, Populated,
+    GuestPagingMode, GuestPf, PagingError, PagingOps, PagingResult, PfResolution, Populated,
 };
 use crate::vmm::x86::RFLAGS_AC;
 
@@ -21,7 +21,7 @@ use crate::vmm::x86::RFLAGS_AC;
 const POPULATE_CHUNK: u64 = 2 << 20;
 
 /// Sets the vCPU's real CR3 to the shadow root `root`.
-fn set_root(cpu: &mut dyn CpuAccess, root: u64) -> Result<(), PagingError> {
+fn set_root(cpu: &mut dyn CpuAccess, root: u64) -> PagingResult<()> {
     let mut sregs: kvm_sregs = cpu.sregs()?;
     sregs.cr3 = root << 12;
     Ok(cpu.set_sregs(&sregs)?)
@@ -32,7 +32,7 @@ impl ShadowPaging {
     /// tables there lose their shadow pages (their write protection did not
     /// see the write), and the pages exception delivery needs are mapped
     /// again if that zapped them.
-    pub fn device_wrote(&self, gpa: u64, len: u64) -> Result<(), PagingError> {
+    pub fn device_wrote(&self, gpa: u64, len: u64) -> PagingResult<()> {
         let first = gpa / PAGE_SIZE;
         let end = gpa.saturating_add(len).div_ceil(PAGE_SIZE);
         self.mmu
@@ -58,11 +58,11 @@ impl PagingOps for ShadowPaging {
         &self,
         _cpu: &mut dyn CpuAccess,
         _requests: VcpuRequest,
-    ) -> Result<(), PagingError> {
+    ) -> PagingResult<()> {
         self.ensure_critical()
     }
 
-    fn load_cr3(&self, cpu: &mut dyn CpuAccess, cr3: u64) -> Result<i64, PagingError> {
+    fn load_cr3(&self, cpu: &mut dyn CpuAccess, cr3: u64) -> PagingResult<i64> {
         let vcpu = cpu.id() as usize;
         let root = match self.mmu.load_cr3(vcpu, cr3) {
             Ok(r) => r,
@@ -76,7 +76,7 @@ impl PagingOps for ShadowPaging {
         Ok(0)
     }
 
-    fn invlpg(&self, cpu: &mut dyn CpuAccess, gva: u64) -> Result<i64, PagingError> {
+    fn invlpg(&self, cpu: &mut dyn CpuAccess, gva: u64) -> PagingResult<i64> {
         self.mmu
             .invlpg(cpu.id() as usize, gva)
             .map_err(|e| self.mmu_err(e))?;
@@ -84,7 +84,7 @@ impl PagingOps for ShadowPaging {
         Ok(0)
     }
 
-    fn flush_tlb(&self, cpu: &mut dyn CpuAccess, _global: bool) -> Result<i64, PagingError> {
+    fn flush_tlb(&self, cpu: &mut dyn CpuAccess, _global: bool) -> PagingResult<i64> {
         // No spte is ever global: a global flush is a flush.
         self.mmu
             .flush_tlb(cpu.id() as usize)
@@ -93,11 +93,7 @@ impl PagingOps for ShadowPaging {
         Ok(0)
     }
 
-    fn resolve_pf(
-        &self,
-        cpu: &mut dyn CpuAccess,
-        pf: GuestPf,
-    ) -> Result<PfResolution, PagingError> {
+    fn resolve_pf(&self, cpu: &mut dyn CpuAccess, pf: GuestPf) -> PagingResult<PfResolution> {
         let GuestPf {
             cr2,
             error_code,
@@ -138,12 +134,7 @@ impl PagingOps for ShadowPaging {
         Ok(res)
     }
 
-    fn balloon(
-        &self,
-        _cpu: &mut dyn CpuAccess,
-        gpa: u64,
-        nr_pages: u64,
-    ) -> Result<i64, PagingError> {
+    fn balloon(&self, _cpu: &mut dyn CpuAccess, gpa: u64, nr_pages: u64) -> PagingResult<i64> {
         let len = nr_pages * PAGE_SIZE;
         let r = match self.ram.mm().madvise_dontneed(self.ram.base() + gpa, len) {
             Ok(()) => nr_pages as i64,
@@ -167,7 +158,7 @@ impl PagingOps for ShadowPaging {
         op: u64,
         arg0: u64,
         _arg1: u64,
-    ) -> Result<i64, PagingError> {
+    ) -> PagingResult<i64> {
         if op != abi::HOST_OP_CHECKPOINT {
             return Ok(abi::errno::EINVAL);
         }
@@ -196,12 +187,7 @@ impl PagingOps for ShadowPaging {
         Ok(ran)
     }
 
-    fn populate(
-        &self,
-        cpu: &mut dyn CpuAccess,
-        gva: u64,
-        len: u64,
-    ) -> Result<Populated, PagingError> {
+    fn populate(&self, cpu: &mut dyn CpuAccess, gva: u64, len: u64) -> PagingResult<Populated> {
         // What a VMM does on a real host: madvise(MADV_POPULATE_WRITE) on
         // the hva range, then KVM_PRE_FAULT_MEMORY. The gpa range comes
         // from the guest's tables (`accessed_runs`, advice only); the
@@ -262,11 +248,7 @@ impl PagingOps for ShadowPaging {
         Ok(Populated::Pages(res))
     }
 
-    fn set_paging(
-        &self,
-        cpu: &mut dyn CpuAccess,
-        mode: GuestPagingMode,
-    ) -> Result<i64, PagingError> {
+    fn set_paging(&self, cpu: &mut dyn CpuAccess, mode: GuestPagingMode) -> PagingResult<i64> {
         // The real CR0.WP and EFER.NXE stay set, as KVM keeps them under its
         // own shadow paging: the shadow tables give the guest's mode its
         // meaning (WP=0: supervisor-only writable sptes for read-only guest

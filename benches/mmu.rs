@@ -57,8 +57,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Bencher, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use shadowvm::mm::{FrameAccess, Hva, Mm, MmapFlags, PAGE_SIZE, Pfn, Prot, ThpConfig, ThpEnabled};
+// Guest paging-entry bits, by the names the MMU under test gives them.
+use shadowvm::mmu::pte::{
+    PT_ACCESSED_MASK as A, PT_BASE_ADDR_MASK as ADDR, PT_DIRTY_MASK as D, PT_PAGE_SIZE_MASK as PS,
+    PT_PRESENT_MASK as P, PT_USER_MASK as US, PT_WRITABLE_MASK as RW,
+};
 use shadowvm::mmu::{
     FaultOutcome, Memslot, Memslots, NoFlush, PfErrorCode, ShadowMmu, ShadowMmuConfig,
 };
@@ -70,15 +75,6 @@ fn test_mode() -> bool {
     let args: Vec<String> = std::env::args().collect();
     !args.iter().any(|a| a == "--bench") || args.iter().any(|a| a == "--test")
 }
-
-// Guest paging-entry bits.
-const P: u64 = 1;
-const RW: u64 = 1 << 1;
-const US: u64 = 1 << 2;
-const A: u64 = 1 << 5;
-const D: u64 = 1 << 6;
-const PS: u64 = 1 << 7;
-const ADDR: u64 = 0x000f_ffff_ffff_f000;
 
 /// Where the guest maps its RAM: PML4 slot 1, so PDPT slot 0 onwards.
 const GVA_BASE: u64 = 1 << 39;
@@ -239,33 +235,39 @@ impl Vm {
     }
 }
 
-/// Sum of `iters` timed runs of `op(i)`, each preceded by untimed
-/// `before(i)` and followed by untimed `after(i)`; `i` walks the first
-/// `span` pages with `STRIDE`, or stays at the middle page if `span == 0`.
-fn timed(
+/// Has criterion time `op(i)`, each run preceded by untimed `before(i)`
+/// and followed by untimed `after(i)`; `i` walks the first `span` pages
+/// with `STRIDE`, or stays at the middle page if `span == 0`. Returns the
+/// runs timed.
+fn iter_timed(
+    b: &mut Bencher,
     vm: &Vm,
-    iters: u64,
-    cursor: &mut u64,
     span: u64,
     mut before: impl FnMut(u64),
     mut op: impl FnMut(u64),
     mut after: impl FnMut(u64),
-) -> Duration {
-    let mut total = Duration::ZERO;
-    for _ in 0..iters {
-        let i = if span > 0 {
-            *cursor = (*cursor + STRIDE) % span;
-            *cursor
-        } else {
-            vm.pages / 2
-        };
-        before(i);
-        let t = Instant::now();
-        op(black_box(i));
-        total += t.elapsed();
-        after(i);
-    }
-    total
+) -> u64 {
+    let mut cursor = 0;
+    let mut runs = 0;
+    b.iter_custom(|iters| {
+        runs += iters;
+        let mut total = Duration::ZERO;
+        for _ in 0..iters {
+            let i = if span > 0 {
+                cursor = (cursor + STRIDE) % span;
+                cursor
+            } else {
+                vm.pages / 2
+            };
+            before(i);
+            let t = Instant::now();
+            op(black_box(i));
+            total += t.elapsed();
+            after(i);
+        }
+        total
+    });
+    runs
 }
 
 fn benches(c: &mut Criterion) {
@@ -297,36 +299,30 @@ fn benches(c: &mut Criterion) {
                 let v = vm(k);
                 let notifiers = v.mm.notifiers().clone();
                 let before = v.mmu.stats().spte_zapped;
-                let mut cursor = 0;
-                let mut total_iters = 0;
-                b.iter_custom(|iters| {
-                    total_iters += iters;
-                    timed(
-                        v,
-                        iters,
-                        &mut cursor,
-                        span,
-                        |_| {},
-                        |i| {
-                            if madvise {
-                                v.mm.madvise_dontneed(v.hva(i), PAGE_SIZE)
-                                    .expect("dontneed");
-                            } else {
-                                // What zap_page_range calls around its own
-                                // work: start (the MMU zaps via the rmap),
-                                // then end (invalidate_range + seq bump).
-                                let r = MmuNotifierRange::new(
-                                    MmuNotifyEvent::Clear,
-                                    v.hva(i),
-                                    v.hva(i) + PAGE_SIZE,
-                                );
-                                notifiers.invalidate_range_start(&r).expect("start");
-                                notifiers.invalidate_range_end(&r, false);
-                            }
-                        },
-                        |i| v.fault(i),
-                    )
-                });
+                let total_iters = iter_timed(
+                    b,
+                    v,
+                    span,
+                    |_| {},
+                    |i| {
+                        if madvise {
+                            v.mm.madvise_dontneed(v.hva(i), PAGE_SIZE)
+                                .expect("dontneed");
+                        } else {
+                            // What zap_page_range calls around its own
+                            // work: start (the MMU zaps via the rmap),
+                            // then end (invalidate_range + seq bump).
+                            let r = MmuNotifierRange::new(
+                                MmuNotifyEvent::Clear,
+                                v.hva(i),
+                                v.hva(i) + PAGE_SIZE,
+                            );
+                            notifiers.invalidate_range_start(&r).expect("start");
+                            notifiers.invalidate_range_end(&r, false);
+                        }
+                    },
+                    |i| v.fault(i),
+                );
                 assert_eq!(
                     v.mmu.stats().spte_zapped - before,
                     total_iters,
@@ -336,18 +332,14 @@ fn benches(c: &mut Criterion) {
         }
         g.bench_with_input(BenchmarkId::new("scan", n), &n, |b, _| {
             let v = vm(k);
-            let mut cursor = 0;
-            b.iter_custom(|iters| {
-                timed(
-                    v,
-                    iters,
-                    &mut cursor,
-                    v.pages,
-                    |_| {},
-                    |i| assert_eq!(v.mmu.zap_gfn_by_scan(i).unwrap(), 1),
-                    |i| v.fault(i),
-                )
-            });
+            iter_timed(
+                b,
+                v,
+                v.pages,
+                |_| {},
+                |i| assert_eq!(v.mmu.zap_gfn_by_scan(i).unwrap(), 1),
+                |i| v.fault(i),
+            );
         });
     }
     g.finish();
@@ -358,36 +350,16 @@ fn benches(c: &mut Criterion) {
     for (k, &n) in sizes.iter().enumerate().skip(1) {
         g.bench_with_input(BenchmarkId::new("cold", n), &n, |b, _| {
             let v = vm(k);
-            let mut cursor = 0;
-            b.iter_custom(|iters| {
-                timed(
-                    v,
-                    iters,
-                    &mut cursor,
-                    v.pages,
-                    |i| {
-                        v.mm.madvise_dontneed(v.hva(i), PAGE_SIZE)
-                            .expect("dontneed")
-                    },
-                    |i| v.fault(i),
-                    |_| {},
-                )
-            });
+            let drop_page = |i| {
+                v.mm.madvise_dontneed(v.hva(i), PAGE_SIZE)
+                    .expect("dontneed")
+            };
+            iter_timed(b, v, v.pages, drop_page, |i| v.fault(i), |_| {});
         });
         g.bench_with_input(BenchmarkId::new("warm", n), &n, |b, _| {
             let v = vm(k);
-            let mut cursor = 0;
-            b.iter_custom(|iters| {
-                timed(
-                    v,
-                    iters,
-                    &mut cursor,
-                    v.pages,
-                    |i| v.mmu.invlpg(0, v.gva(i)).expect("invlpg"),
-                    |i| v.fault(i),
-                    |_| {},
-                )
-            });
+            let drop_spte = |i| v.mmu.invlpg(0, v.gva(i)).expect("invlpg");
+            iter_timed(b, v, v.pages, drop_spte, |i| v.fault(i), |_| {});
         });
     }
     g.finish();

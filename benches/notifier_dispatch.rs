@@ -13,7 +13,8 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
 use shadowvm::notifier::{
     MmuNotifier, MmuNotifierMm, MmuNotifierOps, MmuNotifierRange, MmuNotifyEvent, NotifierPte, Srcu,
 };
@@ -49,6 +50,98 @@ fn list_with(n: usize) -> Registered {
     (list, regs)
 }
 
+/// Takes each measured operation, by name: criterion's groups and the
+/// interleaved table time the same closures.
+trait Ops<'a> {
+    fn op<R>(&mut self, name: &str, f: impl Fn() -> R + Copy + 'a);
+}
+
+/// The baselines: one indirect call through the same trait object type
+/// dispatch uses (`black_box` on the reference keeps the call from being
+/// devirtualized), a pair of them, and srcu_read_lock + srcu_read_unlock
+/// with nothing inside.
+fn baseline_ops<'a>(
+    ops: &'a dyn MmuNotifierOps,
+    srcu: &'a Srcu,
+    r: &'a MmuNotifierRange,
+    to: &mut impl Ops<'a>,
+) {
+    to.op("indirect_call", move || {
+        black_box(ops).invalidate_range_start(black_box(r))
+    });
+    to.op("indirect_call_pair", move || {
+        let o = black_box(ops);
+        let res = o.invalidate_range_start(black_box(r));
+        o.invalidate_range_end(black_box(r));
+        res
+    });
+    to.op("srcu_read_lock_unlock", move || {
+        drop(black_box(srcu).read_lock())
+    });
+}
+
+/// Each dispatch function of the list `l`, which has `n` notifiers.
+fn dispatch_ops<'a>(
+    l: &'a MmuNotifierMm,
+    n: usize,
+    r: &'a MmuNotifierRange,
+    to: &mut impl Ops<'a>,
+) {
+    // The pair as the mm issues it (zap_page_range, KSM, COW:
+    // `invalidate_range` already called under the PTE lock, only_end).
+    to.op("invalidate_range_start_end", move || {
+        let l = black_box(l);
+        let res = l.invalidate_range_start(black_box(r));
+        l.invalidate_range_end(black_box(r), true);
+        res
+    });
+    // The full `invalidate_range_end`, which calls `invalidate_range`
+    // first.
+    to.op("invalidate_range_start_end_full", move || {
+        let l = black_box(l);
+        let res = l.invalidate_range_start(black_box(r));
+        l.invalidate_range_end(black_box(r), false);
+        res
+    });
+    to.op("change_pte", move || {
+        black_box(l).change_pte(black_box(START), black_box(PTE))
+    });
+    to.op("clear_flush_young", move || {
+        black_box(l).clear_flush_young(black_box(START), black_box(END))
+    });
+    to.op("clear_young", move || {
+        black_box(l).clear_young(black_box(START), black_box(END))
+    });
+    to.op("test_young", move || {
+        black_box(l).test_young(black_box(START))
+    });
+    to.op("invalidate_range", move || {
+        black_box(l).invalidate_range(black_box(START), black_box(END))
+    });
+    if n == 0 {
+        // What `Mm::mn_invalidate_range_start/end` do: test
+        // `mm_has_notifiers` first and skip SRCU entirely.
+        to.op("mm_fast_path_start_end", move || {
+            let l = black_box(l);
+            let mut res = Ok(());
+            if l.has_notifiers() {
+                res = l.invalidate_range_start(black_box(r));
+            }
+            if l.has_notifiers() {
+                l.invalidate_range_end(black_box(r), true);
+            }
+            res
+        });
+    }
+}
+
+/// Each operation a benchmark of the group.
+impl<'a> Ops<'a> for BenchmarkGroup<'_, WallTime> {
+    fn op<R>(&mut self, name: &str, f: impl Fn() -> R + Copy + 'a) {
+        self.bench_function(name, |b| b.iter(f));
+    }
+}
+
 /// Short runs: the machine has 2 shared, noisy vCPUs; compare ratios.
 fn config() -> Criterion {
     Criterion::default()
@@ -58,30 +151,9 @@ fn config() -> Criterion {
 }
 
 fn baselines(c: &mut Criterion) {
+    let (noop, srcu, r) = (Noop, Srcu::new(), range());
     let mut g = c.benchmark_group("baseline");
-
-    // One indirect call through the same trait object type dispatch uses.
-    // `black_box` on the reference keeps the call from being devirtualized.
-    let noop = Noop;
-    let ops: &dyn MmuNotifierOps = &noop;
-    let r = range();
-    g.bench_function("indirect_call", |b| {
-        b.iter(|| black_box(ops).invalidate_range_start(black_box(&r)))
-    });
-    g.bench_function("indirect_call_pair", |b| {
-        b.iter(|| {
-            let o = black_box(ops);
-            let res = o.invalidate_range_start(black_box(&r));
-            o.invalidate_range_end(black_box(&r));
-            res
-        })
-    });
-
-    // srcu_read_lock + srcu_read_unlock, nothing inside.
-    let srcu = Srcu::new();
-    g.bench_function("srcu_read_lock_unlock", |b| {
-        b.iter(|| drop(black_box(&srcu).read_lock()))
-    });
+    baseline_ops(&noop, &srcu, &r, &mut g);
     g.finish();
 }
 
@@ -90,59 +162,7 @@ fn dispatch(c: &mut Criterion) {
     for n in [0usize, 1, 4] {
         let (list, regs) = list_with(n);
         let mut g = c.benchmark_group(format!("dispatch/{n}_notifiers"));
-
-        // The pair as the mm issues it (zap_page_range, KSM, COW:
-        // `invalidate_range` already called under the PTE lock, only_end).
-        g.bench_function("invalidate_range_start_end", |b| {
-            b.iter(|| {
-                let l = black_box(&*list);
-                let res = l.invalidate_range_start(black_box(&r));
-                l.invalidate_range_end(black_box(&r), true);
-                res
-            })
-        });
-        // The full `invalidate_range_end`, which calls `invalidate_range`
-        // first.
-        g.bench_function("invalidate_range_start_end_full", |b| {
-            b.iter(|| {
-                let l = black_box(&*list);
-                let res = l.invalidate_range_start(black_box(&r));
-                l.invalidate_range_end(black_box(&r), false);
-                res
-            })
-        });
-        g.bench_function("change_pte", |b| {
-            b.iter(|| black_box(&*list).change_pte(black_box(START), black_box(PTE)))
-        });
-        g.bench_function("clear_flush_young", |b| {
-            b.iter(|| black_box(&*list).clear_flush_young(black_box(START), black_box(END)))
-        });
-        g.bench_function("clear_young", |b| {
-            b.iter(|| black_box(&*list).clear_young(black_box(START), black_box(END)))
-        });
-        g.bench_function("test_young", |b| {
-            b.iter(|| black_box(&*list).test_young(black_box(START)))
-        });
-        g.bench_function("invalidate_range", |b| {
-            b.iter(|| black_box(&*list).invalidate_range(black_box(START), black_box(END)))
-        });
-        if n == 0 {
-            // What `Mm::mn_invalidate_range_start/end` do: test
-            // `mm_has_notifiers` first and skip SRCU entirely.
-            g.bench_with_input(BenchmarkId::new("mm_fast_path_start_end", n), &r, |b, r| {
-                b.iter(|| {
-                    let l = black_box(&*list);
-                    let mut res = Ok(());
-                    if l.has_notifiers() {
-                        res = l.invalidate_range_start(black_box(r));
-                    }
-                    if l.has_notifiers() {
-                        l.invalidate_range_end(black_box(r), true);
-                    }
-                    res
-                })
-            });
-        }
+        dispatch_ops(&list, n, &r, &mut g);
         g.finish();
         drop(regs);
     }
@@ -172,17 +192,24 @@ fn table_wanted() -> bool {
 /// the elapsed time.
 type Case<'a> = (String, Box<dyn Fn(u32) -> Duration + 'a>);
 
-fn case<'a, R>(name: impl Into<String>, f: impl Fn() -> R + 'a) -> Case<'a> {
-    (
-        name.into(),
-        Box::new(move |n| {
+/// The cases of the table, each name after `prefix`.
+struct Cases<'a> {
+    prefix: String,
+    cases: Vec<Case<'a>>,
+}
+
+impl<'a> Ops<'a> for Cases<'a> {
+    fn op<R>(&mut self, name: &str, f: impl Fn() -> R + Copy + 'a) {
+        let run = move |n| {
             let t = Instant::now();
             for _ in 0..n {
                 black_box(f());
             }
             t.elapsed()
-        }),
-    )
+        };
+        let name = format!("{}{name}", self.prefix);
+        self.cases.push((name, Box::new(run)));
+    }
 }
 
 /// Every case of the criterion groups again, interleaved: each repetition
@@ -194,74 +221,20 @@ fn interleaved(_c: &mut Criterion) {
         return;
     }
     let (reps, batch) = if test_mode() { (3, 10) } else { (2_000, 2_000) };
-    let noop = Noop;
-    let ops: &dyn MmuNotifierOps = &noop;
-    let srcu = Srcu::new();
-    let r = range();
-    let r = &r;
+    let (noop, srcu, r) = (Noop, Srcu::new(), range());
     let lists: Vec<(usize, Registered)> =
         [0, 1, 4].into_iter().map(|n| (n, list_with(n))).collect();
 
-    let mut cases: Vec<Case<'_>> = vec![
-        case("indirect_call", || {
-            black_box(ops).invalidate_range_start(black_box(r))
-        }),
-        case("indirect_call_pair", || {
-            let o = black_box(ops);
-            let res = o.invalidate_range_start(black_box(r));
-            o.invalidate_range_end(black_box(r));
-            res
-        }),
-        case("srcu_read_lock_unlock", || {
-            drop(black_box(&srcu).read_lock())
-        }),
-    ];
+    let mut table = Cases {
+        prefix: String::new(),
+        cases: Vec::new(),
+    };
+    baseline_ops(&noop, &srcu, &r, &mut table);
     for (n, (list, _)) in &lists {
-        let l: &MmuNotifierMm = list;
-        cases.push(case(format!("{n}/invalidate_range_start_end"), move || {
-            let l = black_box(l);
-            let res = l.invalidate_range_start(black_box(r));
-            l.invalidate_range_end(black_box(r), true);
-            res
-        }));
-        cases.push(case(
-            format!("{n}/invalidate_range_start_end_full"),
-            move || {
-                let l = black_box(l);
-                let res = l.invalidate_range_start(black_box(r));
-                l.invalidate_range_end(black_box(r), false);
-                res
-            },
-        ));
-        cases.push(case(format!("{n}/change_pte"), move || {
-            black_box(l).change_pte(black_box(START), black_box(PTE))
-        }));
-        cases.push(case(format!("{n}/clear_flush_young"), move || {
-            black_box(l).clear_flush_young(black_box(START), black_box(END))
-        }));
-        cases.push(case(format!("{n}/clear_young"), move || {
-            black_box(l).clear_young(black_box(START), black_box(END))
-        }));
-        cases.push(case(format!("{n}/test_young"), move || {
-            black_box(l).test_young(black_box(START))
-        }));
-        cases.push(case(format!("{n}/invalidate_range"), move || {
-            black_box(l).invalidate_range(black_box(START), black_box(END))
-        }));
-        if *n == 0 {
-            cases.push(case("0/mm_fast_path_start_end", move || {
-                let l = black_box(l);
-                let mut res = Ok(());
-                if l.has_notifiers() {
-                    res = l.invalidate_range_start(black_box(r));
-                }
-                if l.has_notifiers() {
-                    l.invalidate_range_end(black_box(r), true);
-                }
-                res
-            }));
-        }
+        table.prefix = format!("{n}/");
+        dispatch_ops(list, *n, &r, &mut table);
     }
+    let cases = table.cases;
 
     let mut times: Vec<Vec<f64>> = vec![Vec::with_capacity(reps); cases.len()];
     for _ in 0..reps {

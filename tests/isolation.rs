@@ -52,6 +52,30 @@ fn summary(r: &Run) -> (u64, u64, u64) {
     }
 }
 
+/// `shadowvm run GUEST --paging PAGING --vcpus VCPUS --check --json`, then
+/// `more` (options, and the guest's command line after a `--`).
+fn run_checked(guest: &str, paging: &str, vcpus: &str, more: &[&str]) -> Run {
+    let args = [
+        &[
+            "run", guest, "--paging", paging, "--vcpus", vcpus, "--check", "--json",
+        ][..],
+        more,
+    ];
+    shadowvm(&args.concat())
+}
+
+/// The `--check` verdict of a shadow-mode run: ok, on stderr and in the
+/// `--json` object, which it returns.
+fn coherent(r: &Run) -> Value {
+    r.check(
+        r.stderr.lines().any(|l| l == "coherence check: ok"),
+        "coherence check: ok",
+    );
+    let v = r.json();
+    assert_eq!(v["check"], "ok", "{v}");
+    v
+}
+
 fn hostile_passes(r: &Run) -> (u64, u64, u64) {
     r.check(r.code == Some(0), "test-hostile exits 0");
     r.check(!r.stdout.contains("FAIL"), "no failed expectation");
@@ -68,25 +92,11 @@ fn hostile_guest_in_shadow_mode_stays_isolated_and_coherent() {
         return;
     }
     for vcpus in ["1", "2"] {
-        let r = shadowvm(&[
-            "run",
-            "test-hostile",
-            "--paging",
-            "shadow",
-            "--vcpus",
-            vcpus,
-            "--check",
-            "--json",
-        ]);
+        let r = run_checked("test-hostile", "shadow", vcpus, &[]);
         let (probes, _, _) = hostile_passes(&r);
         // The frames beyond RAM are probed in shadow mode only.
         r.check(probes > 400, "the probes beyond RAM ran");
-        r.check(
-            r.stderr.lines().any(|l| l == "coherence check: ok"),
-            "coherence check: ok",
-        );
-        let v = r.json();
-        assert_eq!(v["check"], "ok", "{v}");
+        let v = coherent(&r);
         // The gpas beyond RAM were never mapped: the faults there were
         // answered as MMIO (a guest fault).
         assert!(v["mmu"]["pf_mmio"].as_u64().unwrap_or(0) > 0, "{v}");
@@ -157,18 +167,7 @@ fn every_way_out_of_ring_1_faults_or_is_refused() {
     }
     for paging in ["kvm", "shadow"] {
         for vcpus in ["1", "2"] {
-            let r = shadowvm(&[
-                "run",
-                "test-escape",
-                "--paging",
-                paging,
-                "--vcpus",
-                vcpus,
-                "--check",
-                "--json",
-                "--timeout",
-                "120s",
-            ]);
+            let r = run_checked("test-escape", paging, vcpus, &["--timeout", "120s"]);
             let what = format!("{paging} mode, {vcpus} vCPU(s)");
             r.check(r.code == Some(0), &format!("test-escape exits 0 ({what})"));
             r.check(
@@ -224,11 +223,7 @@ fn every_way_out_of_ring_1_faults_or_is_refused() {
             };
             assert_eq!(json_u64(&v, &["exits", "mmio"]), dropped, "{v}");
             if paging == "shadow" {
-                r.check(
-                    r.stderr.lines().any(|l| l == "coherence check: ok"),
-                    "coherence check: ok",
-                );
-                assert_eq!(v["check"], "ok", "{v}");
+                coherent(&r);
                 assert_eq!(json_u64(&v, &["host_invalidate", "errors"]), 0, "{v}");
             }
         }
@@ -335,20 +330,12 @@ fn recycled_root_attack_is_refused() {
         return;
     }
     for vcpus in ["1", "2"] {
-        let r = shadowvm(&[
-            "run",
+        let r = run_checked(
             "test-escape",
-            "--paging",
             "shadow",
-            "--vcpus",
             vcpus,
-            "--check",
-            "--json",
-            "--timeout",
-            "120s",
-            "--",
-            "only=recycled",
-        ]);
+            &["--timeout", "120s", "--", "only=recycled"],
+        );
         r.check(r.code == Some(0), "the attack is refused");
         let [tries, faulted, refused, _, escaped] = escape_counts(&r, "recycled");
         r.check(escaped == 0, "0 escaped");

@@ -36,6 +36,9 @@ mod sync {
     pub use loom::sync::{Condvar, Mutex, MutexGuard};
 }
 
+#[path = "common/must_fail.rs"]
+mod must_fail;
+
 #[path = "../src/notifier/interval_core.rs"]
 #[allow(dead_code)]
 mod interval_core;
@@ -311,18 +314,13 @@ fn remove_waits_for_the_running_callback() {
 /// Runs a model that must fail, and checks that it failed the way a
 /// protocol bug fails.
 fn assert_model_fails(model: fn(Knobs), knobs: Knobs) {
-    let payload =
-        std::panic::catch_unwind(move || model(knobs)).expect_err("the model found no bug");
-    let msg = payload
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| payload.downcast_ref::<&str>().copied())
-        .unwrap_or_default();
-    assert!(
-        msg.contains("stale translation")
-            || msg.contains("DMA into freed page")
-            || msg.contains("Causality violation"),
-        "the model failed for another reason: {msg}"
+    must_fail::assert_fails_with(
+        move || model(knobs),
+        &[
+            "stale translation",
+            "DMA into freed page",
+            "Causality violation",
+        ],
     );
 }
 

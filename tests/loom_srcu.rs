@@ -35,6 +35,9 @@ mod sync {
     }
 }
 
+#[path = "common/must_fail.rs"]
+mod must_fail;
+
 // The diagnostics accessors of the core are not used by the models.
 #[allow(dead_code)]
 #[path = "../src/notifier/srcu_core.rs"]
@@ -136,6 +139,15 @@ fn reader<D: Domain>(s: &Shared<D>) {
     s.srcu.read_unlock(idx);
 }
 
+/// Runs `f` on a new thread with its own reference to `s`.
+fn spawn<D: Domain>(
+    s: &Arc<Shared<D>>,
+    f: impl FnOnce(&Shared<D>) + Send + 'static,
+) -> thread::JoinHandle<()> {
+    let s = s.clone();
+    thread::spawn(move || f(&s))
+}
+
 /// `None` explores every interleaving; small models afford it.
 fn builder(preemption_bound: Option<usize>) -> Builder {
     let mut b = Builder::new();
@@ -143,33 +155,28 @@ fn builder(preemption_bound: Option<usize>) -> Builder {
     b
 }
 
-/// (a) One reader, one update: the reader never sees its object freed.
-fn grace_period<D: Domain>(preemption_bound: Option<usize>) {
-    builder(preemption_bound).check(|| {
+/// One reader against updates of `a` to each of `new` in turn.
+fn reader_vs_updates<D: Domain>(preemption_bound: Option<usize>, new: &'static [usize]) {
+    builder(preemption_bound).check(move || {
         let s = shared::<D>();
-        let r = {
-            let s = s.clone();
-            thread::spawn(move || reader(&s))
-        };
-        s.a.replace(&s.srcu, 1);
+        let r = spawn(&s, reader);
+        for &n in new {
+            s.a.replace(&s.srcu, n);
+        }
         r.join().unwrap();
     });
+}
+
+/// (a) One reader, one update: the reader never sees its object freed.
+fn grace_period<D: Domain>(preemption_bound: Option<usize>) {
+    reader_vs_updates::<D>(preemption_bound, &[1]);
 }
 
 /// (d) The straggler: two updates in a row while one reader may load the
 /// index before the first flip and increment its counter after it. The
 /// second grace period must still wait for that reader.
 fn straggler<D: Domain>(preemption_bound: Option<usize>) {
-    builder(preemption_bound).check(|| {
-        let s = shared::<D>();
-        let r = {
-            let s = s.clone();
-            thread::spawn(move || reader(&s))
-        };
-        s.a.replace(&s.srcu, 1);
-        s.a.replace(&s.srcu, 2);
-        r.join().unwrap();
-    });
+    reader_vs_updates::<D>(preemption_bound, &[1, 2]);
 }
 
 #[test]
@@ -183,21 +190,15 @@ fn grace_period_one_reader() {
 fn grace_period_two_readers() {
     builder(Some(3)).check(|| {
         let s = shared::<SrcuCore>();
-        let r1 = {
-            let s = s.clone();
-            thread::spawn(move || reader(&s))
-        };
-        let r2 = {
-            let s = s.clone();
-            thread::spawn(move || {
-                let outer = s.srcu.read_lock();
-                let inner = s.srcu.read_lock();
-                s.a.read();
-                s.srcu.read_unlock(inner);
-                s.a.read();
-                s.srcu.read_unlock(outer);
-            })
-        };
+        let r1 = spawn(&s, reader);
+        let r2 = spawn(&s, |s| {
+            let outer = s.srcu.read_lock();
+            let inner = s.srcu.read_lock();
+            s.a.read();
+            s.srcu.read_unlock(inner);
+            s.a.read();
+            s.srcu.read_unlock(outer);
+        });
         s.a.replace(&s.srcu, 1);
         r1.join().unwrap();
         r2.join().unwrap();
@@ -211,19 +212,13 @@ fn grace_period_two_readers() {
 fn concurrent_synchronize() {
     builder(Some(4)).check(|| {
         let s = shared::<SrcuCore>();
-        let r = {
-            let s = s.clone();
-            thread::spawn(move || {
-                let idx = s.srcu.read_lock();
-                s.a.read();
-                s.b.read();
-                s.srcu.read_unlock(idx);
-            })
-        };
-        let updater_b = {
-            let s = s.clone();
-            thread::spawn(move || s.b.replace(&s.srcu, 1))
-        };
+        let r = spawn(&s, |s| {
+            let idx = s.srcu.read_lock();
+            s.a.read();
+            s.b.read();
+            s.srcu.read_unlock(idx);
+        });
+        let updater_b = spawn(&s, |s| s.b.replace(&s.srcu, 1));
         s.a.replace(&s.srcu, 1);
         s.srcu.synchronize();
         updater_b.join().unwrap();
@@ -297,15 +292,9 @@ mod broken {
 /// bug fails: a reader saw a freed object, or loom found a reader's access
 /// racing with the free.
 fn assert_model_fails(model: fn()) {
-    let payload = std::panic::catch_unwind(model).expect_err("the model found no bug");
-    let msg = payload
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| payload.downcast_ref::<&str>().copied())
-        .unwrap_or_default();
-    assert!(
-        msg.contains("freed while a reader holds it") || msg.contains("Causality violation"),
-        "the model failed for another reason: {msg}"
+    must_fail::assert_fails_with(
+        model,
+        &["freed while a reader holds it", "Causality violation"],
     );
 }
 

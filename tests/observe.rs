@@ -69,6 +69,19 @@ fn run_writing(guest: &str, flag: &str, file: &str, args: &[&str]) -> Option<(Ru
     Some((run, path))
 }
 
+/// [`run_writing`] of `parts` joined, which name `--json`; also returns the
+/// `--json` object (stderr's last line).
+fn run_writing_json(
+    guest: &str,
+    flag: &str,
+    file: &str,
+    parts: &[&[&str]],
+) -> Option<(Run, PathBuf, Value)> {
+    let (run, path) = run_writing(guest, flag, file, &parts.concat())?;
+    let v = run.json_at_end();
+    Some((run, path, v))
+}
+
 fn num(v: &Value, path: &[&str]) -> u64 {
     path.iter().fold(v, |x, p| &x[*p]).as_u64().unwrap_or(0)
 }
@@ -181,45 +194,57 @@ fn slices_with_prefix(t: &Trace, prefix: &str) -> u64 {
         .sum()
 }
 
+/// The trace has a track for each of `threads`.
+fn has_tracks(run: &Run, t: &Trace, threads: &[&str]) {
+    for thread in threads {
+        run.check(
+            t.threads.contains(*thread),
+            &format!("a {thread} track: {:?}", t.threads),
+        );
+    }
+}
+
+/// The trace has slices of each of `names`.
+fn has_slices(run: &Run, t: &Trace, names: &[&str]) {
+    for name in names {
+        run.check(
+            slices(t, name) > 0,
+            &format!("{name} slices: {:?}", t.slices),
+        );
+    }
+}
+
 #[test]
 fn a_trace_opens_in_the_viewer_and_matches_the_counters() {
     let args = [
         WSS_RECLAIM,
         FAST_KSM,
         &["--json", "--", "cold=1024", "hot=16", "duration_ms=200"],
-    ]
-    .concat();
-    let Some((run, path)) = run_writing("wss", "--trace", "wss.json", &args) else {
+    ];
+    let Some((run, path, v)) = run_writing_json("wss", "--trace", "wss.json", &args) else {
         return;
     };
-    let v = run.json_at_end();
     let t = check_trace(&run, &path);
-    for thread in ["vcpu0", "ksmd", "kswapd", "main"] {
-        run.check(
-            t.threads.contains(thread),
-            &format!("a {thread} track: {:?}", t.threads),
-        );
-    }
-    for name in [
-        "KVM_RUN",
-        "exit io",
-        "hypercall resolve_pf",
-        "resolve_pf",
-        "ksm_scan",
-        "age_range",
-        "reclaim",
-        "clear_young",
-        "invalidate_range_start",
-        "invalidate_range_end",
-        "shootdown",
-        "exit_mmap",
-        "release",
-    ] {
-        run.check(
-            slices(&t, name) > 0,
-            &format!("{name} slices: {:?}", t.slices),
-        );
-    }
+    has_tracks(&run, &t, &["vcpu0", "ksmd", "kswapd", "main"]);
+    has_slices(
+        &run,
+        &t,
+        &[
+            "KVM_RUN",
+            "exit io",
+            "hypercall resolve_pf",
+            "resolve_pf",
+            "ksm_scan",
+            "age_range",
+            "reclaim",
+            "clear_young",
+            "invalidate_range_start",
+            "invalidate_range_end",
+            "shootdown",
+            "exit_mmap",
+            "release",
+        ],
+    );
     for name in ["swap_out", "swap_in", "spte_zapped"] {
         run.check(
             t.instants.get(name).is_some_and(|n| *n > 0),
@@ -390,26 +415,24 @@ fn a_stress_trace_nests_on_every_track() {
         return;
     };
     let t = check_trace(&run, &path);
-    for thread in ["vcpu0", "vcpu1", "ksmd", "kswapd", "stress-host"] {
-        run.check(
-            t.threads.contains(thread),
-            &format!("a {thread} track: {:?}", t.threads),
-        );
-    }
-    for name in [
-        "madvise_dontneed",
-        "mprotect",
-        "ksm_scan",
-        "age_range",
-        "invalidate_range_start",
-        "shootdown",
-        "resolve_pf",
-    ] {
-        run.check(
-            slices(&t, name) > 0,
-            &format!("{name} slices: {:?}", t.slices),
-        );
-    }
+    has_tracks(
+        &run,
+        &t,
+        &["vcpu0", "vcpu1", "ksmd", "kswapd", "stress-host"],
+    );
+    has_slices(
+        &run,
+        &t,
+        &[
+            "madvise_dontneed",
+            "mprotect",
+            "ksm_scan",
+            "age_range",
+            "invalidate_range_start",
+            "shootdown",
+            "resolve_pf",
+        ],
+    );
 }
 
 /// The `fill` colours of an SVG's rectangles, counted.
@@ -458,12 +481,10 @@ fn the_timeline_shows_the_states_the_counters_say_occurred() {
     let args = [
         WSS_RECLAIM,
         &["--json", "--", "cold=1024", "hot=16", "duration_ms=300"],
-    ]
-    .concat();
-    let Some((run, path)) = run_writing("wss", "--timeline", "wss.svg", &args) else {
+    ];
+    let Some((run, path, v)) = run_writing_json("wss", "--timeline", "wss.svg", &args) else {
         return;
     };
-    let v = run.json_at_end();
     let f = fills(&run, &path);
     run.check(num(&v, &["reclaim", "pswpout"]) > 0, "pages went to swap");
     run.check(
@@ -484,12 +505,10 @@ fn the_timeline_shows_the_states_the_counters_say_occurred() {
         &["run", "ksm", "--mem", "16M"][..],
         FAST_KSM,
         &["--json", "--", "pages=256"],
-    ]
-    .concat();
-    let Some((run, path)) = run_writing("ksm", "--timeline", "ksm.svg", &args) else {
+    ];
+    let Some((run, path, v)) = run_writing_json("ksm", "--timeline", "ksm.svg", &args) else {
         return;
     };
-    let v = run.json_at_end();
     let f = fills(&run, &path);
     run.check(
         num(&v, &["ksm", "max_pages_sharing"]) > 0,
@@ -610,8 +629,8 @@ fn no_progress_bar_in_a_pipe_or_in_json() {
 }
 
 /// Runs `args` with stdout and stderr on a new pseudo-terminal of 24x100
-/// and returns everything it wrote there, with its exit status.
-fn on_a_terminal(args: &[&str]) -> (Option<i32>, String) {
+/// and returns its exit status, and everything it wrote there as stdout.
+fn on_a_terminal(args: &[&str]) -> Run {
     // SAFETY: posix_openpt returns a new fd or -1; nothing else is touched.
     let master = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY) };
     assert!(master >= 0, "posix_openpt");
@@ -667,7 +686,11 @@ fn on_a_terminal(args: &[&str]) -> (Option<i32>, String) {
         }
     }
     let status = child.wait().expect("wait for shadowvm");
-    (status.code(), String::from_utf8_lossy(&out).into_owned())
+    Run {
+        code: status.code(),
+        stdout: String::from_utf8_lossy(&out).into_owned(),
+        stderr: String::new(),
+    }
 }
 
 #[test]
@@ -675,24 +698,16 @@ fn the_progress_bar_shows_on_a_terminal_but_never_with_json() {
     if !common::require_kvm() || shadowvm::vmm::guests::find("verify").is_none() {
         return;
     }
-    let (code, text) = on_a_terminal(&["stress", "--seconds", "2"]);
-    let run = Run {
-        code,
-        stdout: text.clone(),
-        stderr: String::new(),
-    };
-    run.check(code == Some(0), "stress exits 0");
+    let run = on_a_terminal(&["stress", "--seconds", "2"]);
+    let text = &run.stdout;
+    run.check(run.code == Some(0), "stress exits 0");
     run.check(text.contains("stress ["), "the bar shows on a terminal");
     run.check(text.contains("stress: PASS"), "the verdict follows it");
 
-    let (code, text) = on_a_terminal(&["stress", "--seconds", "2", "--json"]);
-    let run = Run {
-        code,
-        stdout: text.clone(),
-        stderr: String::new(),
-    };
-    run.check(code == Some(0), "stress --json exits 0");
-    no_bar(&run, &text, "--json output on a terminal");
+    let run = on_a_terminal(&["stress", "--seconds", "2", "--json"]);
+    let text = &run.stdout;
+    run.check(run.code == Some(0), "stress --json exits 0");
+    no_bar(&run, text, "--json output on a terminal");
     let report = text
         .lines()
         .find(|l| l.starts_with('{'))

@@ -300,6 +300,42 @@ mod tests {
         }
     }
 
+    /// Starts a grace period with `start` while `srcu` has a reader, and
+    /// returns `start`'s result once the grace period waits for readers (or
+    /// `done` says it ended).
+    fn start_under_reader<R>(srcu: &Srcu, start: impl FnOnce() -> R, done: impl Fn() -> bool) -> R {
+        let before = srcu.nr_reader_waits();
+        let started = start();
+        until_waiting_or(srcu, before, done);
+        started
+    }
+
+    /// Runs `f` while another thread holds a read lock of `srcu`; the
+    /// reader leaves when `f` returns, or panics: a failure then fails
+    /// instead of leaving the scope waiting for a parked thread.
+    fn with_reader_on_other_thread<R>(srcu: &Srcu, f: impl FnOnce() -> R) -> R {
+        let (locked_tx, locked_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        thread::scope(|s| {
+            s.spawn(move || {
+                let _guard = srcu.read_lock();
+                locked_tx.send(()).unwrap();
+                // Ends when `release_tx` is dropped.
+                release_rx.recv().unwrap_err();
+            });
+            locked_rx.recv().unwrap();
+            let result = f();
+            drop(release_tx);
+            result
+        })
+    }
+
+    /// The writer of the grace-period tests: `synchronize`, then `done`.
+    fn synchronize_and_set(srcu: &Srcu, done: &AtomicBool) {
+        srcu.synchronize();
+        done.store(true, Ordering::SeqCst);
+    }
+
     const fn assert_send_sync<T: Send + Sync>() {}
     const _: () = assert_send_sync::<Srcu>();
     const _: () = assert_send_sync::<SrcuReadGuard<'static>>();
@@ -308,26 +344,15 @@ mod tests {
     fn synchronize_waits_for_preexisting_reader() {
         let srcu = Srcu::new();
         let done = AtomicBool::new(false);
-        let (locked_tx, locked_rx) = mpsc::channel();
-        let (release_tx, release_rx) = mpsc::channel::<()>();
         thread::scope(|s| {
-            let srcu = &srcu;
-            s.spawn(move || {
-                let _guard = srcu.read_lock();
-                locked_tx.send(()).unwrap();
-                release_rx.recv().unwrap();
+            let (writer, early) = with_reader_on_other_thread(&srcu, || {
+                let writer = start_under_reader(
+                    &srcu,
+                    || s.spawn(|| synchronize_and_set(&srcu, &done)),
+                    || done.load(Ordering::SeqCst),
+                );
+                (writer, done.load(Ordering::SeqCst))
             });
-            locked_rx.recv().unwrap();
-            let before = srcu.nr_reader_waits();
-            let writer = s.spawn(|| {
-                srcu.synchronize();
-                done.store(true, Ordering::SeqCst);
-            });
-            until_waiting_or(srcu, before, || done.load(Ordering::SeqCst));
-            // Release the reader before asserting, so a failure fails
-            // instead of leaving the scope waiting for a parked thread.
-            let early = done.load(Ordering::SeqCst);
-            release_tx.send(()).unwrap();
             writer.join().unwrap();
             assert!(!early, "synchronize returned under a reader");
             assert!(done.load(Ordering::SeqCst));
@@ -384,12 +409,11 @@ mod tests {
         let done = AtomicBool::new(false);
         thread::scope(|s| {
             let outer = srcu.read_lock();
-            let before = srcu.nr_reader_waits();
-            let writer = s.spawn(|| {
-                srcu.synchronize();
-                done.store(true, Ordering::SeqCst);
-            });
-            until_waiting_or(&srcu, before, || done.load(Ordering::SeqCst));
+            let writer = start_under_reader(
+                &srcu,
+                || s.spawn(|| synchronize_and_set(&srcu, &done)),
+                || done.load(Ordering::SeqCst),
+            );
             let inner = srcu.read_lock();
             drop(inner);
             let early = done.load(Ordering::SeqCst);
@@ -406,13 +430,17 @@ mod tests {
         let ran_on = Arc::new(Mutex::new(None));
         let guard = srcu.read_lock();
         let r = Arc::clone(&ran_on);
-        let before = srcu.nr_reader_waits();
-        srcu.call_srcu(Box::new(move || {
-            *r.lock() = Some(thread::current().id());
-        }));
-        // call_srcu did not block on the reader we hold; the worker's grace
+        // call_srcu does not block on the reader we hold; the worker's grace
         // period waits for it.
-        until_waiting_or(&srcu, before, || ran_on.lock().is_some());
+        start_under_reader(
+            &srcu,
+            || {
+                srcu.call_srcu(Box::new(move || {
+                    *r.lock() = Some(thread::current().id());
+                }))
+            },
+            || ran_on.lock().is_some(),
+        );
         assert!(ran_on.lock().is_none(), "callback ran under a reader");
         assert_eq!(srcu.nr_pending(), 1);
         drop(guard);
@@ -426,24 +454,16 @@ mod tests {
     fn call_srcu_waits_for_reader_on_other_thread() {
         let srcu = Srcu::new();
         let ran = Arc::new(AtomicBool::new(false));
-        let (locked_tx, locked_rx) = mpsc::channel();
-        let (release_tx, release_rx) = mpsc::channel::<()>();
-        thread::scope(|s| {
-            let srcu = &srcu;
-            s.spawn(move || {
-                let _guard = srcu.read_lock();
-                locked_tx.send(()).unwrap();
-                release_rx.recv().unwrap();
-            });
-            locked_rx.recv().unwrap();
+        let early = with_reader_on_other_thread(&srcu, || {
             let r = Arc::clone(&ran);
-            let before = srcu.nr_reader_waits();
-            srcu.call_srcu(Box::new(move || r.store(true, Ordering::SeqCst)));
-            until_waiting_or(srcu, before, || ran.load(Ordering::SeqCst));
-            let early = ran.load(Ordering::SeqCst);
-            release_tx.send(()).unwrap();
-            assert!(!early, "callback ran under a reader");
+            start_under_reader(
+                &srcu,
+                || srcu.call_srcu(Box::new(move || r.store(true, Ordering::SeqCst))),
+                || ran.load(Ordering::SeqCst),
+            );
+            ran.load(Ordering::SeqCst)
         });
+        assert!(!early, "callback ran under a reader");
         srcu.barrier();
         assert!(ran.load(Ordering::SeqCst));
     }

@@ -181,13 +181,21 @@ fn tracked_directs() -> Vec<u64> {
     }
 }
 
-/// Where the page tables are (gpas).
+/// The tables of one CR3's own address space (gpas): its PML4 and the
+/// private path down to its page table.
+#[derive(Clone, Copy, Debug, Default)]
+struct Private {
+    pml4: u64,
+    pdpt: u64,
+    pd: u64,
+    pt: u64,
+}
+
+/// Where the page tables are (gpas): each CR3's own, then the shared
+/// (`_s`) and direct-map (`_d`) tables every CR3 links.
 #[derive(Clone, Debug)]
 struct Layout {
-    pml4: [u64; NR_CR3],
-    pdpt_p: [u64; NR_CR3],
-    pd_p: [u64; NR_CR3],
-    pt_p: [u64; NR_CR3],
+    cr3: [Private; NR_CR3],
     pdpt_s: u64,
     pd_s: u64,
     pt_s: u64,
@@ -203,14 +211,14 @@ impl Layout {
         let (s4, s3, s2) = SHARED_IDX;
         let (p4, p3, p2) = PRIV_IDX;
         vec![
-            (self.pml4[k] + 8 * s4, self.pdpt_s | up),
-            (self.pml4[k] + 8 * p4, self.pdpt_p[k] | up),
-            (self.pml4[k] + 8 * DIRECT_L4, self.pdpt_d | up),
+            (self.cr3[k].pml4 + 8 * s4, self.pdpt_s | up),
+            (self.cr3[k].pml4 + 8 * p4, self.cr3[k].pdpt | up),
+            (self.cr3[k].pml4 + 8 * DIRECT_L4, self.pdpt_d | up),
             (self.pdpt_s + 8 * s3, self.pd_s | up),
             (self.pd_s + 8 * s2, self.pt_s | up),
-            (self.pdpt_p[k] + 8 * p3, self.pd_p[k] | up),
-            (self.pd_p[k] + 8 * p2, self.pt_p[k] | up),
-            (self.pt_p[k] + 8 * WIN_IDX, self.pt_p[k] | P | RW),
+            (self.cr3[k].pdpt + 8 * p3, self.cr3[k].pd | up),
+            (self.cr3[k].pd + 8 * p2, self.cr3[k].pt | up),
+            (self.cr3[k].pt + 8 * WIN_IDX, self.cr3[k].pt | P | RW),
             (self.pdpt_d + 8 * 5, self.pd_d | up),
             (self.pd_d + 8 * 7, PS | P | RW | NX),
         ]
@@ -235,11 +243,11 @@ impl Layout {
             (Gva::Shared(_), 1) => (self.pt_s + 8 * i, 0),
             (Gva::Shared(_), 2) => (self.pd_s + 8 * s2, self.pt_s),
             (Gva::Shared(_), 3) => (self.pdpt_s + 8 * s3, self.pd_s),
-            (Gva::Shared(_), _) => (self.pml4[k] + 8 * s4, self.pdpt_s),
-            (_, 1) => (self.pt_p[k] + 8 * i, 0),
-            (_, 2) => (self.pd_p[k] + 8 * p2, self.pt_p[k]),
-            (_, 3) => (self.pdpt_p[k] + 8 * p3, self.pd_p[k]),
-            (_, _) => (self.pml4[k] + 8 * p4, self.pdpt_p[k]),
+            (Gva::Shared(_), _) => (self.cr3[k].pml4 + 8 * s4, self.pdpt_s),
+            (_, 1) => (self.cr3[k].pt + 8 * i, 0),
+            (_, 2) => (self.cr3[k].pd + 8 * p2, self.cr3[k].pt),
+            (_, 3) => (self.cr3[k].pdpt + 8 * p3, self.cr3[k].pd),
+            (_, _) => (self.cr3[k].pml4 + 8 * p4, self.cr3[k].pdpt),
         }
     }
 }
@@ -878,7 +886,7 @@ impl Harness {
         let l = &self.lay;
         let (pdpt, pd, pt) = match g {
             Gva::Shared(_) => (l.pdpt_s, l.pd_s, Some(l.pt_s)),
-            Gva::Priv(_) | Gva::Win | Gva::Mmio => (l.pdpt_p[k], l.pd_p[k], Some(l.pt_p[k])),
+            Gva::Priv(_) | Gva::Win | Gva::Mmio => (l.cr3[k].pdpt, l.cr3[k].pd, Some(l.cr3[k].pt)),
             Gva::Direct(_) => (l.pdpt_d, l.pd_d, None),
         };
         let a = g.addr();
@@ -887,7 +895,7 @@ impl Harness {
             pt.and_then(|t| slot(t, 1)),
             slot(pd, 2),
             slot(pdpt, 3),
-            slot(l.pml4[k], 4),
+            slot(l.cr3[k].pml4, 4),
         ]
     }
 
@@ -940,7 +948,7 @@ impl Harness {
             or_ad_fault: false,
             path,
         };
-        let mut table = self.lay.pml4[k] >> 12;
+        let mut table = self.lay.cr3[k].pml4 >> 12;
         let (mut w, mut u, mut x) = (true, true, true);
         let mut gfn = 0;
         for level in (1..=4).rev() {
@@ -1554,7 +1562,7 @@ impl Harness {
                 self.g.mmu.flush_tlb(vcpu).map_err(fail("flush_tlb"))?;
                 self.seen.retain(|&(v, _), _| v != vcpu);
             }
-            Op::LoadCr3 { vcpu, cr3 } => match self.g.mmu.load_cr3(vcpu, self.lay.pml4[cr3]) {
+            Op::LoadCr3 { vcpu, cr3 } => match self.g.mmu.load_cr3(vcpu, self.lay.cr3[cr3].pml4) {
                 Ok(root) => {
                     prop_assert_eq!(self.root(vcpu), Some(root));
                     self.vcpu_cr3[vcpu] = cr3;
@@ -1804,7 +1812,7 @@ impl Harness {
                 prop_assert_eq!(self.g.mmu.invlpg(v, g.addr()), Ok(()));
             }
             prop_assert_eq!(
-                self.g.mmu.load_cr3(v, self.lay.pml4[0]),
+                self.g.mmu.load_cr3(v, self.lay.cr3[0].pml4),
                 Err(MmuError::Released)
             );
             prop_assert_eq!(self.g.mmu.flush_tlb(v), Ok(()));
@@ -1845,10 +1853,10 @@ impl ScenarioHarness for Harness {
             g.alloc_table(),
         );
         let mut lay = Layout {
-            pml4: [pml4_0; NR_CR3],
-            pdpt_p: [0; NR_CR3],
-            pd_p: [0; NR_CR3],
-            pt_p: [0; NR_CR3],
+            cr3: [Private {
+                pml4: pml4_0,
+                ..Private::default()
+            }; NR_CR3],
             pdpt_s,
             pd_s,
             pt_s,
@@ -1857,11 +1865,11 @@ impl ScenarioHarness for Harness {
         };
         for k in 0..NR_CR3 {
             if k > 0 {
-                lay.pml4[k] = g.alloc_table();
+                lay.cr3[k].pml4 = g.alloc_table();
             }
-            lay.pdpt_p[k] = g.alloc_table();
-            lay.pd_p[k] = g.alloc_table();
-            lay.pt_p[k] = g.alloc_table();
+            lay.cr3[k].pdpt = g.alloc_table();
+            lay.cr3[k].pd = g.alloc_table();
+            lay.cr3[k].pt = g.alloc_table();
         }
         prop_assert_eq!(g.first_table_page(), first_table());
         for k in 0..NR_CR3 {
@@ -1870,9 +1878,9 @@ impl ScenarioHarness for Harness {
             }
             for i in 1..=NR_PRIV {
                 let page = 4 + 4 * k as u64 + i - 1;
-                g.write_u64(lay.pt_p[k] + 8 * i, (page * PAGE_SIZE) | P | RW | US);
+                g.write_u64(lay.cr3[k].pt + 8 * i, (page * PAGE_SIZE) | P | RW | US);
             }
-            g.write_u64(lay.pt_p[k] + 8 * MMIO_IDX, MMIO_GPA | P | RW | US);
+            g.write_u64(lay.cr3[k].pt + 8 * MMIO_IDX, MMIO_GPA | P | RW | US);
         }
         for i in 1..=NR_SHARED {
             g.write_u64(lay.pt_s + 8 * i, (i * PAGE_SIZE) | P | RW | US);
@@ -1881,7 +1889,7 @@ impl ScenarioHarness for Harness {
         // so writing them behind the MMU's back is safe.
         for v in 0..NR_VCPUS {
             g.mmu
-                .load_cr3(v, lay.pml4[v])
+                .load_cr3(v, lay.cr3[v].pml4)
                 .map_err(fail("initial load_cr3"))?;
         }
         let mut h = Harness {

@@ -16,19 +16,31 @@ const NR_HYPERCALLS: usize = hc::ALL.len() + 1; // + "unknown"
 /// Counters shared by every vCPU thread of one VM.
 #[derive(Debug)]
 pub struct VmStats {
+    /// When VM creation began.
     start: Instant,
+    /// KVM_RUN exits, by [`ExitReason`].
     exits: [AtomicU64; NR_REASONS],
+    /// KVM_EXIT_IO exits on the UART.
     io_serial: AtomicU64,
+    /// KVM_EXIT_IO exits on the hypercall port.
     io_hypercall: AtomicU64,
+    /// KVM_EXIT_IO exits on the exit port.
     io_exit_port: AtomicU64,
+    /// Hypercalls by number (the last slot: numbers the ABI does not know).
     hypercalls: [AtomicU64; NR_HYPERCALLS],
+    /// Nanoseconds spent in each hypercall number.
     hypercall_nr_ns: [AtomicU64; NR_HYPERCALLS],
+    /// Nanoseconds inside KVM_RUN.
     guest_ns: AtomicU64,
+    /// Nanoseconds handling hypercalls.
     hypercall_ns: AtomicU64,
+    /// vCPU kicks sent.
     kicks_sent: AtomicU64,
+    /// Bytes the guest wrote to its console.
     serial_bytes: AtomicU64,
     /// Nanoseconds from `start` to the first serial byte, plus one (0: none yet).
     first_serial_ns: AtomicU64,
+    /// Nanoseconds from `start` until the VM and its vCPUs were ready to run.
     vm_create_ns: AtomicU64,
 }
 

@@ -252,3 +252,100 @@ fn a_freed_shadow_frame_is_reused_only_after_its_flush() {
     );
     g.check();
 }
+
+/// Whatever unlinks or empties a table a vCPU may reach, every vCPU is
+/// kicked out first: the table is named in a flush (the VMM's memslot
+/// bounce, after which no vCPU enters the guest before the MMU lock is
+/// released and the exception-delivery pages are back) while its entries
+/// are still there. Checked at every flush that names the root, through the
+/// three paths that take a root's links away from a vCPU running on it:
+/// the guest writing its PML4 (the root in use is zapped), the resync of
+/// that unsync root at the next FLUSH_TLB, and invlpg through the unsync
+/// root. A flush only after the unlink would leave a window in which the
+/// host's walk for another vCPU's exception finds its stacks unmapped.
+#[test]
+fn a_table_a_vcpu_may_reach_is_flushed_before_its_links_go() {
+    use shadowvm::mm::{FrameAccess, MachineMemory, Pfn};
+    use shadowvm::mmu::{FlushFrame, FlushReason, TlbFlush, TlbFlushError};
+
+    /// At every flush naming `root` as a changed table: its entry `idx`.
+    struct Watch {
+        mem: Mutex<Option<Arc<dyn MachineMemory>>>,
+        root: Mutex<Option<(Pfn, usize)>>,
+        seen: Mutex<Vec<u64>>,
+    }
+    impl TlbFlush for Watch {
+        fn flush_frames(&self, batch: &[FlushFrame]) -> Result<(), TlbFlushError> {
+            let (Some(mem), Some((root, idx))) = (self.mem.lock().clone(), *self.root.lock())
+            else {
+                return Ok(());
+            };
+            if batch
+                .iter()
+                .any(|f| f.pfn == root && f.reason == FlushReason::TableChanged)
+            {
+                let e = mem.frame_word(root, idx).unwrap().load(Ordering::Acquire);
+                self.seen.lock().push(e);
+            }
+            Ok(())
+        }
+    }
+    /// PML4 entry 1: stands for the per-vCPU area exception delivery needs.
+    const GVA: u64 = 1 << 39;
+    const WIN: u64 = 0x80_0000;
+    let watch = Arc::new(Watch {
+        mem: Mutex::new(None),
+        root: Mutex::new(None),
+        seen: Mutex::new(Vec::new()),
+    });
+    let cfg = ShadowMmuConfig {
+        nr_vcpus: 2,
+        ..ShadowMmuConfig::default()
+    };
+    let mut g = Guest::with_tlb(64, 256, cfg, MmapFlags::empty(), watch.clone());
+    *watch.mem.lock() = Some(g.mm.memory().clone());
+    g.mmu.load_cr3(1, g.cr3).unwrap();
+    let root = g.mmu.root(0).unwrap();
+    assert_eq!(g.mmu.root(1).unwrap(), root, "both vCPUs run on one root");
+    g.map(GVA, 0x1000, P | RW | A | D);
+    g.map(WIN, g.cr3, P | RW | A | D);
+    let entry = || {
+        g.mm.memory()
+            .frame_word(root, 1)
+            .unwrap()
+            .load(Ordering::Acquire)
+    };
+    // vCPU 1 uses GVA: the root links PML4 entry 1.
+    let vcpu1_touches = || {
+        assert_eq!(
+            g.mmu.page_fault(1, GVA, PfErrorCode::empty()).unwrap(),
+            FaultOutcome::Fixed
+        );
+        assert_ne!(entry(), 0, "vCPU 1's path is in the root");
+    };
+    let kicked_first = |what: &str| {
+        let seen = std::mem::take(&mut *watch.seen.lock());
+        assert!(!seen.is_empty(), "{what}: the root was named in a flush");
+        assert_ne!(seen[0], 0, "{what}: the first flush came before the unlink");
+        assert_eq!(entry(), 0, "{what}: and the link is gone");
+    };
+    vcpu1_touches();
+    *watch.root.lock() = Some((root, 1));
+
+    // vCPU 0 writes its PML4: the root in use is zapped (emptied, unsync).
+    assert_eq!(g.write_fault(WIN), FaultOutcome::Fixed);
+    kicked_first("zap of the root in use");
+
+    // vCPU 1 runs on the unsync root again; vCPU 0's FLUSH_TLB resyncs it.
+    vcpu1_touches();
+    g.mmu.flush_tlb(0).unwrap();
+    kicked_first("resync at FLUSH_TLB");
+
+    // Unsync again; vCPU 0 invlpg's GVA through the unsync root.
+    assert_eq!(g.write_fault(WIN), FaultOutcome::Fixed);
+    watch.seen.lock().clear();
+    vcpu1_touches();
+    g.mmu.invlpg(0, GVA).unwrap();
+    kicked_first("invlpg through the unsync root");
+    g.check();
+}

@@ -378,7 +378,7 @@ fn populate_under_ksmd_and_kswapd_passes_check() {
 /// host invalidates it) must neither triple-fault nor be stopped. It did,
 /// 2-4 runs in 5: a root in use was emptied asynchronously and a vCPU in
 /// ring 3 took an exception through it before anything put back the pages
-/// exception delivery needs (`kick_root_users` now kicks every vCPU out
+/// exception delivery needs (`kick_vcpus` now kicks every vCPU out
 /// first, and each puts them back before re-entering); and the livelock
 /// check called a fault whose fix had vanished (no spte at all) a livelock.
 #[test]

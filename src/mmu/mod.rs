@@ -215,6 +215,7 @@ impl Inner {
             fatal: &self.fatal,
             reserved: self.cfg.reserved,
             quarantine: Vec::new(),
+            kicked: false,
         }
     }
 }

@@ -159,6 +159,10 @@ pub struct Ctx<'a> {
     /// returned, so no cached view of the old table can reach their next
     /// use.
     pub quarantine: Vec<Pfn>,
+    /// Every vCPU was kicked out of the guest in this operation (see
+    /// [`Ctx::kick_vcpus`]); none runs again before the MMU lock is
+    /// released.
+    pub kicked: bool,
 }
 
 /// An operation that fails half-way (no frame for a shadow page) may already
@@ -448,10 +452,17 @@ impl Ctx<'_> {
         if self.is_reserved(level, idx) {
             return Ok(());
         }
-        let old = self.word(sp, idx)?.swap(0, Ordering::AcqRel);
-        if !spte::is_present(old) {
+        let cur = self.word(sp, idx)?.load(Ordering::Acquire);
+        if !spte::is_present(cur) {
             return Ok(());
         }
+        if level > 1 && !spte::is_large(cur) {
+            // Unlinking a table: see `kick_vcpus`.
+            self.kick_vcpus(sp)?;
+        }
+        // Only the MMU clears a present entry, under its lock: `old` is
+        // `cur` but for the Accessed/Dirty bits the CPU may have set since.
+        let old = self.word(sp, idx)?.swap(0, Ordering::AcqRel);
         if level == 1 || spte::is_large(old) {
             self.leaf_zapped(sp, idx, old, reason);
         } else {
@@ -473,15 +484,21 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Before root `sp`, which a vCPU runs on, is emptied: counts the zap,
-    /// then flushes it as a changed table at once, which kicks every vCPU
-    /// out of guest mode (`kvm_reload_remote_mmus`). A vCPU's path back
-    /// into the guest first puts back what exception delivery needs, and
-    /// that waits for the MMU lock held here, so no vCPU can run on the
-    /// emptied root before it is usable: a vCPU in ring 3 that took an
-    /// exception through an empty root would triple-fault.
-    fn kick_root_users(&mut self, sp: Pfn) -> Result<(), MmuError> {
-        inc(&self.stats.mmu_shadow_zapped);
+    /// Before the first table a vCPU may reach is unlinked or emptied in
+    /// this operation (here `sp`, whose entries or parent links go): flushes
+    /// `sp` as a changed table at once, which kicks every vCPU out of guest
+    /// mode (`kvm_reload_remote_mmus`). A vCPU's path back into the guest
+    /// first puts back what exception delivery needs, and that waits for
+    /// the MMU lock held here, so no vCPU runs on the changed tables before
+    /// they are usable. Without it, between the unlink and the flush that
+    /// follows, the host KVM could walk our tables for a ring-3 vCPU's
+    /// exception and find its stacks gone: a triple fault. Once per
+    /// operation: the vCPUs stay out until the lock is released.
+    fn kick_vcpus(&mut self, sp: Pfn) -> Result<(), MmuError> {
+        if self.kicked {
+            return Ok(());
+        }
+        self.kicked = true;
         self.table_changed(sp);
         let tlb = self.tlb;
         self.flush_now(tlb)
@@ -556,8 +573,13 @@ impl Ctx<'_> {
                 sp: p,
                 level: page.role.level,
             });
-            if page.root_count > 0 {
-                self.kick_root_users(p)?;
+            let in_use = page.root_count > 0;
+            if in_use || !page.parents.is_empty() {
+                if in_use {
+                    // An emptied root is counted as zapped, as KVM counts it.
+                    inc(&self.stats.mmu_shadow_zapped);
+                }
+                self.kick_vcpus(p)?;
             }
             let Some(page) = self.st.pages.get_mut(&p) else {
                 continue;
@@ -605,7 +627,7 @@ impl Ctx<'_> {
             let keep = self.st.pages.get(&p).is_some_and(|pg| pg.root_count > 0);
             if keep {
                 // A root in use stays, emptied (KVM marks it invalid and
-                // counts it zapped too); see `kick_root_users`.
+                // counts it zapped too); see `kick_vcpus`.
                 if let Some(pg) = self.st.pages.get_mut(&p) {
                     pg.unsync = true;
                 }

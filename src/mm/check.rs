@@ -8,17 +8,29 @@ use super::frame::FrameOwner;
 use super::memory::FrameAccess;
 use super::pgtable::{HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PresentPte, Pte};
 use super::vma::Prot;
-use super::{Hva, Mm, PAGE_SHIFT, PAGE_SIZE, Pfn};
+use super::{Hva, Mm, MmError, PAGE_SHIFT, PAGE_SIZE, Pfn};
 
-/// What the checker found wrong, as a sentence.
+/// What the checker found wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("mm inconsistency: {0}")]
-pub struct MmCheckError(pub String);
+pub enum MmCheckError {
+    /// An invariant does not hold: which, and where, as a sentence.
+    #[error("mm inconsistency: {0}")]
+    Inconsistent(String),
+    /// A frame the page table maps has no owner record.
+    #[error("mm inconsistency: the frame of the PTE at {hva:#x} has no owner record")]
+    Frame {
+        /// The PTE's address.
+        hva: Hva,
+        /// Why the frame could not be looked up.
+        #[source]
+        source: MmError,
+    },
+}
 
 macro_rules! ensure {
     ($cond:expr, $($fmt:tt)*) => {
         if !$cond {
-            return Err(MmCheckError(format!($($fmt)*)));
+            return Err(MmCheckError::Inconsistent(format!($($fmt)*)));
         }
     };
 }
@@ -46,7 +58,7 @@ impl Mm {
                     let owner = self
                         .frames
                         .owner(p.pfn)
-                        .map_err(|e| MmCheckError(e.to_string()))?;
+                        .map_err(|source| MmCheckError::Frame { hva, source })?;
                     ensure!(
                         owner == FrameOwner::Mm(self.id),
                         "PTE at {hva:#x} maps frame {} owned by {owner:?}",

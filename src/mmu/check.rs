@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
-use crate::mm::{FrameAccess, FrameOwner, PAGE_SIZE, Pfn, Pte};
+use crate::mm::{FrameAccess, FrameOwner, MmError, PAGE_SIZE, Pfn, Pte};
 
 use super::pte::{
     PT_ENTRIES, PT_USER_MASK, PT64_NX_MASK, PT64_ROOT_4LEVEL, PteAccess, level_shift,
@@ -14,15 +14,38 @@ use super::spte;
 use super::walk::{Access, GuestMmu, GuestPtMemory, WalkError};
 use super::{Inner, ShadowMmu};
 
-/// What the checker found wrong, as a sentence.
+/// What the checker found wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("shadow MMU incoherent: {0}")]
-pub struct CoherenceError(pub String);
+pub enum CoherenceError {
+    /// An invariant does not hold: which, and where, as a sentence.
+    #[error("shadow MMU incoherent: {0}")]
+    Incoherent(String),
+    /// A shadow page's frame could not be read.
+    #[error("shadow MMU incoherent: shadow page {pfn:#x} unreadable")]
+    Frame {
+        /// The shadow page.
+        pfn: Pfn,
+        /// Why.
+        #[source]
+        source: MmError,
+    },
+    /// The guest walk behind an spte failed other than by a page fault.
+    #[error("shadow MMU incoherent: vCPU {vcpu}: the walk of gva {gva:#x} behind an spte failed")]
+    Walk {
+        /// The vCPU whose tables were walked.
+        vcpu: usize,
+        /// The address.
+        gva: u64,
+        /// Why.
+        #[source]
+        source: WalkError,
+    },
+}
 
 macro_rules! ensure {
     ($cond:expr, $($fmt:tt)*) => {
         if !$cond {
-            return Err(CoherenceError(format!($($fmt)*)));
+            return Err(CoherenceError::Incoherent(format!($($fmt)*)));
         }
     };
 }
@@ -149,7 +172,7 @@ impl ShadowMmu {
                     if quiet && let Some(hva) = hva {
                         let host = inner.mm.pte(hva);
                         let Some(Pte::Present(hp)) = host else {
-                            return Err(CoherenceError(format!(
+                            return Err(CoherenceError::Incoherent(format!(
                                 "leaf {p}[{idx}] maps gfn {gfn:#x} (hva {hva:#x}) whose host PTE is {host:?}"
                             )));
                         };
@@ -251,11 +274,11 @@ impl ShadowMmu {
                 let walk = match gmmu.walk_addr(&PeekMem(inner), gva, Access::read(false)) {
                     Ok(w) => w,
                     Err(WalkError::PageFault(pf)) => {
-                        return Err(CoherenceError(format!(
+                        return Err(CoherenceError::Incoherent(format!(
                             "vCPU {vcpu}: spte for gva {gva:#x} but the guest tables fault: {pf}"
                         )));
                     }
-                    Err(e) => return Err(CoherenceError(e.to_string())),
+                    Err(source) => return Err(CoherenceError::Walk { vcpu, gva, source }),
                 };
                 ensure!(
                     walk.gfn == page.leaf_gfns[idx],
@@ -299,5 +322,5 @@ fn word(inner: &Inner, p: Pfn, idx: usize) -> Result<u64, CoherenceError> {
         .memory()
         .frame_word(p, idx)
         .map(|w| w.load(Ordering::Acquire))
-        .map_err(|e| CoherenceError(e.to_string()))
+        .map_err(|source| CoherenceError::Frame { pfn: p, source })
 }

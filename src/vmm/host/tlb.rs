@@ -244,19 +244,30 @@ pub enum FlushFault {
     SkipZapped,
 }
 
+/// A `--test-flush-fault` value that is neither `fail-after=N` nor
+/// `skip-zapped`.
+#[cfg(feature = "test-hooks")]
+#[derive(Debug, thiserror::Error)]
+pub enum FlushFaultParseError {
+    /// `fail-after=` with something other than a count.
+    #[error("fail-after={0}: not a count")]
+    Count(String, #[source] std::num::ParseIntError),
+    /// Another name.
+    #[error("unknown flush fault '{0}' (fail-after=N or skip-zapped)")]
+    Unknown(String),
+}
+
 #[cfg(feature = "test-hooks")]
 impl std::str::FromStr for FlushFault {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = FlushFaultParseError;
+    fn from_str(s: &str) -> Result<Self, FlushFaultParseError> {
         match s.split_once('=') {
             Some(("fail-after", n)) => n
                 .parse()
                 .map(FlushFault::FailAfter)
-                .map_err(|e| format!("fail-after={n}: {e}")),
+                .map_err(|e| FlushFaultParseError::Count(n.to_string(), e)),
             None if s == "skip-zapped" => Ok(FlushFault::SkipZapped),
-            _ => Err(format!(
-                "unknown flush fault '{s}' (fail-after=N or skip-zapped)"
-            )),
+            _ => Err(FlushFaultParseError::Unknown(s.to_string())),
         }
     }
 }

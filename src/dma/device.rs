@@ -16,7 +16,8 @@ use super::{DmaError, MAX_FAULT_RETRIES};
 
 /// A test hook run by the fault path between `hva_to_pfn` and taking the
 /// device lock, with the faulting iova: the window a host invalidation must
-/// be caught in.
+/// be caught in. Exists only with the `test-hooks` feature.
+#[cfg(feature = "test-hooks")]
 pub type RaceHook = Arc<dyn Fn(u64) + Send + Sync>;
 
 /// Tunables.
@@ -38,6 +39,7 @@ pub(crate) struct DeviceInner {
     pub(crate) iotlb: Mutex<Iotlb>,
     pub(crate) stats: DmaStats,
     pub(crate) cfg: DmaConfig,
+    #[cfg(feature = "test-hooks")]
     pub(crate) race_hook: Mutex<Option<RaceHook>>,
 }
 
@@ -77,6 +79,7 @@ impl DmaDevice {
             iotlb: Mutex::new(Iotlb::new(npages)),
             stats: DmaStats::default(),
             cfg,
+            #[cfg(feature = "test-hooks")]
             race_hook: Mutex::new(None),
         });
         let interval = mm
@@ -154,6 +157,7 @@ impl DmaDevice {
     }
 
     /// Installs (or removes) the fault path's race hook.
+    #[cfg(feature = "test-hooks")]
     pub fn set_race_hook(&self, hook: Option<RaceHook>) {
         *self.inner.race_hook.lock() = hook;
     }

@@ -36,11 +36,14 @@ impl DmaDevice {
                 inc(&inner.stats.host_faults);
                 DmaError::HostFault { iova, source }
             })?;
-            // Cloned out first: the hook may run host operations, and must
-            // not run under the hook's own lock.
-            let hook = inner.race_hook.lock().clone();
-            if let Some(hook) = hook {
-                hook(iova);
+            #[cfg(feature = "test-hooks")]
+            {
+                // Cloned out first: the hook may run host operations, and
+                // must not run under the hook's own lock.
+                let hook = inner.race_hook.lock().clone();
+                if let Some(hook) = hook {
+                    hook(iova);
+                }
             }
             let mut tlb = inner.iotlb.lock();
             if self.interval.read_retry(seq) {

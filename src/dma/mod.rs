@@ -38,7 +38,9 @@ mod stats;
 use crate::mm::MmError;
 
 pub use check::DmaCheckError;
-pub use device::{DmaConfig, DmaDevice, RaceHook};
+#[cfg(feature = "test-hooks")]
+pub use device::RaceHook;
+pub use device::{DmaConfig, DmaDevice};
 pub use engine::{DmaDone, DmaEngine, DmaOp};
 pub use iotlb::IotlbEntry;
 pub use stats::{DmaStats, DmaStatsSnapshot};

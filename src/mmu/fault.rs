@@ -262,10 +262,13 @@ impl ShadowMmu {
             _ => Vec::new(),
         };
         #[cfg(feature = "test-hooks")]
-        if origin == Origin::Fault
-            && let Some(hook) = inner.race_hook.lock().clone()
-        {
-            hook(hva);
+        if origin == Origin::Fault {
+            // Cloned out first: the hook may park or run host operations,
+            // and other faults must not wait on the hook's own lock.
+            let hook = inner.race_hook.lock().clone();
+            if let Some(hook) = hook {
+                hook(hva);
+            }
         }
         let mut touched = gm.touched.take();
         let gva = walk.gva;

@@ -104,6 +104,10 @@ fn passed(r: &Run, lanes: u64, rounds: u64) -> serde_json::Value {
     assert!(n(&d["invalidations"]) >= 5, "{d}");
     assert!(n(&d["iotlb_invalidated"]) >= 8, "{d}");
     assert!(n(&v["hypercalls"]["dma"]) >= n(&d["copies"]) + n(&d["fills"]));
+    // Every vCPU but the one that exits halts once: a halted vCPU never
+    // runs again (it re-entered the guest, halting again hundreds of times,
+    // while the VM was stopping).
+    assert_eq!(n(&v["hypercalls"]["halt"]), lanes - 1, "{v}");
     v
 }
 

@@ -310,7 +310,12 @@ impl<X: VcpuExits> Vcpu<X> {
                         }),
                         HypercallExit::Halt => {
                             ctx.vcpu_halted();
+                            // Returns only once the VM stopped: never back
+                            // into the guest, whose next instruction halts
+                            // again (and would count again) until the STOP
+                            // request reaches this vCPU.
                             ctx.wait_for_stop(None);
+                            return Ok(());
                         }
                     }
                 }
@@ -318,6 +323,7 @@ impl<X: VcpuExits> Vcpu<X> {
                     ctx.vcpu_halted();
                     // No interrupt can wake a halted vCPU: wait for the end.
                     ctx.wait_for_stop(None);
+                    return Ok(());
                 }
                 Action::Stop(why) => ctx.request_stop(why),
                 Action::Fail(kind) => self.fail(kind),

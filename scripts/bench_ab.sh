@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Before/after for the hot paths: the fault path (`mmu_fault/{cold,warm}`)
+# Before/after for the hot paths: the fault path (`mmu_fault/{cold,warm}`),
+# the rmap zap (`mmu_zap/{rmap,rmap_mmu_only}`)
 # and notifier dispatch (`dispatch/{0,1,4}_notifiers/...` and
 # notifier_dispatch's interleaved table), this tree against git revision
 # BASE, both bench binaries run alternately (base, this, base, this, ...)
@@ -8,6 +9,7 @@
 #
 #   BASE=ef6ed2f scripts/bench_ab.sh        # ROUNDS=6 by default
 #   BASE=main ROUNDS=10 scripts/bench_ab.sh
+#   BENCH_CODE=base BASE=... scripts/bench_ab.sh   # BASE's benches, not ours
 #
 # BASE is exported with `git archive` into target/bench-ab/base and built
 # there; this tree's benches build into the usual target directory.
@@ -17,7 +19,7 @@ cd "$(dirname "$0")/.."
 BASE=${BASE:?set BASE to the git revision to compare against}
 ROUNDS=${ROUNDS:-6}
 OUT=target/bench-ab
-MMU_FILTER='^mmu_fault/(cold|warm)/1000$'
+MMU_FILTER='^mmu_(fault/(cold|warm)|zap/(rmap|rmap_mmu_only))/1000$'
 DISPATCH_FILTER='^dispatch/[014]_notifiers/(invalidate_range_start_end|change_pte|clear_young)$'
 CRITERION=(--warm-up-time 0.5 --measurement-time 1 --noplot)
 
@@ -37,6 +39,12 @@ for line in sys.stdin:
 
 rm -rf "$OUT/base" && mkdir -p "$OUT/base" "$OUT/logs"
 git archive "$BASE" | tar -x -C "$OUT/base"
+# The same benchmark code against both libraries (BENCH_CODE=base keeps
+# BASE's own): a change of the harness alone moves these figures by a few
+# percent.
+if [[ ${BENCH_CODE:-this} == this ]]; then
+    cp benches/mmu.rs benches/notifier_dispatch.rs "$OUT/base/benches/"
+fi
 echo "building $BASE and this tree's benches..." >&2
 declare -A BIN
 while read -r name exe; do BIN[base_$name]=$exe; done < <(bench_bins "$OUT/base" "$PWD/$OUT/base-target")

@@ -3,7 +3,7 @@
 # the rmap zap (`mmu_zap/{rmap,rmap_mmu_only}`)
 # and notifier dispatch (`dispatch/{0,1,4}_notifiers/...` and
 # notifier_dispatch's interleaved table), this tree against git revision
-# BASE, both bench binaries run alternately (base, this, base, this, ...)
+# BASE, both bench binaries run alternately (base, this, this, base, ...)
 # so both see the same machine load. Prints min / median over the rounds
 # of each side and their ratio (this / base: below 1 is faster).
 #
@@ -55,7 +55,10 @@ done
 
 rm -f "$OUT"/logs/*.log
 for r in $(seq "$ROUNDS"); do
-    for side in base this; do
+    # Which side goes first alternates too, so that neither always runs
+    # right after the other's benchmarks.
+    if ((r % 2)); then order="base this"; else order="this base"; fi
+    for side in $order; do
         echo "round $r/$ROUNDS: $side" >&2
         "${BIN[${side}_mmu]}" --bench "$MMU_FILTER" "${CRITERION[@]}" \
             >>"$OUT/logs/$side.log" 2>/dev/null

@@ -452,17 +452,19 @@ impl Ctx<'_> {
         if self.is_reserved(level, idx) {
             return Ok(());
         }
-        let cur = self.word(sp, idx)?.load(Ordering::Acquire);
-        if !spte::is_present(cur) {
+        if level > 1 {
+            // Unlinking a table: see `kick_vcpus`. Only the MMU clears a
+            // present entry, under its lock, so the entry read here is
+            // still a link when the swap below takes it.
+            let cur = self.word(sp, idx)?.load(Ordering::Acquire);
+            if spte::is_present(cur) && !spte::is_large(cur) {
+                self.kick_vcpus(sp)?;
+            }
+        }
+        let old = self.word(sp, idx)?.swap(0, Ordering::AcqRel);
+        if !spte::is_present(old) {
             return Ok(());
         }
-        if level > 1 && !spte::is_large(cur) {
-            // Unlinking a table: see `kick_vcpus`.
-            self.kick_vcpus(sp)?;
-        }
-        // Only the MMU clears a present entry, under its lock: `old` is
-        // `cur` but for the Accessed/Dirty bits the CPU may have set since.
-        let old = self.word(sp, idx)?.swap(0, Ordering::AcqRel);
         if level == 1 || spte::is_large(old) {
             self.leaf_zapped(sp, idx, old, reason);
         } else {
